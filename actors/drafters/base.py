@@ -1,0 +1,52 @@
+"""The drafter interface. A drafter follows one sequence: it is told the prompt, then only the tokens
+committed since its last call, and proposes a DraftTree of plain token ids (and, when sampling, the
+distribution each node was drawn from). Nothing it returns refers to live state of the target, so
+the same calls can cross a process boundary."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from actors.spec.sampling import SamplingParams
+from actors.spec.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_nodes: int     # tree size bound
+    max_depth: int     # no node deeper than this (the tokens still wanted bound it too)
+
+
+class Drafter(ABC):
+    name: str = "drafter"
+
+    @abstractmethod
+    def begin(self, prompt_ids: list[int]) -> None:
+        """Start a new sequence."""
+
+    @abstractmethod
+    def extend(self, token_ids: list[int]) -> None:
+        """Tokens committed since the last call; the last one is the root of the next tree."""
+
+    @abstractmethod
+    def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
+        """A tree hanging off the last committed token, within budget."""
+
+    def close(self) -> None:
+        """Free per-sequence state."""
+
+
+class NoDrafter(Drafter):
+    """Plain autoregressive decoding: an empty tree every step."""
+    name = "none"
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        pass
+
+    def extend(self, token_ids: list[int]) -> None:
+        pass
+
+    def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
+        return DraftTree()

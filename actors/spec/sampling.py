@@ -1,0 +1,72 @@
+"""Sampling parameters and the logits processing shared by target and drafters.
+
+Lossless sampling needs the *same* processing (temperature, top-k, top-p) applied to the target's
+and the drafter's logits: the verifier compares the two processed distributions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def validate(self, max_new_tokens_limit: int | None = None) -> "SamplingParams":
+        """Raise ValueError naming the offending parameter."""
+        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be <= {max_new_tokens_limit}, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+        if len(self.stop) > 16 or any(len(s) > 256 for s in self.stop):
+            raise ValueError("stop: at most 16 strings of at most 256 characters")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(seed: int | None, salt: int = 0) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed((seed + salt) % 2**63)
+    return g
+
+
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Processed next-token distribution(s), rows of `logits` [..., V] -> probabilities [..., V].
+
+    Computed in float32 at least (float64 stays float64) so target and draft use identical math."""
+    if params.greedy:
+        raise ValueError("probs_from_logits is for sampling (temperature > 0)")
+    x = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits.clone()
+    x = x / params.temperature
+    if params.top_k and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        sorted_p = torch.softmax(sorted_x, dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p (the first is always kept)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(x, dim=-1)

@@ -1,0 +1,1 @@
+"""drafthorse control plane: CLI, gateway, router, sessions, settings."""
