@@ -132,7 +132,10 @@ class Registry:
         res = p.execute()
         out, dead = [], []
         for i, hb, h in zip(ids, res[0::2], res[1::2]):
-            (out.append(WorkerInfo.from_hash(h)) if hb and h else dead.append(i))
+            if hb and h:
+                out.append(WorkerInfo.from_hash(h))
+            else:
+                dead.append(i)
         if dead:
             self._prune(keys=[self.prefix], args=dead)
         return out

@@ -33,7 +33,7 @@ class Chat(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "chat", "session_id", "sampling", "max_new_tokens", "stop", "drafter")
+    __slots__ = ("prompt", "chat", "session_id", "sampling", "max_new_tokens", "stop", "drafter", "new_session")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class GenerateRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    NEW_SESSION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chat: Chat
     session_id: str
@@ -48,7 +49,8 @@ class GenerateRequest(_message.Message):
     max_new_tokens: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     drafter: str
-    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ...) -> None: ...
+    new_session: bool
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ..., new_session: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
     __slots__ = ("prompt_tokens", "generated_tokens", "target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_depth", "mean_accepted_tokens", "tokens_per_s", "draft_s", "verify_s", "draft_rpc_s", "total_s", "drafter", "target_worker", "draft_worker")
@@ -99,6 +101,20 @@ class GenerateResponse(_message.Message):
     stats: GenerateStats
     session_id: str
     def __init__(self, seq: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text_delta: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class TargetRequest(_message.Message):
+    __slots__ = ("request", "prompt_ids", "session_id", "draft_address", "max_new_tokens")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request: GenerateRequest
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    session_id: str
+    draft_address: str
+    max_new_tokens: int
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., draft_address: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class SparseDist(_message.Message):
     __slots__ = ("ids", "probs")

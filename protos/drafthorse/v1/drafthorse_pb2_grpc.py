@@ -97,6 +97,121 @@ class Generator:
             _registered_method=True)
 
 
+class TargetStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/drafthorse.v1.Target/Generate',
+                request_serializer=protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.TargetRequest.SerializeToString,
+                response_deserializer=protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.EndSession = channel.unary_unary(
+                '/drafthorse.v1.Target/EndSession',
+                request_serializer=protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.EndSessionResponse.FromString,
+                _registered_method=True)
+
+
+class TargetServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TargetServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.TargetRequest.FromString,
+                    response_serializer=protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.GenerateResponse.SerializeToString,
+            ),
+            'EndSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSession,
+                    request_deserializer=protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.EndSessionRequest.FromString,
+                    response_serializer=protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.EndSessionResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'drafthorse.v1.Target', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('drafthorse.v1.Target', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Target:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/drafthorse.v1.Target/Generate',
+            protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.TargetRequest.SerializeToString,
+            protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/drafthorse.v1.Target/EndSession',
+            protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.EndSessionRequest.SerializeToString,
+            protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2.EndSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class DrafterStub:
     """Missing associated documentation comment in .proto file."""
 

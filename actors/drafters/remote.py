@@ -1,0 +1,123 @@
+"""A drafter in another process: the Drafter interface over gRPC (drafthorse.v1.Drafter).
+
+Only the tokens committed since the last call cross the wire, plus the total context length so the
+worker can tell when it lost the session; then (FAILED_PRECONDITION) the whole context is resent once
+with reset=True. When the worker is unreachable or slow (UNAVAILABLE, DEADLINE_EXCEEDED, ...) the
+step gets an empty tree: the target decodes one token alone, which is still exact, and the next call
+resets the session. Configuration errors (auth, bad arguments) raise: they would never heal."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+import torch
+
+from actors.spec.sampling import SamplingParams
+from actors.spec.tree import DraftTree
+from actors.wire import sampling_to_proto, tree_from_proto
+from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+
+from .base import Budget, Drafter
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+         grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class RemoteDrafter(Drafter):
+    def __init__(self, target: str | grpc.Channel, kind: str, vocab_size: int, session_id: str | None = None,
+                 auth_token: str | None = None, timeout_s: float = 5.0, retry_after_s: float = 1.0):
+        self.name = f"remote:{kind}"
+        self.kind, self.vocab_size, self.timeout_s = kind, vocab_size, timeout_s
+        self.session_id = session_id or uuid.uuid4().hex
+        self._own_channel = isinstance(target, str)
+        self.channel = grpc.insecure_channel(target, options=channel_options()) if self._own_channel else target
+        self.stub = pb_grpc.DrafterStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        self.retry_after_s = retry_after_s  # after a transport failure, draft locally-empty this long
+        self.context: list[int] = []        # our copy of everything committed
+        self.pending: list[int] = []        # committed since the worker last heard from us
+        self.reset = True
+        self._quiet_until = 0.0
+        self.rpc_calls = 0
+        self.rpc_s = 0.0                    # wall time inside Draft RPCs (network + drafting)
+        self.remote_draft_s = 0.0           # drafting time the worker reported
+        self.failures = 0                   # steps that fell back to an empty tree
+        self.lost_state = 0                 # FAILED_PRECONDITION answers (resent with reset)
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        self.context, self.pending, self.reset = list(prompt_ids), [], True
+
+    def extend(self, token_ids: list[int]) -> None:
+        self.context += token_ids
+        self.pending += token_ids
+
+    def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
+        # `generator` stays here: the worker seeds its own per-session generator the same way
+        if not self.context or time.monotonic() < self._quiet_until:
+            self.reset = True
+            return DraftTree()
+        try:
+            try:
+                resp = self._call(budget, params)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION or self.reset:
+                    raise
+                self.lost_state += 1
+                self.reset = True
+                resp = self._call(budget, params)
+            tree = tree_from_proto(resp.tree, self.vocab_size)
+        except grpc.RpcError as e:
+            if e.code() in FATAL:
+                raise
+            return self._fail(f"{e.code().name}: {e.details()}", quiet=True)
+        except ValueError as e:  # a malformed tree: a worker bug, but the target must not suffer for it
+            return self._fail(f"malformed tree: {e}", quiet=False)
+        self.remote_draft_s += resp.draft_s
+        self.pending, self.reset = [], False
+        return tree
+
+    def _call(self, budget: Budget, params: SamplingParams) -> pb.DraftResponse:
+        ids = self.context if self.reset else self.pending
+        req = pb.DraftRequest(session_id=self.session_id, reset=self.reset, new_token_ids=ids,
+                              context_length=len(self.context), max_nodes=budget.max_nodes,
+                              max_depth=budget.max_depth, sampling=sampling_to_proto(params), drafter=self.kind)
+        t0 = time.perf_counter()
+        self.rpc_calls += 1
+        try:
+            return self.stub.Draft(req, timeout=self.timeout_s, metadata=self.metadata)
+        finally:
+            self.rpc_s += time.perf_counter() - t0
+
+    def _fail(self, why: str, quiet: bool) -> DraftTree:
+        # the call may or may not have reached the worker: its state is unknown, so start over
+        log.warning("remote drafter %s: %s; this step decodes without a draft", self.session_id, why)
+        self.failures += 1
+        self.reset = True
+        if quiet:
+            self._quiet_until = time.monotonic() + self.retry_after_s
+        return DraftTree()
+
+    def close(self) -> None:
+        """End the worker's session (the engine calls this after every sequence); errors ignored."""
+        try:
+            self.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
+                                 timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError:
+            pass
+        self.reset = True
+
+    def shutdown(self) -> None:
+        """close(), and close the channel when this drafter opened it."""
+        self.close()
+        if self._own_channel:
+            self.channel.close()

@@ -1,0 +1,178 @@
+"""Multi-turn sessions: the committed conversation, its owner, and which target worker holds its KV cache.
+
+Keys (under `prefix`), both expiring `ttl_s` after the last write:
+    session:<id>          hash    owner, target_worker, turns, created_at, updated_at, last_op, stat:<name>
+    session:<id>:tokens   string  token ids packed as little-endian uint32: a turn's checkpoint is one
+                                  APPEND (O(new tokens)), a read is one GET and one unpack
+
+Writes are Lua scripts, so each is atomic and checks that the session still exists (a write to an
+expired session must not resurrect half of it). Each write carries a fresh nonce stored in `last_op`:
+when redis-py resends a script after a timeout that actually ran, the resend is a no-op instead of
+appending the same tokens twice.
+
+Ownership: get() returns None for a session of another owner, exactly as for a missing one, so a
+caller cannot probe other owners' ids. Writes take no owner; the gateway authorizes with get() first."""
+from __future__ import annotations
+
+import re
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class SessionNotFound(KeyError):
+    """No such session (never created, expired, deleted, or malformed id). Gateway: NOT_FOUND."""
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: str                                  # api-key id, "" when auth is off
+    token_ids: list[int] = field(default_factory=list)  # whole committed conversation, prompts + outputs
+    target_worker: str = ""                     # affinity: the worker whose KV cache holds this prefix
+    turns: int = 0
+    stats: dict[str, int | float] = field(default_factory=dict)  # cumulative over finished turns
+    created_at: float = 0.0                     # unix seconds
+    updated_at: float = 0.0
+
+
+_CHECKPOINT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'last_op') == ARGV[6] then return redis.call('STRLEN', KEYS[2]) end
+local n = redis.call('STRLEN', KEYS[2]) + string.len(ARGV[1])
+if n > tonumber(ARGV[2]) then return -2 end
+if string.len(ARGV[1]) > 0 then redis.call('APPEND', KEYS[2], ARGV[1]) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'target_worker', ARGV[3]) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[4], 'last_op', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return n
+"""
+
+# ARGV: now, ttl_ms, nonce, then (name, value) pairs added to stat:<name>. HINCRBYFLOAT for all
+# values: it keeps integers integral ("10", not "10.0") and never fails on a int/float mix.
+_FINISH_TURN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'last_op') == ARGV[3] then return 1 end
+redis.call('HINCRBY', KEYS[1], 'turns', 1)
+for i = 4, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], 'stat:' .. ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1], 'last_op', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+_SET_AFFINITY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'target_worker', ARGV[1], 'updated_at', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+# ARGV[1] == '1': delete only if the owner is ARGV[2].
+_DELETE = """
+if ARGV[1] == '1' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
+return redis.call('DEL', KEYS[1], KEYS[2])
+"""
+
+
+def _num(b: bytes) -> int | float:
+    s = b.decode()
+    try:
+        return int(s)
+    except ValueError:
+        return float(s)
+
+
+class SessionStore:
+    def __init__(self, redis: redis.Redis, prefix: str = "dh:", ttl_s: float = 3600,
+                 max_tokens: int = 131_072):
+        if redis.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("SessionStore needs a bytes client (decode_responses=False): tokens are packed")
+        self.r, self.prefix, self.ttl_s, self.max_tokens = redis, prefix, ttl_s, max_tokens
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._checkpoint = self.r.register_script(_CHECKPOINT)
+        self._finish_turn = self.r.register_script(_FINISH_TURN)
+        self._set_affinity = self.r.register_script(_SET_AFFINITY)
+        self._delete = self.r.register_script(_DELETE)
+
+    def _keys(self, session_id: str) -> list[str]:
+        if not isinstance(session_id, str) or not _ID.fullmatch(session_id):
+            raise SessionNotFound(session_id)  # also keeps arbitrary text out of key names
+        k = f"{self.prefix}session:{session_id}"
+        return [k, k + ":tokens"]
+
+    def create(self, owner: str) -> Session:
+        now = time.time()
+        s = Session(session_id=uuid.uuid4().hex, owner=owner, created_at=now, updated_at=now)
+        meta = self._keys(s.session_id)[0]
+        p = self.r.pipeline(transaction=True)
+        p.hset(meta, mapping={"owner": owner, "target_worker": "", "turns": 0,
+                              "created_at": repr(now), "updated_at": repr(now)})
+        p.pexpire(meta, self._ttl_ms)
+        p.execute()
+        return s
+
+    def get(self, session_id: str, owner: str) -> Session | None:
+        """The session, or None if it does not exist or belongs to another owner."""
+        try:
+            meta, tokens = self._keys(session_id)
+        except SessionNotFound:
+            return None
+        p = self.r.pipeline(transaction=True)  # MULTI: metadata and tokens from the same instant
+        p.hgetall(meta)
+        p.get(tokens)
+        h, packed = p.execute()
+        if not h or h.get(b"owner", b"").decode() != owner:
+            return None
+        packed = packed or b""
+        return Session(
+            session_id=session_id, owner=owner,
+            token_ids=list(struct.unpack(f"<{len(packed) // 4}I", packed)),
+            target_worker=h.get(b"target_worker", b"").decode(), turns=int(h.get(b"turns", 0)),
+            stats={k[5:].decode(): _num(v) for k, v in h.items() if k.startswith(b"stat:")},
+            created_at=float(h.get(b"created_at", 0)), updated_at=float(h.get(b"updated_at", 0)))
+
+    def checkpoint(self, session_id: str, token_ids_appended: list[int], target_worker: str = "") -> int:
+        """Append committed tokens (and set affinity unless target_worker is ""); refresh the TTL.
+        Returns the conversation length. ValueError, with nothing appended, past max_tokens."""
+        keys = self._keys(session_id)
+        try:
+            packed = struct.pack(f"<{len(token_ids_appended)}I", *token_ids_appended)
+        except struct.error as e:
+            raise ValueError(f"token ids must be integers in [0, 2**32): {e}") from None
+        n = int(self._checkpoint(keys=keys, args=[packed, self.max_tokens * 4, target_worker, repr(time.time()),
+                                                  self._ttl_ms, uuid.uuid4().hex]))
+        if n == -1:
+            raise SessionNotFound(session_id)
+        if n == -2:
+            raise ValueError(f"conversation would exceed {self.max_tokens} tokens: start a new session")
+        return n // 4
+
+    def set_affinity(self, session_id: str, target_worker: str) -> None:
+        if not self._set_affinity(keys=self._keys(session_id), args=[target_worker, repr(time.time()), self._ttl_ms]):
+            raise SessionNotFound(session_id)
+
+    def finish_turn(self, session_id: str, stats: dict[str, int | float] | None = None) -> None:
+        """Count a turn and add its numeric stats (tokens drafted/accepted, seconds, ...) to the totals."""
+        args: list = [repr(time.time()), self._ttl_ms, uuid.uuid4().hex]
+        for name, value in (stats or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"stat {name!r} must be a number, got {type(value).__name__}")
+            args += [name, repr(value)]
+        if not self._finish_turn(keys=self._keys(session_id), args=args):
+            raise SessionNotFound(session_id)
+
+    def delete(self, session_id: str, owner: str | None = None) -> bool:
+        """Delete; with `owner`, only that owner's session. True if something was deleted."""
+        try:
+            keys = self._keys(session_id)
+        except SessionNotFound:
+            return False
+        return bool(self._delete(keys=keys, args=["0" if owner is None else "1", owner or ""]))
