@@ -63,7 +63,9 @@ class SpecEngine:
             raise ValueError("stop strings need a tokenizer")
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
-               stats: GenerationStats | None = None) -> Iterator[Step]:
+               stats: GenerationStats | None = None, reuse_prefix: bool = False) -> Iterator[Step]:
+        """Yield committed tokens step by step. reuse_prefix keeps the K/V of the longest common
+        prefix of the runner's tokens and this prompt (a session's next turn)."""
         self.check_request(prompt_ids, params)
         drafter = drafter or NoDrafter()
         stats = stats if stats is not None else GenerationStats()
@@ -72,10 +74,16 @@ class SpecEngine:
         draft_rng = make_generator(params.seed, salt=1)  # the drafter's randomness is its own
         stopper = StopChecker(params.max_new_tokens, self.eos_ids, params.stop, self.decode)
         runner = self.runner
-        runner.reset()
+        keep = 0
+        if reuse_prefix:  # at least one prompt token is scored again: its logits start the answer
+            limit = min(len(runner.tokens), len(prompt_ids) - 1)
+            while keep < limit and runner.tokens[keep] == prompt_ids[keep]:
+                keep += 1
+        runner.truncate(keep)
+        stats.reused_prefix_tokens = keep
         t0 = time.perf_counter()
 
-        logits, _ = runner.extend(prompt_ids)
+        logits, _ = runner.extend(prompt_ids[keep:])
         root = self._pick(logits[None], params, verify_rng)
         stats.prefill_s = time.perf_counter() - t0
         stats.record_step(0, 0)

@@ -32,9 +32,17 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.length = 0
+        self.tokens: list[int] = []      # the committed token ids
+        self._clear_scratch()
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` committed tokens (their K/V stay valid)."""
+        self.length = min(length, self.length)
+        del self.tokens[self.length:]
         self._clear_scratch()
 
     def _clear_scratch(self) -> None:
+        self._scratch_tokens: list[int] = []
         self._parents: list[int] = []    # scratch node -> scratch parent or ROOT (= the prefix end)
         self._depths: list[int] = []
         self._anc = torch.zeros(0, 0, dtype=torch.bool)
@@ -59,6 +67,7 @@ class ModelRunner:
         pos = torch.arange(self.length, self.length + len(tokens))
         hidden = self.model(ids, pos, self.cache, self.length, None)[-1:]
         self.length += len(tokens)
+        self.tokens += tokens
         return self.model.logits(hidden)[0], hidden[0]
 
     def score(self, tokens: list[int], parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +82,7 @@ class ModelRunner:
             depths.append(0 if p == ROOT else depths[p] + 1)
         anc = ancestor_mask(all_parents)
         self._parents, self._depths, self._anc = all_parents, depths, anc
+        self._scratch_tokens += tokens
         start = self.length + base
         pos = torch.tensor(depths[base:], dtype=torch.long) + self.length
         if all(p == i - 1 for i, p in enumerate(all_parents)):
@@ -92,6 +102,7 @@ class ModelRunner:
             if path != list(range(len(path))):
                 self.cache.move(torch.tensor(path) + self.length, self.length)
             self.length += len(path)
+            self.tokens += [self._scratch_tokens[i] for i in path]
         self._clear_scratch()
 
     def discard(self) -> None:

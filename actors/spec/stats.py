@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    reused_prefix_tokens: int = 0    # prompt tokens whose K/V a previous turn left in the cache
     generated_tokens: int = 0
     target_forwards: int = 0          # prefill included: plain decoding scores exactly 1.0
     drafted_tokens: int = 0
