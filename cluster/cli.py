@@ -125,6 +125,50 @@ def bench(
     typer.echo(f"wrote {out / 'results.json'} and {out / 'speedup.png'}")
 
 
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, help="target model (default smollm2)"),
+    draft_model: Optional[str] = typer.Option(None, help="draft LM served by the draft workers"),
+    drafter: Optional[str] = typer.Option(None, help="default drafter: none | ngram | draft-model"),
+    num_targets: Optional[int] = typer.Option(None, min=1),
+    num_drafts: Optional[int] = typer.Option(None, min=0),
+    port: Optional[int] = typer.Option(None, help="gateway gRPC port (default 50051)"),
+    host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
+    redis_url: Optional[str] = typer.Option(None, help="default: 127.0.0.1:6379 if up, else an embedded redis"),
+    ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
+    dtype: Optional[str] = typer.Option(None),
+):
+    """Start the cluster (Ray, Redis, gateway, target and draft workers) and serve until Ctrl-C.
+    Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    from cluster.app import Cluster
+    from cluster.settings import Settings
+
+    flags = dict(model=model, draft_model=draft_model, drafter=drafter, num_targets=num_targets,
+                 num_drafts=num_drafts, gateway_port=port, host=host, redis_url=redis_url,
+                 ray_address=ray_address, dtype=dtype)
+    try:
+        s = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as e:
+        _fail(str(e))
+    cluster = Cluster(s).start()
+    typer.echo(f"drafthorse serving {s.model} ({s.num_targets} target, {s.num_drafts} draft workers, "
+               f"drafter {s.drafter})\n  gRPC gateway: {cluster.gateway}  (drafthorse.v1.Generator)\n"
+               f"  try: drafthorse generate --server {cluster.gateway} \"Hello!\"\nCtrl-C to stop.")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+
+
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app()

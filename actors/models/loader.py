@@ -69,15 +69,31 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192) -> LoadedModel:
+    """spec: 'smollm2', a .gguf file, an HF directory, or 'tiny:SEED' (a tiny random Llama in float64
+    with SmolLM2's tokenizer: what cluster tests serve, fast and exactly reproducible)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    if spec.startswith("tiny:"):
+        directory, gguf = resolve(DEFAULT_MODEL)
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+        lm = tiny_llama(int(spec[5:]), vocab_size=len(tok), max_len=max_len, eos_token_id=tok.eos_token_id)
+        lm.tokenizer, lm.name = tok, spec
+        return lm
     directory, gguf = resolve(spec)
     kw = {"gguf_file": gguf} if gguf else {}
     log.info("loading %s (%s)", spec, dtype)
     tok = AutoTokenizer.from_pretrained(directory, **kw)
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dtype), **kw).eval()
     return wrap(hf, tok, name=spec if spec == DEFAULT_MODEL else str(Path(spec).resolve()), max_len=max_len)
+
+
+def vocab_size_of(spec: str) -> int:
+    """The vocabulary size of a model without loading its weights."""
+    from transformers import AutoConfig
+
+    directory, gguf = resolve(DEFAULT_MODEL if spec.startswith("tiny:") else spec)
+    return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {})).vocab_size
 
 
 def wrap(hf: torch.nn.Module, tokenizer=None, name: str = "custom", max_len: int = 8192) -> LoadedModel:

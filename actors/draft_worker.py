@@ -1,0 +1,62 @@
+"""The draft worker: hosts drafters for many sessions behind the gRPC `Drafter` service. It keeps each
+session's drafter state (a draft model's own KV cache, an n-gram index) and receives only the tokens
+committed since the last call. Served as a Ray Serve deployment (`DraftWorker`); asks Ray for the
+cheap-accelerator resources configured for draft workers."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DraftWorker:
+    """Ray Serve deployment body (see cluster/app.py)."""
+
+    def __init__(self, settings: dict):
+        import ray
+
+        from actors.draft_service import SERVICE_NAME, DraftService
+        from actors.drafters import make_drafter
+        from actors.models import loader
+        from actors.models.runner import ModelRunner
+        from actors.rpc import start_server
+        from cluster.heartbeat import Membership
+        from cluster.settings import Settings
+        from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+        s = Settings(**settings)
+        torch.set_num_threads(s.torch_threads)
+        t0 = time.perf_counter()
+        dlm = loader.load(s.draft_model, s.dtype, s.max_len) if s.draft_model else None
+        kinds = ["ngram"] + (["draft-model"] if dlm else [])
+        vocab = dlm.vocab_size if dlm else loader.vocab_size_of(s.model)
+        new_runner = (lambda: ModelRunner(dlm.model, s.max_len)) if dlm else None
+        self.service = DraftService(lambda kind: make_drafter(kind, new_runner), vocab,
+                                    max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds)
+        self.worker_id = f"draft-{uuid.uuid4().hex[:8]}"
+        self.membership = Membership(s, "draft", self.worker_id, dlm.name if dlm else "", s.draft_sessions,
+                                     node_id=ray.get_runtime_context().get_node_id(), drafters=kinds)
+        self.server, port, self.health = start_server(
+            lambda srv: pb_grpc.add_DrafterServicer_to_server(self.service, srv), [SERVICE_NAME],
+            host=s.host, token=s.token(), max_workers=8)
+        self.membership.start(port)
+        log.info("%s serving %s on port %d (ready in %.1fs)", self.worker_id, kinds, port,
+                 time.perf_counter() - t0)
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "address": self.membership.address,
+                "draft_calls": self.service.draft_calls}
+
+    def check_health(self) -> None:
+        self.membership.check()
+
+    def __del__(self):
+        try:
+            self.membership.stop()
+            self.server.stop(grace=None)
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass

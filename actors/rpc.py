@@ -1,0 +1,70 @@
+"""What every drafthorse gRPC server shares: bounded message sizes, a shared-token check on internal
+calls, health checking and reflection (so grpcurl / grpc_health_probe / Kubernetes probes work)."""
+from __future__ import annotations
+
+import hmac
+from concurrent import futures
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+           ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+# Health and reflection answer without a token: probes and tools must reach them.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def token_ok(metadata: Iterable, token: str) -> bool:
+    """Constant-time comparison of the bearer token in `metadata` with `token`."""
+    sent = next((v for k, v in metadata or () if k == "authorization"), "")
+    return hmac.compare_digest(str(sent).encode(), f"Bearer {token}".encode())
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Refuses every call but health/reflection that lacks `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong internal auth token")
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_PREFIXES) or token_ok(details.invocation_metadata, self.token):
+            return continuation(details)
+        handler = continuation(details)
+        return self._deny_stream if handler is not None and handler.response_streaming else self._deny_unary
+
+
+def start_server(register: Callable[[grpc.Server], None], service_names: list[str], host: str = "127.0.0.1",
+                 port: int = 0, token: str = "", max_workers: int = 8,
+                 ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A sync gRPC server with health + reflection; returns (server, bound port, health servicer)."""
+    interceptors = [TokenAuth(token)] if token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=OPTIONS,
+                         interceptors=interceptors, maximum_concurrent_rpcs=max_workers * 4)
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind a gRPC server to {host}:{port}")
+    server.start()
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer
+
+
+def set_not_serving(health_servicer: health.HealthServicer, service_names: list[str]) -> None:
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -1,0 +1,188 @@
+"""The target worker: owns the large model and drives the speculative loop for its sessions.
+
+Per request: take a KV-cache slot (the session's own if it still holds one: its prefix is reused),
+ask the paired draft worker for a tree over gRPC, verify, commit, stream the tokens back and
+checkpoint them to Redis as they are committed. Served as a Ray Serve deployment (`TargetWorker`)
+whose replica runs the gRPC `Target` service on its own port and registers itself in Redis."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+import grpc
+import torch
+
+from actors.drafters import KINDS, NoDrafter
+from actors.engine import SpecEngine
+from actors.models.runner import ModelRunner
+from actors.spec.stats import GenerationStats
+from protos.drafthorse.v1 import drafthorse_pb2 as pb
+from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Busy(Exception):
+    pass
+
+
+class SlotPool:
+    """A fixed number of KV caches. A finished session keeps its slot (and prefix) until the slot is
+    needed by someone else, least recently used first."""
+
+    def __init__(self, model, capacity: int, max_len: int):
+        self.free: OrderedDict[str, ModelRunner] = OrderedDict(
+            (f"_{i}", ModelRunner(model, max_len)) for i in range(capacity))
+        self.lock = threading.Lock()
+
+    def acquire(self, session_id: str) -> tuple[ModelRunner, bool]:
+        """(runner, holds this session's prefix). Raises Busy when every slot is in use."""
+        with self.lock:
+            if session_id and session_id in self.free:
+                return self.free.pop(session_id), True
+            if not self.free:
+                raise Busy()
+            return self.free.popitem(last=False)[1], False
+
+    def release(self, session_id: str, runner: ModelRunner) -> None:
+        with self.lock:
+            self.free[session_id or f"_{uuid.uuid4().hex}"] = runner
+
+    def forget(self, session_id: str) -> None:
+        with self.lock:
+            if session_id in self.free:
+                runner = self.free.pop(session_id)
+                runner.reset()
+                self.free[f"_{uuid.uuid4().hex}"] = runner
+
+
+def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
+    return pb.GenerateStats(
+        prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens, target_forwards=s.target_forwards,
+        drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
+        accepted_per_depth=s.accepted_per_depth, mean_accepted_tokens=s.mean_accepted_tokens,
+        tokens_per_s=s.tokens_per_s, draft_s=s.draft_s, verify_s=s.verify_s, total_s=s.total_s, **extra)
+
+
+class TargetService(pb_grpc.TargetServicer):
+    def __init__(self, lm, worker_id: str, capacity: int, max_len: int, token: str = "",
+                 checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0):
+        self.lm, self.worker_id, self.token = lm, worker_id, token
+        self.pool = SlotPool(lm.model, capacity, max_len)
+        self.checkpoint = checkpoint          # callable(session_id, token_ids) or None
+        self.max_tree_nodes, self.draft_timeout_s = max_tree_nodes, draft_timeout_s
+        self.decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)
+        self.active = 0
+        self.draft_rpcs = 0
+        self._channels: dict[str, grpc.Channel] = {}   # one channel per draft worker, reused
+        self._channels_lock = threading.Lock()
+
+    def _channel(self, address: str) -> grpc.Channel:
+        from actors.rpc import OPTIONS
+        with self._channels_lock:
+            if address not in self._channels:
+                self._channels[address] = grpc.insecure_channel(address, options=OPTIONS)
+            return self._channels[address]
+
+    def Generate(self, treq: pb.TargetRequest, context: grpc.ServicerContext):
+        from actors.drafters.remote import RemoteDrafter
+        from actors.wire import sampling_from_proto
+        from cluster.textstream import TextStream
+
+        req = treq.request
+        try:
+            params = sampling_from_proto(req.sampling, max_new_tokens=treq.max_new_tokens, stop=tuple(req.stop))
+            kind = req.drafter or "none"
+            if kind not in KINDS:
+                raise ValueError(f"unknown drafter {kind!r}: choose one of {', '.join(KINDS)}")
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            runner, cached = self.pool.acquire(treq.session_id)
+        except Busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target worker {self.worker_id} is at capacity")
+        drafter = NoDrafter()
+        if treq.draft_address and kind != "none":
+            drafter = RemoteDrafter(self._channel(treq.draft_address), kind, self.lm.vocab_size,
+                                    session_id=treq.session_id or uuid.uuid4().hex, auth_token=self.token,
+                                    timeout_s=self.draft_timeout_s)
+        engine = SpecEngine(runner, self.lm.eos_ids, self.decode, max_tree_nodes=self.max_tree_nodes)
+        stats = GenerationStats()
+        text = TextStream(self.decode, params.stop)
+        self.active += 1
+        try:
+            for step in engine.stream(list(treq.prompt_ids), params, drafter, stats, reuse_prefix=cached):
+                if not context.is_active():  # client gone: stop now, free the slot below
+                    break
+                if self.checkpoint and treq.session_id and step.token_ids:
+                    self.checkpoint(treq.session_id, step.token_ids)
+                msg = pb.GenerateResponse(token_ids=step.token_ids,
+                                          text_delta=text.push(step.token_ids, step.finish_reason is not None))
+                if step.finish_reason:
+                    msg.finish_reason = step.finish_reason
+                    msg.stats.CopyFrom(stats_to_proto(
+                        stats, drafter=kind, target_worker=self.worker_id,
+                        draft_worker=treq.draft_address if treq.draft_address and kind != "none" else "",
+                        draft_rpc_s=getattr(drafter, "rpc_s", 0.0)))
+                yield msg
+        except ValueError as e:
+            runner.reset()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self.active -= 1
+            self.draft_rpcs += getattr(drafter, "rpc_calls", 0)
+            drafter.close()
+            self.pool.release(treq.session_id, runner)
+
+    def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
+        self.pool.forget(request.session_id)
+        return pb.EndSessionResponse()
+
+
+SERVICE = "drafthorse.v1.Target"
+
+
+class TargetWorker:
+    """Ray Serve deployment body (see cluster/app.py): one target model behind a gRPC server."""
+
+    def __init__(self, settings: dict):
+        import ray
+
+        from actors.models import loader
+        from actors.rpc import start_server
+        from cluster.heartbeat import Membership
+        from cluster.settings import Settings
+
+        s = Settings(**settings)
+        torch.set_num_threads(s.torch_threads)
+        t0 = time.perf_counter()
+        lm = loader.load(s.model, s.dtype, s.max_len)
+        self.worker_id = f"target-{uuid.uuid4().hex[:8]}"
+        self.membership = Membership(s, "target", self.worker_id, lm.name, s.sessions_per_target,
+                                     node_id=ray.get_runtime_context().get_node_id())
+        self.service = TargetService(lm, self.worker_id, s.sessions_per_target, s.max_len, s.token(),
+                                     checkpoint=self.membership.checkpoint_tokens,
+                                     max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s)
+        self.server, port, self.health = start_server(
+            lambda srv: pb_grpc.add_TargetServicer_to_server(self.service, srv), [SERVICE],
+            host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4)
+        self.membership.start(port)
+        log.info("%s serving %s on port %d (loaded in %.1fs)", self.worker_id, lm.name, port,
+                 time.perf_counter() - t0)
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "address": self.membership.address,
+                "draft_rpcs": self.service.draft_rpcs, "active": self.service.active}
+
+    def check_health(self) -> None:
+        self.membership.check()
+
+    def __del__(self):
+        try:
+            self.membership.stop()
+            self.server.stop(grace=None)
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass

