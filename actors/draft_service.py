@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from actors.drafters.base import Budget, Drafter
-from actors.spec.sampling import make_generator
+from actors.spec.sampling import SamplingParams, make_generator
 from actors.wire import sampling_from_proto, tree_to_proto
 from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
@@ -41,7 +42,7 @@ class _Session:
     kind: str = ""
     drafter: Drafter | None = None
     length: int = 0                 # committed tokens the drafter has seen
-    generator: object = None
+    generator: torch.Generator | None = None
     dead: bool = False              # evicted or ended: a request still holding it must not use it
 
     def retire(self) -> None:
@@ -101,7 +102,7 @@ class DraftService(pb_grpc.DrafterServicer):
         if not hmac.compare_digest(got, self._auth):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-    def _check(self, r: pb.DraftRequest):
+    def _check(self, r: pb.DraftRequest) -> SamplingParams:
         bad = lambda msg: _Abort(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
         if not r.session_id or len(r.session_id) > 256:
             raise bad("session_id must be 1..256 characters")
@@ -159,7 +160,8 @@ class DraftService(pb_grpc.DrafterServicer):
                 return self._draft_locked(r, sess, ids, params)
         raise _Abort(grpc.StatusCode.UNAVAILABLE, "session churn, retry")
 
-    def _draft_locked(self, r: pb.DraftRequest, sess: _Session, ids: list[int], params) -> pb.DraftResponse:
+    def _draft_locked(self, r: pb.DraftRequest, sess: _Session, ids: list[int],
+                      params: SamplingParams) -> pb.DraftResponse:
         t0 = time.perf_counter()
         try:
             if r.reset:
@@ -173,7 +175,6 @@ class DraftService(pb_grpc.DrafterServicer):
                 # seeded exactly as SpecEngine seeds an in-process drafter's generator, so a seeded
                 # sampling run drafts the same trees whether the drafter is local or remote
                 sess.generator = make_generator(params.seed, salt=1)
-                self.resets += 1
             else:
                 if sess.kind != r.drafter or sess.length + len(ids) != r.context_length:
                     self._drop(r.session_id, sess)
@@ -193,6 +194,7 @@ class DraftService(pb_grpc.DrafterServicer):
         resp = pb.DraftResponse(tree=tree_to_proto(tree), draft_s=time.perf_counter() - t0)
         with self._lock:
             self.draft_calls += 1
+            self.resets += r.reset
         return resp
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 import torch
 
@@ -24,7 +23,7 @@ class DraftWorker:
         from actors.models import loader
         from actors.models.runner import ModelRunner
         from actors.rpc import start_server
-        from cluster.heartbeat import Membership
+        from cluster.heartbeat import Membership, worker_id
         from cluster.settings import Settings
         from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
@@ -37,7 +36,7 @@ class DraftWorker:
         new_runner = (lambda: ModelRunner(dlm.model, s.max_len)) if dlm else None
         self.service = DraftService(lambda kind: make_drafter(kind, new_runner), vocab,
                                     max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds)
-        self.worker_id = f"draft-{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id("draft")
         self.membership = Membership(s, "draft", self.worker_id, dlm.name if dlm else "", s.draft_sessions,
                                      node_id=ray.get_runtime_context().get_node_id(), drafters=kinds)
         self.server, port, self.health = start_server(

@@ -100,7 +100,7 @@ class SpecEngine:
             drafter.extend(new)
             left = params.max_new_tokens - len(stopper.tokens)  # the bonus token is free
             budget = Budget(max_nodes=min(self.max_tree_nodes, runner.room - 1),
-                            max_depth=min(self.max_tree_depth, left - 1, runner.room - 1))
+                            max_depth=min(self.max_tree_depth, left - 1, runner.room - 2))
             tree = drafter.propose(budget, params, draft_rng) if budget.max_depth > 0 else DraftTree()
             tree.validate(runner.vocab_size, budget.max_nodes, budget.max_depth)
             t2 = time.perf_counter()

@@ -126,7 +126,7 @@ class TargetService(pb_grpc.TargetServicer):
                     msg.stats.CopyFrom(stats_to_proto(
                         stats, drafter=kind, target_worker=self.worker_id,
                         draft_worker=treq.draft_address if treq.draft_address and kind != "none" else "",
-                        draft_rpc_s=getattr(drafter, "rpc_s", 0.0)))
+                        draft_rpc_s=getattr(drafter, "rpc_s", 0.0), draft_rpcs=getattr(drafter, "rpc_calls", 0)))
                 yield msg
         except ValueError as e:
             runner.reset()
@@ -145,6 +145,7 @@ class TargetService(pb_grpc.TargetServicer):
 SERVICE = "drafthorse.v1.Target"
 
 
+
 class TargetWorker:
     """Ray Serve deployment body (see cluster/app.py): one target model behind a gRPC server."""
 
@@ -153,14 +154,14 @@ class TargetWorker:
 
         from actors.models import loader
         from actors.rpc import start_server
-        from cluster.heartbeat import Membership
+        from cluster.heartbeat import Membership, worker_id
         from cluster.settings import Settings
 
         s = Settings(**settings)
         torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
         lm = loader.load(s.model, s.dtype, s.max_len)
-        self.worker_id = f"target-{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id("target")
         self.membership = Membership(s, "target", self.worker_id, lm.name, s.sessions_per_target,
                                      node_id=ray.get_runtime_context().get_node_id())
         self.service = TargetService(lm, self.worker_id, s.sessions_per_target, s.max_len, s.token(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import uuid
 
 from cluster.redis_store import connect
 from cluster.registry import Registry, WorkerInfo
@@ -24,6 +25,16 @@ def advertise_host(bind_host: str) -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # noqa: BLE001 - outside Ray
         return socket.gethostbyname(socket.gethostname())
+
+
+def worker_id(kind: str) -> str:
+    """kind-<Serve replica id> inside Serve (operators can map it to the Ray actor), else random."""
+    import ray
+    try:
+        name = ray.get_runtime_context().get_actor_name() or ""
+    except Exception:  # noqa: BLE001 - not in a Ray actor
+        name = ""
+    return f"{kind}-{name.rsplit('#', 1)[-1] if '#' in name else uuid.uuid4().hex[:8]}"
 
 
 class Membership:

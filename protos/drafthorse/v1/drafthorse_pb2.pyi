@@ -53,7 +53,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ..., new_session: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_depth", "mean_accepted_tokens", "tokens_per_s", "draft_s", "verify_s", "draft_rpc_s", "total_s", "drafter", "target_worker", "draft_worker")
+    __slots__ = ("prompt_tokens", "generated_tokens", "target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_depth", "mean_accepted_tokens", "tokens_per_s", "draft_s", "verify_s", "draft_rpc_s", "total_s", "drafter", "target_worker", "draft_worker", "draft_rpcs")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class GenerateStats(_message.Message):
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     TARGET_WORKER_FIELD_NUMBER: _ClassVar[int]
     DRAFT_WORKER_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_RPCS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     target_forwards: int
@@ -84,7 +85,8 @@ class GenerateStats(_message.Message):
     drafter: str
     target_worker: str
     draft_worker: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_depth: _Optional[_Iterable[int]] = ..., mean_accepted_tokens: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., draft_rpc_s: _Optional[float] = ..., total_s: _Optional[float] = ..., drafter: _Optional[str] = ..., target_worker: _Optional[str] = ..., draft_worker: _Optional[str] = ...) -> None: ...
+    draft_rpcs: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_depth: _Optional[_Iterable[int]] = ..., mean_accepted_tokens: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., draft_rpc_s: _Optional[float] = ..., total_s: _Optional[float] = ..., drafter: _Optional[str] = ..., target_worker: _Optional[str] = ..., draft_worker: _Optional[str] = ..., draft_rpcs: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("seq", "token_ids", "text_delta", "finish_reason", "stats", "session_id")

@@ -1,0 +1,259 @@
+"""The distributed cluster end to end: real Ray (Serve), real Redis, real gRPC on loopback, tiny
+float64 models (exact arithmetic makes every comparison bit-for-bit)."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+import torch
+
+from actors.drafters.draft_model import DraftModelDrafter
+from actors.drafters.ngram import NgramDrafter
+from actors.engine import SpecEngine
+from actors.models import loader
+from actors.models.runner import ModelRunner
+from actors.rpc import auth_metadata
+from actors.spec.sampling import SamplingParams
+from cluster.app import Cluster
+from cluster.client import request
+from cluster.prompts import turn_ids
+from cluster.settings import Settings
+from protos.drafthorse.v1 import drafthorse_pb2 as pb
+from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+PROMPTS = ["the cat sat on the mat, the cat sat on the", "one two three one two three one two",
+           "Tell me about speculative decoding.", "a b c d a b c d a b", "hello hello hello",
+           "Why is the sky blue?", "1, 2, 3, 4, 1, 2, 3, 4", "x y z x y z x y"]
+N = 24
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=_free_port(),
+                 worker_num_cpus=0.25, heartbeat_s=0.5, key_prefix=f"dh-test-{uuid.uuid4().hex[:8]}:",
+                 sessions_per_target=8, max_len=512)
+    c = Cluster(s).start(timeout_s=300)
+    yield c
+    c.stop()
+    import ray
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The same models in this process: the reference every cluster output must equal."""
+    torch.set_num_threads(1)
+    return loader.load("tiny:0", max_len=512), loader.load("tiny:1", max_len=512)
+
+
+@pytest.fixture(scope="module")
+def stub(cluster):
+    with grpc.insecure_channel(cluster.gateway) as ch:
+        yield pb_grpc.GeneratorStub(ch)
+
+
+def run(stub, req, timeout=120) -> tuple[list[int], list[pb.GenerateResponse]]:
+    msgs = list(stub.Generate(req, timeout=timeout))
+    return [t for m in msgs for t in m.token_ids], msgs
+
+
+def reference(local, prompt_ids, drafter_kind: str) -> list[int]:
+    target, draft = local
+    engine = SpecEngine(ModelRunner(target.model, 512), target.eos_ids)
+    drafter = {"none": None, "ngram": NgramDrafter(),
+               "draft-model": DraftModelDrafter(ModelRunner(draft.model, 512))}[drafter_kind]
+    return engine.generate(prompt_ids, SamplingParams(max_new_tokens=N), drafter).token_ids
+
+
+def chat_ids(local, text: str) -> list[int]:
+    return turn_ids(local[0].tokenizer, [], [{"role": "user", "content": text}], None)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft-model"])
+def test_greedy_through_cluster_equals_target_alone_8_concurrent(cluster, stub, local, kind):
+    plain = {p: reference(local, chat_ids(local, p), "none") for p in PROMPTS}
+    in_process = {p: reference(local, chat_ids(local, p), kind) for p in PROMPTS}
+    with cf.ThreadPoolExecutor(8) as pool:
+        outs = dict(zip(PROMPTS, pool.map(
+            lambda p: run(stub, request(p, SamplingParams(max_new_tokens=N), kind)), PROMPTS)))
+    workers, rpcs = set(), 0
+    for p, (ids, msgs) in outs.items():
+        assert ids == plain[p] == in_process[p], p
+        assert [m.seq for m in msgs] == list(range(len(msgs)))
+        st = msgs[-1].stats
+        assert msgs[-1].finish_reason in ("stop", "length") and st.drafter == kind
+        assert st.draft_worker, "no draft worker was paired"
+        workers.add(st.target_worker)
+        rpcs += st.draft_rpcs
+        # every verify step asked a draft worker over gRPC (but the last, where one token was left)
+        assert st.draft_rpcs >= st.target_forwards - 2
+    assert rpcs >= len(PROMPTS)
+    assert len(workers) == 2, f"8 concurrent requests should spread over both targets, got {workers}"
+
+
+def test_text_stream_and_stats(stub):
+    ids, msgs = run(stub, request("Say hi", SamplingParams(max_new_tokens=8), "ngram"))
+    assert len(ids) == 8 and msgs[-1].stats.generated_tokens == 8
+    assert msgs[-1].finish_reason == "length"
+
+
+def _kill(worker_id: str) -> None:
+    import ray
+    suffix = "#" + worker_id.split("-", 1)[1]
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(suffix)]
+    assert names, f"no Ray actor for {worker_id}"
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+
+
+def _two_turns(stub, kill_between: bool) -> tuple[list[int], list[int], str, str]:
+    sampling = SamplingParams(max_new_tokens=N)
+    ids1, msgs1 = run(stub, request("hello there, how are you?", sampling, "ngram", new_session=True))
+    sid, owner = msgs1[-1].session_id, msgs1[-1].stats.target_worker
+    assert sid
+    if kill_between:
+        _kill(owner)
+    ids2, msgs2 = run(stub, request("and then what?", sampling, "ngram", session=sid))
+    assert msgs2[-1].session_id == sid
+    return ids1, ids2, owner, msgs2[-1].stats.target_worker
+
+
+def test_multi_turn_affinity_and_failover(cluster, stub, local):
+    a1, a2, owner, second = _two_turns(stub, kill_between=False)
+    assert second == owner, "the follow-up turn should go to the worker holding the session's cache"
+    b1, b2, owner_b, second_b = _two_turns(stub, kill_between=True)
+    assert second_b != owner_b, "the session should have moved off the killed worker"
+    assert (b1, b2) == (a1, a2), "failover changed the output"
+    # and both equal the target alone on the whole conversation
+    tok = local[0].tokenizer
+    first = chat_ids(local, "hello there, how are you?")
+    assert a1 == reference(local, first, "none")
+    history = first + a1
+    assert a2 == reference(local, turn_ids(tok, history, [{"role": "user", "content": "and then what?"}], None),
+                           "none")
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda r: setattr(r, "prompt", ""), "prompt"),
+    (lambda r: setattr(r.sampling, "temperature", -1.0), "temperature"),
+    (lambda r: setattr(r.sampling, "top_p", 1.5), "top_p"),
+    (lambda r: setattr(r.sampling, "top_k", -3), "top_k"),
+    (lambda r: setattr(r, "max_new_tokens", 10**6), "max_new_tokens"),
+    (lambda r: setattr(r, "max_new_tokens", -1), "max_new_tokens"),
+    (lambda r: setattr(r, "drafter", "nope"), "drafter"),
+    (lambda r: setattr(r, "prompt", "word " * 2000), "prompt"),
+])
+def test_invalid_argument(stub, mutate, needle):
+    r = request("hi", SamplingParams(max_new_tokens=4), raw=True)
+    mutate(r)
+    with pytest.raises(grpc.RpcError) as e:
+        run(stub, r)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in e.value.details()
+
+
+def test_unknown_session_is_not_found(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        run(stub, request("hi", SamplingParams(max_new_tokens=4), session=uuid.uuid4().hex))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_internal_call_without_token_is_unauthenticated(cluster):
+    from cluster.redis_store import connect
+    from cluster.registry import Registry
+    reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix)
+    time.sleep(3 * cluster.s.heartbeat_s)  # a worker killed by an earlier test drops out of the registry
+    target = reg.alive("target")[0]
+    treq = pb.TargetRequest(prompt_ids=[1, 2, 3], max_new_tokens=2)
+    with grpc.insecure_channel(target.address) as ch:
+        stub = pb_grpc.TargetStub(ch)
+        for metadata in [(), auth_metadata("wrong-token")]:
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(treq, metadata=metadata, timeout=10))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = list(stub.Generate(treq, metadata=auth_metadata(cluster.s.token()), timeout=30))
+        assert sum(len(m.token_ids) for m in ok) == 2
+    draft = reg.alive("draft")[0]
+    with grpc.insecure_channel(draft.address) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.DrafterStub(ch).Draft(pb.DraftRequest(session_id="x", reset=True, new_token_ids=[1],
+                                                          context_length=1, max_nodes=4, max_depth=2), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_deadline_exceeded(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        run(stub, request("count to a thousand", SamplingParams(max_new_tokens=400), "none"), timeout=0.05)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_no_worker_is_unavailable(cluster, local):
+    """A gateway whose registry holds no worker answers UNAVAILABLE."""
+    import asyncio
+    import threading
+
+    from cluster.gateway import serve_gateway
+    s = cluster.s.model_copy(update={"key_prefix": f"dh-empty-{uuid.uuid4().hex[:8]}:", "gateway_port": _free_port()})
+    ready = threading.Event()
+
+    def main():
+        async def go():
+            ev = asyncio.Event()
+            task = asyncio.create_task(serve_gateway(s, local[0].tokenizer, ev))
+            await ev.wait()
+            ready.set()
+            await task
+        asyncio.run(go())
+    threading.Thread(target=main, daemon=True).start()
+    assert ready.wait(30)
+    with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            run(pb_grpc.GeneratorStub(ch), request("hi", SamplingParams(max_new_tokens=4)))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_from_proto_files_only(cluster, tmp_path):
+    """Generate stubs from protos/*.proto in a scratch dir and stream with nothing else."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"--python_out={tmp_path}",
+                    f"--grpc_python_out={tmp_path}", str(root / "protos/drafthorse/v1/drafthorse.proto")],
+                   check=True)
+    script = f"""
+import sys; sys.path.insert(0, {str(tmp_path)!r})
+import grpc
+from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as rpc
+req = pb.GenerateRequest(prompt="hello", max_new_tokens=5)
+with grpc.insecure_channel({cluster.gateway!r}) as ch:
+    msgs = list(rpc.GeneratorStub(ch).Generate(req, timeout=60))
+print(sum(len(m.token_ids) for m in msgs), msgs[-1].finish_reason)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["5", "length"]
+
+
+def test_health_and_reflection_on_gateway(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    with grpc.insecure_channel(cluster.gateway) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                 timeout=10))
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert "drafthorse.v1.Generator" in names
