@@ -10,22 +10,19 @@ import hmac
 import threading
 import time
 from collections import OrderedDict
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from actors.drafters.base import Budget, Drafter
+from actors.rpc import MAX_MESSAGE_BYTES, start_server
 from actors.spec.sampling import SamplingParams, make_generator
 from actors.wire import sampling_from_proto, tree_to_proto
 from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "drafthorse.v1.Drafter"
-MAX_MESSAGE_BYTES = 64 << 20  # a sampled tree carries up to V floats per node: 64 nodes x 49k vocab ~ 25 MB
 LIMIT = 1 << 16               # max_nodes / max_depth beyond this are nonsense, not a request
 LOST = "session state lost, resend with reset"
 
@@ -201,21 +198,7 @@ class DraftService(pb_grpc.DrafterServicer):
 def serve_drafter(service: DraftService, host: str = "127.0.0.1", port: int = 0,
                   max_workers: int = 4) -> tuple[grpc.Server, int]:
     """Start a sync gRPC server with the Drafter, health and reflection services; returns (server, port).
-    Loopback by default: bind a routable address only with an auth token (and TLS in front)."""
-    opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0)]  # a second server on a taken port must fail, not share it
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="drafter"),
-                         options=opts)
-    pb_grpc.add_DrafterServicer_to_server(service, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(addr)
-    if bound == 0:
-        raise OSError(f"could not bind the drafter server to {addr}")
-    server.start()
+    Loopback by default: bind a routable address only with an auth token."""
+    server, bound, _ = start_server(lambda srv: pb_grpc.add_DrafterServicer_to_server(service, srv),
+                                    [SERVICE_NAME], host=host, port=port, max_workers=max_workers)
     return server, bound

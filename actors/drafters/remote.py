@@ -19,18 +19,14 @@ from actors.spec.tree import DraftTree
 from actors.wire import sampling_to_proto, tree_from_proto
 from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
+from actors.rpc import OPTIONS, auth_metadata
+
 from .base import Budget, Drafter
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
          grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
-
-
-def channel_options() -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 class RemoteDrafter(Drafter):
@@ -40,9 +36,9 @@ class RemoteDrafter(Drafter):
         self.kind, self.vocab_size, self.timeout_s = kind, vocab_size, timeout_s
         self.session_id = session_id or uuid.uuid4().hex
         self._own_channel = isinstance(target, str)
-        self.channel = grpc.insecure_channel(target, options=channel_options()) if self._own_channel else target
+        self.channel = grpc.insecure_channel(target, options=OPTIONS) if self._own_channel else target
         self.stub = pb_grpc.DrafterStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        self.metadata = auth_metadata(auth_token or "")
         self.retry_after_s = retry_after_s  # after a transport failure, draft locally-empty this long
         self.context: list[int] = []        # our copy of everything committed
         self.pending: list[int] = []        # committed since the worker last heard from us
