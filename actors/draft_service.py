@@ -6,7 +6,6 @@ the lengths disagree, the call fails with FAILED_PRECONDITION and the target res
 context with reset=True. Sessions are independent (one lock each); one session's calls are serial."""
 from __future__ import annotations
 
-import hmac
 import threading
 import time
 from collections import OrderedDict
@@ -52,14 +51,13 @@ class _Session:
 
 class DraftService(pb_grpc.DrafterServicer):
     def __init__(self, make_drafter: Callable[[str], Drafter], vocab_size: int, max_sessions: int = 64,
-                 max_nodes: int = 64, auth_token: str | None = None,
+                 max_nodes: int = 64,
                  kinds: Iterable[str] = ("ngram", "draft-model")):
         if max_sessions < 1 or max_nodes < 0:
             raise ValueError("need max_sessions >= 1 and max_nodes >= 0")
         self.make_drafter, self.vocab_size = make_drafter, vocab_size
         self.max_sessions, self.max_nodes = max_sessions, max_nodes
         self.kinds = frozenset(kinds)
-        self._auth = f"Bearer {auth_token}".encode() if auth_token else None
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.draft_calls = 0        # Draft RPCs answered with a tree
@@ -69,14 +67,12 @@ class DraftService(pb_grpc.DrafterServicer):
     # ------------------------------------------------------------------ RPCs
 
     def Draft(self, request: pb.DraftRequest, context: grpc.ServicerContext) -> pb.DraftResponse:
-        self._check_auth(context)
         try:
             return self._draft(request)
         except _Abort as e:
             context.abort(e.code, e.details)
 
     def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext) -> pb.EndSessionResponse:
-        self._check_auth(context)
         with self._lock:
             sess = self._sessions.pop(request.session_id, None)
             self.end_calls += 1
@@ -90,14 +86,6 @@ class DraftService(pb_grpc.DrafterServicer):
     def session_count(self) -> int:
         with self._lock:
             return len(self._sessions)
-
-    def _check_auth(self, context: grpc.ServicerContext) -> None:
-        if self._auth is None:
-            return
-        got = dict(context.invocation_metadata()).get("authorization", "")
-        got = got.encode() if isinstance(got, str) else got
-        if not hmac.compare_digest(got, self._auth):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     def _check(self, r: pb.DraftRequest) -> SamplingParams:
         bad = lambda msg: _Abort(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
@@ -196,9 +184,10 @@ class DraftService(pb_grpc.DrafterServicer):
 
 
 def serve_drafter(service: DraftService, host: str = "127.0.0.1", port: int = 0,
-                  max_workers: int = 4) -> tuple[grpc.Server, int]:
+                  max_workers: int = 4, token: str = "") -> tuple[grpc.Server, int]:
     """Start a sync gRPC server with the Drafter, health and reflection services; returns (server, port).
     Loopback by default: bind a routable address only with an auth token."""
     server, bound, _ = start_server(lambda srv: pb_grpc.add_DrafterServicer_to_server(service, srv),
-                                    [SERVICE_NAME], host=host, port=port, max_workers=max_workers)
+                                    [SERVICE_NAME], host=host, port=port, token=token,
+                                    max_workers=max_workers)
     return server, bound

@@ -56,9 +56,9 @@ def make_drafter(models):
     return make
 
 
-def start(make_drafter, port=0, **kw):
+def start(make_drafter, port=0, auth_token="", **kw):
     service = DraftService(make_drafter, V, kinds=KINDS, **kw)
-    server, port = serve_drafter(service, port=port)
+    server, port = serve_drafter(service, port=port, token=auth_token)
     return service, server, port
 
 
