@@ -7,6 +7,7 @@ sequence numbers are assigned here, so a client sees one gapless stream either w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -74,6 +75,21 @@ class Gateway(pb_grpc.GeneratorServicer):
             raise ValueError("give session_id to continue a session or new_session to open one, not both")
         return messages, prompt, max_new
 
+    def _claim(self, session, tried: set[str], kind: str, leases: contextlib.ExitStack):
+        """Pick a target (affinity, then least load) and its draft worker, and count the request on
+        both. Synchronous on purpose: on the event loop, pick-and-count is atomic for this gateway,
+        so a burst of requests spreads over the workers instead of all seeing the same loads."""
+        target = self.router.pick_target(session if not tried else None)
+        if target.worker_id in tried:  # affinity/least load gave back a worker that just failed
+            others = [w for w in self.registry.alive("target") if w.worker_id not in tried]
+            if not others:
+                raise NoWorkers("no other target worker is alive")
+            target = self.router.least_loaded(others)
+        leases.enter_context(self.router.lease(target))
+        draft = self.router.pick_draft(target, kind) if kind != "none" else None
+        leases.enter_context(self.router.lease(draft))
+        return target, draft
+
     async def Generate(self, r: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             messages, prompt, max_new = self._validate(r)
@@ -99,38 +115,29 @@ class Gateway(pb_grpc.GeneratorServicer):
 
         seq, generated, tried = 0, [], set()
         while True:
-            try:
-                target = await asyncio.to_thread(self.router.pick_target, session if not tried else None)
-                if target.worker_id in tried:  # affinity/least-load gave back a failed worker
-                    others = [w for w in await asyncio.to_thread(self.registry.alive, "target")
-                              if w.worker_id not in tried]
-                    if not others:
-                        raise NoWorkers("no other target worker is alive")
-                    target = others[0]
-            except NoWorkers as e:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}: retry later")
-            draft = await asyncio.to_thread(self.router.pick_draft, target, kind) if kind != "none" else None
-            treq = pb.TargetRequest(request=r, prompt_ids=prompt_ids + generated, session_id=sid,
-                                    draft_address=draft.address if draft else "",
-                                    max_new_tokens=max_new - len(generated))
-            treq.request.drafter = kind
-            timeout = context.time_remaining()
-            try:
-                with self.router.lease(target), self.router.lease(draft):
+            with contextlib.ExitStack() as leases:
+                try:
+                    target, draft = self._claim(session, tried, kind, leases)
+                except NoWorkers as e:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}: retry later")
+                treq = pb.TargetRequest(request=r, prompt_ids=prompt_ids + generated, session_id=sid,
+                                        draft_address=draft.address if draft else "",
+                                        max_new_tokens=max_new - len(generated))
+                treq.request.drafter = kind
+                try:
                     async for msg in self._stub(target.address).Generate(
-                            treq, metadata=self.metadata, timeout=timeout):
+                            treq, metadata=self.metadata, timeout=context.time_remaining()):
                         generated += list(msg.token_ids)
                         msg.seq, msg.session_id = seq, sid
                         seq += 1
                         yield msg
-                break
-            except grpc.aio.AioRpcError as e:
-                if e.code() in RETRYABLE and len(generated) < max_new:
+                    break
+                except grpc.aio.AioRpcError as e:
+                    if e.code() not in RETRYABLE or len(generated) >= max_new:
+                        await context.abort(e.code(), e.details() or e.code().name)
                     log.warning("target %s failed (%s); continuing on another worker after %d tokens",
                                 target.worker_id, e.code().name, len(generated))
                     tried.add(target.worker_id)
-                    continue
-                await context.abort(e.code(), e.details() or e.code().name)
         if session is not None:
             await asyncio.to_thread(self.sessions.finish_turn, sid, {"generated_tokens": len(generated)})
 

@@ -29,7 +29,7 @@ class Router:
     def __init__(self, registry: Registry):
         self.registry = registry
 
-    def _least_loaded(self, workers: list[WorkerInfo], prefer_node: str | None = None) -> WorkerInfo:
+    def least_loaded(self, workers: list[WorkerInfo], prefer_node: str | None = None) -> WorkerInfo:
         loads = self.registry.loads(w.worker_id for w in workers)
         return min(workers, key=lambda w: (loads[w.worker_id] / w.capacity,
                                            prefer_node is not None and w.node_id != prefer_node,
@@ -45,13 +45,13 @@ class Router:
         targets = self.registry.alive("target")
         if not targets:
             raise NoWorkers("no target worker is alive")
-        return self._least_loaded(targets)
+        return self.least_loaded(targets)
 
     def pick_draft(self, target: WorkerInfo, drafter_kind: str) -> WorkerInfo | None:
         """Least-loaded alive draft worker serving `drafter_kind`, same node as `target` on equal load;
         None when there is none (the target then decodes without speculation)."""
         drafts = [w for w in self.registry.alive("draft") if drafter_kind in w.drafters]
-        return self._least_loaded(drafts, prefer_node=target.node_id) if drafts else None
+        return self.least_loaded(drafts, prefer_node=target.node_id) if drafts else None
 
     @contextmanager
     def lease(self, worker: WorkerInfo | None) -> Iterator[WorkerInfo | None]:

@@ -41,9 +41,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
+    import ray
+    # workers ask for the accelerator kinds they need; this one-node Ray has both
+    ray.init(num_cpus=4, resources={"large_accel": 1, "cheap_accel": 1}, include_dashboard=False,
+             log_to_driver=False)
     s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=_free_port(),
                  worker_num_cpus=0.25, heartbeat_s=0.5, key_prefix=f"dh-test-{uuid.uuid4().hex[:8]}:",
-                 sessions_per_target=8, max_len=512)
+                 sessions_per_target=8, max_len=512,
+                 target_resources={"large_accel": 0.25}, draft_resources={"cheap_accel": 0.25})
     c = Cluster(s).start(timeout_s=300)
     yield c
     c.stop()
@@ -103,6 +108,43 @@ def test_greedy_through_cluster_equals_target_alone_8_concurrent(cluster, stub, 
         assert st.draft_rpcs >= st.target_forwards - 2
     assert rpcs >= len(PROMPTS)
     assert len(workers) == 2, f"8 concurrent requests should spread over both targets, got {workers}"
+
+
+def test_workers_hold_the_accelerator_resources_they_asked_for(cluster):
+    import ray
+    used = {k: ray.cluster_resources()[k] - ray.available_resources().get(k, 0.0)
+            for k in ("large_accel", "cheap_accel")}
+    assert used == {"large_accel": 0.5, "cheap_accel": 0.5}  # 2 targets and 2 drafts x 0.25
+
+
+def test_cancel_stops_generation_and_frees_the_worker(cluster, stub):
+    from cluster.redis_store import connect
+    from cluster.registry import Registry
+    from cluster.sessions import SessionStore
+    r = connect(cluster.s.redis_url)
+    call = stub.Generate(request("count slowly", SamplingParams(max_new_tokens=450), "none", new_session=True),
+                         timeout=120)
+    first = next(call)
+    call.cancel()
+    store = SessionStore(r, cluster.s.key_prefix)
+    time.sleep(1.0)
+    n1 = len(store.get(first.session_id, "").token_ids)
+    time.sleep(1.0)
+    n2 = len(store.get(first.session_id, "").token_ids)
+    assert n1 == n2, "the target kept generating after the client cancelled"
+    reg = Registry(r, cluster.s.key_prefix)
+    assert all(reg.load(w.worker_id) == 0 for kind in ("target", "draft") for w in reg.alive(kind))
+
+
+def test_cli_generate_through_server(cluster, local):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--server", cluster.gateway,
+                          "--max-new-tokens", "6", "--json", "Tell me about speculative decoding."],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+    got = json.loads(out.stdout)
+    assert got["token_ids"] == reference(local, chat_ids(local, "Tell me about speculative decoding."), "none")[:6]
+    assert got["finish_reason"] == "length" and got["stats"]["generated_tokens"] == 6
 
 
 def test_text_stream_and_stats(stub):
