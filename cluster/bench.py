@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -248,7 +249,12 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
 
 def summarize(records: list[dict], methods: list[str], categories: list[str]) -> dict:
     """{method: {category | "overall": {prompts, tokens, seconds, tokens_per_s, speedup,
-    mean_accepted, equal_to_ar: {equal, total}}}}"""
+    median_prompt_speedup, mean_accepted, equal_to_ar: {equal, total}}}}
+
+    speedup: tokens/s over the group / ar's tokens/s over the same prompts (ar: 1.0).
+    median_prompt_speedup: median over prompts of the per-prompt tokens/s ratio (robust to a few
+    generations slowed by machine noise). mean_accepted: tokens per target forward, prefill
+    included (engine methods only; None for hf methods)."""
     groups = {c: [r for r in records if r["category"] == c] for c in categories}
     groups[OVERALL] = records
     summary: dict[str, dict] = {m: {} for m in methods}
@@ -266,12 +272,17 @@ def summarize(records: list[dict], methods: list[str], categories: list[str]) ->
                 mean_acc = round(tokens / forwards, 4) if forwards else None
             else:
                 mean_acc = None
+            ratios = [b["seconds"] / x["seconds"] * x["tokens"] / b["tokens"]
+                      for b, x in ((r["results"][BASELINE], r["results"][m]) for r in recs)
+                      if x["seconds"] > 0 and b["tokens"] > 0]
+            median = statistics.median(ratios) if ratios else None
             summary[m][name] = {
                 "prompts": len(rs),
                 "tokens": tokens,
                 "seconds": round(seconds, 4),
                 "tokens_per_s": round(tps, 3),
                 "speedup": 1.0 if m == BASELINE else (round(tps / base_tps, 4) if base_tps else None),
+                "median_prompt_speedup": None if median is None else round(median, 4),
                 "mean_accepted": mean_acc,
                 "equal_to_ar": {"equal": sum(bool(x["equal_to_ar"]) for x in rs), "total": len(rs)},
             }
@@ -310,7 +321,7 @@ def plot_speedup(results: dict, path: str | os.PathLike) -> None:
 
     groups = results["categories"] + [OVERALL]
     others = [m for m in results["methods"] if m != BASELINE]
-    fig = Figure(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(others)) ** 0.5 + 2), 4.5))
+    fig = Figure(figsize=(min(18.0, max(6.0, 2 + len(groups) * (0.3 + 0.2 * len(others)))), 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(others))
@@ -319,6 +330,7 @@ def plot_speedup(results: dict, path: str | os.PathLike) -> None:
         ys = [results["summary"][m][g]["speedup"] or 0.0 for g in groups]
         ax.bar(xs, ys, width, label=m)
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.axvline(len(groups) - 1.5, color="grey", linewidth=0.8)   # categories | overall
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=35, ha="right")
     ax.set_ylabel(f"speedup vs {BASELINE} (tokens/s ratio)")
