@@ -39,7 +39,8 @@ from actors.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ar", "ngram", "draft-model", "hf", "hf-pld")
+CLUSTER_METHODS = ("cluster-ar", "cluster-ngram", "cluster-draft-model")  # through a running gateway
+METHODS = ("ar", "ngram", "draft-model", "hf", "hf-pld") + CLUSTER_METHODS
 ENGINE_METHODS = ("ar", "ngram", "draft-model")
 HF_METHODS = ("hf", "hf-pld")
 BASELINE = "ar"
@@ -116,8 +117,10 @@ class _Runner:
     """Runs one method on one prompt: returns (token ids, seconds, generated, target forwards)."""
 
     def __init__(self, lm: LoadedModel, draft_lm: LoadedModel | None, methods: list[str], max_len: int,
-                 max_new_tokens: int, draft_depth: int, draft_branches: int):
+                 max_new_tokens: int, draft_depth: int, draft_branches: int, server: str | None = None):
         self.lm = lm
+        self.server = server
+        self.timing: dict = {}  # where the last engine generation's time went
         self.max_new_tokens = max_new_tokens
         # no decode: no stop strings, and no detokenising inside the timed call
         self.engine = SpecEngine(ModelRunner(lm.model, max_len), lm.eos_ids, None)
@@ -128,14 +131,20 @@ class _Runner:
             self.drafters["draft-model"] = DraftModelDrafter(
                 ModelRunner(draft_lm.model, max_len), draft_depth, draft_branches)
 
-    def __call__(self, method: str, prompt_ids: list[int], max_new_tokens: int | None = None):
+    def __call__(self, method: str, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 question: str = ""):
         n = max_new_tokens or self.max_new_tokens
+        self.timing = {}
         if method in ENGINE_METHODS:
             params = SamplingParams(max_new_tokens=n)
             t0 = time.perf_counter()
             gen = self.engine.generate(prompt_ids, params, self.drafters[method])
             dt = time.perf_counter() - t0
-            return list(gen.token_ids), dt, gen.stats.generated_tokens, gen.stats.target_forwards
+            st = gen.stats
+            self.timing = {"draft_s": st.draft_s, "verify_s": st.verify_s, "prefill_s": st.prefill_s}
+            return list(gen.token_ids), dt, st.generated_tokens, st.target_forwards
+        if method in CLUSTER_METHODS:
+            return self._cluster(method.removeprefix("cluster-"), question, n)
         kw = {"prompt_lookup_num_tokens": PLD_TOKENS} if method == "hf-pld" else {}
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         mask = torch.ones_like(ids)
@@ -145,6 +154,27 @@ class _Runner:
         dt = time.perf_counter() - t0
         tokens = _cut_after_eos(out[0, len(prompt_ids):].tolist(), self.lm.eos_ids)
         return tokens, dt, len(tokens), None
+
+
+    def _cluster(self, drafter: str, question: str, n: int):
+        """One generation through the gateway: the same chat prompt, rendered by the cluster."""
+        import grpc
+
+        from cluster.client import request
+        from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+        drafter = "none" if drafter == "ar" else drafter
+        with grpc.insecure_channel(self.server) as ch:
+            t0 = time.perf_counter()
+            msgs = list(pb_grpc.GeneratorStub(ch).Generate(
+                request(question, SamplingParams(max_new_tokens=n), drafter), timeout=600))
+            dt = time.perf_counter() - t0
+        st = msgs[-1].stats
+        tokens = [t for m in msgs for t in m.token_ids]
+        # draft_rpc_s is the whole Draft RPC (network + remote drafting), inside draft_s
+        self.timing = {"draft_s": st.draft_s, "verify_s": st.verify_s, "draft_rpc_s": st.draft_rpc_s,
+                       "draft_rpcs": st.draft_rpcs, "server_total_s": st.total_s}
+        return tokens, dt, len(tokens), st.target_forwards
 
 
 def _cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
@@ -165,10 +195,12 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
 
 def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, out_dir: str | os.PathLike,
               lm: LoadedModel, draft_lm: LoadedModel | None = None, progress: bool = True,
-              draft_depth: int = 4, draft_branches: int = 1) -> dict:
+              draft_depth: int = 4, draft_branches: int = 1, server: str | None = None) -> dict:
     """Run every method on every question (greedy), write out_dir/results.json and
     out_dir/speedup.png, and return the results dict (see `summarize` for its "summary" part)."""
     methods, notes = resolve_methods(methods, draft_lm)
+    if any(m in CLUSTER_METHODS for m in methods) and not server:
+        raise ValueError("cluster-* methods need a running cluster: pass --cluster or --server HOST:PORT")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not questions:
@@ -198,7 +230,7 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
         raise ValueError("no question fits the model's context with max_new_tokens="
                          f"{max_new_tokens}")
     max_len = min(context, max(len(p) for _, p in runnable) + max_new_tokens + TREE_SLACK)
-    run = _Runner(lm, draft_lm, methods, max_len, max_new_tokens, draft_depth, draft_branches)
+    run = _Runner(lm, draft_lm, methods, max_len, max_new_tokens, draft_depth, draft_branches, server)
 
     from tqdm import tqdm
     bar = tqdm(total=len(runnable) * len(methods), desc="bench", unit="gen", file=sys.stderr,
@@ -207,7 +239,7 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
     warm_prompt = runnable[0][1]
     for m in methods:
         bar.set_postfix_str(f"warm-up {m}")
-        run(m, warm_prompt, min(max_new_tokens, WARMUP_TOKENS))
+        run(m, warm_prompt, min(max_new_tokens, WARMUP_TOKENS), runnable[0][0]["turns"][0])
 
     records = []
     for i, (q, prompt_ids) in enumerate(runnable):
@@ -217,9 +249,9 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
         tokens_of: dict[str, list[int]] = {}
         for m in order:
             bar.set_postfix_str(f"q{q['question_id']} {m}")
-            tokens, seconds, generated, forwards = run(m, prompt_ids)
+            tokens, seconds, generated, forwards = run(m, prompt_ids, question=q["turns"][0])
             tokens_of[m] = tokens
-            res[m] = {"tokens": len(tokens), "seconds": seconds, "target_forwards": forwards}
+            res[m] = {"tokens": len(tokens), "seconds": seconds, "target_forwards": forwards, **run.timing}
             bar.update(1)
         for m in methods:
             diff = _first_diff(tokens_of[m], tokens_of[BASELINE])
@@ -267,7 +299,7 @@ def summarize(records: list[dict], methods: list[str], categories: list[str]) ->
             tps = tokens / seconds if seconds > 0 else 0.0
             if m == BASELINE:
                 base_tps = tps
-            if m in ENGINE_METHODS:
+            if m in ENGINE_METHODS or m in CLUSTER_METHODS:
                 forwards = sum(x["target_forwards"] for x in rs)
                 mean_acc = round(tokens / forwards, 4) if forwards else None
             else:
@@ -285,8 +317,13 @@ def summarize(records: list[dict], methods: list[str], categories: list[str]) ->
                 "median_prompt_speedup": None if median is None else round(median, 4),
                 "mean_accepted": mean_acc,
                 "equal_to_ar": {"equal": sum(bool(x["equal_to_ar"]) for x in rs), "total": len(rs)},
+                # where the time went (engine and cluster methods): summed seconds per part
+                "time_split": {k: round(sum(x.get(k, 0.0) for x in rs), 4) for k in _TIMING if k in rs[0]},
             }
     return summary
+
+
+_TIMING = ("prefill_s", "draft_s", "verify_s", "draft_rpc_s", "server_total_s")
 
 
 def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: int,

@@ -107,20 +107,40 @@ def bench(
     dtype: str = typer.Option("float32"),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("bench_out"), help="writes OUT/results.json and OUT/speedup.png"),
+    server: Optional[str] = typer.Option(None, help="gateway HOST:PORT for the cluster-* methods"),
+    cluster: bool = typer.Option(False, help="start a local cluster (1 target, 1 draft worker on other "
+                                             "Ray actors) for the cluster-* methods"),
 ):
-    """Speculative methods vs plain decoding vs HF generate, side by side on the same prompts."""
+    """Speculative methods vs plain decoding vs HF generate, side by side on the same prompts.
+    cluster-ar / cluster-ngram / cluster-draft-model run the same drafter through the distributed
+    path (gateway -> target actor -> draft actor, trees over gRPC)."""
     from actors.models import loader
     from cluster import bench as b
 
     _threads(threads)
+    running = None
     try:
         qs = b.load_questions(questions, per_category)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        if cluster and not server:
+            import torch
+            import uuid
+
+            from cluster.app import Cluster, _free_port
+            from cluster.settings import Settings
+            running = Cluster(Settings(model=model, draft_model=draft_model, dtype=dtype, num_targets=1,
+                                       num_drafts=1, gateway_port=_free_port(),
+                                       torch_threads=threads or torch.get_num_threads(),
+                                       key_prefix=f"drafthorse-bench-{uuid.uuid4().hex[:8]}:")).start()
+            server = running.gateway
         lm = loader.load(model, dtype)
         dlm = loader.load(draft_model, dtype) if draft_model else None
-        results = b.run_bench(qs, wanted, max_new_tokens, out, lm, dlm)
+        results = b.run_bench(qs, wanted, max_new_tokens, out, lm, dlm, server=server)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    finally:
+        if running is not None:
+            running.stop()
     typer.echo(b.format_table(results))
     typer.echo(f"wrote {out / 'results.json'} and {out / 'speedup.png'}")
 
