@@ -1,22 +1,24 @@
-"""The speculative decoding loop for one sequence: draft, verify in one target pass, commit, repeat.
+"""The speculative decoding loop: draft, verify in one target pass, commit, repeat.
 
-    prefill(prompt) -> first token (the root)
-    loop: drafter.extend(new tokens) -> tree = drafter.propose(budget)
-          target scores [root] + tree in one pass -> verify -> commit root + accepted path
-          emit accepted tokens + the bonus token; the bonus is the next root
+    start(prompt):  prefill -> first token (the root of the first tree)
+    step(seqs):     each sequence's drafter proposes a tree hanging off its root
+                    one target pass scores every sequence's [root] + tree (ragged batch)
+                    verify each -> commit root + accepted path -> emit accepted + bonus token
 
-Plain autoregressive decoding is the same loop with an empty tree, so every speedup is measured
-against the same code. Tokens are emitted as they are committed; stops are checked per token."""
+Plain autoregressive decoding is the same loop with empty trees, so every speedup is measured
+against the same code, and a batch of one sequence is the single-request path. Tokens are emitted
+as they are committed; stops are checked per token."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from actors.drafters.base import Budget, Drafter, NoDrafter
-from actors.models.runner import ModelRunner
+from actors.models.runner import ModelRunner, score_batch
 from actors.spec.sampling import SamplingParams, make_generator, probs_from_logits
 from actors.spec.stats import GenerationStats
 from actors.spec.stops import Decode, StopChecker
@@ -40,86 +42,93 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+@dataclass
+class Sequence:
+    """One generation in flight: its KV cache, drafter, randomness and stop state."""
+    runner: ModelRunner
+    drafter: Drafter
+    params: SamplingParams
+    stats: GenerationStats
+    stopper: StopChecker
+    verify_rng: torch.Generator
+    draft_rng: torch.Generator
+    root: int = 0                        # last committed token, not yet in the cache
+    new: list[int] = field(default_factory=list)   # committed since the drafter last heard
+    max_nodes: int | None = None         # per-step tree cap set by a scheduler (None = engine's)
+    t0: float = 0.0
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.stopper.finish_reason
+
+
 class SpecEngine:
-    def __init__(self, runner: ModelRunner, eos_ids: set[int], decode: Decode | None = None,
+    def __init__(self, runner: ModelRunner | None, eos_ids: set[int], decode: Decode | None = None,
                  max_tree_nodes: int = 64, max_tree_depth: int = 16):
-        self.runner = runner
+        self.runner = runner                 # the single-sequence API's cache
         self.eos_ids = eos_ids
         self.decode = decode
         self.max_tree_nodes = max_tree_nodes
         self.max_tree_depth = max_tree_depth
+        self._pool: ThreadPoolExecutor | None = None
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, runner: ModelRunner | None = None,
+                      ) -> None:
         """ValueError naming the parameter for anything this engine cannot serve."""
+        runner = runner or self.runner
         if not prompt_ids:
             raise ValueError("prompt is empty: give at least one token")
-        if any(not 0 <= t < self.runner.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.runner.vocab_size})")
-        if len(prompt_ids) >= self.runner.max_len:
+        if any(not 0 <= t < runner.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {runner.vocab_size})")
+        if len(prompt_ids) >= runner.max_len:
             raise ValueError(f"prompt is {len(prompt_ids)} tokens, the model's context is "
-                             f"{self.runner.max_len}: shorten the prompt")
+                             f"{runner.max_len}: shorten the prompt")
         params.validate()
         if params.stop and self.decode is None:
             raise ValueError("stop strings need a tokenizer")
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
-               stats: GenerationStats | None = None, reuse_prefix: bool = False) -> Iterator[Step]:
-        """Yield committed tokens step by step. reuse_prefix keeps the K/V of the longest common
+    # ------------------------------------------------------------------ one sequence
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
+              stats: GenerationStats | None = None, reuse_prefix: bool = False,
+              runner: ModelRunner | None = None) -> tuple[Sequence, Step]:
+        """Prefill and commit the first token. reuse_prefix keeps the K/V of the longest common
         prefix of the runner's tokens and this prompt (a session's next turn)."""
-        self.check_request(prompt_ids, params)
-        drafter = drafter or NoDrafter()
-        stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = len(prompt_ids)
-        verify_rng = make_generator(params.seed)
-        draft_rng = make_generator(params.seed, salt=1)  # the drafter's randomness is its own
-        stopper = StopChecker(params.max_new_tokens, self.eos_ids, params.stop, self.decode)
-        runner = self.runner
+        runner = runner or self.runner
+        self.check_request(prompt_ids, params, runner)
+        seq = Sequence(runner=runner, drafter=drafter or NoDrafter(), params=params,
+                       stats=stats if stats is not None else GenerationStats(),
+                       stopper=StopChecker(params.max_new_tokens, self.eos_ids, params.stop, self.decode),
+                       verify_rng=make_generator(params.seed),
+                       draft_rng=make_generator(params.seed, salt=1))  # the drafter's randomness is its own
+        seq.stats.prompt_tokens = len(prompt_ids)
         keep = 0
         if reuse_prefix:  # at least one prompt token is scored again: its logits start the answer
             limit = min(len(runner.tokens), len(prompt_ids) - 1)
             while keep < limit and runner.tokens[keep] == prompt_ids[keep]:
                 keep += 1
         runner.truncate(keep)
-        stats.reused_prefix_tokens = keep
-        t0 = time.perf_counter()
-
+        seq.stats.reused_prefix_tokens = keep
+        seq.t0 = time.perf_counter()
         logits, _ = runner.extend(prompt_ids[keep:])
-        root = self._pick(logits[None], params, verify_rng)
-        stats.prefill_s = time.perf_counter() - t0
-        stats.record_step(0, 0)
-        step = self._emit(stopper, [root], stats, 0, 0, t0)
-        yield step
-        drafter.begin(prompt_ids)
-        new = [root]
-        while step.finish_reason is None:
-            if runner.room < 2:  # no slot left for the root and a bonus token
-                step = Step([], "length")
-                yield step
-                break
-            t1 = time.perf_counter()
-            drafter.extend(new)
-            left = params.max_new_tokens - len(stopper.tokens)  # the bonus token is free
-            budget = Budget(max_nodes=min(self.max_tree_nodes, runner.room - 1),
-                            max_depth=min(self.max_tree_depth, left - 1, runner.room - 2))
-            tree = drafter.propose(budget, params, draft_rng) if budget.max_depth > 0 else DraftTree()
-            tree.validate(runner.vocab_size, budget.max_nodes, budget.max_depth)
-            t2 = time.perf_counter()
-            stats.draft_s += t2 - t1
+        seq.root = self._pick(logits, params, seq.verify_rng)
+        seq.stats.prefill_s = time.perf_counter() - seq.t0
+        seq.stats.record_step(0, 0)
+        step = self._emit(seq, [seq.root], 0, 0)
+        seq.drafter.begin(prompt_ids)
+        seq.new = [seq.root]
+        return seq, step
 
-            logits, _ = runner.score([root] + tree.tokens, [ROOT] + [p + 1 for p in tree.parents])
-            if params.greedy:
-                path, bonus = verify_greedy(tree, logits)
-            else:
-                path, bonus = verify_sampling(tree, probs_from_logits(logits, params), verify_rng)
-            runner.commit([0] + [n + 1 for n in path])
-            stats.verify_s += time.perf_counter() - t2
-
-            new = [tree.tokens[n] for n in path] + [bonus]
-            stats.record_step(len(tree), len(path))
-            step = self._emit(stopper, new, stats, len(tree), len(path), t0)
+    def stream(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
+               stats: GenerationStats | None = None, reuse_prefix: bool = False) -> Iterator[Step]:
+        """Yield committed tokens step by step."""
+        seq, step = self.start(prompt_ids, params, drafter, stats, reuse_prefix)
+        try:
             yield step
-            root = bonus
-        drafter.close()
+            while seq.finish_reason is None:
+                yield self.step([seq])[0]
+        finally:
+            seq.drafter.close()
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
                  ) -> Generation:
@@ -133,16 +142,76 @@ class SpecEngine:
             out.text = stopper.text()
         return out
 
+    # ------------------------------------------------------------------ many sequences
+
+    def step(self, seqs: list[Sequence]) -> list[Step]:
+        """One speculative step for every unfinished sequence, with one target forward pass."""
+        steps: dict[int, Step] = {}
+        live = []
+        for i, seq in enumerate(seqs):
+            if seq.finish_reason is not None:
+                steps[i] = Step([], seq.finish_reason)
+            elif seq.runner.room < 1:  # no slot left to score the root (which yields the bonus token)
+                seq.stopper.finish_reason = "length"
+                steps[i] = Step([], "length")
+            else:
+                live.append(i)
+        if not live:
+            return [steps[i] for i in range(len(seqs))]
+
+        trees = self._draft([seqs[i] for i in live])
+        t = time.perf_counter()
+        scored = score_batch([seqs[i].runner for i in live],
+                             [[seqs[i].root] + tree.tokens for i, tree in zip(live, trees)],
+                             [[ROOT] + [p + 1 for p in tree.parents] for tree in trees])
+        forward_s = time.perf_counter() - t
+        for i, tree, (logits, _) in zip(live, trees, scored):
+            seq = seqs[i]
+            t1 = time.perf_counter()
+            if seq.params.greedy:
+                path, bonus = verify_greedy(tree, logits)
+            else:
+                path, bonus = verify_sampling(tree, probs_from_logits(logits, seq.params), seq.verify_rng)
+            seq.runner.commit([0] + [n + 1 for n in path])
+            seq.stats.verify_s += forward_s + time.perf_counter() - t1  # the pass is shared: each waits for it
+            new = [tree.tokens[n] for n in path] + [bonus]
+            seq.stats.record_step(len(tree), len(path))
+            steps[i] = self._emit(seq, new, len(tree), len(path))
+            seq.root, seq.new = bonus, new
+        return [steps[i] for i in range(len(seqs))]
+
+    def _draft(self, seqs: list[Sequence]) -> list[DraftTree]:
+        """Each sequence's tree (concurrently when several: remote drafters wait on the network)."""
+        if len(seqs) == 1:
+            return [self._propose(seqs[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="draft")
+        return list(self._pool.map(self._propose, seqs))
+
+    def _propose(self, seq: Sequence) -> DraftTree:
+        t = time.perf_counter()
+        seq.drafter.extend(seq.new)
+        seq.new = []
+        left = seq.params.max_new_tokens - len(seq.stopper.tokens)  # the bonus token is free
+        cap = self.max_tree_nodes if seq.max_nodes is None else min(seq.max_nodes, self.max_tree_nodes)
+        budget = Budget(max_nodes=min(cap, seq.runner.room - 1),
+                        max_depth=min(self.max_tree_depth, left - 1, seq.runner.room - 1))
+        tree = DraftTree()
+        if budget.max_depth > 0 and budget.max_nodes > 0:
+            tree = seq.drafter.propose(budget, seq.params, seq.draft_rng)
+            tree.validate(seq.runner.vocab_size, budget.max_nodes, budget.max_depth)
+        seq.stats.draft_s += time.perf_counter() - t
+        return tree
+
     @staticmethod
     def _pick(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) -> int:
         if params.greedy:
-            return int(logits[0].argmax())
-        return int(torch.multinomial(probs_from_logits(logits[0], params), 1, generator=rng))
+            return int(logits.argmax())
+        return int(torch.multinomial(probs_from_logits(logits, params), 1, generator=rng))
 
     @staticmethod
-    def _emit(stopper: StopChecker, tokens: list[int], stats: GenerationStats, drafted: int,
-              accepted: int, t0: float) -> Step:
-        kept = stopper.feed(tokens)
-        stats.generated_tokens += len(kept)
-        stats.total_s = time.perf_counter() - t0
-        return Step(kept, stopper.finish_reason, drafted, accepted)
+    def _emit(seq: Sequence, tokens: list[int], drafted: int, accepted: int) -> Step:
+        kept = seq.stopper.feed(tokens)
+        seq.stats.generated_tokens += len(kept)
+        seq.stats.total_s = time.perf_counter() - seq.t0
+        return Step(kept, seq.stopper.finish_reason, drafted, accepted)

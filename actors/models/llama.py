@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import exact as _exact
+
 
 class KVCache:
     """Keys and values of one sequence: [layers, kv_heads, max_len, head_dim] each."""
@@ -77,49 +79,88 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(self.dtype)
         self.sin = emb.sin().to(self.dtype)
+        # row-invariant decode/verify (exact.py): on by default below float32
+        self.exact = _exact.default_on(self.dtype)
+        self.exact_ok: bool | None = None       # set by the probe: False if this machine defeats it
+        self._min_rows: int | None = None
+
+    def min_rows(self) -> int:
+        """Rows an exact forward pads to (probed once, on first use)."""
+        if self._min_rows is None:
+            self._min_rows = _exact.probe_min_rows(self)
+        return self._min_rows
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.n_layers, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim, self.dtype)
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, exact: bool = False) -> torch.Tensor:
         """Score tokens [n] at positions [n]; their K/V go to cache slots start..start+n-1.
 
         mask: [n, start + n] bool (True = may attend), or None for plain causal attention.
+        exact: compute each row as any other row count would (exact.py); prefill does not need it.
         Returns the final hidden states [n, hidden] (before the LM head)."""
-        n = tokens.numel()
-        ctx = start + n
-        x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[positions][None], self.sin[positions][None]   # [1, n, d]
+        return self.forward_batch([(tokens, positions, cache, start, mask)], exact=exact)[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, items: list[tuple[torch.Tensor, torch.Tensor, KVCache, int, torch.Tensor | None]],
+                      exact: bool | None = None) -> list[torch.Tensor]:
+        """Several sequences in one pass (ragged: each its own tokens, positions, cache and mask).
+
+        The projections and the MLP, which read every weight once per pass and dominate a step on a
+        bandwidth-bound machine, run on all rows together; attention runs per sequence against its
+        own cache. Returns each sequence's final hidden states. exact (default: the model's setting):
+        row-invariant, so a sequence's rows do not depend on how many rows share the pass."""
+        sizes = [it[0].numel() for it in items]
+        x = F.embedding(torch.cat([it[0] for it in items]), self.embed)
+        pos = torch.cat([it[1] for it in items])
+        exact = self.exact if exact is None else exact
+        plans = [_exact.plan(it[1], it[3], it[4]) for it in items] if exact else None
+        pad = max(0, self.min_rows() - x.shape[0]) if exact else 0
+        if pad:  # no matmul with fewer rows than min_rows: dummy rows, neither attended to nor cached
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+            pos = torch.cat([pos, pos.new_zeros(pad)])
+        cos, sin = self.cos[pos][None], self.sin[pos][None]   # [1, N, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        if mask is not None:
-            attn_mask, causal = mask[None], False
-        elif n == 1:
-            attn_mask, causal = None, False
-        else:
-            # causal over new tokens, everything before `start` visible
-            attn_mask = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start)[None]
-            causal = False
+        masks = []
+        for (_, _, _, start, mask), n in zip(items, sizes):
+            if mask is None and n > 1:  # causal over the new tokens, everything before `start` visible
+                mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
+            masks.append(None if mask is None else mask[None])
+        total = x.shape[0]
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w["ln1"], self.eps)
             q, k, v = F.linear(h, w["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(n, self.n_heads, self.head_dim).transpose(0, 1)
-            k = k.view(n, self.n_kv, self.head_dim).transpose(0, 1)
-            v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
+            q = q.view(total, self.n_heads, self.head_dim).transpose(0, 1)
+            k = k.view(total, self.n_kv, self.head_dim).transpose(0, 1)
+            v = v.view(total, self.n_kv, self.head_dim).transpose(0, 1)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            cache.k[i, :, start:ctx] = k
-            cache.v[i, :, start:ctx] = v
-            o = F.scaled_dot_product_attention(
-                q[None], cache.k[i, :, :ctx][None], cache.v[i, :, :ctx][None],
-                attn_mask=attn_mask, is_causal=causal, enable_gqa=self.n_heads != self.n_kv)[0]
-            x = x + F.linear(o.transpose(0, 1).reshape(n, q_size), w["o"])
+            outs, row = [], 0
+            for j, ((_, _, cache, start, _), n, attn_mask) in enumerate(zip(items, sizes, masks)):
+                ctx = start + n
+                cache.k[i, :, start:ctx] = k[:, row:row + n]
+                cache.v[i, :, start:ctx] = v[:, row:row + n]
+                if exact:
+                    outs.append(_exact.attend(q[:, row:row + n], cache.k[i], cache.v[i], plans[j],
+                                              self.head_dim ** -0.5))
+                else:
+                    outs.append(F.scaled_dot_product_attention(
+                        q[None, :, row:row + n], cache.k[i, :, :ctx][None], cache.v[i, :, :ctx][None],
+                        attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv)[0])
+                row += n
+            if pad:
+                outs.append(q.new_zeros(self.n_heads, pad, self.head_dim))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            x = x + F.linear(o.transpose(0, 1).reshape(total, q_size), w["o"])
             h = _rms_norm(x, w["ln2"], self.eps)
             gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w["down"])
-        return _rms_norm(x, self.norm, self.eps)
+        return list(_rms_norm(x[:sum(sizes)], self.norm, self.eps).split(sizes))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head)
+        n = hidden.shape[0]
+        if self.exact and n < self.min_rows():  # as in forward_batch: rows round alike from min_rows on
+            hidden = torch.cat([hidden, hidden.new_zeros(self.min_rows() - n, hidden.shape[1])])
+        return F.linear(hidden, self.lm_head)[:n]

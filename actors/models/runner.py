@@ -73,6 +73,10 @@ class ModelRunner:
     def score(self, tokens: list[int], parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Add nodes to the scratch tree (parents index earlier scratch nodes, ROOT = the prefix end)
         and return their (logits [n, V], hidden [n, H])."""
+        return score_batch([self], [tokens], [parents])[0]
+
+    def _add_scratch(self, tokens: list[int], parents: list[int]):
+        """Record new scratch nodes; return the forward inputs (ids, positions, cache, start, mask)."""
         n, base = len(tokens), len(self._parents)
         if self.length + base + n > self.max_len:
             raise ContextFull(f"{self.length + base + n} tokens exceed the context of {self.max_len}")
@@ -90,8 +94,7 @@ class ModelRunner:
         else:
             mask = torch.ones(n, start + n, dtype=torch.bool)
             mask[:, self.length:] = anc[base:]
-        hidden = self.model(torch.tensor(tokens, dtype=torch.long), pos, self.cache, start, mask)
-        return self.model.logits(hidden), hidden
+        return torch.tensor(tokens, dtype=torch.long), pos, self.cache, start, mask
 
     def commit(self, path: list[int]) -> None:
         """Keep scratch nodes `path` (a chain from a depth-0 node down) after the prefix."""
@@ -107,3 +110,13 @@ class ModelRunner:
 
     def discard(self) -> None:
         self._clear_scratch()
+
+
+def score_batch(runners: list[ModelRunner], tokens: list[list[int]], parents: list[list[int]],
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Score scratch nodes of several sequences (one runner each, same model) in one forward pass."""
+    model = runners[0].model
+    items = [r._add_scratch(t, p) for r, t, p in zip(runners, tokens, parents)]
+    hidden = model.forward_batch(items)
+    logits = model.logits(torch.cat(hidden)).split([h.shape[0] for h in hidden])
+    return list(zip(logits, hidden))
