@@ -19,6 +19,7 @@ import torch
 
 from actors.drafters.base import Budget, Drafter, NoDrafter
 from actors.models.runner import ModelRunner, score_batch
+from actors.spec.adaptive import Acceptance, AdaptivePolicy
 from actors.spec.sampling import SamplingParams, make_generator, probs_from_logits
 from actors.spec.stats import GenerationStats
 from actors.spec.stops import Decode, StopChecker
@@ -54,7 +55,8 @@ class Sequence:
     draft_rng: torch.Generator
     root: int = 0                        # last committed token, not yet in the cache
     new: list[int] = field(default_factory=list)   # committed since the drafter last heard
-    max_nodes: int | None = None         # per-step tree cap set by a scheduler (None = engine's)
+    max_nodes: int | None = None         # this step's tree cap, set by the adaptive policy
+    acceptance: Acceptance = field(default_factory=Acceptance)
     t0: float = 0.0
 
     @property
@@ -64,8 +66,9 @@ class Sequence:
 
 class SpecEngine:
     def __init__(self, runner: ModelRunner | None, eos_ids: set[int], decode: Decode | None = None,
-                 max_tree_nodes: int = 64, max_tree_depth: int = 16):
+                 max_tree_nodes: int = 64, max_tree_depth: int = 16, policy: AdaptivePolicy | None = None):
         self.runner = runner                 # the single-sequence API's cache
+        self.policy = policy                 # None: every sequence drafts up to max_tree_nodes
         self.eos_ids = eos_ids
         self.decode = decode
         self.max_tree_nodes = max_tree_nodes
@@ -159,12 +162,18 @@ class SpecEngine:
         if not live:
             return [steps[i] for i in range(len(seqs))]
 
+        if self.policy is not None:
+            for i, nodes in zip(live, self.policy.choose([seqs[i].acceptance.alpha for i in live])):
+                seqs[i].max_nodes = nodes
+                seqs[i].stats.budget_nodes += nodes
         trees = self._draft([seqs[i] for i in live])
         t = time.perf_counter()
         scored = score_batch([seqs[i].runner for i in live],
                              [[seqs[i].root] + tree.tokens for i, tree in zip(live, trees)],
                              [[ROOT] + [p + 1 for p in tree.parents] for tree in trees])
         forward_s = time.perf_counter() - t
+        if self.policy is not None:
+            self.policy.cost.observe(sum(1 + len(tree) for tree in trees), forward_s)
         for i, tree, (logits, _) in zip(live, trees, scored):
             seq = seqs[i]
             t1 = time.perf_counter()
@@ -176,6 +185,7 @@ class SpecEngine:
             seq.stats.verify_s += forward_s + time.perf_counter() - t1  # the pass is shared: each waits for it
             new = [tree.tokens[n] for n in path] + [bonus]
             seq.stats.record_step(len(tree), len(path))
+            seq.acceptance.update(max(tree.depths(), default=0), len(path))
             steps[i] = self._emit(seq, new, len(tree), len(path))
             seq.root, seq.new = bonus, new
         return [steps[i] for i in range(len(seqs))]

@@ -10,53 +10,17 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
 
 import grpc
 import torch
 
 from actors.drafters import KINDS, NoDrafter
 from actors.engine import SpecEngine
-from actors.models.runner import ModelRunner
 from actors.spec.stats import GenerationStats
 from protos.drafthorse.v1 import drafthorse_pb2 as pb
 from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-
-class Busy(Exception):
-    pass
-
-
-class SlotPool:
-    """A fixed number of KV caches. A finished session keeps its slot (and prefix) until the slot is
-    needed by someone else, least recently used first."""
-
-    def __init__(self, model, capacity: int, max_len: int):
-        self.free: OrderedDict[str, ModelRunner] = OrderedDict(
-            (f"_{i}", ModelRunner(model, max_len)) for i in range(capacity))
-        self.lock = threading.Lock()
-
-    def acquire(self, session_id: str) -> tuple[ModelRunner, bool]:
-        """(runner, holds this session's prefix). Raises Busy when every slot is in use."""
-        with self.lock:
-            if session_id and session_id in self.free:
-                return self.free.pop(session_id), True
-            if not self.free:
-                raise Busy()
-            return self.free.popitem(last=False)[1], False
-
-    def release(self, session_id: str, runner: ModelRunner) -> None:
-        with self.lock:
-            self.free[session_id or f"_{uuid.uuid4().hex}"] = runner
-
-    def forget(self, session_id: str) -> None:
-        with self.lock:
-            if session_id in self.free:
-                runner = self.free.pop(session_id)
-                runner.reset()
-                self.free[f"_{uuid.uuid4().hex}"] = runner
 
 
 def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
@@ -69,12 +33,19 @@ def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
 
 class TargetService(pb_grpc.TargetServicer):
     def __init__(self, lm, worker_id: str, capacity: int, max_len: int, token: str = "",
-                 checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0):
+                 checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
+                 adaptive: bool = True, max_waiting: int | None = None):
+        from actors.scheduler import Scheduler, SlotPool
+        from actors.spec.adaptive import AdaptivePolicy
+
         self.lm, self.worker_id, self.token = lm, worker_id, token
         self.pool = SlotPool(lm.model, capacity, max_len)
         self.checkpoint = checkpoint          # callable(session_id, token_ids) or None
-        self.max_tree_nodes, self.draft_timeout_s = max_tree_nodes, draft_timeout_s
+        self.draft_timeout_s = draft_timeout_s
         self.decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)
+        self.policy = AdaptivePolicy(max_tree_nodes) if adaptive else None
+        self.engine = SpecEngine(None, lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy)
+        self.scheduler = Scheduler(self.engine, self.pool, max_waiting or 4 * capacity)
         self.active = 0
         self.draft_rpcs = 0
         self._channels: dict[str, grpc.Channel] = {}   # one channel per draft worker, reused
@@ -89,7 +60,9 @@ class TargetService(pb_grpc.TargetServicer):
 
     def Generate(self, treq: pb.TargetRequest, context: grpc.ServicerContext):
         from actors.drafters.remote import RemoteDrafter
+        from actors.scheduler import QueueFull, Request
         from actors.wire import sampling_from_proto
+        from cluster import metrics
         from cluster.textstream import TextStream
 
         req = treq.request
@@ -100,23 +73,25 @@ class TargetService(pb_grpc.TargetServicer):
                 raise ValueError(f"unknown drafter {kind!r}: choose one of {', '.join(KINDS)}")
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        try:
-            runner, cached = self.pool.acquire(treq.session_id)
-        except Busy:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target worker {self.worker_id} is at capacity")
         drafter = NoDrafter()
         if treq.draft_address and kind != "none":
             drafter = RemoteDrafter(self._channel(treq.draft_address), kind, self.lm.vocab_size,
                                     session_id=treq.session_id or uuid.uuid4().hex, auth_token=self.token,
                                     timeout_s=self.draft_timeout_s)
-        engine = SpecEngine(runner, self.lm.eos_ids, self.decode, max_tree_nodes=self.max_tree_nodes)
-        stats = GenerationStats()
+        r = Request(list(treq.prompt_ids), params, drafter, treq.session_id)
+        try:
+            self.scheduler.submit(r)
+        except QueueFull:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target worker {self.worker_id} is at capacity")
+        context.add_callback(r.cancelled.set)  # client gone or deadline passed: leave the batch
         text = TextStream(self.decode, params.stop)
         self.active += 1
         try:
-            for step in engine.stream(list(treq.prompt_ids), params, drafter, stats, reuse_prefix=cached):
-                if not context.is_active():  # client gone: stop now, free the slot below
-                    break
+            while (step := r.out.get()) is not None:
+                if isinstance(step, ValueError):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(step))
+                if isinstance(step, Exception):
+                    context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(step).__name__}")
                 if self.checkpoint and treq.session_id and step.token_ids:
                     self.checkpoint(treq.session_id, step.token_ids)
                 msg = pb.GenerateResponse(token_ids=step.token_ids,
@@ -124,18 +99,15 @@ class TargetService(pb_grpc.TargetServicer):
                 if step.finish_reason:
                     msg.finish_reason = step.finish_reason
                     msg.stats.CopyFrom(stats_to_proto(
-                        stats, drafter=kind, target_worker=self.worker_id,
+                        r.stats, drafter=kind, target_worker=self.worker_id,
                         draft_worker=treq.draft_address if treq.draft_address and kind != "none" else "",
                         draft_rpc_s=getattr(drafter, "rpc_s", 0.0), draft_rpcs=getattr(drafter, "rpc_calls", 0)))
                 yield msg
-        except ValueError as e:
-            runner.reset()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
+            r.cancelled.set()
             self.active -= 1
+            metrics.observe_generation(kind, r.stats)
             self.draft_rpcs += getattr(drafter, "rpc_calls", 0)
-            drafter.close()
-            self.pool.release(treq.session_id, runner)
 
     def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
         self.pool.forget(request.session_id)
@@ -154,6 +126,7 @@ class TargetWorker:
 
         from actors.models import loader
         from actors.rpc import start_server
+        from cluster import metrics
         from cluster.heartbeat import Membership, worker_id
         from cluster.settings import Settings
 
@@ -166,17 +139,28 @@ class TargetWorker:
                                      node_id=ray.get_runtime_context().get_node_id())
         self.service = TargetService(lm, self.worker_id, s.sessions_per_target, s.max_len, s.token(),
                                      checkpoint=self.membership.checkpoint_tokens,
-                                     max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s)
+                                     max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
+                                     adaptive=s.adaptive)
         self.server, port, self.health = start_server(
             lambda srv: pb_grpc.add_TargetServicer_to_server(self.service, srv), [SERVICE],
             host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4)
         self.membership.start(port)
+        metrics.watch_target(self.service)
+        self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
         log.info("%s serving %s on port %d (loaded in %.1fs)", self.worker_id, lm.name, port,
                  time.perf_counter() - t0)
 
     def info(self) -> dict:
+        sched = self.service.scheduler
         return {"worker_id": self.worker_id, "address": self.membership.address,
-                "draft_rpcs": self.service.draft_rpcs, "active": self.service.active}
+                "draft_rpcs": self.service.draft_rpcs, "active": self.service.active,
+                "steps": sched.steps, "last_batch": sched.last_batch,
+                "policy_nodes": self.service.policy.last if self.service.policy else None,
+                "metrics_port": self.metrics_port}
+
+    def record_autoscaling_stats(self) -> dict:
+        """Serve's custom autoscaling metric (requests reach us over gRPC, not through Serve handles)."""
+        return {"active_requests": self.service.active}
 
     def check_health(self) -> None:
         self.membership.check()

@@ -15,6 +15,10 @@ class Settings(BaseSettings):
     key_prefix: str = "drafthorse:"
     host: str = Field("127.0.0.1", description="bind address of every gRPC server (loopback by default)")
     gateway_port: int = Field(50051, ge=0, le=65535)
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP API (Ray Serve's "
+                           "HTTP proxy); 0 = a free port")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics of each process: 0 = a free "
+                              "port; N = the first free port in N..N+15 (one per process on a machine)")
     num_targets: int = Field(1, ge=1, le=64)
     num_drafts: int = Field(1, ge=0, le=64)
     model: str = "smollm2"
@@ -27,6 +31,7 @@ class Settings(BaseSettings):
     sessions_per_target: int = Field(4, ge=1, le=256, description="KV caches a target worker holds")
     draft_sessions: int = Field(64, ge=1, description="drafter states a draft worker holds (LRU)")
     max_tree_nodes: int = Field(32, ge=1, le=256)
+    adaptive: bool = Field(True, description="size each request's tree per step from its acceptance and the load")
     draft_timeout_s: float = Field(2.0, gt=0, description="per-step deadline for a Draft RPC")
     session_ttl_s: int = Field(3600, ge=1)
     heartbeat_s: float = Field(2.0, gt=0)

@@ -13,6 +13,7 @@ class GenerationStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_depth: list[int] = field(default_factory=list)  # [d] = steps that accepted >= d + 1 tokens
+    budget_nodes: int = 0             # draft nodes the adaptive policy allowed, summed over steps
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0

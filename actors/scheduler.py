@@ -1,0 +1,166 @@
+"""Continuous batching for one target worker: requests join and leave between steps, and every
+step verifies the trees of all running requests in one target pass.
+
+    submit(request) -> waiting (bounded: RESOURCE_EXHAUSTED beyond) -> running (one KV slot each)
+    loop: admit while slots are free (prefill) -> engine.step(running) -> hand each step to its request
+
+Each request's handler thread reads its own queue, so slow clients never stall the batch; a
+cancelled request leaves at the next step boundary and frees its slot."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from actors.drafters.base import Drafter
+from actors.engine import Sequence, SpecEngine
+from actors.models.runner import ModelRunner
+from actors.spec.sampling import SamplingParams
+from actors.spec.stats import GenerationStats
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """No room: the waiting queue is full."""
+
+
+class Busy(Exception):
+    """Every KV slot is in use."""
+
+
+class SlotPool:
+    """A fixed number of KV caches. A finished session keeps its slot (and prefix) until the slot is
+    needed by someone else, least recently used first."""
+
+    def __init__(self, model, capacity: int, max_len: int):
+        self.free: OrderedDict[str, ModelRunner] = OrderedDict(
+            (f"_{i}", ModelRunner(model, max_len)) for i in range(capacity))
+        self.lock = threading.Lock()
+
+    def acquire(self, session_id: str) -> tuple[ModelRunner, bool]:
+        """(runner, holds this session's prefix). Raises Busy when every slot is in use."""
+        with self.lock:
+            if session_id and session_id in self.free:
+                return self.free.pop(session_id), True
+            if not self.free:
+                raise Busy()
+            return self.free.popitem(last=False)[1], False
+
+    def release(self, session_id: str, runner: ModelRunner) -> None:
+        with self.lock:
+            self.free[session_id or f"_{uuid.uuid4().hex}"] = runner
+
+    def forget(self, session_id: str) -> None:
+        with self.lock:
+            if session_id in self.free:
+                runner = self.free.pop(session_id)
+                runner.reset()
+                self.free[f"_{uuid.uuid4().hex}"] = runner
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    drafter: Drafter
+    session_id: str = ""
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    out: queue.Queue = field(default_factory=queue.Queue)   # Step, then None; or an Exception
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    seq: Sequence | None = None
+    runner: object = None
+
+
+class Scheduler:
+    def __init__(self, engine: SpecEngine, pool, max_waiting: int):
+        self.engine, self.pool, self.max_waiting = engine, pool, max_waiting
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.cv = threading.Condition()
+        self.steps = 0
+        self.last_batch = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, req: Request) -> None:
+        with self.cv:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull()
+            self.waiting.append(req)
+            self.cv.notify()
+
+    def stop(self) -> None:
+        with self.cv:
+            self._stop = True
+            self.cv.notify()
+
+    @property
+    def load(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self._stop and not self.waiting and not self.running:
+                    self.cv.wait()
+                if self._stop:
+                    return
+                admit = []
+                while self.waiting:
+                    try:
+                        self.waiting[0].runner, cached = self.pool.acquire(self.waiting[0].session_id)
+                    except Busy:  # every slot in use: wait for one to free
+                        break
+                    req = self.waiting.popleft()
+                    admit.append((req, cached))
+            for req, cached in admit:
+                self._start(req, cached)
+            self.running = [r for r in self.running if not self._done(r)]
+            if not self.running:
+                continue
+            try:
+                steps = self.engine.step([r.seq for r in self.running])
+            except Exception as e:  # noqa: BLE001 - a bug must not wedge every request
+                log.exception("batched step failed")
+                for r in self.running:
+                    r.out.put(e)
+                    self._finish(r)
+                self.running = []
+                continue
+            self.steps += 1
+            self.last_batch = len(self.running)
+            for r, step in zip(self.running, steps):
+                r.out.put(step)
+
+    def _start(self, req: Request, cached: bool) -> None:
+        if req.cancelled.is_set():
+            self._finish(req)
+            return
+        try:
+            req.seq, step = self.engine.start(req.prompt_ids, req.params, req.drafter, req.stats,
+                                              reuse_prefix=cached, runner=req.runner)
+        except Exception as e:  # noqa: BLE001 - bad input (ValueError) or a prefill failure
+            req.runner.reset()
+            req.out.put(e)
+            self._finish(req)
+            return
+        req.out.put(step)
+        self.running.append(req)
+
+    def _done(self, r: Request) -> bool:
+        if r.cancelled.is_set() or r.seq.finish_reason is not None:
+            self._finish(r)
+            return True
+        return False
+
+    def _finish(self, r: Request) -> None:
+        r.out.put(None)
+        try:
+            r.drafter.close()
+        finally:
+            self.pool.release(r.session_id, r.runner)
