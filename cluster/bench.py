@@ -6,7 +6,8 @@
 
 Methods:
     ar           our engine, no drafter (plain autoregressive decoding): the baseline
-    ngram        our engine + NgramDrafter (prompt lookup with a token tree)
+    ngram        our engine + NgramDrafter (prompt lookup with a token tree), fixed tree budget
+    ngram-adaptive  the same drafter, tree size chosen each step by actors/spec/adaptive.py
     draft-model  our engine + DraftModelDrafter over a second, smaller model (needs draft_lm)
     hf           transformers `generate`, greedy
     hf-pld       transformers `generate` with prompt lookup decoding (prompt_lookup_num_tokens=10)
@@ -35,13 +36,14 @@ from actors.drafters.ngram import NgramDrafter
 from actors.engine import SpecEngine
 from actors.models.loader import LoadedModel, chat_prompt
 from actors.models.runner import ModelRunner
+from actors.spec.adaptive import AdaptivePolicy
 from actors.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 CLUSTER_METHODS = ("cluster-ar", "cluster-ngram", "cluster-draft-model")  # through a running gateway
-METHODS = ("ar", "ngram", "draft-model", "hf", "hf-pld") + CLUSTER_METHODS
-ENGINE_METHODS = ("ar", "ngram", "draft-model")
+METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model", "hf", "hf-pld") + CLUSTER_METHODS
+ENGINE_METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model")
 HF_METHODS = ("hf", "hf-pld")
 BASELINE = "ar"
 OVERALL = "overall"
@@ -124,9 +126,13 @@ class _Runner:
         self.max_new_tokens = max_new_tokens
         # no decode: no stop strings, and no detokenising inside the timed call
         self.engine = SpecEngine(ModelRunner(lm.model, max_len), lm.eos_ids, None)
+        # ngram-adaptive: the same drafter, tree size chosen per step by the adaptive policy
+        self.adaptive = SpecEngine(self.engine.runner, lm.eos_ids, None, policy=AdaptivePolicy(16))
         self.drafters = {"ar": None}
         if "ngram" in methods:
             self.drafters["ngram"] = NgramDrafter()
+        if "ngram-adaptive" in methods:
+            self.drafters["ngram-adaptive"] = NgramDrafter(depth=8)
         if "draft-model" in methods:
             self.drafters["draft-model"] = DraftModelDrafter(
                 ModelRunner(draft_lm.model, max_len), draft_depth, draft_branches)
@@ -138,7 +144,8 @@ class _Runner:
         if method in ENGINE_METHODS:
             params = SamplingParams(max_new_tokens=n)
             t0 = time.perf_counter()
-            gen = self.engine.generate(prompt_ids, params, self.drafters[method])
+            engine = self.adaptive if method == "ngram-adaptive" else self.engine
+            gen = engine.generate(prompt_ids, params, self.drafters[method])
             dt = time.perf_counter() - t0
             st = gen.stats
             self.timing = {"draft_s": st.draft_s, "verify_s": st.verify_s, "prefill_s": st.prefill_s}

@@ -42,6 +42,7 @@ def generate(
     server: Optional[str] = typer.Option(None, help="HOST:PORT of a drafthorse gateway; in-process if unset"),
     session: Optional[str] = typer.Option(None, help="session id to continue (with --server)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object: text, token_ids, stats"),
+    adaptive: bool = typer.Option(True, help="size each step's tree from measured acceptance"),
 ):
     """Generate a reply to PROMPT, streaming it to stdout (or one JSON object with --json)."""
     from actors.drafters import check_kind
@@ -77,7 +78,8 @@ def generate(
     ids = tok.encode(prompt, add_special_tokens=False) if raw else loader.chat_prompt(
         tok, [{"role": "user", "content": prompt}])
     decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
-    engine = SpecEngine(ModelRunner(lm.model), lm.eos_ids, decode)
+    from actors.spec.adaptive import AdaptivePolicy
+    engine = SpecEngine(ModelRunner(lm.model), lm.eos_ids, decode, policy=AdaptivePolicy(16) if adaptive else None)
     d = make_drafter(drafter, (lambda: ModelRunner(dlm.model)) if dlm else None)
     try:
         if json_out:
@@ -101,7 +103,9 @@ def bench(
     questions: Path = typer.Option(Path("../shared/data/spec_bench/dev.jsonl"), help="Spec-Bench jsonl"),
     per_category: Optional[int] = typer.Option(2, min=1, help="questions per category"),
     max_new_tokens: int = typer.Option(128, min=1),
-    methods: str = typer.Option("ar,ngram,hf,hf-pld", help="comma list: ar,ngram,draft-model,hf,hf-pld"),
+    methods: str = typer.Option("ar,ngram,ngram-adaptive,hf,hf-pld",
+                                help="comma list: ar,ngram,ngram-adaptive,draft-model,hf,hf-pld,cluster-ar,"
+                                     "cluster-ngram,cluster-draft-model"),
     model: str = typer.Option("smollm2"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft-model method"),
     dtype: str = typer.Option("float32"),
@@ -187,6 +191,66 @@ def serve(
         pass
     finally:
         cluster.stop()
+
+
+@app.command()
+def loadtest(
+    server: str = typer.Option("127.0.0.1:50051", help="gRPC gateway HOST:PORT (loopback only, see --allow-remote)"),
+    concurrency: str = typer.Option("1,4,16,32", help="comma list of concurrency levels"),
+    rate: Optional[float] = typer.Option(None, help="open loop: Poisson arrivals at RATE requests/s (concurrency "
+                                                    "then caps requests in flight); unset = closed loop"),
+    questions: Path = typer.Option(Path("../shared/data/spec_bench/dev.jsonl"), help="Spec-Bench jsonl"),
+    requests: int = typer.Option(32, min=1, help="requests per drafter and concurrency level"),
+    max_seconds: float = typer.Option(120.0, min=0.1, help="time bound per level (in-flight requests are cut)"),
+    max_new_tokens: int = typer.Option(128, min=1),
+    drafters: str = typer.Option("none,ngram", help="comma list, one series each: none,ngram,draft-model"),
+    long_context: bool = typer.Option(False, help="~4k-token prompts built from the rag/summarization questions"),
+    context_tokens: int = typer.Option(3700, min=16, help="prompt size for --long-context (tokens)"),
+    tokenizer: str = typer.Option("smollm2", help="model whose tokenizer sizes --long-context prompts"),
+    seed: int = typer.Option(0, help="seed of the Poisson arrivals"),
+    allow_remote: bool = typer.Option(False, help="allow a non-loopback --server"),
+    out: Path = typer.Option(Path("loadtest_out"), help="writes OUT/loadtest.json and OUT/loadtest.png"),
+):
+    """Load a running cluster: throughput, TTFT, TPOT, latency (p50/p99), mean accepted tokens and
+    errors per drafter and concurrency level. Bounded by --requests and --max-seconds per level."""
+    import asyncio
+
+    from cluster import loadtest as lt
+    from cluster.bench import load_questions
+
+    try:
+        lt.check_server(server, allow_remote)
+        try:
+            levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--concurrency must be a comma list of integers, got {concurrency!r}") from None
+        kinds = [d.strip() for d in drafters.split(",") if d.strip()]
+        qs = load_questions(questions)
+        if long_context:
+            count = lt.tokenizer_counter(tokenizer)
+            if count is None:
+                typer.echo(f"loadtest: no tokenizer for {tokenizer!r}; sizing prompts at ~4 characters a token",
+                           err=True)
+            prompts = lt.long_context_prompts(qs, context_tokens, count or lt.approx_tokens)
+            sizes = [(count or lt.approx_tokens)(p) for p in prompts]
+            typer.echo(f"loadtest: {len(prompts)} long-context prompts of {min(sizes)}..{max(sizes)} tokens "
+                       f"(mean {sum(sizes) / len(sizes):.0f}, before the chat template)", err=True)
+        else:
+            prompts = lt.question_prompts(qs)
+        lt.validate_args(prompts, kinds, levels, requests, max_seconds, max_new_tokens, rate)
+        results = asyncio.run(lt.run_loadtest(server, prompts, kinds, levels, requests, max_seconds,
+                                              max_new_tokens, rate, seed,
+                                              progress=lambda m: typer.echo(m, err=True)))
+    except ValueError as e:
+        _fail(str(e))
+    results["env"].update(questions=str(questions), long_context=long_context,
+                          context_tokens=context_tokens if long_context else None)
+    if long_context:
+        results["env"]["prompt_tokens_client"] = {"min": min(sizes), "max": max(sizes),
+                                                  "mean": round(sum(sizes) / len(sizes), 1)}
+    js, png = lt.write_outputs(results, out)
+    typer.echo(lt.format_table(results))
+    typer.echo(f"wrote {js} and {png}")
 
 
 def main() -> None:  # pragma: no cover
