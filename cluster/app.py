@@ -21,7 +21,8 @@ APP_NAME = "drafthorse"
 
 
 class GatewayServer:
-    """Serve deployment body: runs the asyncio gRPC gateway on a thread of its own."""
+    """Serve deployment body: runs the asyncio gRPC gateway on a thread of its own, and is the Serve
+    app's HTTP ingress: the OpenAI-compatible API (cluster/openai_api.py), which calls that gateway."""
 
     def __init__(self, settings: dict, *workers):
         from transformers import AutoTokenizer
@@ -29,7 +30,7 @@ class GatewayServer:
         from actors.models.loader import DEFAULT_MODEL, resolve
         from cluster.gateway import serve_gateway
 
-        s = Settings(**settings)
+        s = self.s = Settings(**settings)
         directory, gguf = resolve(DEFAULT_MODEL if s.model.startswith("tiny:") else s.model)
         tok = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
         ready = threading.Event()
@@ -58,6 +59,13 @@ class GatewayServer:
         if self.error is not None or not self.thread.is_alive():
             raise RuntimeError(f"gateway is down: {self.error}")
 
+    def __serve_build_asgi_app__(self):
+        """Serve calls this after __init__: the FastAPI app its HTTP proxy routes to."""
+        from cluster.openai_api import create_app
+        host = "127.0.0.1" if self.s.host in ("", "0.0.0.0", "::") else self.s.host
+        return create_app(f"[{host}]:{self.s.gateway_port}" if ":" in host else f"{host}:{self.s.gateway_port}",
+                          model=self.s.model)
+
 
 def _wire_settings(s: Settings) -> dict:
     """Settings for the replicas' constructors (carried by Ray's control plane, not a client socket)."""
@@ -77,7 +85,8 @@ def build_app(s: Settings):
             DraftWorker, name="DraftWorker", num_replicas=s.num_drafts,
             ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.draft_resources},
             health_check_period_s=5, health_check_timeout_s=30).bind(cfg))
-    return serve.deployment(GatewayServer, name="Gateway", num_replicas=1,
+    return serve.deployment(serve.ingress()(GatewayServer), name="Gateway", num_replicas=1,
+                            max_ongoing_requests=1024,  # HTTP requests only wait on the gateway
                             ray_actor_options={"num_cpus": 0.1}).bind(cfg, *workers)
 
 
@@ -98,8 +107,14 @@ class Cluster:
         if not ray.is_initialized():
             ray.init(address=self.s.ray_address, include_dashboard=False, log_to_driver=False,
                      **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-        serve.run(build_app(self.s), name=APP_NAME, route_prefix=None, blocking=False)
+        if not self.s.http_port:  # 0: any free port
+            self.s = self.s.model_copy(update={"http_port": _free_port()})
+        try:
+            serve.start(http_options={"host": self.s.host, "port": self.s.http_port})
+        except Exception as e:  # noqa: BLE001 - most often: the port is taken
+            raise RuntimeError(f"Ray Serve's HTTP proxy did not start on {self.s.host}:{self.s.http_port} (port in "
+                               f"use? set DRAFTHORSE_HTTP_PORT; 0 = a free port): {e}") from e
+        serve.run(build_app(self.s), name=APP_NAME, route_prefix="/", blocking=False)
         registry = Registry(connect(url), self.s.key_prefix, heartbeat_ttl_s=3 * self.s.heartbeat_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -116,6 +131,11 @@ class Cluster:
     @property
     def gateway(self) -> str:
         return f"{self.s.host}:{self.s.gateway_port}"
+
+    @property
+    def http(self) -> str:
+        """Base URL of the OpenAI-compatible API (Ray Serve's HTTP proxy)."""
+        return f"http://{self.s.host}:{self.s.http_port}"
 
     def stop(self) -> None:
         try:
@@ -136,3 +156,60 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- Serve config entry point
+
+REDIS_KEEPER = "drafthorse-redis"
+
+
+def app_builder(args: dict):
+    """Ray Serve application builder: `import_path: cluster.app:app_builder` in a Serve config
+    (deploy/serve_config.yaml, the Helm chart's serveConfigV2). `args` are Settings fields; they
+    override the DRAFTHORSE_* environment of the process that builds the application.
+
+    Redis: `redis_url` (or DRAFTHORSE_REDIS_URL), else 127.0.0.1:6379 when it answers, else an
+    embedded redis-server kept by a detached Ray actor on this node (one machine only).
+
+    The internal auth token: one build hands the same token to every replica it creates, but a build
+    without a configured token generates its own, so replicas of two builds (a config update, or the
+    second RayCluster of a KubeRay zero-downtime upgrade, sharing one Redis) would refuse each other.
+    Wherever that can happen, i.e. in Kubernetes, set DRAFTHORSE_AUTH_TOKEN from a Secret (the Helm
+    chart does). Secrets never go in `args`: a Serve config is stored and shown in plain text."""
+    from urllib.parse import urlsplit
+
+    unknown = sorted(set(args) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown drafthorse settings in the Serve config args: {', '.join(unknown)}")
+    if "auth_token" in args or urlsplit(str(args.get("redis_url") or "")).password:
+        raise ValueError("secrets do not belong in Serve config args: set DRAFTHORSE_AUTH_TOKEN and "
+                         "DRAFTHORSE_REDIS_URL in the environment (in Kubernetes: from a Secret)")
+    s = Settings(**args)
+    s = s.model_copy(update={"redis_url": s.redis_url or _keep_redis()})
+    if s.auth_token is None:
+        log.warning("DRAFTHORSE_AUTH_TOKEN is unset: this build uses a token of its own; set one (from a "
+                    "Secret) when more than one build can be live against the same Redis")
+    return build_app(s.with_token())
+
+
+def _keep_redis() -> str:
+    """URL of the Redis `ensure_redis` finds or starts, held by a detached actor: the builder runs in a
+    short-lived Ray task, so a redis-server it started itself would die with it."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RedisKeeper:
+        def __init__(self):
+            from cluster.redis_store import ensure_redis
+            self.url, self.server = ensure_redis(None)
+
+        def get_url(self) -> str:
+            return self.url
+
+        def stop(self) -> None:
+            if self.server is not None:
+                self.server.stop()
+
+    keeper = RedisKeeper.options(name=REDIS_KEEPER, namespace="drafthorse", lifetime="detached",
+                                 get_if_exists=True).remote()
+    return ray.get(keeper.get_url.remote())

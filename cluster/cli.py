@@ -133,7 +133,7 @@ def bench(
             from cluster.app import Cluster, _free_port
             from cluster.settings import Settings
             running = Cluster(Settings(model=model, draft_model=draft_model, dtype=dtype, num_targets=1,
-                                       num_drafts=1, gateway_port=_free_port(),
+                                       num_drafts=1, gateway_port=_free_port(), http_port=0,
                                        torch_threads=threads or torch.get_num_threads(),
                                        key_prefix=f"drafthorse-bench-{uuid.uuid4().hex[:8]}:")).start()
             server = running.gateway
@@ -157,6 +157,7 @@ def serve(
     num_targets: Optional[int] = typer.Option(None, min=1),
     num_drafts: Optional[int] = typer.Option(None, min=0),
     port: Optional[int] = typer.Option(None, help="gateway gRPC port (default 50051)"),
+    http_port: Optional[int] = typer.Option(None, help="OpenAI-compatible HTTP port (default 8000)"),
     host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
     redis_url: Optional[str] = typer.Option(None, help="default: 127.0.0.1:6379 if up, else an embedded redis"),
     ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
@@ -173,7 +174,7 @@ def serve(
     from cluster.settings import Settings
 
     flags = dict(model=model, draft_model=draft_model, drafter=drafter, num_targets=num_targets,
-                 num_drafts=num_drafts, gateway_port=port, host=host, redis_url=redis_url,
+                 num_drafts=num_drafts, gateway_port=port, http_port=http_port, host=host, redis_url=redis_url,
                  ray_address=ray_address, dtype=dtype)
     try:
         s = Settings(**{k: v for k, v in flags.items() if v is not None})
@@ -182,6 +183,7 @@ def serve(
     cluster = Cluster(s).start()
     typer.echo(f"drafthorse serving {s.model} ({s.num_targets} target, {s.num_drafts} draft workers, "
                f"drafter {s.drafter})\n  gRPC gateway: {cluster.gateway}  (drafthorse.v1.Generator)\n"
+               f"  OpenAI HTTP:  {cluster.http}/v1\n"
                f"  try: drafthorse generate --server {cluster.gateway} \"Hello!\"\nCtrl-C to stop.")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -15,6 +15,7 @@ import grpc
 from actors.drafters import KINDS
 from actors.rpc import OPTIONS, auth_metadata
 from actors.wire import sampling_from_proto
+from cluster import metrics
 from cluster.prompts import turn_ids
 from cluster.redis_store import connect
 from cluster.registry import Registry
@@ -68,7 +69,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         max_new = r.max_new_tokens or self.s.max_new_tokens_default
         if not 1 <= max_new <= self.s.max_new_tokens_limit:
             raise ValueError(f"max_new_tokens must be in [1, {self.s.max_new_tokens_limit}], got {r.max_new_tokens}")
-        sampling_from_proto(r.sampling, max_new_tokens=max_new, stop=tuple(r.stop))  # validates
+        sampling_from_proto(r.sampling, max_new_tokens=max_new, stop=tuple(r.stop)).validate()
         if r.drafter and r.drafter not in KINDS:
             raise ValueError(f"unknown drafter {r.drafter!r}: choose one of {', '.join(KINDS)}")
         if r.session_id and r.new_session:
@@ -91,6 +92,25 @@ class Gateway(pb_grpc.GeneratorServicer):
         return target, draft
 
     async def Generate(self, r: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """`_generate`, counted: in flight while it runs, then by final status code."""
+        code = "UNKNOWN"
+        metrics.INFLIGHT.labels("gateway").inc()
+        try:
+            async with contextlib.aclosing(self._generate(r, context)) as stream:
+                async for msg in stream:
+                    yield msg
+            code = "OK"
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "DEADLINE_EXCEEDED" if (context.time_remaining() or 1.0) <= 0 else "CANCELLED"
+            raise
+        except BaseException:
+            code = getattr(context.code(), "name", "UNKNOWN")
+            raise
+        finally:
+            metrics.INFLIGHT.labels("gateway").dec()
+            metrics.REQUESTS.labels(code).inc()
+
+    async def _generate(self, r: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             messages, prompt, max_new = self._validate(r)
         except ValueError as e:
@@ -158,6 +178,7 @@ async def serve_gateway(s: Settings, tokenizer, ready: asyncio.Event | None = No
     for name in ("", SERVICE):
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gateway listening on %s:%d", s.host, s.gateway_port)
+    metrics.serve(s.host, s.metrics_port, "gateway")
     if ready is not None:
         ready.set()
     await server.wait_for_termination()

@@ -1,0 +1,396 @@
+"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (streaming as server-sent
+events, or one JSON body), /v1/models. A thin translation layer: every request becomes one
+drafthorse.v1.Generator/Generate call to the gRPC gateway (grpc.aio, loopback), so validation,
+routing, sessions and failover are the gateway's, and gRPC status codes map to HTTP ones.
+
+    app = create_app("127.0.0.1:50051", model="smollm2")   # any ASGI server; the cluster serves it
+                                                           # through Ray Serve's HTTP ingress
+
+Parameters: model (must be the served model id), prompt (one string) / messages, max_tokens
+(max_completion_tokens for chat; default: the server's), temperature (OpenAI's default 1.0),
+top_p, stop (string or list), seed, stream, stream_options.include_usage, n (1 only). Extensions:
+drafter (none | ngram | draft-model), session_id (continue a session), new_session (open one; its
+id comes back in x_drafthorse.session_id), top_k. Non-streaming responses (and the last streamed
+chunk) carry `x_drafthorse`: the generation's stats (mean_accepted_tokens, tokens_per_s, ...).
+Errors come back as {"error": {"message", "type", "param", "code"}}."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal, Optional, Union
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from protos.drafthorse.v1 import drafthorse_pb2 as pb
+from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+REQUEST_TIMEOUT_S = 600.0
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+
+# gRPC status -> (HTTP status, OpenAI error type)
+STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+# words in a gateway error message -> the OpenAI parameter it is about (first match wins)
+PARAMS = (("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
+          ("top_k", "top_k"), ("seed", "seed"), ("stop", "stop"), ("drafter", "drafter"),
+          ("session", "session_id"), ("chat", "messages"), ("prompt", "prompt"))
+# OpenAI parameters this server does not implement: rejected unless absent, null or their no-op value
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+               "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
+               "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+               "frequency_penalty": (None, 0, 0.0)}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def from_grpc(e: grpc.aio.AioRpcError, input_param: str) -> APIError:
+    status, type_ = STATUS.get(e.code(), (500, "server_error"))
+    details = e.details() or e.code().name
+    param = None
+    if status in (400, 404):
+        low = details.lower()
+        param = next((p for needle, p in PARAMS if needle in low), None)
+        if param in ("prompt", "messages"):
+            param = input_param  # the gateway says "prompt" for a too long chat as well
+    code = "session_not_found" if e.code() == grpc.StatusCode.NOT_FOUND and param == "session_id" \
+        else e.code().name.lower()
+    return APIError(status, details, type_, param, code)
+
+
+# ---------------------------------------------------------------- request bodies
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields we ignore (user, metadata, ...)
+
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[dict[str, Any]] = None
+    n: Optional[int] = None
+    drafter: Optional[str] = None
+    session_id: Optional[str] = None
+    new_session: Optional[bool] = False
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[Any]]
+
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Union[str, list[_TextPart], None] = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessageIn]
+    max_completion_tokens: Optional[int] = None
+
+
+def _common(body: _Body, r: pb.GenerateRequest) -> None:
+    """The parameters both endpoints share, checked where the gateway cannot tell (0 = default in
+    the proto) and copied onto the gRPC request."""
+    extra = body.model_extra or {}
+    for name, noop in UNSUPPORTED.items():
+        if name in extra and extra[name] not in noop:
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+    if body.n not in (None, 1):
+        raise APIError(400, f"n must be 1 (only one choice per request is supported), got {body.n}", param="n")
+    max_tokens = body.max_tokens
+    if isinstance(body, ChatBody) and body.max_completion_tokens is not None:
+        max_tokens = body.max_completion_tokens
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        r.max_new_tokens = min(max_tokens, 2**31 - 1)
+    temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    if not math.isfinite(temperature) or temperature < 0:
+        raise APIError(400, f"temperature must be a finite number >= 0, got {temperature}", param="temperature")
+    r.sampling.temperature = temperature
+    if body.top_p is not None:
+        if not 0 < body.top_p <= 1:
+            raise APIError(400, f"top_p must be in (0, 1], got {body.top_p}", param="top_p")
+        r.sampling.top_p = body.top_p
+    if body.top_k is not None:
+        if not 0 <= body.top_k < 2**31:
+            raise APIError(400, f"top_k must be >= 0 (0 disables it), got {body.top_k}", param="top_k")
+        r.sampling.top_k = body.top_k
+    if body.seed is not None:
+        if not 0 <= body.seed < 2**63:
+            raise APIError(400, f"seed must be in [0, 2**63), got {body.seed}", param="seed")
+        r.sampling.seed = body.seed
+    r.stop.extend([body.stop] if isinstance(body.stop, str) else (body.stop or []))
+    r.drafter = body.drafter or ""
+    r.session_id = body.session_id or ""
+    r.new_session = bool(body.new_session)
+
+
+def completion_request(body: CompletionBody) -> pb.GenerateRequest:
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            kind = "token ids" if prompt and all(isinstance(x, int) or isinstance(x, list) for x in prompt) \
+                else f"a list of {len(prompt)} items"
+            raise APIError(400, f"prompt must be a single string (or a list holding exactly one string); "
+                                f"got {kind}: batched and token-id prompts are not supported", param="prompt")
+        prompt = prompt[0]
+    r = pb.GenerateRequest(prompt=prompt)
+    _common(body, r)
+    return r
+
+
+def chat_request(body: ChatBody) -> pb.GenerateRequest:
+    r = pb.GenerateRequest()
+    r.chat.SetInParent()
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role must be system, developer, user or assistant, got "
+                                f"{m.role!r}", param=f"messages[{i}].role")
+        content = m.content if isinstance(m.content, str) or m.content is None \
+            else "".join(p.text for p in m.content)
+        r.chat.messages.add(role=role, content=content or "")
+    _common(body, r)
+    return r
+
+
+# ---------------------------------------------------------------- responses
+
+def _stats(msg: pb.GenerateResponse | None) -> dict:
+    if msg is None:
+        return {}
+    d = MessageToDict(msg.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return {"session_id": msg.session_id or None, **d}
+
+
+def _usage(last: pb.GenerateResponse | None, generated: int) -> dict:
+    prompt = last.stats.prompt_tokens if last is not None else 0
+    completion = last.stats.generated_tokens if last is not None and last.stats.generated_tokens else generated
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _loc(error: dict) -> list[str]:
+    """A validation error's location without pydantic's union branch tags (`str`, `list[str]`, ...)."""
+    return [str(x) for x in error.get("loc", ())
+            if not (isinstance(x, str) and ("[" in x or x in ("str", "int", "float", "bool", "dict", "list")))]
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class _Generator:
+    """One grpc.aio channel to the gateway, made in (and re-made for) the event loop serving requests."""
+
+    def __init__(self, gateway: str, timeout_s: float):
+        self.gateway, self.timeout_s = gateway, timeout_s
+        self._channel: grpc.aio.Channel | None = None
+        self._loop = None
+
+    def stub(self) -> pb_grpc.GeneratorStub:
+        loop = asyncio.get_running_loop()
+        if self._channel is None or self._loop is not loop:
+            self._channel, self._loop = grpc.aio.insecure_channel(self.gateway), loop
+        return pb_grpc.GeneratorStub(self._channel)
+
+    async def open(self, r: pb.GenerateRequest, input_param: str):
+        """Start the call and read its first message, so an error becomes the HTTP status."""
+        call = self.stub().Generate(r, timeout=self.timeout_s)
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, input_param) from None
+        except BaseException:
+            call.cancel()
+            raise
+        return call, first
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app serving `model` by calling the gRPC gateway at `gateway` (HOST:PORT)."""
+    gen = _Generator(gateway, timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await gen.close()
+
+    app = FastAPI(title="drafthorse OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    created = int(time.time())
+    app.state.generator = gen
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = _loc(first)
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}",
+                                         code="invalid_json").body(), status_code=400)
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        if not loc and first.get("type") == "model_attributes_type":
+            return JSONResponse(APIError(400, "the request body must be a JSON object (and sent with "
+                                         "Content-Type: application/json)", code="invalid_json").body(), status_code=400)
+        param = loc[0] if loc else None
+        for x in loc[1:]:
+            param += f"[{x}]" if x.isdigit() else f".{x}"
+        msg = "; ".join(f"{'.'.join(_loc(er)[1:]) or 'body'}: {er.get('msg')}" for er in errors[:5])
+        return JSONResponse(APIError(400, f"invalid request: {msg}", param=param,
+                                     code="invalid_value").body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type_).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    def model_card() -> dict:
+        return {"id": model, "object": "model", "created": created, "owned_by": "drafthorse"}
+
+    def check_model(name: str) -> None:
+        if name != model:
+            raise APIError(404, f"The model {name!r} does not exist: this server serves {model!r}",
+                           param="model", code="model_not_found")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        check_model(name)
+        return model_card()
+
+    async def run(r: pb.GenerateRequest, body: _Body, chat: bool):
+        input_param = "messages" if chat else "prompt"
+        call, first = await gen.open(r, input_param)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        now = int(time.time())
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_stream(call, first, rid, now, chat, include_usage, input_param),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, generated, last, msg = [], 0, None, first
+        try:
+            while msg is not grpc.aio.EOF:
+                text.append(msg.text_delta)
+                generated += len(msg.token_ids)
+                last = msg
+                msg = await call.read()
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, input_param) from None
+        finally:
+            call.cancel()  # no-op when finished; stops the generation if this handler was cancelled
+        reason = _finish(last.finish_reason if last is not None else "")
+        choice = {"index": 0, "logprobs": None, "finish_reason": reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": "".join(text)}
+        else:
+            choice["text"] = "".join(text)
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
+                "model": model, "choices": [choice], "usage": _usage(last, generated),
+                "system_fingerprint": None, "x_drafthorse": _stats(last)}
+
+    async def _stream(call, first, rid: str, now: int, chat: bool, include_usage: bool,
+                      input_param: str) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None = None, role: bool = False, **extra) -> dict:
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+                c = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            else:
+                c = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": obj, "created": now, "model": model, "choices": [c], **extra}
+
+        generated, last, msg = 0, None, first
+        try:
+            if chat:
+                yield _sse(chunk(None, role=True))
+            while msg is not grpc.aio.EOF:
+                generated += len(msg.token_ids)
+                last = msg
+                if msg.text_delta:
+                    yield _sse(chunk(msg.text_delta))
+                msg = await call.read()
+            reason = _finish(last.finish_reason if last is not None else "")
+            yield _sse(chunk(None if chat else "", reason, x_drafthorse=_stats(last)))
+            if include_usage:
+                yield _sse({"id": rid, "object": obj, "created": now, "model": model, "choices": [],
+                            "usage": _usage(last, generated)})
+            yield _sse("[DONE]")
+        except grpc.aio.AioRpcError as e:
+            err = from_grpc(e, input_param)
+            yield _sse(err.body())  # the openai client raises on an `error` event
+            yield _sse("[DONE]")
+        finally:
+            call.cancel()  # the client went away: stop the generation
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        check_model(body.model)
+        return await run(completion_request(body), body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody):
+        check_model(body.model)
+        return await run(chat_request(body), body, chat=True)
+
+    return app
