@@ -23,6 +23,7 @@ class DraftWorker:
         from actors.models import loader
         from actors.models.runner import ModelRunner
         from actors.rpc import start_server
+        from cluster import metrics
         from cluster.heartbeat import Membership, worker_id
         from cluster.settings import Settings
         from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
@@ -43,12 +44,18 @@ class DraftWorker:
             lambda srv: pb_grpc.add_DrafterServicer_to_server(self.service, srv), [SERVICE_NAME],
             host=s.host, token=s.token(), max_workers=8)
         self.membership.start(port)
+        metrics.watch_draft(self.service)
+        self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
         log.info("%s serving %s on port %d (ready in %.1fs)", self.worker_id, kinds, port,
                  time.perf_counter() - t0)
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "address": self.membership.address,
-                "draft_calls": self.service.draft_calls}
+                "draft_calls": self.service.draft_calls, "metrics_port": self.metrics_port}
+
+    def record_autoscaling_stats(self) -> dict:
+        """Serve's custom autoscaling metric: the sessions being drafted for right now."""
+        return {"active_requests": self.service.session_count}
 
     def check_health(self) -> None:
         self.membership.check()

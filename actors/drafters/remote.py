@@ -20,6 +20,7 @@ from actors.wire import sampling_to_proto, tree_from_proto
 from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
 from actors.rpc import OPTIONS, auth_metadata
+from cluster.metrics import DRAFT_RPC_SECONDS
 
 from .base import Budget, Drafter
 
@@ -92,7 +93,9 @@ class RemoteDrafter(Drafter):
         try:
             return self.stub.Draft(req, timeout=self.timeout_s, metadata=self.metadata)
         finally:
-            self.rpc_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.rpc_s += dt
+            DRAFT_RPC_SECONDS.observe(dt)
 
     def _fail(self, why: str, quiet: bool) -> DraftTree:
         # the call may or may not have reached the worker: its state is unknown, so start over
