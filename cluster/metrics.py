@@ -16,7 +16,8 @@ Series (all prefixed drafthorse_):
                                                per-step latency = rate(these) / rate(target_forwards_total)
     generation_seconds{drafter}                histogram of a generation's time on a target worker
     draft_rpc_seconds                          histogram of internal Draft RPCs (target -> draft worker)
-    inflight_requests{component}               requests in flight: gateway (its queue) / target
+    inflight_requests{component}               requests in flight: gateway / target (running + queued)
+    queued_requests{component}                 target: requests waiting for a batch slot (queue depth)
     active_sessions{component}                 target: sessions holding a KV cache; draft: drafter states
     requests_total{code}                       gateway requests finished, by gRPC status code
 """
@@ -56,6 +57,8 @@ DRAFT_RPC_SECONDS = Histogram("drafthorse_draft_rpc_seconds", "Internal Draft RP
                               "worker, network + drafting)", registry=REGISTRY,
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 INFLIGHT = Gauge("drafthorse_inflight_requests", "Requests in flight", ["component"], registry=REGISTRY)
+QUEUED = Gauge("drafthorse_queued_requests", "Requests waiting for a slot in the target's batch", ["component"],
+               registry=REGISTRY)
 ACTIVE_SESSIONS = Gauge("drafthorse_active_sessions", "Sessions held: target = KV caches holding a session, "
                         "draft = drafter states", ["component"], registry=REGISTRY)
 REQUESTS = Counter("drafthorse_requests", "Gateway requests finished, by gRPC status code", ["code"],
@@ -105,6 +108,8 @@ def watch_target(service) -> None:
         with service.pool.lock:
             return sum(not k.startswith("_") for k in service.pool.free)
     INFLIGHT.labels("target").set_function(lambda: service.active)
+    if getattr(service, "scheduler", None) is not None:
+        QUEUED.labels("target").set_function(lambda: len(service.scheduler.waiting))
     ACTIVE_SESSIONS.labels("target").set_function(lambda: service.active + cached_sessions())
 
 

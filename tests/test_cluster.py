@@ -48,6 +48,7 @@ def cluster():
     s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=_free_port(),
                  worker_num_cpus=0.25, heartbeat_s=0.5, key_prefix=f"dh-test-{uuid.uuid4().hex[:8]}:",
                  sessions_per_target=8, max_len=512, http_port=0,
+                 draft_timeout_s=30.0,  # a loaded CI machine must not turn RPCs into plain-decoding fallbacks
                  adaptive=False,  # fixed trees: every step must ask a draft worker (the policy is tested in test_batch)
                  target_resources={"large_accel": 0.25}, draft_resources={"cheap_accel": 0.25})
     c = Cluster(s).start(timeout_s=300)

@@ -1,0 +1,334 @@
+"""The Helm chart, rendered by real Helm (the Go SDK embedded in helm-python-sdk: no helm binary, no
+cluster) and checked object by object: core kinds against the Kubernetes OpenAPI schemas
+(kubernetes-validate, strict), the RayService against KubeRay's CRD, its serveConfigV2 against Ray
+Serve's own config schema and drafthorse's Settings, and the wiring between them."""
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the test extra) renders the chart")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "drafthorse"
+CRD = ROOT.parent / "shared" / "k8s-schemas" / "ray.io_rayservices.yaml"
+K8S_VERSION = "1.33.0"
+CORE_KINDS = {"Secret", "Service", "StatefulSet", "PodDisruptionBudget"}
+
+
+def render(values: dict | None = None, values_file: str | None = None, name: str = "dh") -> list[dict]:
+    merged = helm.values_from_yaml((CHART / values_file).read_text()) if values_file else {}
+    for key, value in (values or {}).items():  # one level of overrides on top of the file
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values=merged or None, name=name, namespace="serving", is_install=True)
+    docs = []
+    for path, text in manifests.items():
+        if not path.endswith(".txt"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    (doc,) = by_kind(docs, kind)
+    return doc
+
+
+def groups(rs: dict) -> dict[str, dict]:
+    """groupName -> worker group spec, plus "head"."""
+    spec = rs["spec"]["rayClusterConfig"]
+    return {"head": spec["headGroupSpec"], **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+
+
+def container(group: dict) -> dict:
+    (c,) = group["template"]["spec"]["containers"]
+    return c
+
+
+def env(group: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container(group)["env"]}
+
+
+def serve_config(rs: dict) -> dict:
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])
+
+
+@pytest.fixture(scope="module")
+def default_docs():
+    return render()
+
+
+@pytest.fixture(scope="module")
+def gpu_docs():
+    return render(values_file="values-gpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def crd_validator():
+    import jsonschema
+    if not CRD.exists():
+        pytest.skip(f"KubeRay CRD not found at {CRD} (the shared/ folder beside the repository is absent)")
+    crd = yaml.safe_load(CRD.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = v1["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(schema)
+
+
+# ---------------------------------------------------------------- what gets rendered
+
+def test_defaults_render_the_expected_objects(default_docs):
+    kinds = Counter(d["kind"] for d in default_docs)
+    assert kinds == {"RayService": 1, "Service": 4, "StatefulSet": 1, "Secret": 2, "PodDisruptionBudget": 3}
+    assert set(groups(one(default_docs, "RayService"))) == {"head", "gateway", "draft", "target"}
+
+
+def test_gpu_values_render_the_expected_objects(gpu_docs):
+    kinds = Counter(d["kind"] for d in gpu_docs)
+    assert kinds == {"RayService": 1, "Service": 4, "StatefulSet": 1, "Secret": 2, "PodDisruptionBudget": 3,
+                     "ServiceMonitor": 1}
+    g = groups(one(gpu_docs, "RayService"))
+    for name, product in [("target", "NVIDIA-H100-80GB-HBM3"), ("draft", "NVIDIA-L4")]:
+        pod = g[name]["template"]["spec"]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": product}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert container(g[name])["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in json.dumps(g["gateway"]) + json.dumps(g["head"])
+    assert container(g["target"])["image"].endswith(":0.1.0-cuda")
+    sts = one(gpu_docs, "StatefulSet")
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
+
+
+def test_helm_lint_passes():
+    result = helm.lint(str(CHART))
+    assert not result["errors"], result
+    assert not [m for m in result["messages"] if m["severity"] >= 3], result["messages"]  # 3+ = errors
+
+
+# ---------------------------------------------------------------- schemas
+
+@pytest.mark.parametrize("values_file", [None, "values-gpu.yaml"])
+def test_core_kinds_are_valid_kubernetes(values_file):
+    docs = render(values_file=values_file)
+    checked = 0
+    for doc in docs:
+        if doc["kind"] in CORE_KINDS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            checked += 1
+    assert checked == sum(d["kind"] in CORE_KINDS for d in docs) >= 9
+
+
+@pytest.mark.parametrize("values_file", [None, "values-gpu.yaml"])
+def test_rayservice_matches_the_kuberay_crd(crd_validator, values_file):
+    rs = one(render(values_file=values_file), "RayService")
+    assert rs["apiVersion"] == "ray.io/v1"
+    errors = sorted(crd_validator.iter_errors(rs), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
+
+
+def test_the_crd_check_catches_a_broken_rayservice(crd_validator, default_docs):
+    rs = json.loads(json.dumps(one(default_docs, "RayService")))
+    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplicas"] = "one"
+    del rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    assert len(list(crd_validator.iter_errors(rs))) == 2
+
+
+def test_servicemonitor_shape(gpu_docs):
+    sm = one(gpu_docs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    metrics_svc = next(s for s in by_kind(gpu_docs, "Service") if s["metadata"]["name"].endswith("-metrics"))
+    assert sm["spec"]["selector"]["matchLabels"].items() <= metrics_svc["metadata"]["labels"].items()
+    port_names = {p["name"] for p in metrics_svc["spec"]["ports"]}
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= port_names
+
+
+# ---------------------------------------------------------------- the Serve application
+
+@pytest.mark.parametrize("values_file", [None, "values-gpu.yaml"])
+def test_serve_config_is_valid_for_ray_serve_and_drafthorse(values_file):
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.autoscaling import active_requests_policy
+    from cluster.settings import Settings
+
+    rs = one(render(values_file=values_file), "RayService")
+    config = ServeDeploySchema.model_validate(serve_config(rs))
+    (app,) = config.applications
+    assert app.import_path == "cluster.app:app_builder" and app.route_prefix == "/"  # the OpenAI HTTP API
+    unknown = set(app.args) - set(Settings.model_fields)
+    assert not unknown, f"args that are not drafthorse settings: {unknown}"
+    s = Settings(**app.args)  # every value passes the Settings validators
+    assert s.host == "0.0.0.0" and s.auth_token is None and s.redis_url is None
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Gateway", "TargetWorker", "DraftWorker"}
+    for name in ("TargetWorker", "DraftWorker"):
+        policy = deployments[name].autoscaling_config["policy"]["policy_function"]
+        module, func = policy.split(":")
+        assert (module, func) == ("cluster.autoscaling", active_requests_policy.__name__)
+    if values_file:
+        assert (s.model, s.draft_model, s.drafter, s.dtype) == ("/models/target", "/models/draft",
+                                                                "draft-model", "bfloat16")
+        assert deployments["TargetWorker"].ray_actor_options.num_gpus == 1
+
+
+@pytest.mark.parametrize("values_file", [None, "values-gpu.yaml"])
+def test_ray_custom_resources_match_what_the_actors_ask_for(values_file):
+    docs = render(values_file=values_file)
+    rs = one(docs, "RayService")
+    g = groups(rs)
+    deployments = {d["name"]: d for d in serve_config(rs)["applications"][0]["deployments"]}
+    values = helm.values_from_yaml((CHART / (values_file or "values.yaml")).read_text())
+    for group, deployment, env_name in [("target", "TargetWorker", "DRAFTHORSE_TARGET_RESOURCES"),
+                                        ("draft", "DraftWorker", "DRAFTHORSE_DRAFT_RESOURCES"),
+                                        ("gateway", "Gateway", None)]:
+        per_replica = deployments[deployment]["ray_actor_options"]["resources"]
+        offered = json.loads(json.loads(g[group]["rayStartParams"]["resources"]))  # KubeRay's quoted JSON
+        per_pod = values.get(group, {}).get("replicasPerPod", 1)
+        assert offered == {k: v * per_pod for k, v in per_replica.items()}, group
+        for other in set(g) - {group}:  # no other group offers them: replicas land on their own pods
+            assert not set(per_replica) & set(json.loads(json.loads(
+                g[other].get("rayStartParams", {}).get("resources", '"{}"')))), (group, other)
+        if env_name:
+            for grp in g.values():  # the app builder may run on any pod: every pod has the same env
+                assert json.loads(env(grp)[env_name]["value"]) == per_replica
+    assert g["head"]["rayStartParams"]["num-cpus"] == "0"
+
+
+# ---------------------------------------------------------------- services, probes, disruption
+
+def test_services_and_probes_reach_the_gateway(default_docs):
+    g = groups(one(default_docs, "RayService"))
+    gateway = g["gateway"]["template"]
+    labels = gateway["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in container(g["gateway"])["ports"]}
+    services = {s["metadata"]["name"]: s for s in by_kind(default_docs, "Service")}
+    grpc_svc, http_svc = services["dh-drafthorse-grpc"], services["dh-drafthorse-http"]
+    for svc, port_name, port in [(grpc_svc, "grpc", 50051), (http_svc, "http", 8000)]:
+        assert svc["spec"]["selector"].items() <= labels.items()
+        (p,) = svc["spec"]["ports"]
+        assert p["port"] == port and p["targetPort"] == port_name and ports[port_name] == port
+    for other in ("head", "draft", "target"):  # only gateway pods are behind them
+        assert not grpc_svc["spec"]["selector"].items() <= g[other]["template"]["metadata"]["labels"].items()
+    c = container(g["gateway"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == 50051, probe
+    # KubeRay submits the Serve config only once the head pod is ready: no probe there may wait for the app
+    assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(container(g["head"]))
+    metrics_svc = services["dh-drafthorse-metrics"]
+    for grp in ("gateway", "draft", "target", "head"):
+        assert metrics_svc["spec"]["selector"].items() <= g[grp]["template"]["metadata"]["labels"].items()
+
+
+def test_disruption_budgets_select_the_worker_pods(default_docs):
+    g = groups(one(default_docs, "RayService"))
+    pdbs = {p["metadata"]["name"]: p for p in by_kind(default_docs, "PodDisruptionBudget")}
+    assert set(pdbs) == {f"dh-drafthorse-{x}" for x in ("gateway", "draft", "target")}
+    for name in ("gateway", "draft", "target"):
+        selector = pdbs[f"dh-drafthorse-{name}"]["spec"]["selector"]["matchLabels"]
+        for grp, spec in g.items():
+            selected = selector.items() <= spec["template"]["metadata"]["labels"].items()
+            assert selected == (grp == name), (name, grp)
+
+
+# ---------------------------------------------------------------- secrets
+
+def _secret_values(docs: list[dict]) -> list[str]:
+    return [base64.b64decode(v).decode() for s in by_kind(docs, "Secret") for v in s.get("data", {}).values()]
+
+
+@pytest.mark.parametrize("values_file", [None, "values-gpu.yaml"])
+def test_no_secret_value_appears_outside_secrets(values_file):
+    docs = render(values_file=values_file)
+    secrets = _secret_values(docs)
+    assert len(secrets) == 2 and all(len(v) >= 32 for v in secrets)
+    others = "\n".join(yaml.safe_dump(d) for d in docs if d["kind"] != "Secret")
+    for value in secrets:
+        assert value not in others
+        assert base64.b64encode(value.encode()).decode() not in others
+    g = groups(one(docs, "RayService"))
+    for grp in g.values():
+        e = env(grp)
+        assert e["DRAFTHORSE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dh-drafthorse-auth",
+                                                                           "key": "auth-token"}
+        assert e["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "dh-drafthorse-redis"
+        assert e["DRAFTHORSE_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@dh-drafthorse-redis:6379/0"
+    assert "auth_token" not in one(docs, "RayService")["spec"]["serveConfigV2"]
+
+
+def test_existing_secrets_and_external_redis():
+    docs = render({"auth": {"existingSecret": "my-token"},
+                   "redis": {"enabled": False, "external": {"host": "redis.example.internal", "port": 6380,
+                                                            "db": 2, "tls": True, "existingSecret": "my-redis"}}})
+    kinds = Counter(d["kind"] for d in docs)
+    assert "Secret" not in kinds and "StatefulSet" not in kinds
+    e = env(groups(one(docs, "RayService"))["target"])
+    assert e["DRAFTHORSE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "my-token"
+    assert e["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "redis-password"}
+    assert e["DRAFTHORSE_REDIS_URL"]["value"] == "rediss://:$(REDIS_PASSWORD)@redis.example.internal:6380/2"
+    for doc in docs:
+        if doc["kind"] in CORE_KINDS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_external_redis_without_password_draft_workers_off_and_a_group_image():
+    docs = render({"redis": {"enabled": False, "external": {"host": "10.0.0.5"}},
+                   "draft": {"enabled": False}, "target": {"image": "registry.example/target:7"}})
+    rs = one(docs, "RayService")
+    assert set(groups(rs)) == {"head", "gateway", "target"}
+    images = {name: container(grp)["image"] for name, grp in groups(rs).items()}
+    assert images == {"head": "ghcr.io/drafthorse/drafthorse:0.1.0", "gateway": "ghcr.io/drafthorse/drafthorse:0.1.0",
+                      "target": "registry.example/target:7"}
+    e = env(groups(rs)["target"])
+    assert "REDIS_PASSWORD" not in e and e["DRAFTHORSE_REDIS_URL"]["value"] == "redis://10.0.0.5:6379/0"
+    app = serve_config(rs)["applications"][0]
+    assert app["args"]["num_drafts"] == 0 and {d["name"] for d in app["deployments"]} == {"Gateway", "TargetWorker"}
+    assert {p["metadata"]["name"] for p in by_kind(docs, "PodDisruptionBudget")} == {
+        "dh-drafthorse-gateway", "dh-drafthorse-target"}
+
+
+# ---------------------------------------------------------------- bad values fail rendering
+
+@pytest.mark.parametrize("values,needle", [
+    ({"target": {"minReplicas": -1}}, "/target/minReplicas"),
+    ({"draft": {"maxReplicas": 0}}, "/draft/maxReplicas"),
+    ({"gateway": {"replicas": 0}}, "/gateway/replicas"),
+    ({"target": {"autoscaling": {"min_replicas": -2, "max_replicas": 4}}}, "/target/autoscaling/min_replicas"),
+    ({"target": {"rayResources": {"drafthorse_target": -1}}}, "/target/rayResources/drafthorse_target"),
+    ({"serve": {"gatewayPort": 70000}}, "/serve/gatewayPort"),
+    ({"model": {"drafter": "eagle"}}, "/model/drafter"),
+    ({"settings": {"Bad-Key": 1}}, "invalid propertyName 'Bad-Key'"),
+    ({"target": {"replicas": 3}}, "/target"),  # a typo'd key: groups take minReplicas/maxReplicas
+])
+def test_schema_rejects_bad_values(values, needle):
+    with pytest.raises(helm.HelmValuesError) as e:
+        render(values)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"target": {"minReplicas": 5, "maxReplicas": 2}}, "target.minReplicas (5) must not exceed target.maxReplicas (2)"),
+    ({"draft": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "draft.autoscaling.min_replicas (3)"),
+    ({"target": {"autoscaling": {"min_replicas": 1, "max_replicas": 9}}}, "target.autoscaling.max_replicas (9)"),
+    ({"redis": {"enabled": False}}, "redis.external.host"),
+    ({"settings": {"auth_token": "hunter2"}}, "settings.auth_token: secrets do not belong in values"),
+    ({"model": {"drafter": "draft-model"}}, "model.draft"),
+])
+def test_cross_field_checks_fail_with_a_clear_message(values, needle):
+    with pytest.raises(helm.HelmRenderError) as e:
+        render(values)
+    assert needle in str(e.value)
+
+
+def test_schema_knows_every_drafter_kind():
+    from actors.drafters import KINDS
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["model"]["properties"]["drafter"]["enum"] == list(KINDS)
