@@ -131,3 +131,16 @@ def test_sampling_is_deterministic_per_seed(tiny, make_engine, name):
         check_stats(a, len(PROMPTS["repetitive"]))
         outs.append(tuple(a.token_ids))
     assert len(set(outs)) > 1, "different seeds all gave the same sample"
+
+
+def test_draft_model_with_a_short_context_still_lossless(tiny, make_engine):
+    """A draft model whose own context fills up mid-generation stops drafting; output is unchanged."""
+    lm = tiny(1)
+    engine = make_engine(lm, 256)
+    params = SamplingParams(max_new_tokens=N_NEW)
+    plain = engine.generate(PROMPTS["repetitive"], params)
+    steps = list(engine.stream(PROMPTS["repetitive"], params,
+                               DraftModelDrafter(ModelRunner(lm.model, 30), depth=4, branches=2)))
+    assert [t for s in steps for t in s.token_ids] == plain.token_ids
+    drafted = [s.drafted for s in steps[1:]]
+    assert drafted[0] > 0 and drafted[-1] == 0   # it drafted, then its context was full

@@ -216,6 +216,25 @@ def test_stop_string_in_first_token_and_absent(tok, word_case):
     assert g.token_ids == plain.token_ids and g.text == plain.text and g.finish_reason == "length"
 
 
+@pytest.mark.parametrize("stop", ["hello world", "é", "龘龘龘", "🎉🎉🎉", "表 和 龘龘龘龘龘"],
+                         ids=["ascii", "latin", "cjk", "emoji", "mixed"])
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_stop_checker_multibyte_stop_strings(tok, stop, chunk):
+    """Characters the byte-level tokenizer splits into several byte tokens: a stop string can span
+    many more tokens than characters, fed one token at a time or several per step."""
+    from actors.spec.stops import StopChecker
+    decode = decoder(tok)
+    ids = tok.encode("naïve text " + stop + " and more after it", add_special_tokens=False)
+    want_tokens, want_text = expected_stop(decode, ids, [stop])
+    assert want_text == "naïve text " and len(want_tokens) < len(ids)
+    checker = StopChecker(1000, set(), [stop], decode)
+    kept = []
+    for i in range(0, len(ids), chunk):
+        kept += checker.feed(ids[i:i + chunk])
+    assert kept == want_tokens and checker.finish_reason == "stop"
+    assert checker.text() == want_text
+
+
 # ====================================================================== bad requests
 
 @pytest.mark.parametrize("prompt, params, name", [

@@ -239,6 +239,24 @@ def test_verify_sampling_never_accepts_impossible_tokens():
 
 # ====================================================================== end to end: engine + drafters
 
+@pytest.mark.parametrize("top_k, top_p", [(2, 1.0), (0, 0.3), (3, 0.6)])
+def test_sampled_tokens_stay_in_the_target_support(tiny, make_engine, top_k, top_p):
+    """top-k / top-p narrower than the draft tree (branches=3): every emitted token must have non-zero
+    processed target probability after its own prefix (checked with transformers' forward)."""
+    lm, draft = tiny(0), tiny(100)
+    engine = make_engine(lm, 128)
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, max_new_tokens=12)
+    for seed in range(4):
+        drafter = DraftModelDrafter(ModelRunner(draft.model, 128), depth=3, branches=3)
+        g = engine.generate(PROMPT, SamplingParams(**{**params.__dict__, "seed": seed}), drafter)
+        assert len(g.token_ids) == 12
+        with torch.no_grad():
+            logits = lm.hf(torch.tensor([PROMPT + g.token_ids])).logits[0, len(PROMPT) - 1:-1]
+        support = probs_from_logits(logits, params) > 0
+        assert support[torch.arange(12), torch.tensor(g.token_ids)].all(), g.token_ids
+
+
+
 E2E_VOCAB = 8
 E2E_TOKENS = 3          # joint distribution of the first 3 tokens (512 outcomes)
 E2E_N = 3000

@@ -16,8 +16,9 @@ class StopChecker:
         self.eos_ids = eos_ids
         self.stop = tuple(stop)
         self.decode = decode
-        # a stop string of c characters spans at most c + 1 tokens (+ slack for partial UTF-8)
-        self._window = max((len(s) for s in self.stop), default=0) + 4
+        # a stop string of b UTF-8 bytes spans at most b tokens (byte-level BPE splits a rare
+        # character into up to 4 byte tokens), + slack for a partial character at the window start
+        self._window = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 4
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
 
