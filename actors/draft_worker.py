@@ -9,10 +9,12 @@ import time
 
 import torch
 
+from actors.worker import GrpcWorker
+
 log = logging.getLogger(__name__)
 
 
-class DraftWorker:
+class DraftWorker(GrpcWorker):
     """Ray Serve deployment body (see cluster/app.py)."""
 
     def __init__(self, settings: dict):
@@ -56,13 +58,3 @@ class DraftWorker:
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metric: the sessions being drafted for right now."""
         return {"active_requests": self.service.session_count}
-
-    def check_health(self) -> None:
-        self.membership.check()
-
-    def __del__(self):
-        try:
-            self.membership.stop()
-            self.server.stop(grace=None)
-        except Exception:  # noqa: BLE001 - best effort at teardown
-            pass

@@ -17,6 +17,7 @@ import torch
 from actors.drafters import KINDS, NoDrafter
 from actors.engine import SpecEngine
 from actors.spec.stats import GenerationStats
+from actors.worker import GrpcWorker
 from protos.drafthorse.v1 import drafthorse_pb2 as pb
 from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
@@ -118,7 +119,7 @@ SERVICE = "drafthorse.v1.Target"
 
 
 
-class TargetWorker:
+class TargetWorker(GrpcWorker):
     """Ray Serve deployment body (see cluster/app.py): one target model behind a gRPC server."""
 
     def __init__(self, settings: dict):
@@ -161,13 +162,3 @@ class TargetWorker:
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metric (requests reach us over gRPC, not through Serve handles)."""
         return {"active_requests": self.service.active}
-
-    def check_health(self) -> None:
-        self.membership.check()
-
-    def __del__(self):
-        try:
-            self.membership.stop()
-            self.server.stop(grace=None)
-        except Exception:  # noqa: BLE001 - best effort at teardown
-            pass
