@@ -342,7 +342,10 @@ def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: 
         "draft_model": draft_lm.name if draft_lm is not None else None,
         "draft_depth": draft_depth,
         "draft_branches": draft_branches,
-        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "dtype": str(lm.model.dtype).removeprefix("torch."),       # ours and the hf baselines' (shared weights)
+        "hf_dtype": str(next(lm.hf.parameters()).dtype).removeprefix("torch."),
+        "draft_dtype": str(draft_lm.model.dtype).removeprefix("torch.") if draft_lm is not None else None,
+        "exact_rows": bool(lm.model.exact),    # decode and verify rows computed alike (models/exact.py)
         "max_new_tokens": max_new_tokens,
         "greedy": True,
         "hf_pld_prompt_lookup_num_tokens": PLD_TOKENS,

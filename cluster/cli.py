@@ -37,7 +37,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="sampling seed"),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     raw: bool = typer.Option(False, help="send the prompt as is, without the chat template"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: bfloat16 where the "
+                                           "CPU has it natively, else float32)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
     server: Optional[str] = typer.Option(None, help="HOST:PORT of a drafthorse gateway; in-process if unset"),
     session: Optional[str] = typer.Option(None, help="session id to continue (with --server)"),
@@ -84,7 +85,8 @@ def generate(
     try:
         if json_out:
             out = engine.generate(ids, params, d)
-            stats = out.stats.to_dict() | {"drafter": drafter, "dtype": dtype, "model": lm.name}
+            stats = out.stats.to_dict() | {"drafter": drafter, "dtype": lm.dtype, "model": lm.name,
+                                           "exact_rows": lm.model.exact}
             typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids,
                                    "finish_reason": out.finish_reason, "stats": stats}))
             return
@@ -108,7 +110,8 @@ def bench(
                                      "cluster-ngram,cluster-draft-model"),
     model: str = typer.Option("smollm2"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft-model method"),
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16, for drafthorse and the hf "
+                                           "baselines alike"),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("bench_out"), help="writes OUT/results.json and OUT/speedup.png"),
     server: Optional[str] = typer.Option(None, help="gateway HOST:PORT for the cluster-* methods"),
@@ -161,7 +164,7 @@ def serve(
     host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
     redis_url: Optional[str] = typer.Option(None, help="default: 127.0.0.1:6379 if up, else an embedded redis"),
     ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
-    dtype: Optional[str] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None, help="auto (default) | float32 | bfloat16 | float16"),
 ):
     """Start the cluster (Ray, Redis, gateway, target and draft workers) and serve until Ctrl-C.
     Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""

@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     model: str = "smollm2"
     draft_model: str | None = None
     drafter: str = "ngram"
-    dtype: str = "float32"
+    dtype: str = Field("auto", description="auto (bfloat16 where the CPU has it natively, else float32) | "
+                                           "float32 | bfloat16 | float16; target and draft models alike")
     max_len: int = Field(4096, ge=16, description="context per session (prompt + generated)")
     max_new_tokens_default: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(2048, ge=1)
@@ -41,6 +42,15 @@ class Settings(BaseSettings):
     draft_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
     auth_token: SecretStr | None = Field(None, description="shared token for internal gRPC; unset = random")
     grace_s: float = Field(5.0, ge=0)
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        from actors.models.loader import DTYPE_CHOICES
+        v = v.strip().lower()
+        if v not in DTYPE_CHOICES + ("float64",):
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {v!r}")
+        return v
 
     @field_validator("drafter")
     @classmethod

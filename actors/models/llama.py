@@ -82,13 +82,28 @@ class Llama(nn.Module):
         # row-invariant decode/verify (exact.py): on by default below float32
         self.exact = _exact.default_on(self.dtype)
         self.exact_ok: bool | None = None       # set by the probe: False if this machine defeats it
-        self._min_rows: int | None = None
+        self._min_rows: tuple[dict, int] | None = None
 
-    def min_rows(self) -> int:
-        """Rows an exact forward pads to (probed once, on first use)."""
+    def min_rows(self, attention: bool = False, weight: torch.Tensor | None = None) -> int:
+        """Rows an exact forward pads a product with `weight` (default: the most any weight needs), or
+        each attention group, to; probed once."""
         if self._min_rows is None:
             self._min_rows = _exact.probe_min_rows(self)
-        return self._min_rows
+        per_weight, attn = self._min_rows
+        if attention:
+            return attn
+        if weight is not None:
+            return per_weight.get(tuple(weight.shape), max(per_weight.values()))
+        return max(per_weight.values())
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, exact: bool) -> torch.Tensor:
+        """F.linear; in exact forwards with at least the rows from which w's products round alike
+        (dummy zero rows, dropped again)."""
+        n = x.shape[0]
+        need = self.min_rows(weight=w) if exact else 1
+        if n >= need:
+            return F.linear(x, w)
+        return F.linear(torch.cat([x, x.new_zeros(need - n, x.shape[1])]), w)[:n]
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.n_layers, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim, self.dtype)
@@ -115,22 +130,18 @@ class Llama(nn.Module):
         x = F.embedding(torch.cat([it[0] for it in items]), self.embed)
         pos = torch.cat([it[1] for it in items])
         exact = self.exact if exact is None else exact
-        plans = [_exact.plan(it[1], it[3], it[4]) for it in items] if exact else None
-        pad = max(0, self.min_rows() - x.shape[0]) if exact else 0
-        if pad:  # no matmul with fewer rows than min_rows: dummy rows, neither attended to nor cached
-            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-            pos = torch.cat([pos, pos.new_zeros(pad)])
+        plans = [_exact.plan(it[1], it[3], it[4], self.dtype) for it in items] if exact else None
         cos, sin = self.cos[pos][None], self.sin[pos][None]   # [1, N, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         masks = []
         for (_, _, _, start, mask), n in zip(items, sizes):
-            if mask is None and n > 1:  # causal over the new tokens, everything before `start` visible
+            if mask is None and n > 1 and not exact:  # causal over the new tokens, all before `start` visible
                 mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
             masks.append(None if mask is None else mask[None])
         total = x.shape[0]
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w["ln1"], self.eps)
-            q, k, v = F.linear(h, w["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = self._linear(h, w["qkv"], exact).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(total, self.n_heads, self.head_dim).transpose(0, 1)
             k = k.view(total, self.n_kv, self.head_dim).transpose(0, 1)
             v = v.view(total, self.n_kv, self.head_dim).transpose(0, 1)
@@ -143,24 +154,21 @@ class Llama(nn.Module):
                 cache.v[i, :, start:ctx] = v[:, row:row + n]
                 if exact:
                     outs.append(_exact.attend(q[:, row:row + n], cache.k[i], cache.v[i], plans[j],
-                                              self.head_dim ** -0.5))
+                                              self.head_dim ** -0.5, self.min_rows(attention=True)))
                 else:
                     outs.append(F.scaled_dot_product_attention(
                         q[None, :, row:row + n], cache.k[i, :, :ctx][None], cache.v[i, :, :ctx][None],
                         attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv)[0])
                 row += n
-            if pad:
-                outs.append(q.new_zeros(self.n_heads, pad, self.head_dim))
             o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-            x = x + F.linear(o.transpose(0, 1).reshape(total, q_size), w["o"])
+            x = x + self._linear(o.transpose(0, 1).reshape(total, q_size), w["o"], exact)
             h = _rms_norm(x, w["ln2"], self.eps)
-            gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["down"])
-        return list(_rms_norm(x[:sum(sizes)], self.norm, self.eps).split(sizes))
+            gate, up = self._linear(h, w["gate_up"], exact).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, w["down"], exact)
+        return list(_rms_norm(x, self.norm, self.eps).split(sizes))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        n = hidden.shape[0]
-        if self.exact and n < self.min_rows():  # as in forward_batch: rows round alike from min_rows on
-            hidden = torch.cat([hidden, hidden.new_zeros(self.min_rows() - n, hidden.shape[1])])
-        return F.linear(hidden, self.lm_head)[:n]
+        # in at least float32, as HF's generate takes them: argmax over bfloat16 is 5x slower
+        out = self._linear(hidden, self.lm_head, self.exact)
+        return out if out.dtype in (torch.float32, torch.float64) else out.float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")   # what flags and settings offer
+NATIVE_BF16_ENV = "DRAFTHORSE_NATIVE_BF16"   # "0": behave as if the CPU had no bfloat16 (tests), "1": as if it had
 
 
 @dataclass
@@ -31,6 +34,10 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
 
 
 def smollm2_path() -> Path:
@@ -65,15 +72,52 @@ def dtype_of(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):   # x86 / arm64
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: str = "cpu", env: bool = True) -> bool:
+    """Whether `device` computes bfloat16 natively: AVX-512 BF16 or AMX (x86), BF16 (arm64), or a CUDA
+    GPU that supports it. DRAFTHORSE_NATIVE_BF16=0/1 overrides the answer (env=False ignores it)."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip() if env else ""
+    if forced:
+        return forced.lower() not in ("0", "false", "no", "off")
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())
+
+
+def resolve_dtype(name: str | None, device: str = "cpu", native: bool | None = None) -> str:
+    """'auto' (or None) -> 'bfloat16' where `device` has native bfloat16, else 'float32'; any other
+    name is checked and returned. native: the answer to use instead of detecting it."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        native = native_bf16(device) if native is None else native
+        return "bfloat16" if native else "float32"
+    dtype_of(name)
+    return name
 
 
 def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192) -> LoadedModel:
     """spec: 'smollm2', a .gguf file, an HF directory, or 'tiny:SEED' (a tiny random Llama in float64
-    with SmolLM2's tokenizer: what cluster tests serve, fast and exactly reproducible)."""
+    with SmolLM2's tokenizer, whatever dtype says: what cluster tests serve, fast and exactly
+    reproducible). dtype: 'auto' (bfloat16 where the CPU has it natively, else float32) or a name.
+    The weights are cast once here; a GGUF's converted weights are cached (gguf_cache.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    asked, dtype = dtype, resolve_dtype(dtype)
     if spec.startswith("tiny:"):
         directory, gguf = resolve(DEFAULT_MODEL)
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
@@ -82,10 +126,26 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
         return lm
     directory, gguf = resolve(spec)
     kw = {"gguf_file": gguf} if gguf else {}
-    log.info("loading %s (%s)", spec, dtype)
-    tok = AutoTokenizer.from_pretrained(directory, **kw)
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dtype), **kw).eval()
-    return wrap(hf, tok, name=spec if spec == DEFAULT_MODEL else str(Path(spec).resolve()), max_len=max_len)
+    t0 = time.perf_counter()
+    cached, source = None, "model directory"
+    if gguf:
+        from . import gguf_cache
+        sha = gguf_cache.file_sha256(Path(directory) / gguf) if gguf_cache.cache_root() else None
+        cached = gguf_cache.load(sha, dtype) if sha else None
+        source = "weights cache" if cached else "GGUF (converting)"
+    if cached:
+        hf, tok = cached
+    else:
+        tok = AutoTokenizer.from_pretrained(directory, **kw)
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dtype), **kw).eval()
+        if gguf and sha:
+            gguf_cache.store(sha, dtype, hf, tok)
+    lm = wrap(hf, tok, name=spec if spec == DEFAULT_MODEL else str(Path(spec).resolve()), max_len=max_len)
+    if lm.model.exact:
+        lm.model.min_rows()   # probe the kernels now, not in the first request
+    log.info("loaded %s as %s%s from the %s in %.1f s%s", spec, dtype, f" (asked: {asked})" if asked != dtype else "",
+             source, time.perf_counter() - t0, "; exact decode/verify rows" if lm.model.exact else "")
+    return lm
 
 
 def vocab_size_of(spec: str) -> int:

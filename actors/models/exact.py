@@ -1,0 +1,211 @@
+"""Row-invariant decoding: a token is computed bit for bit the same way whether it is scored alone
+(plain one-token decoding) or as one row of a k-token tree verification, at any dtype.
+
+Why it is needed: at bfloat16 a 1-token decode and a k-token verify take different kernel paths and
+round differently (measured on SmolLM2: every verify row differed from its decode row, by up to 0.9
+in a hidden state), so greedy speculation would drift away from plain decoding. Two things differ:
+
+1. Matrix products with M = 1 row. BLAS kernels pick a different code path (and summation order) for
+   one row than for many (bf16 here: the MLP down projection; float32 here: every GEMM below four
+   rows), while from some row count on every row of every M rounds alike. `probe_min_rows` measures
+   that row count on this machine for the model's own weight shapes once, and exact forwards pad
+   their rows up to it with dummy rows that are neither attended to nor cached.
+
+2. Attention. A decode row attends to a contiguous prefix of length p + 1; the same position in a
+   verify attends through a mask to a longer, partly masked context whose accepted branch may sit
+   at scattered cache slots (tree siblings in between). Library kernels sum over keys in an order
+   that depends on the key count and on where the keys sit. Here the keys of a row at position p
+   are split at a point that depends on p alone, s(p) = max(0, floor((p - DEPTH) / CHUNK) * CHUNK):
+     - keys [0, s(p)) are committed (a tree node is at most DEPTH below the committed prefix), so
+       they are the same contiguous cache slice in decode and verify;
+     - keys of logical positions [s(p), p] (at most WINDOW = DEPTH + CHUNK of them: the row's
+       own ancestors in the tree, in order) are gathered into a fixed-length window, masked after p.
+   Scores of both parts are concatenated, soft-maxed in float32 and applied to both parts' values.
+   Every product has the same shape in decode and verify, the row count aside, and batched
+   matrix products are row- and batch-invariant; so each row comes out the same.
+
+Everything else (embedding, RMSNorm, RoPE, SiLU, residuals) works row by row already. The prefill
+is shared by plain and speculative decoding, so it keeps the fast path."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+DEPTH = 32                 # deepest scratch node (below the committed prefix) an exact forward takes
+CHUNK = 32                 # granularity of the split point s(p)
+WINDOW = DEPTH + CHUNK     # keys gathered per row
+_PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96)   # each divides 96
+
+
+def default_on(dtype: torch.dtype) -> bool:
+    """Exact forwards by default below float32 (where rounding differences flip argmaxes);
+    DRAFTHORSE_EXACT=1 / 0 forces them on / off for every dtype."""
+    env = os.environ.get("DRAFTHORSE_EXACT", "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Group:
+    """Rows of one sequence that share the split point."""
+    rows: torch.Tensor | None   # row indices within the sequence (None = all of them)
+    split: int                  # keys [0, split) come straight from the cache
+    idx: torch.Tensor           # [g, WINDOW] cache slots of logical positions split .. split+WINDOW-1
+    bias: torch.Tensor          # [1, g, 1, split + WINDOW]: 0 (visible) or -inf, in the model's dtype
+
+
+def split_point(positions: torch.Tensor) -> torch.Tensor:
+    return (torch.div(positions - DEPTH, CHUNK, rounding_mode="floor") * CHUNK).clamp_min(0)
+
+
+def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None,
+         dtype: torch.dtype = torch.float32) -> list[Group]:
+    """Per forward (not per layer): which cache slots each row reads. mask: [n, start + n] bool or
+    None (a chain: row r sees slots [0, start + r]); dtype: the scores' (the model's)."""
+    n = positions.numel()
+    ctx = start + n
+    if mask is None:
+        mask = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start)
+    seen = mask.cumsum(-1)                     # [n, ctx]: visible slots up to here
+    if not torch.equal(seen[:, -1], positions + 1):
+        raise ValueError("exact forward: each row must see exactly its position + 1 slots")
+    split = split_point(positions)
+    # keys [0, split) must be the committed slots 0..split-1 (true unless a tree is deeper than DEPTH)
+    inside = split > 0
+    if inside.any():
+        r = inside.nonzero(as_tuple=True)[0]
+        if not torch.equal(seen[r, split[r] - 1], split[r]):
+            raise ValueError(f"exact forward: tree nodes deeper than {DEPTH} below the committed prefix")
+    logical = seen - 1                         # logical position of each visible slot
+    sel = mask & (logical >= split[:, None])
+    r_i, s_i = sel.nonzero(as_tuple=True)
+    t_i = logical[r_i, s_i] - split[r_i]
+    idx = torch.zeros(n, WINDOW, dtype=torch.long)   # invisible entries read slot 0 (finite, masked)
+    idx[r_i, t_i] = s_i
+    valid = torch.zeros(n, WINDOW, dtype=torch.bool)
+    valid[r_i, t_i] = True
+    groups = []
+    values = split.unique().tolist()
+    for s in values:
+        rows = None if len(values) == 1 else (split == s).nonzero(as_tuple=True)[0]
+        v = valid if rows is None else valid[rows]
+        bias = torch.zeros(v.shape[0], s + WINDOW, dtype=dtype)
+        bias[:, s:].masked_fill_(~v, float("-inf"))
+        groups.append(Group(rows, int(s), idx if rows is None else idx[rows], bias[None, :, None, :]))
+    return groups
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: list[Group],
+           scale: float, min_rows: int = 1) -> torch.Tensor:
+    """q: [heads, n, d] (RoPE applied); k_cache, v_cache: [kv_heads, max_len, d] of one layer, the
+    rows' own keys already written. Every product runs on at least min_rows rows (copies of the
+    first row pad a smaller group). Returns [heads, n, d]."""
+    heads, n, d = q.shape
+    kv = k_cache.shape[0]
+    grp = heads // kv
+    qk = q.view(kv, grp, n, d).transpose(1, 2)            # [kv, n, grp, d]: query heads by kv head
+    acc = torch.promote_types(q.dtype, torch.float32)    # softmax in at least float32
+    out = None if len(groups) == 1 else q.new_empty(kv, n, grp, d)
+    for g in groups:
+        qg = qk if g.rows is None else qk[:, g.rows]
+        real, idx, bias = qg.shape[1], g.idx, g.bias
+        if real < min_rows:
+            extra = [0] * (min_rows - real)
+            qg = torch.cat([qg, qg[:, extra]], dim=1)
+            idx, bias = torch.cat([idx, idx[extra]]), torch.cat([bias, bias[:, extra]], dim=1)
+        qg = qg.contiguous()
+        m, s = qg.shape[1], g.split
+        flat = idx.reshape(-1)                             # (index_select: ~8x faster than k_cache[:, idx])
+        kt = k_cache.index_select(1, flat).view(kv, m, WINDOW, d)
+        vt = v_cache.index_select(1, flat).view(kv, m, WINDOW, d)
+        scores = qg @ kt.transpose(-1, -2)                # [kv, m, grp, WINDOW]
+        if s:
+            head = qg.view(kv, m * grp, d) @ k_cache[:, :s].transpose(-1, -2)
+            scores = torch.cat([head.view(kv, m, grp, s), scores], dim=-1)
+        # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale)
+        w = torch.softmax(scores.mul_(scale).add_(bias), dim=-1, dtype=acc).to(q.dtype)
+        o = w[..., s:] @ vt                               # [kv, m, grp, d]
+        if s:
+            o = o + (w[..., :s].reshape(kv, m * grp, s) @ v_cache[:, :s]).view(kv, m, grp, d)
+        o = o[:, :real]
+        if out is None:
+            out = o
+        else:
+            out[:, g.rows] = o
+    return out.transpose(1, 2).reshape(heads, n, d)
+
+
+# ---------------------------------------------------------------- probing the machine's kernels
+
+def _stable_from(op, k: int, dtype: torch.dtype, gen: torch.Generator) -> int | None:
+    """Smallest row count m0 such that, for every probed M >= m0, running op on the rows in slices of
+    M gives what one call on all of them gives: the row count from which rows round alike. None if
+    none. op maps rows [M, k] to results with rows in dim 0. Rounding differences show in a few
+    percent of rows only, so every M runs over all rows (heavy-tailed data, as activations are)."""
+    top = _PROBE_ROWS[-1]
+    x = (torch.randn(top, k, generator=gen) ** 3).to(dtype)
+    ref = op(x)
+    m0 = None
+    for m in reversed(_PROBE_ROWS[:-1]):
+        got = torch.cat([op(x[a:a + m].clone()) for a in range(0, top, m)])
+        if not torch.equal(got, ref):
+            break
+        m0 = m
+    return m0
+
+
+def probe_min_rows(model) -> tuple[dict, int]:
+    """({weight shape: rows an exact product with it pads to}, rows each attention group pads to):
+    from these counts on, every row comes out the same whatever the row count. Measured once per
+    model (about a second for SmolLM2); warns when no such count exists on this machine."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    dtype = model.dtype
+    w0 = model.layers[0]
+    per_weight = {}
+    # (the LM head through its first rows: its row count decides the cost, not the kernel path)
+    for key, w in (("qkv", w0["qkv"]), ("o", w0["o"]), ("gate_up", w0["gate_up"]), ("down", w0["down"]),
+                   ("lm_head", model.lm_head[:4096])):
+        shape = tuple(model.lm_head.shape) if key == "lm_head" else tuple(w.shape)
+        if shape not in per_weight:
+            per_weight[shape] = _stable_from(lambda x, w=w: F.linear(x, w), w.shape[1], dtype, gen)
+    needs = []
+    # attention's shared-prefix products: [kv, rows * grp, d] @ [kv, d, T] and [kv, rows * grp, T] @ [kv, T, d]
+    kv, d, grp = model.n_kv, model.head_dim, model.n_heads // model.n_kv
+    # (operands laid out as in `attend`: slices of a [kv, max_len, d] cache)
+    t = 3 * CHUNK
+    keys = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
+    vals = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
+    needs.append((_stable_from(lambda x: (x.expand(kv, -1, -1).contiguous() @ keys.transpose(-1, -2))
+                               .transpose(0, 1), d, dtype, gen), grp))
+    needs.append((_stable_from(lambda x: (x.expand(kv, -1, -1).contiguous() @ vals).transpose(0, 1),
+                               t, dtype, gen), grp))
+    # attention's per-row window products, batched over rows: [1, m, grp, d] @ [1, m, d, W] and
+    # [1, m, grp, W] @ [1, m, W, d] (each row brings its own keys and values)
+    def windowed(x, a, b, c, keys):
+        lhs = x[:, :a * b].view(1, -1, a, b)
+        rhs = x[:, a * b:].view(1, -1, c, b).transpose(-1, -2) if keys else x[:, a * b:].view(1, -1, b, c)
+        return (lhs @ rhs)[0]
+    needs.append((_stable_from(lambda x: windowed(x, grp, d, WINDOW, True), (grp + WINDOW) * d, dtype, gen), 1))
+    needs.append((_stable_from(lambda x: windowed(x, grp, WINDOW, d, False), (grp + d) * WINDOW, dtype, gen), 1))
+    if None in per_weight.values() or any(m0 is None for m0, _ in needs):
+        log.warning("exact decoding: this machine's %s matrix kernels round rows differently at every "
+                    "row count probed; speculative output may differ from plain decoding", dtype)
+        model.exact_ok = False
+        return {shape: 1 for shape in per_weight}, 1
+    attn = max(math.ceil(m0 / per_row) for m0, per_row in needs)
+    model.exact_ok = True
+    log.info("exact decoding (%s): matmul rows padded to %s, attention rows to %d (probed in %.2f s)",
+             str(dtype).removeprefix("torch."), sorted(set(per_weight.values())), attn, time.perf_counter() - t0)
+    return per_weight, attn

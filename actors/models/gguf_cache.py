@@ -1,0 +1,119 @@
+"""Converted-weights cache for GGUF models.
+
+Dequantising a GGUF (and parsing its tokenizer and config) takes ~20 s at every start; the same
+weights read back from safetensors take a fraction of a second. The first load of a GGUF at a dtype
+writes an ordinary HF model directory (config, generation config, tokenizer, model.safetensors) to
+
+    $DRAFTHORSE_CACHE_DIR/models/<sha256 of the GGUF, 24 hex>-<dtype>/     (default ~/.cache/drafthorse)
+
+with a manifest (drafthorse.json) holding the sha256 of every file in it. Later loads verify those
+checksums before trusting the directory: a corrupted or partial entry is removed and rebuilt from
+the GGUF, never loaded. Entries are written to a temporary directory and renamed into place, so a
+crash mid-write leaves no entry. DRAFTHORSE_CACHE_DIR=off disables the cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "DRAFTHORSE_CACHE_DIR"
+FORMAT = 1
+MANIFEST = "drafthorse.json"
+
+
+def cache_root() -> Path | None:
+    """The cache folder, or None when the cache is off."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env.lower() in ("off", "none", "0", "false"):
+        return None
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "drafthorse"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def entry_dir(gguf_sha: str, dtype: str, root: Path | None = None) -> Path | None:
+    root = root or cache_root()
+    return None if root is None else root / "models" / f"{gguf_sha[:24]}-{dtype}"
+
+
+def _versions() -> dict:
+    import transformers
+    return {"format": FORMAT, "transformers": transformers.__version__}
+
+
+def load(gguf_sha: str, dtype: str):
+    """(hf model, tokenizer) from a verified cache entry, or None (no entry, stale or corrupted:
+    then the entry is removed and the caller converts the GGUF again)."""
+    d = entry_dir(gguf_sha, dtype)
+    if d is None or not (d / MANIFEST).is_file():
+        return None
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        if manifest.get("versions") != _versions() or manifest.get("gguf_sha256") != gguf_sha \
+                or manifest.get("dtype") != dtype:
+            raise ValueError("written by another version")
+        files = manifest["files"]
+        if "model.safetensors" not in files or "config.json" not in files:
+            raise ValueError("incomplete manifest")
+        for name, want in files.items():
+            if file_sha256(d / name) != want:
+                raise ValueError(f"checksum mismatch in {name}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("weights cache %s is unusable (%s): rebuilding it from the GGUF", d, e)
+        shutil.rmtree(d, ignore_errors=True)
+        return None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").is_file() else None
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval()
+    return hf, tok
+
+
+def store(gguf_sha: str, dtype: str, hf: torch.nn.Module, tokenizer) -> Path | None:
+    """Write a cache entry for a model just converted from a GGUF; returns its folder (None when the
+    cache is off or the write failed: a cache is never worth failing a load for)."""
+    d = entry_dir(gguf_sha, dtype)
+    if d is None:
+        return None
+    from safetensors.torch import save_file
+    tmp = None
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=d.name + ".tmp-", dir=d.parent))
+        state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
+        if getattr(hf.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)   # tied to the embedding: stored once
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        hf.config.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg.pop("quantization_config", None)      # plain weights now, not a quantized checkpoint
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if hf.generation_config is not None:
+            hf.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {"versions": _versions(), "gguf_sha256": gguf_sha, "dtype": dtype, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o755)                       # mkdtemp made it private
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+        return d
+    except OSError as e:
+        log.warning("could not write the weights cache %s: %s", d, e)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None

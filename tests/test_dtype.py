@@ -1,0 +1,323 @@
+"""Low-precision targets: `auto` dtype selection, exactness at bfloat16 (a verify row is computed bit for
+bit like a one-token decode row, so greedy speculation equals plain decoding at the same dtype), and
+the GGUF converted-weights cache (hit, corrupted entry)."""
+from __future__ import annotations
+
+import functools
+import json
+import random
+
+import pytest
+import torch
+
+from actors.drafters.base import NoDrafter
+from actors.drafters.draft_model import DraftModelDrafter
+from actors.drafters.ngram import NgramDrafter
+from actors.engine import SpecEngine
+from actors.models import exact, gguf_cache, loader
+from actors.models.runner import ModelRunner, score_batch
+from actors.spec.sampling import SamplingParams
+
+_r = random.Random(7)
+PROMPTS = {
+    "repetitive": [1, 2, 3, 4] * 3 + [1, 2],
+    "repeated_phrase": [7, 90, 33, 12, 5, 7, 90, 33, 12, 5, 7, 90],
+    "random": [_r.randrange(128) for _ in range(16)],
+    # long enough that decode and verify rows cross the exact-attention split points (exact.py)
+    "long": [_r.randrange(128) for _ in range(90)],
+}
+N_NEW = 40
+# (dtype, exact forwards): float32 runs as today (exact off) and with exact forwards forced on
+CONFIGS = [("bfloat16", None), ("float16", None), ("float32", None), ("float32", True)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(seed: int, dtype: str):
+    return loader.tiny_llama(seed, dtype=getattr(torch, dtype), max_len=512)
+
+
+def tiny_at(seed: int, dtype: str, exact_on: bool | None):
+    lm = _tiny(seed, dtype)
+    lm.model.exact = exact.default_on(lm.model.dtype) if exact_on is None else exact_on
+    return lm
+
+
+# ---------------------------------------------------------------- auto dtype
+
+def test_auto_dtype_on_this_machine(monkeypatch):
+    monkeypatch.delenv(loader.NATIVE_BF16_ENV, raising=False)
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    native = bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+    assert loader.native_bf16() is native
+    assert loader.resolve_dtype("auto") == ("bfloat16" if native else "float32")
+    assert loader.resolve_dtype(None) == loader.resolve_dtype("AUTO")
+
+
+def test_auto_dtype_falls_back_without_native_bf16(monkeypatch):
+    assert loader.resolve_dtype("auto", native=False) == "float32"
+    assert loader.resolve_dtype("auto", native=True) == "bfloat16"
+    monkeypatch.setenv(loader.NATIVE_BF16_ENV, "0")
+    assert loader.native_bf16() is False and loader.resolve_dtype("auto") == "float32"
+    monkeypatch.setenv(loader.NATIVE_BF16_ENV, "1")
+    assert loader.resolve_dtype("auto") == "bfloat16"
+    # explicit names are never overridden
+    monkeypatch.setenv(loader.NATIVE_BF16_ENV, "0")
+    assert loader.resolve_dtype("bfloat16") == "bfloat16" and loader.resolve_dtype("float16") == "float16"
+
+
+def test_dtype_names_are_checked():
+    from pydantic import ValidationError
+
+    from cluster.settings import Settings
+    with pytest.raises(ValueError, match="dtype must be"):
+        loader.resolve_dtype("int8")
+    assert Settings().dtype == "auto"
+    assert Settings(dtype="BFloat16").dtype == "bfloat16"
+    with pytest.raises(ValidationError, match="dtype must be"):
+        Settings(dtype="int8")
+
+
+def test_exact_forwards_default_on_below_float32(monkeypatch):
+    monkeypatch.delenv("DRAFTHORSE_EXACT", raising=False)
+    assert exact.default_on(torch.bfloat16) and exact.default_on(torch.float16)
+    assert not exact.default_on(torch.float32) and not exact.default_on(torch.float64)
+    monkeypatch.setenv("DRAFTHORSE_EXACT", "1")
+    assert exact.default_on(torch.float32)
+    monkeypatch.setenv("DRAFTHORSE_EXACT", "0")
+    assert not exact.default_on(torch.bfloat16)
+
+
+def test_cli_generate_reports_the_chosen_dtype(tmp_path, monkeypatch):
+    """`generate --dtype auto` on an HF directory: the weights are cast once at load, and the dtype
+    actually used is in the --json stats (bfloat16 here, float32 when native bf16 is forced off)."""
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+    tiny = loader.load("tiny:3")             # SmolLM2's tokenizer over a tiny float64 Llama
+    tiny.hf.to(torch.float32).save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    outs = {}
+    for native in ("1", "0"):
+        monkeypatch.setenv(loader.NATIVE_BF16_ENV, native)
+        res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tmp_path), "--max-new-tokens", "8",
+                                       "--json", "--drafter", "ngram", "--no-adaptive"])
+        assert res.exit_code == 0, res.output
+        outs[native] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert outs["1"]["stats"]["dtype"] == "bfloat16" and outs["1"]["stats"]["exact_rows"] is True
+    assert outs["0"]["stats"]["dtype"] == "float32" and outs["0"]["stats"]["exact_rows"] is False
+    res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tmp_path), "--dtype", "int8"])
+    assert res.exit_code == 2 and "dtype must be" in res.output
+
+
+# ---------------------------------------------------------------- exactness
+
+def _decode_rows(lm, prompt: list[int], n: int):
+    """Plain greedy decoding through the runner's one-token forward: (runner, tokens, hidden rows,
+    logits rows, cache snapshot, prefix length)."""
+    r = ModelRunner(lm.model, 512)
+    logits, _ = r.extend(prompt)
+    toks, hid, log = [int(logits.argmax())], [], []
+    for _ in range(n):
+        lg, h = r.score([toks[-1]], [-1])
+        r.commit([0])
+        hid.append(h[0].clone())
+        log.append(lg[0].clone())
+        toks.append(int(lg[0].argmax()))
+    return r, toks, hid, log, (r.cache.k.clone(), r.cache.v.clone()), len(prompt)
+
+
+def _rewind(r, snap, length):
+    r.cache.k.copy_(snap[0])
+    r.cache.v.copy_(snap[1])
+    r.discard()
+    r.length = length
+
+
+def check_rows_bitwise(lm, prompt, offsets, sizes, decode_n):
+    """Chains and trees (a decoy branch first, so the true branch sits at scattered cache slots)
+    scored in one forward give exactly the rows of one-token decoding; so does a batch of two."""
+    r, toks, hid, log, snap, plen = _decode_rows(lm, prompt, decode_n)
+    other = ModelRunner(lm.model, 512)
+    other.extend(prompt[: len(prompt) // 2])
+    bad = []
+    for off in offsets:
+        for k in sizes:
+            seq = toks[off:off + k]
+            _rewind(r, snap, plen + off)
+            lg, h = r.score(seq, [-1] + list(range(k - 1)))
+            rows = list(range(k))
+            decoy = [(t + 1) % lm.vocab_size for t in seq[1:4]]
+            _rewind(r, snap, plen + off)
+            lg2, h2 = r.score([seq[0]] + decoy + seq[1:],
+                              [-1] + list(range(len(decoy))) + [0] + list(range(len(decoy) + 1, len(decoy) + k - 1)))
+            rows2 = [0] + list(range(len(decoy) + 1, len(decoy) + k))
+            _rewind(r, snap, plen + off)
+            other.discard()
+            (lg3, h3), _ = score_batch([r, other], [seq, [5, 6, 7]], [[-1] + list(range(k - 1)), [-1, 0, 1]])
+            for name, L, H, rs in (("chain", lg, h, rows), ("tree", lg2, h2, rows2), ("batch", lg3, h3, rows)):
+                for i, row in enumerate(rs):
+                    if not (torch.equal(H[row], hid[off + i]) and torch.equal(L[row], log[off + i])):
+                        bad.append((name, off, k, i))
+    r.discard()
+    return bad
+
+
+@pytest.mark.parametrize("dtype,exact_on", [("bfloat16", None), ("float16", None), ("float32", True)])
+def test_verify_rows_are_bitwise_decode_rows(dtype, exact_on):
+    lm = tiny_at(0, dtype, exact_on)
+    assert lm.model.exact and lm.model.min_rows() >= 1 and lm.model.exact_ok
+    bad = check_rows_bitwise(lm, PROMPTS["long"], offsets=range(0, 60, 7), sizes=(2, 5, 9), decode_n=70)
+    assert not bad, f"{len(bad)} rows differ, first {bad[:5]}"
+
+
+def test_exact_forward_refuses_a_too_deep_tree():
+    lm = tiny_at(0, "bfloat16", None)
+    r = ModelRunner(lm.model, 512)
+    r.extend(PROMPTS["random"])
+    depth = exact.DEPTH + exact.CHUNK + 2
+    tokens = [1, 2] + [3] * depth          # root, a one-node branch, then a deep second branch
+    parents = [-1, 0, 0] + list(range(2, depth + 1))
+    with pytest.raises(ValueError, match="deeper than"):
+        r.score(tokens, parents)
+
+
+def drafters(lm, draft_lm):
+    return {
+        "ngram": lambda: NgramDrafter(),
+        "ngram_wide": lambda: NgramDrafter(max_ngram=4, max_branches=4, depth=5),
+        "draft_chain": lambda: DraftModelDrafter(ModelRunner(draft_lm.model, 512), depth=4, branches=1),
+        "draft_tree": lambda: DraftModelDrafter(ModelRunner(draft_lm.model, 512), depth=4, branches=3),
+        "self_tree": lambda: DraftModelDrafter(ModelRunner(lm.model, 512), depth=4, branches=3),
+    }
+
+
+@pytest.mark.parametrize("dtype,exact_on", CONFIGS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_speculation_equals_plain_at_each_dtype(dtype, exact_on, seed):
+    lm, draft_lm = tiny_at(seed, dtype, exact_on), tiny_at(seed + 100, dtype, exact_on)
+    engine = SpecEngine(ModelRunner(lm.model, 512), lm.eos_ids)
+    params = SamplingParams(max_new_tokens=N_NEW)
+    accepted = dict.fromkeys(drafters(lm, draft_lm), 0)
+    for pname, prompt in PROMPTS.items():
+        plain = engine.generate(prompt, params, NoDrafter())
+        assert len(plain.token_ids) == N_NEW
+        for name, make in drafters(lm, draft_lm).items():
+            g = engine.generate(prompt, params, make())
+            assert g.token_ids == plain.token_ids, f"{name} changed the greedy output ({dtype}, {pname})"
+            accepted[name] += g.stats.accepted_tokens
+    for name in ("ngram", "self_tree"):
+        assert accepted[name] > 0, f"{name} never had a draft token accepted: the comparison proves nothing"
+
+
+# ---------------------------------------------------------------- GGUF weights cache
+
+def test_cache_entry_round_trip_and_corruption(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
+    lm = _tiny(5, "bfloat16")
+    sha = "ab" * 32
+    assert gguf_cache.load(sha, "bfloat16") is None                 # miss
+    d = gguf_cache.store(sha, "bfloat16", lm.hf, None)
+    assert d == tmp_path / "models" / f"{sha[:24]}-bfloat16" and (d / gguf_cache.MANIFEST).is_file()
+    hf, tok = gguf_cache.load(sha, "bfloat16")                      # hit: the same weights
+    assert tok is None
+    want = lm.hf.state_dict()
+    got = hf.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert gguf_cache.load(sha, "float32") is None                  # keyed by dtype too
+    # flip one byte in the middle of the weights: never loaded, the entry is dropped
+    p = d / "model.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    p.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        assert gguf_cache.load(sha, "bfloat16") is None
+    assert "checksum mismatch in model.safetensors" in caplog.text and not d.exists()
+    # a truncated manifest, and an entry from another format version, are rebuilt as well
+    d = gguf_cache.store(sha, "bfloat16", lm.hf, None)
+    (d / gguf_cache.MANIFEST).write_text("{")
+    assert gguf_cache.load(sha, "bfloat16") is None and not d.exists()
+    d = gguf_cache.store(sha, "bfloat16", lm.hf, None)
+    m = json.loads((d / gguf_cache.MANIFEST).read_text())
+    m["versions"]["format"] = -1
+    (d / gguf_cache.MANIFEST).write_text(json.dumps(m))
+    assert gguf_cache.load(sha, "bfloat16") is None
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, "off")
+    assert gguf_cache.cache_root() is None and gguf_cache.store(sha, "bfloat16", lm.hf, None) is None
+
+
+# ---------------------------------------------------------------- SmolLM2 at bfloat16
+
+SMOL_QUESTIONS = [
+    "Edit the following paragraph to correct any grammatical errors:\nShe didn't remembre where is her purse, "
+    "so I thinks its in the car but he's say it's on kitchen table but he are not sure.",
+    "Write a C++ program to find the nth Fibonacci number using recursion.",
+    "Given these records, extract the highest closing price for each month as CSV:\nDate,Close\n"
+    "2022-01-01,153.80\n2022-01-02,156.25\n2022-02-01,161.80\n2022-02-02,163.90\n2022-03-01,166.80",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lm = loader.load("smollm2", "bfloat16")
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    yield lm
+    torch.set_num_threads(before)
+
+
+@pytest.mark.smollm2
+def test_smollm2_bf16_ngram_equals_plain(smollm2_bf16):
+    lm = smollm2_bf16
+    assert lm.dtype == "bfloat16" and lm.model.exact and lm.model.exact_ok
+    engine = SpecEngine(ModelRunner(lm.model, 1024), lm.eos_ids)
+    params = SamplingParams(max_new_tokens=64)
+    accepted = 0
+    for q in SMOL_QUESTIONS:
+        prompt = loader.chat_prompt(lm.tokenizer, [{"role": "user", "content": q}])
+        plain = engine.generate(prompt, params)
+        g = engine.generate(prompt, params, NgramDrafter())
+        assert g.token_ids == plain.token_ids, lm.tokenizer.decode(plain.token_ids)
+        accepted += g.stats.accepted_tokens
+    assert accepted > 0
+
+
+@pytest.mark.smollm2
+def test_smollm2_bf16_verify_rows_are_bitwise_decode_rows(smollm2_bf16):
+    lm = smollm2_bf16
+    prompt = loader.chat_prompt(lm.tokenizer, [{"role": "user", "content": SMOL_QUESTIONS[1]}])
+    bad = check_rows_bitwise(lm, prompt, offsets=(0, 9, 20, 33), sizes=(2, 9), decode_n=44)
+    assert not bad, f"{len(bad)} rows differ, first {bad[:5]}"
+
+
+@pytest.mark.smollm2
+def test_smollm2_gguf_cache_hit_and_corrupted_entry(tmp_path, monkeypatch, caplog):
+    """Cold load converts the GGUF and writes the cache; a warm load reads the same weights back; a
+    corrupted entry is detected by its checksum and rebuilt, never loaded."""
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
+    try:
+        cold = loader.load("smollm2", "bfloat16")
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    (entry,) = (tmp_path / "models").iterdir()
+    want = {k: v.clone() for k, v in cold.hf.state_dict().items()}
+    del cold
+    warm = loader.load("smollm2", "bfloat16")
+    got = warm.hf.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    prompt = loader.chat_prompt(warm.tokenizer, [{"role": "user", "content": "Hi!"}])
+    assert warm.tokenizer.decode(prompt).rstrip().endswith("assistant") and warm.eos_ids
+    del warm, got
+    p = entry / "model.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    p.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        again = loader.load("smollm2", "bfloat16")
+    assert "checksum mismatch" in caplog.text
+    got = again.hf.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert gguf_cache.load(gguf_cache.file_sha256(loader.smollm2_path()), "bfloat16") is not None  # rebuilt
