@@ -9,6 +9,9 @@ from typing import Optional
 
 import typer
 
+# the Spec-Bench dev questions shipped beside the repository (../shared); any file of that format works
+DEV_QUESTIONS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="drafthorse: lossless speculative decoding, in-process or as a cluster.")
 
@@ -102,7 +105,7 @@ def generate(
 
 @app.command()
 def bench(
-    questions: Path = typer.Option(Path("../shared/data/spec_bench/dev.jsonl"), help="Spec-Bench jsonl"),
+    questions: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl"),
     per_category: Optional[int] = typer.Option(2, min=1, help="questions per category"),
     max_new_tokens: int = typer.Option(128, min=1),
     methods: str = typer.Option("ar,ngram,ngram-adaptive,hf,hf-pld",
@@ -204,7 +207,7 @@ def loadtest(
     concurrency: str = typer.Option("1,4,16,32", help="comma list of concurrency levels"),
     rate: Optional[float] = typer.Option(None, help="open loop: Poisson arrivals at RATE requests/s (concurrency "
                                                     "then caps requests in flight); unset = closed loop"),
-    questions: Path = typer.Option(Path("../shared/data/spec_bench/dev.jsonl"), help="Spec-Bench jsonl"),
+    questions: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl"),
     requests: int = typer.Option(32, min=1, help="requests per drafter and concurrency level"),
     max_seconds: float = typer.Option(120.0, min=0.1, help="time bound per level (in-flight requests are cut)"),
     max_new_tokens: int = typer.Option(128, min=1),
