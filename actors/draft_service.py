@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from actors.drafters.base import Budget, Drafter
-from actors.rpc import MAX_MESSAGE_BYTES, start_server
+from actors.rpc import start_server
 from actors.spec.sampling import SamplingParams, make_generator
 from actors.wire import sampling_from_proto, tree_to_proto
 from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
