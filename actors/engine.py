@@ -55,6 +55,7 @@ class Sequence:
     draft_rng: torch.Generator
     root: int = 0                        # last committed token, not yet in the cache
     new: list[int] = field(default_factory=list)   # committed since the drafter last heard
+    new_features: torch.Tensor | None = None        # the target states that predicted `new` (if wanted)
     max_nodes: int | None = None         # this step's tree cap, set by the adaptive policy
     acceptance: Acceptance = field(default_factory=Acceptance)
     t0: float = 0.0
@@ -106,20 +107,24 @@ class SpecEngine:
                        draft_rng=make_generator(params.seed, salt=1))  # the drafter's randomness is its own
         seq.stats.prompt_tokens = len(prompt_ids)
         keep = 0
-        if reuse_prefix:  # at least one prompt token is scored again: its logits start the answer
+        feats = seq.drafter.wants_features
+        # (a feature drafter needs the states of the whole prompt: no prefix reuse for it)
+        if reuse_prefix and not feats:  # at least one prompt token is scored again: its logits start the answer
             limit = min(len(runner.tokens), len(prompt_ids) - 1)
             while keep < limit and runner.tokens[keep] == prompt_ids[keep]:
                 keep += 1
         runner.truncate(keep)
         seq.stats.reused_prefix_tokens = keep
         seq.t0 = time.perf_counter()
-        logits, _ = runner.extend(prompt_ids[keep:])
+        logits, hidden = runner.extend(prompt_ids[keep:], all_hidden=feats)
         seq.root = self._pick(logits, params, seq.verify_rng)
         seq.stats.prefill_s = time.perf_counter() - seq.t0
         seq.stats.record_step(0, 0)
         step = self._emit(seq, [seq.root], 0, 0)
-        seq.drafter.begin(prompt_ids)
+        seq.drafter.bind(runner)
+        seq.drafter.begin(prompt_ids, hidden[:-1] if feats else None)
         seq.new = [seq.root]
+        seq.new_features = hidden[-1:] if feats else None
         return seq, step
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
@@ -174,7 +179,7 @@ class SpecEngine:
         forward_s = time.perf_counter() - t
         if self.policy is not None:
             self.policy.cost.observe(sum(1 + len(tree) for tree in trees), forward_s)
-        for i, tree, (logits, _) in zip(live, trees, scored):
+        for i, tree, (logits, hidden) in zip(live, trees, scored):
             seq = seqs[i]
             t1 = time.perf_counter()
             if seq.params.greedy:
@@ -188,6 +193,8 @@ class SpecEngine:
             seq.acceptance.update(max(tree.depths(), default=0), len(path))
             steps[i] = self._emit(seq, new, len(tree), len(path))
             seq.root, seq.new = bonus, new
+            if seq.drafter.wants_features:  # rows that predicted each new token: the root, then the path
+                seq.new_features = hidden[[0] + [n + 1 for n in path]]
         return [steps[i] for i in range(len(seqs))]
 
     def _draft(self, seqs: list[Sequence]) -> list[DraftTree]:
@@ -200,8 +207,8 @@ class SpecEngine:
 
     def _propose(self, seq: Sequence) -> DraftTree:
         t = time.perf_counter()
-        seq.drafter.extend(seq.new)
-        seq.new = []
+        seq.drafter.extend(seq.new, seq.new_features)
+        seq.new, seq.new_features = [], None
         left = seq.params.max_new_tokens - len(seq.stopper.tokens)  # the bonus token is free
         cap = self.max_tree_nodes if seq.max_nodes is None else min(seq.max_nodes, self.max_tree_nodes)
         budget = Budget(max_nodes=min(cap, seq.runner.room - 1),

@@ -9,6 +9,8 @@ Methods:
     ngram        our engine + NgramDrafter (prompt lookup with a token tree), fixed tree budget
     ngram-adaptive  the same drafter, tree size chosen each step by actors/spec/adaptive.py
     draft-model  our engine + DraftModelDrafter over a second, smaller model (needs draft_lm)
+    eagle, medusa, layerskip  our engine + a trained head (the one shipped for the model, or `heads`)
+    METHOD/N     an engine method with a tree budget of N nodes (e.g. eagle/8): tree size sweeps
     hf           transformers `generate`, greedy
     hf-pld       transformers `generate` with prompt lookup decoding (prompt_lookup_num_tokens=10)
 
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from actors.drafters import load_head, make_drafter
 from actors.drafters.draft_model import DraftModelDrafter
 from actors.drafters.ngram import NgramDrafter
 from actors.engine import SpecEngine
@@ -41,9 +44,10 @@ from actors.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-CLUSTER_METHODS = ("cluster-ar", "cluster-ngram", "cluster-draft-model")  # through a running gateway
-METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model", "hf", "hf-pld") + CLUSTER_METHODS
-ENGINE_METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model")
+CLUSTER_METHODS = ("cluster-ar", "cluster-ngram", "cluster-draft-model", "cluster-eagle")  # through a gateway
+HEAD_METHODS = ("eagle", "medusa", "layerskip")   # trained heads (actors/drafters/trained or --head)
+METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS + ("hf", "hf-pld") + CLUSTER_METHODS
+ENGINE_METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS
 HF_METHODS = ("hf", "hf-pld")
 BASELINE = "ar"
 OVERALL = "overall"
@@ -98,12 +102,13 @@ def load_questions(path: str | os.PathLike, per_category: int | None = None) -> 
 def resolve_methods(methods: list[str], draft_lm: LoadedModel | None = None) -> tuple[list[str], list[str]]:
     """Validated, de-duplicated methods with `ar` first, and notes on what was changed."""
     notes: list[str] = []
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if _base(m) not in METHODS or (m != _base(m) and (
+        _base(m) not in ENGINE_METHODS or not m.partition("/")[2].isdigit() or int(m.partition("/")[2]) < 1))]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}: valid methods are "
                          f"{', '.join(METHODS)}")
     out = list(dict.fromkeys(methods))
-    if "draft-model" in out and draft_lm is None:
+    if any(_base(m) == "draft-model" for m in out) and draft_lm is None:
         raise ValueError("method 'draft-model' needs a draft model: give one or drop the method")
     if "hf-pld" in out:
         from transformers import GenerationConfig
@@ -115,11 +120,17 @@ def resolve_methods(methods: list[str], draft_lm: LoadedModel | None = None) -> 
     return out, notes
 
 
+def _base(method: str) -> str:
+    """'eagle/8' -> 'eagle'."""
+    return method.partition("/")[0]
+
+
 class _Runner:
     """Runs one method on one prompt: returns (token ids, seconds, generated, target forwards)."""
 
     def __init__(self, lm: LoadedModel, draft_lm: LoadedModel | None, methods: list[str], max_len: int,
-                 max_new_tokens: int, draft_depth: int, draft_branches: int, server: str | None = None):
+                 max_new_tokens: int, draft_depth: int, draft_branches: int, server: str | None = None,
+                 heads: dict | None = None):
         self.lm = lm
         self.server = server
         self.timing: dict = {}  # where the last engine generation's time went
@@ -133,18 +144,30 @@ class _Runner:
             self.drafters["ngram"] = NgramDrafter()
         if "ngram-adaptive" in methods:
             self.drafters["ngram-adaptive"] = NgramDrafter(depth=8)
-        if "draft-model" in methods:
-            self.drafters["draft-model"] = DraftModelDrafter(
-                ModelRunner(draft_lm.model, max_len), draft_depth, draft_branches)
+        loaded = {}
+        self.engines = {}
+        for m in methods:
+            kind = _base(m)
+            if kind == "draft-model":
+                self.drafters[m] = DraftModelDrafter(ModelRunner(draft_lm.model, max_len), draft_depth, draft_branches)
+            elif kind in HEAD_METHODS:
+                if kind not in loaded:
+                    loaded[kind] = load_head(kind, lm, (heads or {}).get(kind), max_len)
+                self.drafters[m] = make_drafter(kind, head=loaded[kind])
+            elif kind in ("ngram", "ar") and m != kind:
+                self.drafters[m] = NgramDrafter() if kind == "ngram" else None
+            if m != kind:   # a tree budget of its own
+                self.engines[m] = SpecEngine(self.engine.runner, lm.eos_ids, None,
+                                             max_tree_nodes=int(m.partition("/")[2]))
 
     def __call__(self, method: str, prompt_ids: list[int], max_new_tokens: int | None = None,
                  question: str = ""):
         n = max_new_tokens or self.max_new_tokens
         self.timing = {}
-        if method in ENGINE_METHODS:
+        if _base(method) in ENGINE_METHODS:
             params = SamplingParams(max_new_tokens=n)
             t0 = time.perf_counter()
-            engine = self.adaptive if method == "ngram-adaptive" else self.engine
+            engine = self.adaptive if method == "ngram-adaptive" else self.engines.get(method, self.engine)
             gen = engine.generate(prompt_ids, params, self.drafters[method])
             dt = time.perf_counter() - t0
             st = gen.stats
@@ -202,7 +225,8 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
 
 def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, out_dir: str | os.PathLike,
               lm: LoadedModel, draft_lm: LoadedModel | None = None, progress: bool = True,
-              draft_depth: int = 4, draft_branches: int = 1, server: str | None = None) -> dict:
+              draft_depth: int = 4, draft_branches: int = 1, server: str | None = None,
+              heads: dict | None = None) -> dict:
     """Run every method on every question (greedy), write out_dir/results.json and
     out_dir/speedup.png, and return the results dict (see `summarize` for its "summary" part)."""
     methods, notes = resolve_methods(methods, draft_lm)
@@ -237,7 +261,7 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
         raise ValueError("no question fits the model's context with max_new_tokens="
                          f"{max_new_tokens}")
     max_len = min(context, max(len(p) for _, p in runnable) + max_new_tokens + TREE_SLACK)
-    run = _Runner(lm, draft_lm, methods, max_len, max_new_tokens, draft_depth, draft_branches, server)
+    run = _Runner(lm, draft_lm, methods, max_len, max_new_tokens, draft_depth, draft_branches, server, heads)
 
     from tqdm import tqdm
     bar = tqdm(total=len(runnable) * len(methods), desc="bench", unit="gen", file=sys.stderr,
@@ -306,7 +330,7 @@ def summarize(records: list[dict], methods: list[str], categories: list[str]) ->
             tps = tokens / seconds if seconds > 0 else 0.0
             if m == BASELINE:
                 base_tps = tps
-            if m in ENGINE_METHODS or m in CLUSTER_METHODS:
+            if _base(m) in ENGINE_METHODS or m in CLUSTER_METHODS:
                 forwards = sum(x["target_forwards"] for x in rs)
                 mean_acc = round(tokens / forwards, 4) if forwards else None
             else:

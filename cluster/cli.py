@@ -1,4 +1,5 @@
-"""The `drafthorse` command: generate (in-process or through a cluster), bench, serve."""
+"""The `drafthorse` command: generate (in-process or through a cluster), bench, serve, loadtest,
+train-drafter."""
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def _threads(n: int | None) -> None:
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="user message (the chat template is applied unless --raw)"),
-    drafter: str = typer.Option("ngram", help="none | ngram | draft-model"),
+    drafter: str = typer.Option("ngram", help="none | ngram | draft-model | eagle | medusa | layerskip"),
+    head: Optional[Path] = typer.Option(None, help="trained head for eagle / medusa / layerskip (default: the "
+                                                    "one shipped for the model)"),
     model: str = typer.Option("smollm2", help="target: 'smollm2' (default), a .gguf file or an HF dir"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for --drafter draft-model"),
     max_new_tokens: int = typer.Option(128, min=1, help="tokens to generate at most"),
@@ -84,7 +87,12 @@ def generate(
     decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
     from actors.spec.adaptive import AdaptivePolicy
     engine = SpecEngine(ModelRunner(lm.model), lm.eos_ids, decode, policy=AdaptivePolicy(16) if adaptive else None)
-    d = make_drafter(drafter, (lambda: ModelRunner(dlm.model)) if dlm else None)
+    try:
+        from actors.drafters import HEAD_KINDS, load_head
+        trained = load_head(drafter, lm, head) if drafter in HEAD_KINDS else None
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    d = make_drafter(drafter, (lambda: ModelRunner(dlm.model)) if dlm else None, head=trained)
     try:
         if json_out:
             out = engine.generate(ids, params, d)
@@ -109,14 +117,17 @@ def bench(
     per_category: Optional[int] = typer.Option(2, min=1, help="questions per category"),
     max_new_tokens: int = typer.Option(128, min=1),
     methods: str = typer.Option("ar,ngram,ngram-adaptive,hf,hf-pld",
-                                help="comma list: ar,ngram,ngram-adaptive,draft-model,hf,hf-pld,cluster-ar,"
-                                     "cluster-ngram,cluster-draft-model"),
+                                help="comma list: ar,ngram,ngram-adaptive,draft-model,eagle,medusa,layerskip,hf,hf-pld,"
+                                     "cluster-ar,cluster-ngram,cluster-draft-model,cluster-eagle; an engine "
+                                     "method with /N (eagle/8) uses a tree budget of N nodes"),
     model: str = typer.Option("smollm2"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft-model method"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16, for drafthorse and the hf "
                                            "baselines alike"),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("bench_out"), help="writes OUT/results.json and OUT/speedup.png"),
+    head: list[str] = typer.Option([], help="KIND=PATH: a trained head for method KIND (eagle, medusa, "
+                                             "layerskip) instead of the shipped one (repeatable)"),
     server: Optional[str] = typer.Option(None, help="gateway HOST:PORT for the cluster-* methods"),
     cluster: bool = typer.Option(False, help="start a local cluster (1 target, 1 draft worker on other "
                                              "Ray actors) for the cluster-* methods"),
@@ -146,7 +157,13 @@ def bench(
             server = running.gateway
         lm = loader.load(model, dtype)
         dlm = loader.load(draft_model, dtype) if draft_model else None
-        results = b.run_bench(qs, wanted, max_new_tokens, out, lm, dlm, server=server)
+        heads = {}
+        for h in head:
+            kind, sep, path = h.partition("=")
+            if not sep or kind not in b.HEAD_METHODS:
+                raise ValueError(f"--head {h!r}: expected KIND=PATH with KIND one of {', '.join(b.HEAD_METHODS)}")
+            heads[kind] = path
+        results = b.run_bench(qs, wanted, max_new_tokens, out, lm, dlm, server=server, heads=heads)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     finally:
@@ -260,6 +277,78 @@ def loadtest(
     js, png = lt.write_outputs(results, out)
     typer.echo(lt.format_table(results))
     typer.echo(f"wrote {js} and {png}")
+
+
+@app.command("train-drafter")
+def train_drafter(
+    kind: str = typer.Option(..., help="eagle | medusa | layerskip"),
+    out: Path = typer.Option(..., help="checkpoint to write (.safetensors)"),
+    model: str = typer.Option("smollm2", help="the target the head drafts for"),
+    prompts: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl: training prompts (first turns)"),
+    holdout_per_category: int = typer.Option(5, min=0, help="leave out the first N questions of each category "
+                                                             "(what `bench --per-category N` measures on)"),
+    data: Optional[Path] = typer.Option(None, help="self-distillation corpus: read if it exists, else written "
+                                                   "there (default: .cache/drafthorse/selfdistill/)"),
+    invented: int = typer.Option(0, min=0, help="extra user prompts the target invents"),
+    samples: int = typer.Option(1, min=0, help="sampled answers per prompt, besides the greedy one"),
+    max_new_tokens: int = typer.Option(128, min=1, help="answer length when generating the corpus"),
+    exit_layer: int = typer.Option(10, min=1, help="layerskip: draft with this many target layers"),
+    epochs: int = typer.Option(4, min=1),
+    lr: float = typer.Option(1e-3, min=0.0),
+    draft_vocab: int = typer.Option(8192, min=16, help="draft vocabulary: most frequent target tokens"),
+    medusa_heads: int = typer.Option(4, min=1),
+    topk: int = typer.Option(4, min=1, help="tree default saved with the head: children per node"),
+    depth: int = typer.Option(6, min=1, help="tree default saved with the head: draft depth"),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Train a draft head on the target's own answers (self-distillation) and save it."""
+    import shlex
+    import time
+
+    from actors.drafters import HEAD_KINDS
+    from actors.drafters.selfdistill import Corpus, build, split_questions
+    from actors.drafters.train import TrainConfig, Trainer
+    from actors.models import loader
+    from cluster.bench import load_questions
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _threads(threads)
+    if kind not in HEAD_KINDS:
+        _fail(f"--kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
+    t0 = time.perf_counter()
+    try:
+        lm = loader.load(model, "float32")
+        train_q, held = split_questions(load_questions(prompts), holdout_per_category)
+        if not train_q:
+            raise ValueError(f"{prompts}: no question left for training after holding out "
+                             f"{holdout_per_category} per category")
+        tag = f"{Path(lm.name).stem}-q{len(train_q)}-i{invented}-s{samples}-n{max_new_tokens}-L{exit_layer}-seed{seed}"
+        data = data or Path(".cache/drafthorse/selfdistill") / f"{tag}.safetensors"
+        if data.is_file():
+            corpus = Corpus.load(data)
+            if corpus.meta.get("target") != lm.name or int(corpus.meta.get("mid_layer", -1)) != exit_layer:
+                raise ValueError(f"corpus {data} was built for {corpus.meta.get('target')!r} with mid_layer "
+                                 f"{corpus.meta.get('mid_layer')}: pass another --data")
+            typer.echo(f"corpus: {data} ({corpus.meta['sequences']} sequences, {corpus.meta['tokens']} tokens)", err=True)
+        else:
+            corpus = build(lm, train_q, invented=invented, samples=samples, max_new_tokens=max_new_tokens,
+                           mid_layer=exit_layer, seed=seed)
+            data.parent.mkdir(parents=True, exist_ok=True)
+            corpus.save(data)
+            typer.echo(f"corpus: wrote {data} ({corpus.meta['tokens']} tokens in {corpus.meta['seconds']} s)", err=True)
+        cfg = TrainConfig(kind, epochs=epochs, lr=lr, draft_vocab=draft_vocab, medusa_heads=medusa_heads, seed=seed)
+        trainer = Trainer(cfg, lm.model, lm.name, corpus, lm.eos_ids)
+        final = trainer.fit()
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    recipe = dict(command="drafthorse " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                  held_out_question_ids=[q["question_id"] for q in held], seconds=round(time.perf_counter() - t0, 1))
+    trainer.checkpoint(dict(topk=topk, depth=min(depth, medusa_heads) if kind == "medusa" else depth),
+                       recipe).save(out)
+    typer.echo(json.dumps({"out": str(out), "kind": kind, **final, "draft_vocab": trainer.info["draft_vocab"],
+                           "val_label_coverage": trainer.info["val_label_coverage"],
+                           "train_seconds": trainer.info["train_seconds"]}))
 
 
 def main() -> None:  # pragma: no cover

@@ -18,7 +18,7 @@ from actors.drafters.draft_model import DraftModelDrafter
 from actors.drafters.ngram import NgramDrafter
 from actors.drafters.remote import RemoteDrafter
 from actors.engine import SpecEngine
-from actors.models.loader import tiny_llama
+from actors.models.loader import tiny_llama, wrap
 from actors.models.runner import ModelRunner
 from actors.spec.sampling import SamplingParams
 from actors.spec.tree import DraftTree
@@ -37,12 +37,12 @@ SAMPLED = SamplingParams(temperature=0.75, top_p=0.875, seed=11, max_new_tokens=
 @pytest.fixture(scope="module")
 def models(tiny):
     target = tiny(0)
-    draft = tiny_llama(0)  # a private copy of the target with a noisy head: agrees often, not always
+    hf = tiny_llama(0).hf  # a private copy of the target with a noisy head: agrees often, not always
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        w = draft.hf.lm_head.weight  # Llama holds views of the HF weights: this edits both
+        w = hf.lm_head.weight
         w.add_(torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.5 * w.std())
-    return target, draft
+    return target, wrap(hf, name="noisy-tiny-llama-0", max_len=512)
 
 
 @pytest.fixture(scope="module")

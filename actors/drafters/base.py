@@ -20,14 +20,22 @@ class Budget:
 
 
 class Drafter(ABC):
+    """Features: drafters that set `wants_features` also get the target's final hidden states, one row
+    per token given, row i being the state from which the target predicted token i (for the prompt,
+    rows for prompt_ids[1:]). They are computed by the verify pass anyway."""
     name: str = "drafter"
+    wants_features: bool = False
+
+    def bind(self, runner) -> None:
+        """The target's ModelRunner for this sequence (self-speculative drafters share its weights and
+        cache); called before `begin`."""
 
     @abstractmethod
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], features: torch.Tensor | None = None) -> None:
         """Start a new sequence."""
 
     @abstractmethod
-    def extend(self, token_ids: list[int]) -> None:
+    def extend(self, token_ids: list[int], features: torch.Tensor | None = None) -> None:
         """Tokens committed since the last call; the last one is the root of the next tree."""
 
     @abstractmethod
@@ -42,10 +50,10 @@ class NoDrafter(Drafter):
     """Plain autoregressive decoding: an empty tree every step."""
     name = "none"
 
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], features: torch.Tensor | None = None) -> None:
         pass
 
-    def extend(self, token_ids: list[int]) -> None:
+    def extend(self, token_ids: list[int], features: torch.Tensor | None = None) -> None:
         pass
 
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:

@@ -24,11 +24,11 @@ class DraftModelDrafter(Drafter):
         self.runner, self.depth, self.branches = runner, depth, branches
         self.pending: list[int] = []
 
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], features=None) -> None:
         self.runner.reset()
         self.pending = list(prompt_ids)
 
-    def extend(self, token_ids: list[int]) -> None:
+    def extend(self, token_ids: list[int], features=None) -> None:
         self.pending.extend(token_ids)
 
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:

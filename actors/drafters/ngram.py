@@ -26,13 +26,13 @@ class NgramDrafter(Drafter):
         self.max_matches = max_matches_per_ngram
         self.begin([])
 
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], features=None) -> None:
         self.tokens: list[int] = []
         # n-gram -> end positions (index of its last token), most recent last; built incrementally
         self.index: dict[tuple[int, ...], list[int]] = {}
         self.extend(prompt_ids)
 
-    def extend(self, token_ids: list[int]) -> None:
+    def extend(self, token_ids: list[int], features=None) -> None:
         for t in token_ids:
             self.tokens.append(t)
             end = len(self.tokens) - 1

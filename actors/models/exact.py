@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 DEPTH = 32                 # deepest scratch node (below the committed prefix) an exact forward takes
 CHUNK = 32                 # granularity of the split point s(p)
 WINDOW = DEPTH + CHUNK     # keys gathered per row
-_PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96)   # each divides 96
+_PROBE_TOP = 96                                         # rows of probe data
+_COUNTS = list(range(1, 25)) + [28, 32, 40, 48]         # row counts probed
+_STEPS = (1, 2, 4, 8)                                   # row-count granularities tried
 
 
 def default_on(dtype: torch.dtype) -> bool:
@@ -107,10 +109,10 @@ def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None,
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: list[Group],
-           scale: float, min_rows: int = 1) -> torch.Tensor:
+           scale: float, min_rows: int = 1, step: int = 1) -> torch.Tensor:
     """q: [heads, n, d] (RoPE applied); k_cache, v_cache: [kv_heads, max_len, d] of one layer, the
-    rows' own keys already written. Every product runs on at least min_rows rows (copies of the
-    first row pad a smaller group). Returns [heads, n, d]."""
+    rows' own keys already written. Every product runs on `rows(g, min_rows, step)` rows for a group
+    of g rows (copies of the group's first row pad it). Returns [heads, n, d]."""
     heads, n, d = q.shape
     kv = k_cache.shape[0]
     grp = heads // kv
@@ -120,8 +122,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups
     for g in groups:
         qg = qk if g.rows is None else qk[:, g.rows]
         real, idx, bias = qg.shape[1], g.idx, g.bias
-        if real < min_rows:
-            extra = [0] * (min_rows - real)
+        need = rows(real, min_rows, step)
+        if real < need:
+            extra = [0] * (need - real)
             qg = torch.cat([qg, qg[:, extra]], dim=1)
             idx, bias = torch.cat([idx, idx[extra]]), torch.cat([bias, bias[:, extra]], dim=1)
         qg = qg.contiguous()
@@ -148,64 +151,143 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups
 
 # ---------------------------------------------------------------- probing the machine's kernels
 
-def _stable_from(op, k: int, dtype: torch.dtype, gen: torch.Generator) -> int | None:
-    """Smallest row count m0 such that, for every probed M >= m0, running op on the rows in slices of
-    M gives what one call on all of them gives: the row count from which rows round alike. None if
-    none. op maps rows [M, k] to results with rows in dim 0. Rounding differences show in a few
-    percent of rows only, so every M runs over all rows (heavy-tailed data, as activations are)."""
-    top = _PROBE_ROWS[-1]
-    x = (torch.randn(top, k, generator=gen) ** 3).to(dtype)
+def _cancelling(rows: int, k: int, hot: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """[rows, k] random values, each row with +B and -B at two of the positions `hot` (where the other
+    operand is all ones): the huge terms cancel, so a row's result is the sum of the small ones less
+    what the partial sums holding B lost, which depends on how the kernel groups the terms. Any change
+    of summation order then shows in nearly every row (with plain random data, in a few percent)."""
+    big = 2.0 ** min(20, math.frexp(torch.finfo(dtype).max)[1] - 4)
+    x = torch.randn(rows, k, generator=gen)
+    hot_t = torch.tensor(hot)
+    pick = hot_t[torch.rand(rows, len(hot), generator=gen).argsort(-1)[:, :2]]
+    r = torch.arange(rows)
+    x[r, pick[:, 0]] = big
+    x[r, pick[:, 1]] = -big
+    return x.to(dtype)
+
+
+def _hot(k: int) -> list[int]:
+    return sorted({round(i * (k - 1) / 7) for i in range(8)})
+
+
+def _unstable(op, x: torch.Tensor, counts) -> set[int]:
+    """Row counts M at which op, run on M rows at a time (two blocks of them), does not give bit for bit
+    the rows of one call on all of x's rows. op maps rows [M, ...] to results with rows in dim 0."""
     ref = op(x)
-    m0 = None
-    for m in reversed(_PROBE_ROWS[:-1]):
-        got = torch.cat([op(x[a:a + m].clone()) for a in range(0, top, m)])
-        if not torch.equal(got, ref):
-            break
-        m0 = m
-    return m0
+    bad = set()
+    for m in counts:
+        n = min(len(x) - len(x) % m, 2 * m)
+        got = torch.cat([op(x[a:a + m].clone()) for a in range(0, n, m)])
+        if not torch.equal(got, ref[:n]):
+            bad.add(m)
+    return bad
+
+
+def _choose(unstable: list[set[int]], counts: list[int]) -> tuple[int, list[int]] | None:
+    """(step, [min rows per product]): pad n rows to max(min rows, n rounded up to a multiple of step),
+    the step common to all products, each product's min rows the smallest multiple of step from which
+    every probed multiple of step is stable. Chosen for the fewest rows over n = 1..16; None if none."""
+    best = None
+    for step in _STEPS:
+        mins = []
+        for bad in unstable:
+            m0 = None
+            for m in sorted((c for c in counts if c % step == 0), reverse=True):
+                if m in bad:
+                    break
+                m0 = m
+            mins.append(m0)
+        if None in mins:
+            continue
+        cost = sum(rows(n, m0, step) for m0 in mins for n in range(1, 17))
+        if best is None or cost < best[0]:
+            best = (cost, step, mins)
+    return None if best is None else best[1:]
+
+
+def rows(n: int, min_rows: int, step: int = 1) -> int:
+    """Rows an exact product of n real rows runs on: at least min_rows, a multiple of step."""
+    return max(min_rows, -(-n // step) * step)
 
 
 def probe_min_rows(model) -> tuple[dict, int]:
     """({weight shape: rows an exact product with it pads to}, rows each attention group pads to):
-    from these counts on, every row comes out the same whatever the row count. Measured once per
-    model (about a second for SmolLM2); warns when no such count exists on this machine."""
+    from these counts on, every row comes out the same whatever the row count, provided the count is
+    a multiple of model.exact_step (products with weights) / model.exact_attn_step (attention groups),
+    which this sets too. Every row count up to 48 is probed: some kernels round a row differently only
+    at some counts (2 threads, oneDNN bf16 GEMM without native bf16: one row of any odd count is
+    computed like a lone row). Measured once per model and thread count (a few seconds for SmolLM2);
+    warns when no such counts exist on this machine."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     dtype = model.dtype
+    top = _PROBE_TOP
     w0 = model.layers[0]
-    per_weight = {}
-    # (the LM head through its first rows: its row count decides the cost, not the kernel path)
+    # products with weights, as `Llama._linear` runs them: x [M, in] @ w [in, out], w contiguous
+    # (the LM head through its first columns, a view with the head's own leading dimension: its row
+    # count decides the cost, not the kernel path)
+    shapes, unstable = [], []
     for key, w in (("qkv", w0["qkv"]), ("o", w0["o"]), ("gate_up", w0["gate_up"]), ("down", w0["down"]),
-                   ("lm_head", model.lm_head[:4096])):
-        shape = tuple(model.lm_head.shape) if key == "lm_head" else tuple(w.shape)
-        if shape not in per_weight:
-            per_weight[shape] = _stable_from(lambda x, w=w: F.linear(x, w), w.shape[1], dtype, gen)
-    needs = []
-    # attention's shared-prefix products: [kv, rows * grp, d] @ [kv, d, T] and [kv, rows * grp, T] @ [kv, T, d]
+                   ("lm_head", model.lm_head_t[:, :4096])):
+        shape = tuple(model.lm_head_t.shape) if key == "lm_head" else tuple(w.shape)
+        if shape in shapes:
+            continue
+        hot = _hot(w.shape[0])
+        if key == "lm_head":
+            wp = torch.empty(w.shape[0], model.lm_head_t.shape[1], dtype=dtype)[:, :w.shape[1]]
+            wp.copy_(w)
+        else:
+            wp = w.clone()
+        wp[hot] = 1
+        shapes.append(shape)
+        unstable.append(_unstable(lambda x, w=wp: x @ w, _cancelling(top, w.shape[0], hot, dtype, gen), _COUNTS))
+    linear = _choose(unstable, _COUNTS)
+    # attention (`attend`), in rows of queries: the shared-prefix products [kv, m * grp, d] @ [kv, d, T]
+    # and [kv, m * grp, T] @ [kv, T, d] over slices of a [kv, max_len, d] cache, and the per-row window
+    # products [1, m, grp, d] @ [1, m, d, W] and [1, m, grp, W] @ [1, m, W, d] (each row its own keys)
     kv, d, grp = model.n_kv, model.head_dim, model.n_heads // model.n_kv
-    # (operands laid out as in `attend`: slices of a [kv, max_len, d] cache)
     t = 3 * CHUNK
+    hot_d, hot_t, hot_w = _hot(d), _hot(t), _hot(WINDOW)
     keys = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
+    keys[:, :, hot_d] = 1
     vals = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
-    needs.append((_stable_from(lambda x: (x.expand(kv, -1, -1).contiguous() @ keys.transpose(-1, -2))
-                               .transpose(0, 1), d, dtype, gen), grp))
-    needs.append((_stable_from(lambda x: (x.expand(kv, -1, -1).contiguous() @ vals).transpose(0, 1),
-                               t, dtype, gen), grp))
-    # attention's per-row window products, batched over rows: [1, m, grp, d] @ [1, m, d, W] and
-    # [1, m, grp, W] @ [1, m, W, d] (each row brings its own keys and values)
+    vals[:, hot_t] = 1
+    counts = [c for c in _COUNTS if c * grp <= top]
+    q_rows = _cancelling(top, d, hot_d, dtype, gen)          # one query head per row of the probe
+    w_rows = _cancelling(top, t, hot_t, dtype, gen)
+
+    head_k = lambda x: (x.expand(kv, -1, -1).contiguous() @ keys.transpose(-1, -2)).transpose(0, 1)
+    head_v = lambda x: (x.expand(kv, -1, -1).contiguous() @ vals).transpose(0, 1)
+    attn_bad = [{m // grp for m in _unstable(op, x, [c * grp for c in counts])}
+                for op, x in ((head_k, q_rows), (head_v, w_rows))]
+
+    # per-row window products: a probe row holds a query group and its window's keys (values)
     def windowed(x, a, b, c, keys):
         lhs = x[:, :a * b].view(1, -1, a, b)
         rhs = x[:, a * b:].view(1, -1, c, b).transpose(-1, -2) if keys else x[:, a * b:].view(1, -1, b, c)
         return (lhs @ rhs)[0]
-    needs.append((_stable_from(lambda x: windowed(x, grp, d, WINDOW, True), (grp + WINDOW) * d, dtype, gen), 1))
-    needs.append((_stable_from(lambda x: windowed(x, grp, WINDOW, d, False), (grp + d) * WINDOW, dtype, gen), 1))
-    if None in per_weight.values() or any(m0 is None for m0, _ in needs):
+    lhs = _cancelling(top * grp, d, hot_d, dtype, gen).view(top, grp * d)
+    rhs = torch.randn(top, WINDOW, d, generator=gen)
+    rhs[:, :, hot_d] = 1
+    attn_bad.append(_unstable(lambda x: windowed(x, grp, d, WINDOW, True),
+                              torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
+    lhs = _cancelling(top * grp, WINDOW, hot_w, dtype, gen).view(top, grp * WINDOW)
+    rhs = torch.randn(top, WINDOW, d, generator=gen)
+    rhs[:, hot_w] = 1
+    attn_bad.append(_unstable(lambda x: windowed(x, grp, WINDOW, d, False),
+                              torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
+    attn = _choose(attn_bad, counts)
+    if linear is None or attn is None:
         log.warning("exact decoding: this machine's %s matrix kernels round rows differently at every "
                     "row count probed; speculative output may differ from plain decoding", dtype)
         model.exact_ok = False
-        return {shape: 1 for shape in per_weight}, 1
-    attn = max(math.ceil(m0 / per_row) for m0, per_row in needs)
+        model.exact_step = model.exact_attn_step = 1
+        return {shape: 1 for shape in shapes}, 1
     model.exact_ok = True
-    log.info("exact decoding (%s): matmul rows padded to %s, attention rows to %d (probed in %.2f s)",
-             str(dtype).removeprefix("torch."), sorted(set(per_weight.values())), attn, time.perf_counter() - t0)
-    return per_weight, attn
+    model.exact_step, model.exact_attn_step = linear[0], attn[0]
+    per_weight = dict(zip(shapes, linear[1]))
+    log.info("exact decoding (%s, %d threads): matmul rows padded to %s and to a multiple of %d, attention "
+             "rows to %d and to a multiple of %d (probed in %.2f s)", str(dtype).removeprefix("torch."),
+             torch.get_num_threads(), sorted(set(per_weight.values())), linear[0], max(attn[1]), attn[0],
+             time.perf_counter() - t0)
+    return per_weight, max(attn[1])

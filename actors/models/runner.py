@@ -56,8 +56,10 @@ class ModelRunner:
         """Free slots after the committed prefix."""
         return self.max_len - self.length
 
-    def extend(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append a chain to the committed prefix; returns (logits, hidden) at its last token."""
+    def extend(self, tokens: list[int], embeds: torch.Tensor | None = None, all_hidden: bool = False,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a chain to the committed prefix; returns (logits, hidden) at its last token (hidden
+        at every token with all_hidden). embeds: input rows instead of the tokens' embeddings."""
         if not tokens:
             raise ValueError("extend needs at least one token")
         if self.length + len(tokens) > self.max_len:
@@ -65,15 +67,23 @@ class ModelRunner:
         self._clear_scratch()
         ids = torch.tensor(tokens, dtype=torch.long)
         pos = torch.arange(self.length, self.length + len(tokens))
-        hidden = self.model(ids, pos, self.cache, self.length, None)[-1:]
+        hidden = self.model.forward_batch([(ids, pos, self.cache, self.length, None)], exact=False,
+                                          embeds=embeds)[0]
         self.length += len(tokens)
         self.tokens += tokens
-        return self.model.logits(hidden)[0], hidden[0]
+        return self.model.logits(hidden[-1:])[0], hidden if all_hidden else hidden[-1]
 
-    def score(self, tokens: list[int], parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, tokens: list[int], parents: list[int], embeds: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add nodes to the scratch tree (parents index earlier scratch nodes, ROOT = the prefix end)
-        and return their (logits [n, V], hidden [n, H])."""
-        return score_batch([self], [tokens], [parents])[0]
+        and return their (logits [n, V], hidden [n, H]). embeds: input rows instead of embeddings."""
+        return score_batch([self], [tokens], [parents], embeds)[0]
+
+    def partial(self, tokens: list[int], parents: list[int], layers: int) -> torch.Tensor:
+        """Like `score`, through the first `layers` layers only: the residual stream [n, H] after them.
+        Their K/V fill those layers' scratch slots, which the next full pass overwrites."""
+        item = self._add_scratch(tokens, parents)
+        return self.model.forward_batch([item], exact=False, layers=layers)[0]
 
     def _add_scratch(self, tokens: list[int], parents: list[int]):
         """Record new scratch nodes; return the forward inputs (ids, positions, cache, start, mask)."""
@@ -113,10 +123,10 @@ class ModelRunner:
 
 
 def score_batch(runners: list[ModelRunner], tokens: list[list[int]], parents: list[list[int]],
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                embeds: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Score scratch nodes of several sequences (one runner each, same model) in one forward pass."""
     model = runners[0].model
     items = [r._add_scratch(t, p) for r, t, p in zip(runners, tokens, parents)]
-    hidden = model.forward_batch(items)
+    hidden = model.forward_batch(items, embeds=embeds)
     logits = model.logits(torch.cat(hidden)).split([h.shape[0] for h in hidden])
     return list(zip(logits, hidden))

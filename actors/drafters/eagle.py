@@ -1,0 +1,92 @@
+"""EAGLE-style drafter: autoregression over the target's features with a one-layer head, and a
+dynamic (EAGLE-2) draft tree.
+
+The head keeps its own KV cache over the committed sequence, one entry per token t_i fed with the
+pair (f_{i-1}, t_i): the target feature that predicted t_i and t_i's embedding. Features arrive with
+the committed tokens (the verify pass computes them anyway). To draft, the head first catches up on
+the new pairs, which ends at the root and predicts the root's successor feature f̂; a draft token x
+under a node with predicted feature g is fed as (g, x), in the head's scratch area with tree
+attention, so every depth of the tree is one head forward over the nodes being expanded."""
+from __future__ import annotations
+
+import torch
+
+from actors.models.llama import Llama
+from actors.models.runner import ContextFull, ModelRunner
+from actors.spec.sampling import SamplingParams
+from actors.spec.tree import ROOT, DraftTree
+
+from .base import Budget, Drafter
+from .dyntree import grow
+from .heads import Checkpoint, EagleHead
+
+
+class EagleModel:
+    """A trained head bound to its target, shared by every sequence's drafter."""
+
+    def __init__(self, ckpt: Checkpoint, target: Llama, max_len: int | None = None):
+        head: EagleHead = ckpt.module
+        self.target = target
+        self.d2t = ckpt.d2t
+        self.head = head.as_llama(target, self.d2t, max_len or target.max_len)
+        self.fc_t = head.fc.weight.detach().to(target.dtype).t().contiguous()   # [2H, H]
+        self.embed = target.embed
+        self.vocab_size = target.vocab_size
+        self.defaults = dict(ckpt.info.get("defaults", {}))
+
+    def inputs(self, tokens: list[int], feats: torch.Tensor) -> torch.Tensor:
+        emb = self.embed[torch.tensor(tokens, dtype=torch.long)]
+        return torch.cat([emb, feats.to(emb.dtype)], dim=-1) @ self.fc_t
+
+
+class EagleDrafter(Drafter):
+    name = "eagle"
+    wants_features = True
+
+    def __init__(self, model: EagleModel, topk: int = 4, depth: int = 6, max_len: int | None = None):
+        if topk < 1 or depth < 1:
+            raise ValueError("eagle drafter needs topk >= 1 and depth >= 1")
+        self.m, self.topk, self.depth = model, topk, depth
+        self.runner = ModelRunner(model.head, max_len)
+        self.tokens: list[int] = []                   # committed tokens not yet in the head's cache
+        self.feats: list[torch.Tensor] = []           # ... and the features that predicted them
+
+    def begin(self, prompt_ids: list[int], features: torch.Tensor | None = None) -> None:
+        self.runner.reset()
+        self.tokens, self.feats = list(prompt_ids[1:]), [] if features is None else [features]
+
+    def extend(self, token_ids: list[int], features: torch.Tensor | None = None) -> None:
+        if features is None or len(features) != len(token_ids):
+            raise ValueError("eagle drafter needs one target feature per committed token")
+        self.tokens += token_ids
+        self.feats.append(features)
+
+    def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
+        if not self.tokens:
+            return DraftTree()
+        feats = torch.cat(self.feats)
+        try:
+            logits, g_root = self.runner.extend(self.tokens, embeds=self.m.inputs(self.tokens, feats))
+        except ContextFull:
+            return DraftTree()   # the head's context is full: the target decodes alone from here
+        self.tokens, self.feats = [], []
+        depth = min(self.depth, budget.max_depth, self.runner.room // max(1, self.topk) - 1)
+        if depth < 1:
+            return DraftTree()
+        slot: dict[int, int] = {}          # tree node -> its scratch index in the head's cache
+        out: dict[int, torch.Tensor] = {}  # tree node -> the feature the head predicted after it
+
+        def expand(nodes: list[int], tree: DraftTree) -> torch.Tensor:
+            toks = [tree.tokens[n] for n in nodes]
+            par = [tree.parents[n] for n in nodes]
+            g = torch.stack([g_root if p == ROOT else out[p] for p in par])
+            base = self.runner.scratch_size
+            lg, hid = self.runner.score(toks, [ROOT if p == ROOT else slot[p] for p in par],
+                                        embeds=self.m.inputs(toks, g))
+            for j, n in enumerate(nodes):
+                slot[n], out[n] = base + j, hid[j]
+            return lg
+
+        tree = grow(logits, expand, budget, params, generator, self.topk, depth, self.m.vocab_size, self.m.d2t)
+        self.runner.discard()
+        return tree

@@ -1,0 +1,248 @@
+"""Training draft heads on a self-distillation corpus (selfdistill.py). The target stays frozen; only
+the head's own weights learn, against the target's greedy next tokens (and, for EAGLE, its features).
+
+    eagle:      pairs (f_{i-1}, t_i) -> f̂_i;  smooth-L1(f̂_i, f_i) + w_cls * CE(LM_d(f̂_i), y_i), plus a
+                second, unrolled pass that feeds the head its own predictions f̂_{i-1} instead of
+                f_{i-1} (what it sees from depth 2 on when drafting)
+    medusa:     f_i -> head k -> CE(LM_d(.), y_{i+k})  for k = 1..K
+    layerskip:  residual after L layers at i -> adapter -> final norm -> CE(LM_d(.), y_i)
+
+y_i is the target's greedy next token after position i; LM_d the target's LM head restricted to the
+draft vocabulary (the most frequent y in the training split). Validation reports top-1 agreement with
+the target per draft depth on held-out sequences: the chance a chain draft is accepted at that depth."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from actors.models.llama import Llama
+
+from .heads import Checkpoint, EagleHead, ExitAdapter, MedusaHeads, fingerprint, head_config
+from .selfdistill import Corpus
+
+log = logging.getLogger(__name__)
+
+W_CLS = 0.2          # EAGLE: weight of the token loss next to the feature regression
+WINDOW = 384         # EAGLE trains on windows of this many positions (long prompts are cut in pieces)
+
+
+@dataclass
+class TrainConfig:
+    kind: str
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_tokens: int = 4096
+    draft_vocab: int = 8192
+    medusa_heads: int = 4
+    noise: float = 0.05       # EAGLE: gaussian noise on input features, times their std
+    val_fraction: float = 0.05
+    seed: int = 0
+
+
+def draft_vocab(corpus: Corpus, seqs: list[int], size: int, always: set[int]) -> torch.Tensor:
+    """The `size` most frequent greedy next tokens of the training sequences (plus `always`, e.g. EOS)
+    as sorted target ids."""
+    labels = torch.cat([corpus.label[corpus.seq(s)] for s in seqs])
+    counts = torch.bincount(labels, minlength=int(labels.max()) + 1).double()
+    for t in always:
+        if t < len(counts):
+            counts[t] = float("inf")
+    k = min(size, int((counts > 0).sum()))
+    return counts.topk(k).indices.sort().values
+
+
+def _to_draft(labels: torch.Tensor, t2d: torch.Tensor) -> torch.Tensor:
+    """Target ids -> draft indices, -100 (ignored by cross_entropy) outside the draft vocabulary."""
+    return t2d[labels]
+
+
+def _windows(corpus: Corpus, seqs: list[int]) -> list[tuple[int, int]]:
+    """(start, end) ranges of the flat corpus, each within one sequence and at most WINDOW + 1 long."""
+    out = []
+    for s in seqs:
+        a, b = int(corpus.offsets[s]), int(corpus.offsets[s + 1])
+        for w in range(a, b - 1, WINDOW):
+            out.append((w, min(b, w + WINDOW + 1)))
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, target: Llama, target_name: str, corpus: Corpus, eos_ids: set[int]):
+        self.cfg, self.target, self.corpus = cfg, target, corpus
+        self.train_seqs, self.val_seqs = corpus.split(cfg.val_fraction, cfg.seed)
+        self.d2t = draft_vocab(corpus, self.train_seqs, cfg.draft_vocab, eos_ids)
+        self.t2d = torch.full((target.vocab_size,), -100, dtype=torch.long)
+        self.t2d[self.d2t] = torch.arange(len(self.d2t))
+        # frozen target parts, float32 for training
+        self.lm_d = target.lm_head[self.d2t].float()          # [N, H]
+        self.embed = target.embed
+        self.norm = target.norm.float()
+        self.target_name = target_name
+        torch.manual_seed(cfg.seed)
+        if cfg.kind == "eagle":
+            self.module = EagleHead(head_config("eagle", target))
+        elif cfg.kind == "medusa":
+            self.module = MedusaHeads(head_config("medusa", target, heads=cfg.medusa_heads))
+        elif cfg.kind == "layerskip":
+            self.module = ExitAdapter(head_config("layerskip", target, exit_layer=int(corpus.meta["mid_layer"])))
+        else:
+            raise ValueError(f"unknown head kind {cfg.kind!r}: choose eagle, medusa or layerskip")
+        covered = float((self.t2d[torch.cat([corpus.label[corpus.seq(s)] for s in self.val_seqs])] >= 0)
+                        .float().mean()) if self.val_seqs else 1.0
+        self.info = dict(draft_vocab=len(self.d2t), val_label_coverage=round(covered, 4))
+
+    # ------------------------------------------------------------------ losses
+
+    def _eagle_batch(self, ranges: list[tuple[int, int]], noise: bool):
+        c = self.corpus
+        T = max(b - a for a, b in ranges) - 1
+        B, H = len(ranges), c.feat.shape[1]
+        emb = torch.zeros(B, T, H)
+        inp = torch.zeros(B, T, H)
+        tgt = torch.zeros(B, T, H)
+        lab = torch.full((B, T), -100, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        for r, (a, b) in enumerate(ranges):
+            n = b - a - 1
+            emb[r, :n] = self.embed[c.tokens[a + 1:b]].float()
+            inp[r, :n] = c.feat[a:b - 1].float()
+            tgt[r, :n] = c.feat[a + 1:b].float()
+            lab[r, :n] = _to_draft(c.label[a + 1:b], self.t2d)
+            mask[r, :n] = 1
+        if noise and self.cfg.noise > 0:
+            inp = inp + torch.randn_like(inp) * self.cfg.noise * inp.std()
+        return emb, inp, tgt, lab, mask
+
+    def _eagle_loss(self, ranges, train: bool):
+        emb, inp, tgt, lab, mask = self._eagle_batch(ranges, noise=train)
+        m = mask.bool()
+        pred1 = self.module(emb, inp, mask)
+        # unrolled pass: each position gets the head's own prediction for the previous one
+        inp2 = torch.cat([inp[:, :1], pred1[:, :-1]], dim=1)
+        pred2 = self.module(emb, inp2, mask)
+        losses, accs = [], []
+        for pred in (pred1, pred2):
+            reg = F.smooth_l1_loss(pred[m], tgt[m])
+            logits = pred[m] @ self.lm_d.t()
+            cls = F.cross_entropy(logits, lab[m], ignore_index=-100)
+            losses.append(reg + W_CLS * cls)
+            accs.append(_top1(logits, lab[m]))
+        return losses[0] + losses[1], accs
+
+    def _flat_rows(self, ranges):
+        idx = torch.cat([torch.arange(a, b) for a, b in ranges])
+        return idx
+
+    def _medusa_loss(self, ranges, train: bool):
+        c = self.corpus
+        K = len(self.module.blocks)
+        feats, labels = [], []
+        for a, b in ranges:
+            feats.append(c.feat[a:b].float())
+            lab = torch.full((b - a, K), -1, dtype=torch.long)   # -1: past the sequence's end
+            for k in range(1, K + 1):
+                if b - a > k:
+                    lab[:b - a - k, k - 1] = _to_draft(c.label[a + k:b], self.t2d)
+            labels.append(lab)
+        f, lab = torch.cat(feats), torch.cat(labels)
+        out = self.module(f) @ self.lm_d.t()          # [n, K, N]
+        ce_lab = torch.where(lab == -1, -100, lab)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), ce_lab.reshape(-1), ignore_index=-100)
+        return loss, [_top1(out[lab[:, k] != -1, k], lab[lab[:, k] != -1, k]) for k in range(K)]
+
+    def _layerskip_loss(self, ranges, train: bool):
+        c = self.corpus
+        idx = self._flat_rows(ranges)
+        h = self.module(c.mid[idx].float())
+        h = h.float()
+        h = self.norm * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.target.eps))
+        logits = h @ self.lm_d.t()
+        lab = _to_draft(c.label[idx], self.t2d)
+        return F.cross_entropy(logits, lab, ignore_index=-100), [_top1(logits, lab)]
+
+    def loss(self, ranges, train: bool):
+        return {"eagle": self._eagle_loss, "medusa": self._medusa_loss,
+                "layerskip": self._layerskip_loss}[self.cfg.kind](ranges, train)
+
+    # ------------------------------------------------------------------ loop
+
+    def _batches(self, seqs: list[int], shuffle: bool, gen: torch.Generator | None = None):
+        ranges = _windows(self.corpus, seqs)
+        order = torch.randperm(len(ranges), generator=gen).tolist() if shuffle else range(len(ranges))
+        batch, tokens = [], 0
+        for i in order:
+            a, b = ranges[i]
+            batch.append((a, b))
+            tokens += b - a
+            if tokens >= self.cfg.batch_tokens:
+                yield batch
+                batch, tokens = [], 0
+        if batch:
+            yield batch
+
+    def fit(self, progress: bool = True) -> dict:
+        cfg = self.cfg
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        steps = cfg.epochs * sum(1 for _ in self._batches(self.train_seqs, False))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        history = []
+        t0 = time.perf_counter()
+        bar = tqdm(total=steps, desc=f"train {cfg.kind}", unit="batch", disable=not progress)
+        for epoch in range(cfg.epochs):
+            self.module.train()
+            total, n = 0.0, 0
+            for batch in self._batches(self.train_seqs, True, gen):
+                loss, _ = self.loss(batch, train=True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                total, n = total + float(loss.detach()), n + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / n:.3f}")
+            val = self.validate()
+            history.append(dict(epoch=epoch + 1, train_loss=round(total / max(n, 1), 4), **val))
+            log.info("%s epoch %d: %s", cfg.kind, epoch + 1, history[-1])
+        bar.close()
+        self.info.update(train_seconds=round(time.perf_counter() - t0, 1), history=history,
+                         train_sequences=len(self.train_seqs), val_sequences=len(self.val_seqs),
+                         train_tokens=int(sum(self.corpus.offsets[s + 1] - self.corpus.offsets[s]
+                                              for s in self.train_seqs)))
+        return history[-1] if history else {}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Held-out loss and top-1 agreement with the target per draft depth."""
+        self.module.eval()
+        total, n, hits = 0.0, 0, None
+        for batch in self._batches(self.val_seqs, False):
+            loss, accs = self.loss(batch, train=False)
+            total, n = total + float(loss), n + 1
+            hits = [(h[0] + a[0], h[1] + a[1]) for h, a in zip(hits, accs)] if hits else accs
+        if not n:
+            return {}
+        return dict(val_loss=round(total / n, 4),
+                    val_top1_per_depth=[round(h / max(c, 1), 4) for h, c in hits])
+
+    def checkpoint(self, defaults: dict, recipe: dict) -> Checkpoint:
+        self.module.eval().requires_grad_(False)
+        return Checkpoint(self.cfg.kind, self.module, self.d2t,
+                          dict(name=self.target_name, fingerprint=fingerprint(self.target)),
+                          dict(self.info, defaults=defaults, recipe=recipe, corpus=self.corpus.meta))
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(hits, counted) of argmax == label over labelled rows (an unlabelled row is outside the draft
+    vocabulary: it counts as a miss, as it would when drafting)."""
+    valid = labels != -100
+    return int((logits.argmax(-1)[valid] == labels[valid]).sum()), int(labels.numel())
