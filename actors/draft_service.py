@@ -3,7 +3,11 @@
 A session mirrors one sequence on a target worker. The target sends only the tokens committed since
 its last call plus the total context length; if this process lost the session (restart, eviction) or
 the lengths disagree, the call fails with FAILED_PRECONDITION and the target resends the whole
-context with reset=True. Sessions are independent (one lock each); one session's calls are serial."""
+context with reset=True. Sessions are independent (one lock each); one session's calls are serial.
+
+Drafters that read the target's features (eagle) get them with the tokens and keep their own feature
+cache per session (the head's KV cache); a request with max_nodes = 0 only absorbs its tokens, which
+is how a long context arrives in pieces."""
 from __future__ import annotations
 
 import threading
@@ -18,7 +22,8 @@ import torch
 from actors.drafters.base import Budget, Drafter
 from actors.rpc import start_server
 from actors.spec.sampling import SamplingParams, make_generator
-from actors.wire import sampling_from_proto, tree_to_proto
+from actors.spec.tree import DraftTree
+from actors.wire import features_from_proto, sampling_from_proto, tree_to_proto
 from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "drafthorse.v1.Drafter"
@@ -52,12 +57,16 @@ class _Session:
 class DraftService(pb_grpc.DrafterServicer):
     def __init__(self, make_drafter: Callable[[str], Drafter], vocab_size: int, max_sessions: int = 64,
                  max_nodes: int = 64,
-                 kinds: Iterable[str] = ("ngram", "draft-model")):
+                 kinds: Iterable[str] = ("ngram", "draft-model"), feature_dims: dict[str, int] | None = None,
+                 max_context: int = 1 << 20):
+        """feature_dims: the kinds that read the target's features, with its hidden size (eagle: H);
+        max_context bounds a session's committed tokens (what a drafter may be made to hold)."""
         if max_sessions < 1 or max_nodes < 0:
             raise ValueError("need max_sessions >= 1 and max_nodes >= 0")
         self.make_drafter, self.vocab_size = make_drafter, vocab_size
-        self.max_sessions, self.max_nodes = max_sessions, max_nodes
+        self.max_sessions, self.max_nodes, self.max_context = max_sessions, max_nodes, max_context
         self.kinds = frozenset(kinds)
+        self.feature_dims = dict(feature_dims or {})
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.draft_calls = 0        # Draft RPCs answered with a tree
@@ -87,7 +96,7 @@ class DraftService(pb_grpc.DrafterServicer):
         with self._lock:
             return len(self._sessions)
 
-    def _check(self, r: pb.DraftRequest) -> SamplingParams:
+    def _check(self, r: pb.DraftRequest) -> tuple[SamplingParams, torch.Tensor | None]:
         bad = lambda msg: _Abort(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
         if not r.session_id or len(r.session_id) > 256:
             raise bad("session_id must be 1..256 characters")
@@ -99,8 +108,19 @@ class DraftService(pb_grpc.DrafterServicer):
             raise bad(f"new_token_ids outside the vocabulary [0, {self.vocab_size})")
         if r.reset and (not r.new_token_ids or r.context_length != len(r.new_token_ids)):
             raise bad("reset needs the whole context: context_length == len(new_token_ids) > 0")
+        if r.context_length > self.max_context:
+            raise bad(f"context_length {r.context_length} is over this worker's bound {self.max_context}")
+        feats = None
+        dim = self.feature_dims.get(r.drafter)
+        if dim is None and r.HasField("features"):
+            raise bad(f"drafter {r.drafter!r} takes no features")
         try:
-            return sampling_from_proto(r.sampling).validate()
+            if dim is not None:
+                if not r.HasField("features"):
+                    raise ValueError(f"drafter {r.drafter!r} needs the target's features of new_token_ids")
+                # on reset the first token has no feature: nothing predicted it
+                feats = features_from_proto(r.features, len(r.new_token_ids) - r.reset, dim)
+            return sampling_from_proto(r.sampling).validate(), feats
         except ValueError as e:
             raise bad(str(e)) from None
 
@@ -131,7 +151,7 @@ class DraftService(pb_grpc.DrafterServicer):
             pass
 
     def _draft(self, r: pb.DraftRequest) -> pb.DraftResponse:
-        params = self._check(r)
+        params, feats = self._check(r)
         ids = list(r.new_token_ids)
         for _ in range(3):  # a reset may race with an eviction of the same id: take the fresh session
             sess = self._session(r.session_id, create=r.reset)
@@ -142,10 +162,10 @@ class DraftService(pb_grpc.DrafterServicer):
                     if r.reset:
                         continue
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, LOST)
-                return self._draft_locked(r, sess, ids, params)
+                return self._draft_locked(r, sess, ids, feats, params)
         raise _Abort(grpc.StatusCode.UNAVAILABLE, "session churn, retry")
 
-    def _draft_locked(self, r: pb.DraftRequest, sess: _Session, ids: list[int],
+    def _draft_locked(self, r: pb.DraftRequest, sess: _Session, ids: list[int], feats: torch.Tensor | None,
                       params: SamplingParams) -> pb.DraftResponse:
         t0 = time.perf_counter()
         try:
@@ -154,8 +174,11 @@ class DraftService(pb_grpc.DrafterServicer):
                     if sess.drafter is not None:
                         sess.drafter.close()
                     sess.drafter, sess.kind = self.make_drafter(r.drafter), r.drafter
-                sess.drafter.begin([])
-                sess.drafter.extend(ids)
+                if feats is not None:   # begin as the engine does: ids[0] has no feature
+                    sess.drafter.begin(ids, feats)
+                else:
+                    sess.drafter.begin([])
+                    sess.drafter.extend(ids)
                 sess.length = len(ids)
                 # seeded exactly as SpecEngine seeds an in-process drafter's generator, so a seeded
                 # sampling run drafts the same trees whether the drafter is local or remote
@@ -164,10 +187,12 @@ class DraftService(pb_grpc.DrafterServicer):
                 if sess.kind != r.drafter or sess.length + len(ids) != r.context_length:
                     self._drop(r.session_id, sess)
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, LOST)
-                sess.drafter.extend(ids)
+                sess.drafter.extend(ids, feats)
                 sess.length += len(ids)
             budget = Budget(min(r.max_nodes, self.max_nodes), r.max_depth)
-            tree = sess.drafter.propose(budget, params, sess.generator)
+            tree = DraftTree()  # an empty budget: absorb the tokens only (a piece of a long context)
+            if budget.max_nodes > 0 and budget.max_depth > 0:
+                tree = sess.drafter.propose(budget, params, sess.generator)
         except _Abort:
             raise
         except (ValueError, KeyError) as e:  # the factory refused the kind, or the drafter the input

@@ -1,7 +1,11 @@
 """The draft worker: hosts drafters for many sessions behind the gRPC `Drafter` service. It keeps each
-session's drafter state (a draft model's own KV cache, an n-gram index) and receives only the tokens
-committed since the last call. Served as a Ray Serve deployment (`DraftWorker`); asks Ray for the
-cheap-accelerator resources configured for draft workers."""
+session's drafter state (a draft model's own KV cache, an n-gram index, an EAGLE head's cache over
+the target's features) and receives only the tokens committed since the last call (and, for EAGLE,
+their features). Served as a Ray Serve deployment (`DraftWorker`); asks Ray for the cheap-accelerator
+resources configured for draft workers.
+
+EAGLE drafts with the target's own embeddings and LM head, so a worker serving it loads the target
+model as well (same spec and dtype as the target workers, or the head's fingerprint check fails)."""
 from __future__ import annotations
 
 import logging
@@ -21,7 +25,7 @@ class DraftWorker(GrpcWorker):
         import ray
 
         from actors.draft_service import SERVICE_NAME, DraftService
-        from actors.drafters import make_drafter
+        from actors.drafters import load_head, make_drafter
         from actors.models import loader
         from actors.models.runner import ModelRunner
         from actors.rpc import start_server
@@ -36,9 +40,19 @@ class DraftWorker(GrpcWorker):
         dlm = loader.load(s.draft_model, s.dtype, s.max_len) if s.draft_model else None
         kinds = ["ngram"] + (["draft-model"] if dlm else [])
         vocab = dlm.vocab_size if dlm else loader.vocab_size_of(s.model)
+        heads, dims = {}, {}
+        if s.eagle_head or s.drafter == "eagle":
+            tlm = loader.load(s.model, s.dtype, s.max_len)
+            try:
+                heads["eagle"] = load_head("eagle", tlm, s.eagle_head, s.max_len)
+            except (FileNotFoundError, ValueError) as e:
+                raise RuntimeError(f"draft worker cannot serve eagle: {e} (set DRAFTHORSE_EAGLE_HEAD)") from None
+            kinds.append("eagle")
+            vocab, dims["eagle"] = tlm.vocab_size, tlm.model.embed.shape[1]
         new_runner = (lambda: ModelRunner(dlm.model, s.max_len)) if dlm else None
-        self.service = DraftService(lambda kind: make_drafter(kind, new_runner), vocab,
-                                    max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds)
+        self.service = DraftService(lambda kind: make_drafter(kind, new_runner, head=heads.get(kind)), vocab,
+                                    max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds,
+                                    feature_dims=dims, max_context=s.max_len)
         self.worker_id = worker_id("draft")
         self.membership = Membership(s, "draft", self.worker_id, dlm.name if dlm else "", s.draft_sessions,
                                      node_id=ray.get_runtime_context().get_node_id(), drafters=kinds)

@@ -11,6 +11,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Target features (eagle) of a long context would outgrow any message bound (4096 tokens x hidden 4096
+# x 4 bytes = 64 MiB): a Draft request carries at most this many bytes of them, a longer context goes
+# in several requests (actors/drafters/remote.py). SmolLM2 (hidden 576) fits ~7k float32 rows in one.
+FEATURE_CHUNK_BYTES = 16 * 1024 * 1024
 OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 # Health and reflection answer without a token: probes and tools must reach them.

@@ -3,7 +3,11 @@
 Per request: take a KV-cache slot (the session's own if it still holds one: its prefix is reused),
 ask the paired draft worker for a tree over gRPC, verify, commit, stream the tokens back and
 checkpoint them to Redis as they are committed. Served as a Ray Serve deployment (`TargetWorker`)
-whose replica runs the gRPC `Target` service on its own port and registers itself in Redis."""
+whose replica runs the gRPC `Target` service on its own port and registers itself in Redis.
+
+Medusa and layer-skip draft here, in the target worker: they read the target's features and share its
+weights and KV cache, which no network hop could carry cheaply. EAGLE drafts on a draft worker, which
+gets the features of the committed tokens with each request."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +18,7 @@ import uuid
 import grpc
 import torch
 
-from actors.drafters import KINDS, NoDrafter
+from actors.drafters import KINDS, NoDrafter, make_drafter
 from actors.engine import SpecEngine
 from actors.spec.stats import GenerationStats
 from actors.worker import GrpcWorker
@@ -22,6 +26,7 @@ from protos.drafthorse.v1 import drafthorse_pb2 as pb
 from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+LOCAL_KINDS = ("medusa", "layerskip")   # trained heads that run in the target worker itself
 
 
 def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
@@ -35,11 +40,12 @@ def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
 class TargetService(pb_grpc.TargetServicer):
     def __init__(self, lm, worker_id: str, capacity: int, max_len: int, token: str = "",
                  checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
-                 adaptive: bool = True, max_waiting: int | None = None):
+                 adaptive: bool = True, max_waiting: int | None = None, heads: dict | None = None):
         from actors.scheduler import Scheduler, SlotPool
         from actors.spec.adaptive import AdaptivePolicy
 
         self.lm, self.worker_id, self.token = lm, worker_id, token
+        self.heads = dict(heads or {})        # LOCAL_KINDS kind -> its loaded head (load_head), shared
         self.pool = SlotPool(lm.model, capacity, max_len)
         self.checkpoint = checkpoint          # callable(session_id, token_ids) or None
         self.draft_timeout_s = draft_timeout_s
@@ -75,7 +81,12 @@ class TargetService(pb_grpc.TargetServicer):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         drafter = NoDrafter()
-        if treq.draft_address and kind != "none":
+        if kind in LOCAL_KINDS:
+            if kind not in self.heads:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"target worker {self.worker_id} has no {kind} head: set DRAFTHORSE_{kind.upper()}_HEAD")
+            drafter = make_drafter(kind, head=self.heads[kind])
+        elif treq.draft_address and kind != "none":
             drafter = RemoteDrafter(self._channel(treq.draft_address), kind, self.lm.vocab_size,
                                     session_id=treq.session_id or uuid.uuid4().hex, auth_token=self.token,
                                     timeout_s=self.draft_timeout_s)
@@ -101,7 +112,7 @@ class TargetService(pb_grpc.TargetServicer):
                     msg.finish_reason = step.finish_reason
                     msg.stats.CopyFrom(stats_to_proto(
                         r.stats, drafter=kind, target_worker=self.worker_id,
-                        draft_worker=treq.draft_address if treq.draft_address and kind != "none" else "",
+                        draft_worker=treq.draft_address if isinstance(drafter, RemoteDrafter) else "",
                         draft_rpc_s=getattr(drafter, "rpc_s", 0.0), draft_rpcs=getattr(drafter, "rpc_calls", 0)))
                 yield msg
         finally:
@@ -116,6 +127,26 @@ class TargetService(pb_grpc.TargetServicer):
 
 
 SERVICE = "drafthorse.v1.Target"
+
+
+def load_local_heads(s, lm) -> dict:
+    """The medusa / layer-skip heads this worker serves. A head asked for (its path set, or its kind the
+    default drafter) must load, else start-up fails; otherwise the shipped one is served if it loads."""
+    from actors.drafters import load_head, shipped_head
+    heads = {}
+    for kind in LOCAL_KINDS:
+        path = getattr(s, f"{kind}_head")
+        wanted = bool(path) or s.drafter == kind
+        if not wanted and shipped_head(kind, lm.name) is None:
+            continue
+        try:
+            heads[kind] = load_head(kind, lm, path, s.max_len)
+        except (FileNotFoundError, ValueError) as e:
+            if wanted:
+                raise RuntimeError(f"target worker cannot serve {kind}: {e} (set DRAFTHORSE_{kind.upper()}_HEAD)") \
+                    from None
+            log.warning("not serving %s: %s", kind, e)
+    return heads
 
 
 
@@ -135,21 +166,22 @@ class TargetWorker(GrpcWorker):
         torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
         lm = loader.load(s.model, s.dtype, s.max_len)
+        heads = load_local_heads(s, lm)
         self.worker_id = worker_id("target")
         self.membership = Membership(s, "target", self.worker_id, lm.name, s.sessions_per_target,
                                      node_id=ray.get_runtime_context().get_node_id())
         self.service = TargetService(lm, self.worker_id, s.sessions_per_target, s.max_len, s.token(),
                                      checkpoint=self.membership.checkpoint_tokens,
                                      max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
-                                     adaptive=s.adaptive)
+                                     adaptive=s.adaptive, heads=heads)
         self.server, port, self.health = start_server(
             lambda srv: pb_grpc.add_TargetServicer_to_server(self.service, srv), [SERVICE],
             host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4)
         self.membership.start(port)
         metrics.watch_target(self.service)
         self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
-        log.info("%s serving %s on port %d (loaded in %.1fs)", self.worker_id, lm.name, port,
-                 time.perf_counter() - t0)
+        log.info("%s serving %s on port %d with local heads %s (loaded in %.1fs)", self.worker_id, lm.name, port,
+                 sorted(heads), time.perf_counter() - t0)
 
     def info(self) -> dict:
         sched = self.service.scheduler

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from actors.spec.sampling import SamplingParams
@@ -61,3 +62,41 @@ def sampling_from_proto(msg: pb.Sampling, max_new_tokens: int = 128, stop: tuple
                           top_p=msg.top_p if msg.top_p != 0.0 else 1.0,  # proto3 default 0 means off
                           seed=msg.seed if msg.HasField("seed") else None,
                           max_new_tokens=max_new_tokens, stop=tuple(stop))
+
+
+# features travel as raw bytes (never pickle), little-endian, in the dtype the target computed them in:
+# bit-exact, so a remote drafter sees the very numbers an in-process one would
+FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64}
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}   # reinterpret as ints: numpy has no bfloat16
+
+
+def features_to_proto(feats: torch.Tensor) -> pb.Features:
+    """[rows, dim] -> Features."""
+    name = str(feats.dtype).removeprefix("torch.")
+    if name not in FEATURE_DTYPES or feats.dim() != 2:
+        raise ValueError(f"features must be [rows, dim] of {', '.join(FEATURE_DTYPES)}, got {feats.dtype} "
+                         f"{tuple(feats.shape)}")
+    t = feats.detach().to("cpu").contiguous()
+    size = t.element_size()
+    data = t.view(_BITS[size]).numpy().astype(f"<i{size}", copy=False).tobytes()
+    return pb.Features(data=data, dtype=name, rows=t.shape[0], dim=t.shape[1])
+
+
+def features_from_proto(msg: pb.Features, rows: int, dim: int) -> torch.Tensor:
+    """A [rows, dim] tensor, after checking the message describes exactly that."""
+    if msg.dtype not in FEATURE_DTYPES:
+        raise ValueError(f"features dtype {msg.dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
+    if msg.rows != rows:
+        raise ValueError(f"features have {msg.rows} rows, expected {rows} (one per token that has a predecessor)")
+    if msg.dim != dim:
+        raise ValueError(f"features have dim {msg.dim}, this drafter's target has hidden size {dim}")
+    dtype = FEATURE_DTYPES[msg.dtype]
+    size = torch.empty((), dtype=dtype).element_size()
+    if len(msg.data) != rows * dim * size:
+        raise ValueError(f"features data is {len(msg.data)} bytes, {rows} x {dim} {msg.dtype} is {rows * dim * size}")
+    ints = np.frombuffer(msg.data, dtype=f"<i{size}").astype(f"=i{size}")  # a writable, native-order copy
+    feats = torch.from_numpy(ints).view(dtype).reshape(rows, dim)
+    if not bool(torch.isfinite(feats).all()):
+        raise ValueError("features must be finite")
+    return feats

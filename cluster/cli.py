@@ -177,7 +177,11 @@ def bench(
 def serve(
     model: Optional[str] = typer.Option(None, help="target model (default smollm2)"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM served by the draft workers"),
-    drafter: Optional[str] = typer.Option(None, help="default drafter: none | ngram | draft-model"),
+    drafter: Optional[str] = typer.Option(None, help="default drafter: none | ngram | draft-model | eagle | "
+                                                     "medusa | layerskip"),
+    eagle_head: Optional[str] = typer.Option(None, help="EAGLE head for the draft workers (default: shipped)"),
+    medusa_head: Optional[str] = typer.Option(None, help="Medusa head for the target workers (default: shipped)"),
+    layerskip_head: Optional[str] = typer.Option(None, help="layer-skip adapter (default: shipped)"),
     num_targets: Optional[int] = typer.Option(None, min=1),
     num_drafts: Optional[int] = typer.Option(None, min=0),
     port: Optional[int] = typer.Option(None, help="gateway gRPC port (default 50051)"),
@@ -197,7 +201,8 @@ def serve(
     from cluster.app import Cluster
     from cluster.settings import Settings
 
-    flags = dict(model=model, draft_model=draft_model, drafter=drafter, num_targets=num_targets,
+    flags = dict(model=model, draft_model=draft_model, drafter=drafter, eagle_head=eagle_head, medusa_head=medusa_head,
+                 layerskip_head=layerskip_head, num_targets=num_targets,
                  num_drafts=num_drafts, gateway_port=port, http_port=http_port, host=host, redis_url=redis_url,
                  ray_address=ray_address, dtype=dtype)
     try:
@@ -299,6 +304,7 @@ def train_drafter(
     medusa_heads: int = typer.Option(4, min=1),
     topk: int = typer.Option(4, min=1, help="tree default saved with the head: children per node"),
     depth: int = typer.Option(6, min=1, help="tree default saved with the head: draft depth"),
+    max_nodes: int = typer.Option(16, min=1, help="tree default saved with the head: nodes per tree"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -344,8 +350,8 @@ def train_drafter(
         _fail(str(e))
     recipe = dict(command="drafthorse " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                   held_out_question_ids=[q["question_id"] for q in held], seconds=round(time.perf_counter() - t0, 1))
-    trainer.checkpoint(dict(topk=topk, depth=min(depth, medusa_heads) if kind == "medusa" else depth),
-                       recipe).save(out)
+    trainer.checkpoint(dict(topk=topk, depth=min(depth, medusa_heads) if kind == "medusa" else depth,
+                            max_nodes=max_nodes), recipe).save(out)
     typer.echo(json.dumps({"out": str(out), "kind": kind, **final, "draft_vocab": trainer.info["draft_vocab"],
                            "val_label_coverage": trainer.info["val_label_coverage"],
                            "train_seconds": trainer.info["train_seconds"]}))

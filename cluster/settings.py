@@ -24,6 +24,13 @@ class Settings(BaseSettings):
     model: str = "smollm2"
     draft_model: str | None = None
     drafter: str = "ngram"
+    # trained heads (`drafthorse train-drafter`); unset = the one shipped for `model` (actors/drafters/trained)
+    eagle_head: str | None = Field(None, description="EAGLE head, served by the draft workers (which then load the "
+                                   "target model too) when set or when drafter=eagle; missing = start-up error")
+    medusa_head: str | None = Field(None, description="Medusa head, run inside the target workers; loaded when set "
+                                    "or drafter=medusa (missing = start-up error), else the shipped one if any")
+    layerskip_head: str | None = Field(None, description="layer-skip exit adapter, run inside the target workers; "
+                                       "loaded like medusa_head")
     dtype: str = Field("auto", description="auto (bfloat16 where the CPU has it natively, else float32) | "
                                            "float32 | bfloat16 | float16; target and draft models alike")
     max_len: int = Field(4096, ge=16, description="context per session (prompt + generated)")

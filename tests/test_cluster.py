@@ -34,7 +34,21 @@ N = 24
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def heads(local, tmp_path_factory):
+    """EAGLE and Medusa heads for tiny:0, trained on its greedy answers to PROMPTS (seconds; a random model's
+    text is learnable only by heart, hence twice over: the held-out copy is trained on too): the draft
+    workers serve eagle with the first, the target workers run medusa with the second; no layerskip head."""
+    from tests.test_eagle_remote import train_head
+    prompts = [chat_ids(local, p) for p in PROMPTS] * 2
+    out = {}
+    for kind in ("eagle", "medusa"):
+        out[kind] = tmp_path_factory.mktemp("heads") / f"{kind}.safetensors"
+        train_head(local[0], out[kind], prompts, new_tokens=N + 8, draft_vocab=1024, kind=kind, epochs=20, lr=1e-2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(heads):
     import ray
     # workers ask for the accelerator kinds they need; this one-node Ray has both
     ray.init(num_cpus=4, resources={"large_accel": 1, "cheap_accel": 1}, include_dashboard=False,
@@ -44,6 +58,7 @@ def cluster():
                  sessions_per_target=8, max_len=512, http_port=0,
                  draft_timeout_s=30.0,  # a loaded CI machine must not turn RPCs into plain-decoding fallbacks
                  adaptive=False,  # fixed trees: every step must ask a draft worker (the policy is tested in test_batch)
+                 eagle_head=str(heads["eagle"]), medusa_head=str(heads["medusa"]),
                  target_resources={"large_accel": 0.25}, draft_resources={"cheap_accel": 0.25})
     c = Cluster(s).start(timeout_s=300)
     yield c
@@ -104,6 +119,31 @@ def test_greedy_through_cluster_equals_target_alone_8_concurrent(cluster, stub, 
         assert st.draft_rpcs >= st.target_forwards - 2
     assert rpcs >= len(PROMPTS)
     assert len(workers) == 2, f"8 concurrent requests should spread over both targets, got {workers}"
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_trained_heads_through_cluster_equal_target_alone(cluster, stub, local, kind):
+    """eagle: gateway -> target -> draft worker, the target's features riding on every Draft request;
+    medusa: inside the target worker."""
+    accepted = 0
+    for p in PROMPTS[:4]:
+        ids, msgs = run(stub, request(p, SamplingParams(max_new_tokens=N), kind))
+        assert ids == reference(local, chat_ids(local, p), "none"), p
+        st = msgs[-1].stats
+        assert st.drafter == kind and st.drafted_tokens > 0
+        if kind == "eagle":
+            assert st.draft_worker and st.draft_rpcs >= st.target_forwards - 2
+        else:
+            assert not st.draft_worker and st.draft_rpcs == 0
+        accepted += st.accepted_tokens
+    assert accepted > 0, f"{kind}: no drafted token was ever accepted"
+
+
+def test_head_not_loaded_is_failed_precondition(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        run(stub, request("hi", SamplingParams(max_new_tokens=4), "layerskip"))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "DRAFTHORSE_LAYERSKIP_HEAD" in e.value.details()
 
 
 def test_workers_hold_the_accelerator_resources_they_asked_for(cluster):

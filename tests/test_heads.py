@@ -52,7 +52,7 @@ def trained(target, corpus, tmp_path_factory):
         before = t.validate()
         after = t.fit(progress=False)
         path = tmp_path_factory.mktemp("heads") / f"{kind}.safetensors"
-        t.checkpoint(dict(topk=3, depth=3), dict(test=True)).save(path)
+        t.checkpoint(dict(topk=3, depth=3, max_nodes=12), dict(test=True)).save(path)
         out[kind] = (path, before, after)
     return out
 
@@ -70,7 +70,7 @@ def test_checkpoint_round_trips_and_refuses_another_target(trained, target, tiny
     path = trained[kind][0]
     a = load_checkpoint(path, target.model, target.name)
     b = load_checkpoint(path, target.model, target.name)
-    assert a.kind == kind and a.info["defaults"] == dict(topk=3, depth=3) and torch.equal(a.d2t, b.d2t)
+    assert a.kind == kind and a.info["defaults"] == dict(topk=3, depth=3, max_nodes=12) and torch.equal(a.d2t, b.d2t)
     for (k, x), (_, y) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
         assert torch.equal(x, y), k
     other = tiny(1, vocab_size=V, hidden_size=64)

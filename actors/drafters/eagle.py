@@ -43,10 +43,11 @@ class EagleDrafter(Drafter):
     name = "eagle"
     wants_features = True
 
-    def __init__(self, model: EagleModel, topk: int = 4, depth: int = 6, max_len: int | None = None):
-        if topk < 1 or depth < 1:
-            raise ValueError("eagle drafter needs topk >= 1 and depth >= 1")
-        self.m, self.topk, self.depth = model, topk, depth
+    def __init__(self, model: EagleModel, topk: int = 4, depth: int = 6, max_nodes: int = 16,
+                 max_len: int | None = None):
+        if topk < 1 or depth < 1 or max_nodes < 1:
+            raise ValueError("eagle drafter needs topk, depth and max_nodes >= 1")
+        self.m, self.topk, self.depth, self.max_nodes = model, topk, depth, max_nodes
         self.runner = ModelRunner(model.head, max_len)
         self.tokens: list[int] = []                   # committed tokens not yet in the head's cache
         self.feats: list[torch.Tensor] = []           # ... and the features that predicted them
@@ -62,6 +63,7 @@ class EagleDrafter(Drafter):
         self.feats.append(features)
 
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
+        budget = Budget(min(budget.max_nodes, self.max_nodes), budget.max_depth)
         if not self.tokens:
             return DraftTree()
         feats = torch.cat(self.feats)

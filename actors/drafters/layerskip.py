@@ -40,10 +40,10 @@ class LayerSkipModel:
 class LayerSkipDrafter(Drafter):
     name = "layerskip"
 
-    def __init__(self, model: LayerSkipModel, topk: int = 2, depth: int = 4):
-        if topk < 1 or depth < 1:
-            raise ValueError("layerskip drafter needs topk >= 1 and depth >= 1")
-        self.m, self.topk, self.depth = model, topk, depth
+    def __init__(self, model: LayerSkipModel, topk: int = 2, depth: int = 4, max_nodes: int = 8):
+        if topk < 1 or depth < 1 or max_nodes < 1:
+            raise ValueError("layerskip drafter needs topk, depth and max_nodes >= 1")
+        self.m, self.topk, self.depth, self.max_nodes = model, topk, depth, max_nodes
         self.runner: ModelRunner | None = None
         self.root: int | None = None
 
@@ -60,6 +60,7 @@ class LayerSkipDrafter(Drafter):
             self.root = token_ids[-1]
 
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
+        budget = Budget(min(budget.max_nodes, self.max_nodes), budget.max_depth)
         r = self.runner
         if r is None or self.root is None:
             return DraftTree()

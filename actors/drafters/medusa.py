@@ -37,11 +37,11 @@ class MedusaDrafter(Drafter):
     name = "medusa"
     wants_features = True
 
-    def __init__(self, model: MedusaModel, topk: int = 4, depth: int | None = None):
-        self.m, self.topk = model, topk
+    def __init__(self, model: MedusaModel, topk: int = 4, depth: int | None = None, max_nodes: int = 16):
+        self.m, self.topk, self.max_nodes = model, topk, max_nodes
         self.depth = min(depth or model.n_heads, model.n_heads)
-        if topk < 1 or self.depth < 1:
-            raise ValueError("medusa drafter needs topk >= 1 and depth >= 1")
+        if topk < 1 or self.depth < 1 or max_nodes < 1:
+            raise ValueError("medusa drafter needs topk, depth and max_nodes >= 1")
         self.last: torch.Tensor | None = None
 
     def begin(self, prompt_ids: list[int], features: torch.Tensor | None = None) -> None:
@@ -53,6 +53,7 @@ class MedusaDrafter(Drafter):
         self.last = features[-1]
 
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
+        budget = Budget(min(budget.max_nodes, self.max_nodes), budget.max_depth)
         if self.last is None:
             return DraftTree()
         per_head = self.m.logits(self.last)

@@ -4,7 +4,11 @@ Only the tokens committed since the last call cross the wire, plus the total con
 worker can tell when it lost the session; then (FAILED_PRECONDITION) the whole context is resent once
 with reset=True. When the worker is unreachable or slow (UNAVAILABLE, DEADLINE_EXCEEDED, ...) the
 step gets an empty tree: the target decodes one token alone, which is still exact, and the next call
-resets the session. Configuration errors (auth, bad arguments) raise: they would never heal."""
+resets the session. Configuration errors (auth, bad arguments) raise: they would never heal.
+
+Drafters that read the target's features (eagle) get them with the tokens, as raw bytes: this side
+keeps the features of the whole context for a reset, and splits a long context into requests of at
+most FEATURE_CHUNK_BYTES of features each (all but the last with max_nodes = 0: absorb, no tree)."""
 from __future__ import annotations
 
 import logging
@@ -16,10 +20,10 @@ import torch
 
 from actors.spec.sampling import SamplingParams
 from actors.spec.tree import DraftTree
-from actors.wire import sampling_to_proto, tree_from_proto
+from actors.wire import features_to_proto, sampling_to_proto, tree_from_proto
 from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
-from actors.rpc import OPTIONS, auth_metadata
+from actors.rpc import FEATURE_CHUNK_BYTES, OPTIONS, auth_metadata
 from cluster.metrics import DRAFT_RPC_SECONDS
 
 from .base import Budget, Drafter
@@ -28,13 +32,17 @@ log = logging.getLogger(__name__)
 
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
          grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
+FEATURE_KINDS = ("eagle",)   # drafters that read the target's final hidden states
 
 
 class RemoteDrafter(Drafter):
     def __init__(self, target: str | grpc.Channel, kind: str, vocab_size: int, session_id: str | None = None,
-                 auth_token: str | None = None, timeout_s: float = 5.0, retry_after_s: float = 1.0):
+                 auth_token: str | None = None, timeout_s: float = 5.0, retry_after_s: float = 1.0,
+                 chunk_bytes: int = FEATURE_CHUNK_BYTES):
         self.name = f"remote:{kind}"
         self.kind, self.vocab_size, self.timeout_s = kind, vocab_size, timeout_s
+        self.wants_features = kind in FEATURE_KINDS
+        self.chunk_bytes = chunk_bytes
         self.session_id = session_id or uuid.uuid4().hex
         self._own_channel = isinstance(target, str)
         self.channel = grpc.insecure_channel(target, options=OPTIONS) if self._own_channel else target
@@ -42,7 +50,8 @@ class RemoteDrafter(Drafter):
         self.metadata = auth_metadata(auth_token or "")
         self.retry_after_s = retry_after_s  # after a transport failure, draft locally-empty this long
         self.context: list[int] = []        # our copy of everything committed
-        self.pending: list[int] = []        # committed since the worker last heard from us
+        self.feats: list[torch.Tensor] = [] # features of context[1:], in pieces (wants_features only)
+        self.sent = 0                       # context tokens the worker has (when not resetting)
         self.reset = True
         self._quiet_until = 0.0
         self.rpc_calls = 0
@@ -51,12 +60,36 @@ class RemoteDrafter(Drafter):
         self.failures = 0                   # steps that fell back to an empty tree
         self.lost_state = 0                 # FAILED_PRECONDITION answers (resent with reset)
 
-    def begin(self, prompt_ids: list[int]) -> None:
-        self.context, self.pending, self.reset = list(prompt_ids), [], True
+    def begin(self, prompt_ids: list[int], features: torch.Tensor | None = None) -> None:
+        self.context, self.sent, self.reset = list(prompt_ids), 0, True
+        self.feats = []
+        if self.wants_features:
+            self._add_features(features, len(prompt_ids) - 1)
 
-    def extend(self, token_ids: list[int]) -> None:
+    def extend(self, token_ids: list[int], features: torch.Tensor | None = None) -> None:
+        if self.wants_features:
+            self._add_features(features, len(token_ids))
         self.context += token_ids
-        self.pending += token_ids
+
+    def _add_features(self, features: torch.Tensor | None, rows: int) -> None:
+        if features is None or len(features) != rows:
+            raise ValueError(f"drafter {self.kind!r} needs one target feature per committed token")
+        self.feats.append(features.detach())
+
+    def _features(self, start: int, end: int) -> pb.Features:
+        """The features of context[start:end] (context[0] has none)."""
+        lo, hi = max(start, 1) - 1, end - 1                  # rows of context[1:]
+        if lo == 0 and len(self.feats) > 1:                  # a reset reads everything: join the pieces once
+            self.feats = [torch.cat(self.feats)]
+        parts, top = [], len(self.context) - 1
+        for piece in reversed(self.feats):                   # a step reads only the last piece or two
+            bottom = top - len(piece)
+            if bottom < hi and top > lo:
+                parts.append(piece[max(lo - bottom, 0):hi - bottom])
+            if bottom <= lo:
+                break
+            top = bottom
+        return features_to_proto(torch.cat(parts[::-1]) if parts else self.feats[-1][:0])
 
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
         # `generator` stays here: the worker seeds its own per-session generator the same way
@@ -80,22 +113,33 @@ class RemoteDrafter(Drafter):
         except ValueError as e:  # a malformed tree: a worker bug, but the target must not suffer for it
             return self._fail(f"malformed tree: {e}", quiet=False)
         self.remote_draft_s += resp.draft_s
-        self.pending, self.reset = [], False
+        self.sent, self.reset = len(self.context), False
         return tree
 
     def _call(self, budget: Budget, params: SamplingParams) -> pb.DraftResponse:
-        ids = self.context if self.reset else self.pending
-        req = pb.DraftRequest(session_id=self.session_id, reset=self.reset, new_token_ids=ids,
-                              context_length=len(self.context), max_nodes=budget.max_nodes,
-                              max_depth=budget.max_depth, sampling=sampling_to_proto(params), drafter=self.kind)
-        t0 = time.perf_counter()
-        self.rpc_calls += 1
-        try:
-            return self.stub.Draft(req, timeout=self.timeout_s, metadata=self.metadata)
-        finally:
-            dt = time.perf_counter() - t0
-            self.rpc_s += dt
-            DRAFT_RPC_SECONDS.observe(dt)
+        start, end = (0 if self.reset else self.sent), len(self.context)
+        step = end - start or 1
+        if self.wants_features and self.feats:
+            row = self.feats[0].shape[1] * self.feats[0].element_size()
+            step = max(1, self.chunk_bytes // row)
+        for lo in range(start, max(end, start + 1), step):
+            hi = min(lo + step, end)
+            last = hi == end
+            req = pb.DraftRequest(session_id=self.session_id, reset=self.reset and lo == start,
+                                  new_token_ids=self.context[lo:hi], context_length=hi,
+                                  max_nodes=budget.max_nodes if last else 0, max_depth=budget.max_depth,
+                                  sampling=sampling_to_proto(params), drafter=self.kind)
+            if self.wants_features:
+                req.features.CopyFrom(self._features(lo, hi))
+            t0 = time.perf_counter()
+            self.rpc_calls += 1
+            try:
+                resp = self.stub.Draft(req, timeout=self.timeout_s, metadata=self.metadata)
+            finally:
+                dt = time.perf_counter() - t0
+                self.rpc_s += dt
+                DRAFT_RPC_SECONDS.observe(dt)
+        return resp
 
     def _fail(self, why: str, quiet: bool) -> DraftTree:
         # the call may or may not have reached the worker: its state is unknown, so start over

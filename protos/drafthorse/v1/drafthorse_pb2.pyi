@@ -136,8 +136,20 @@ class TokenTree(_message.Message):
     probs: _containers.RepeatedCompositeFieldContainer[SparseDist]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ...) -> None: ...
 
+class Features(_message.Message):
+    __slots__ = ("data", "dtype", "rows", "dim")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: str
+    rows: int
+    dim: int
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ...) -> None: ...
+
 class DraftRequest(_message.Message):
-    __slots__ = ("session_id", "reset", "new_token_ids", "context_length", "max_nodes", "max_depth", "sampling", "drafter")
+    __slots__ = ("session_id", "reset", "new_token_ids", "context_length", "max_nodes", "max_depth", "sampling", "drafter", "features")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +158,7 @@ class DraftRequest(_message.Message):
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     reset: bool
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -154,7 +167,8 @@ class DraftRequest(_message.Message):
     max_depth: int
     sampling: Sampling
     drafter: str
-    def __init__(self, session_id: _Optional[str] = ..., reset: _Optional[bool] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_depth: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., drafter: _Optional[str] = ...) -> None: ...
+    features: Features
+    def __init__(self, session_id: _Optional[str] = ..., reset: _Optional[bool] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_depth: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., drafter: _Optional[str] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("tree", "draft_s")
