@@ -171,6 +171,32 @@ def test_verify_rows_are_bitwise_decode_rows(dtype, exact_on):
     assert not bad, f"{len(bad)} rows differ, first {bad[:5]}"
 
 
+def test_exact_row_counts_skip_the_unstable_ones():
+    """The probe's choice: a minimum and a step from which every probed row count rounds alike. oneDNN's
+    bf16 GEMM on 2 threads without native bf16 computes rows of M = 1..3, and the middle row of each odd
+    M, like a lone row: there M is padded to an even count of at least 4."""
+    counts = exact._COUNTS
+    odd = {m for m in counts if m < 4 or m % 2}
+    step, mins = exact._choose([odd, {1}], counts)
+    assert (step, mins) == (2, [4, 2])
+    assert [exact.rows(n, 4, 2) for n in (1, 2, 4, 5, 9, 10)] == [4, 4, 4, 6, 10, 10]
+    assert exact._choose([{1, 2, 3}], counts) == (1, [4])            # no step needed: pad to 4 only
+    assert exact._choose([set(counts)], counts) is None              # nothing is stable: not exact
+
+
+def test_exact_probe_data_shows_any_change_of_summation_order():
+    """The probe's rows cancel two huge terms, so summing in another order changes nearly every row
+    (plain random data changes a few percent): a float32 sum in reverse order against the forward one."""
+    gen = torch.Generator().manual_seed(0)
+    hot = exact._hot(64)
+    x = exact._cancelling(32, 64, hot, torch.float32, gen)
+    fwd, rev = torch.zeros(32), torch.zeros(32)
+    for j in range(64):
+        fwd += x[:, j]
+        rev += x[:, 63 - j]
+    assert (fwd != rev).sum() >= 30
+
+
 def test_exact_forward_refuses_a_too_deep_tree():
     lm = tiny_at(0, "bfloat16", None)
     r = ModelRunner(lm.model, 512)

@@ -162,7 +162,7 @@ def teacher_pass(lm: LoadedModel, seqs: list[list[int]], mid_layer: int, batch_t
 
 
 def build(lm: LoadedModel, questions: list[dict], *, invented: int = 0, samples: int = 1,
-          max_new_tokens: int = 192, temperature: float = 0.8, batch_size: int = 32, mid_layer: int = 8,
+          max_new_tokens: int = 192, temperature: float = 0.8, batch_size: int = 16, mid_layer: int = 8,
           seed: int = 0) -> Corpus:
     """The whole recipe (see the module docstring). `questions` are Spec-Bench records (first turn)."""
     t0 = time.perf_counter()

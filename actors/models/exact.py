@@ -5,11 +5,15 @@ Why it is needed: at bfloat16 a 1-token decode and a k-token verify take differe
 round differently (measured on SmolLM2: every verify row differed from its decode row, by up to 0.9
 in a hidden state), so greedy speculation would drift away from plain decoding. Two things differ:
 
-1. Matrix products with M = 1 row. BLAS kernels pick a different code path (and summation order) for
-   one row than for many (bf16 here: the MLP down projection; float32 here: every GEMM below four
-   rows), while from some row count on every row of every M rounds alike. `probe_min_rows` measures
-   that row count on this machine for the model's own weight shapes once, and exact forwards pad
-   their rows up to it with dummy rows that are neither attended to nor cached.
+1. Matrix products with few rows, or the wrong number of rows. BLAS kernels pick a different code
+   path (and summation order) for one row than for many (bf16 here: the MLP down projection; float32
+   here: every GEMM below four rows), and a multithreaded kernel may split the rows among its threads
+   so that at some row counts one row is computed apart, like a lone row (oneDNN's bf16 GEMM on 2
+   threads of a CPU without native bf16: rows of M = 2 and 3, and the middle row of every odd M).
+   `probe_min_rows` measures, on this machine at its thread count and for the model's own product
+   shapes, a minimum row count and a step from which every row of every M rounds alike, and exact
+   forwards pad their rows up to such an M (`rows`) with dummy rows that are neither attended to nor
+   cached.
 
 2. Attention. A decode row attends to a contiguous prefix of length p + 1; the same position in a
    verify attends through a mask to a longer, partly masked context whose accepted branch may sit
@@ -21,8 +25,9 @@ in a hidden state), so greedy speculation would drift away from plain decoding. 
      - keys of logical positions [s(p), p] (at most WINDOW = DEPTH + CHUNK of them: the row's
        own ancestors in the tree, in order) are gathered into a fixed-length window, masked after p.
    Scores of both parts are concatenated, soft-maxed in float32 and applied to both parts' values.
-   Every product has the same shape in decode and verify, the row count aside, and batched
-   matrix products are row- and batch-invariant; so each row comes out the same.
+   Every product has the same shape in decode and verify, the row count aside, and the row count
+   (of queries per group; for the batched window products, the batch) is padded as in 1; so each row
+   comes out the same.
 
 Everything else (embedding, RMSNorm, RoPE, SiLU, residuals) works row by row already. The prefill
 is shared by plain and speculative decoding, so it keeps the fast path."""
@@ -35,7 +40,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +220,8 @@ def probe_min_rows(model) -> tuple[dict, int]:
     a multiple of model.exact_step (products with weights) / model.exact_attn_step (attention groups),
     which this sets too. Every row count up to 48 is probed: some kernels round a row differently only
     at some counts (2 threads, oneDNN bf16 GEMM without native bf16: one row of any odd count is
-    computed like a lone row). Measured once per model and thread count (a few seconds for SmolLM2);
-    warns when no such counts exist on this machine."""
+    computed like a lone row). Measured once per model, at the current thread count, which the
+    result holds for (about a second for SmolLM2); warns when no such counts exist on this machine."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     dtype = model.dtype
@@ -238,9 +242,10 @@ def probe_min_rows(model) -> tuple[dict, int]:
             wp.copy_(w)
         else:
             wp = w.clone()
-        wp[hot] = 1
+        wp[hot] = 1                                   # (a copy: the model's weights stay as they are)
         shapes.append(shape)
-        unstable.append(_unstable(lambda x, w=wp: x @ w, _cancelling(top, w.shape[0], hot, dtype, gen), _COUNTS))
+        x = _cancelling(top, w.shape[0], hot, dtype, gen)
+        unstable.append(_unstable(lambda x, w=wp: x @ w, x, _COUNTS))
     linear = _choose(unstable, _COUNTS)
     # attention (`attend`), in rows of queries: the shared-prefix products [kv, m * grp, d] @ [kv, d, T]
     # and [kv, m * grp, T] @ [kv, T, d] over slices of a [kv, max_len, d] cache, and the per-row window
@@ -255,7 +260,6 @@ def probe_min_rows(model) -> tuple[dict, int]:
     counts = [c for c in _COUNTS if c * grp <= top]
     q_rows = _cancelling(top, d, hot_d, dtype, gen)          # one query head per row of the probe
     w_rows = _cancelling(top, t, hot_t, dtype, gen)
-
     head_k = lambda x: (x.expand(kv, -1, -1).contiguous() @ keys.transpose(-1, -2)).transpose(0, 1)
     head_v = lambda x: (x.expand(kv, -1, -1).contiguous() @ vals).transpose(0, 1)
     attn_bad = [{m // grp for m in _unstable(op, x, [c * grp for c in counts])}
