@@ -153,7 +153,8 @@ class _Runner:
             elif kind in HEAD_METHODS:
                 if kind not in loaded:
                     loaded[kind] = load_head(kind, lm, (heads or {}).get(kind), max_len)
-                self.drafters[m] = make_drafter(kind, head=loaded[kind])
+                budget = int(m.partition("/")[2]) if m != kind else None   # else the head's default
+                self.drafters[m] = make_drafter(kind, head=loaded[kind], max_nodes=budget)
             elif kind in ("ngram", "ar") and m != kind:
                 self.drafters[m] = NgramDrafter() if kind == "ngram" else None
             if m != kind:   # a tree budget of its own

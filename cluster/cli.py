@@ -300,6 +300,7 @@ def train_drafter(
     exit_layer: int = typer.Option(10, min=1, help="layerskip: draft with this many target layers"),
     epochs: int = typer.Option(4, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
+    batch_tokens: int = typer.Option(1024, min=16, help="tokens per optimizer step"),
     draft_vocab: int = typer.Option(8192, min=16, help="draft vocabulary: most frequent target tokens"),
     medusa_heads: int = typer.Option(4, min=1),
     topk: int = typer.Option(4, min=1, help="tree default saved with the head: children per node"),
@@ -343,7 +344,8 @@ def train_drafter(
             data.parent.mkdir(parents=True, exist_ok=True)
             corpus.save(data)
             typer.echo(f"corpus: wrote {data} ({corpus.meta['tokens']} tokens in {corpus.meta['seconds']} s)", err=True)
-        cfg = TrainConfig(kind, epochs=epochs, lr=lr, draft_vocab=draft_vocab, medusa_heads=medusa_heads, seed=seed)
+        cfg = TrainConfig(kind, epochs=epochs, lr=lr, batch_tokens=batch_tokens, draft_vocab=draft_vocab,
+                          medusa_heads=medusa_heads, seed=seed)
         trainer = Trainer(cfg, lm.model, lm.name, corpus, lm.eos_ids)
         final = trainer.fit()
     except (FileNotFoundError, ValueError) as e:

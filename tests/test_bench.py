@@ -79,9 +79,17 @@ def test_resolve_methods_adds_ar_first_and_dedupes():
 
 def test_unknown_method_lists_valid_ones(tmp_path):
     with pytest.raises(ValueError) as e:
-        run_bench(QUESTIONS[:1], ["ar", "medusa"], 8, tmp_path, lm=None)
-    assert "'medusa'" in str(e.value)
+        run_bench(QUESTIONS[:1], ["ar", "lookahead"], 8, tmp_path, lm=None)
+    assert "'lookahead'" in str(e.value)
     assert all(m in str(e.value) for m in METHODS)
+
+
+def test_tree_budget_suffix_only_on_engine_methods():
+    methods, _ = resolve_methods(["eagle/8", "eagle/16", "ngram/4", "eagle"])
+    assert methods == ["ar", "eagle/8", "eagle/16", "ngram/4", "eagle"]
+    for bad in ("eagle/x", "eagle/0", "hf/8", "cluster-ngram/4", "nope/4"):
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            resolve_methods([bad])
 
 
 def test_draft_model_needs_a_draft_model(tmp_path):

@@ -4,7 +4,8 @@ Every node carries a score, the sum of the draft's log-probabilities along its p
 (its joint confidence, an estimate of the chance the whole path is accepted). Depth by depth, the
 `topk` best-scoring nodes of the newest level are expanded, each into its `topk` most likely children
 (one batched draft step per depth); at the end the `max_nodes` best-scoring nodes of everything
-proposed are kept. A child never scores above its parent, so the kept set is closed under ancestors.
+proposed are kept. A child never scores above its parent, so the kept set is closed under ancestors,
+and growth stops early once nothing left to expand can beat the kept set.
 
 Sampling stays lossless because no drawn node is ever discarded: children are drawn without
 replacement from the draft distribution (each node's distribution goes to the verifier), how many are
@@ -72,6 +73,12 @@ def grow(first: torch.Tensor, expand: Expand, budget: Budget, params: SamplingPa
         if d == depth or not new or (not greedy and len(tree.tokens) >= budget.max_nodes):
             break
         level = sorted(new, key=lambda n: -scores[n])[:topk]
+        if greedy and len(scores) >= budget.max_nodes:
+            # a child scores at most its parent and loses ties to earlier nodes: once no node to
+            # expand beats the max_nodes-th best score so far, no deeper node can make the final cut
+            cut = sorted(scores, reverse=True)[budget.max_nodes - 1]
+            if scores[level[0]] <= cut:
+                break
         logits = expand(level, tree)
     if not greedy:
         tree.probs = torch.stack(qs).float() if qs else tree.probs

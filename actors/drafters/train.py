@@ -37,7 +37,7 @@ class TrainConfig:
     kind: str
     epochs: int = 4
     lr: float = 1e-3
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024
     draft_vocab: int = 8192
     medusa_heads: int = 4
     noise: float = 0.05       # EAGLE: gaussian noise on input features, times their std
