@@ -93,3 +93,23 @@ def test_ngram_speculation_equals_plain(smollm2, plain_outputs, name):
     assert g.stats.generated_tokens == g.stats.target_forwards + g.stats.accepted_tokens
     if name == "edit_paragraph":  # the answer copies the question: prompt lookup must pay off
         assert g.stats.mean_accepted_tokens > 1.2, g.stats.to_dict()
+
+
+
+@pytest.fixture(scope="module")
+def heads(smollm2):
+    from actors.drafters import HEAD_KINDS, load_head
+    return {kind: load_head(kind, smollm2, max_len=1024) for kind in HEAD_KINDS}
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "layerskip"])
+@pytest.mark.parametrize("name", list(QUESTIONS))
+def test_shipped_heads_equal_plain(plain_outputs, heads, kind, name):
+    """The heads shipped in actors/drafters/trained load against the real model, draft something that
+    gets accepted, and leave the output untouched."""
+    from actors.drafters import make_drafter
+    engine, out = plain_outputs
+    prompt, plain = out[name]
+    g = engine.generate(prompt, SamplingParams(max_new_tokens=N_NEW), make_drafter(kind, head=heads[kind]))
+    assert g.token_ids == plain.token_ids and g.finish_reason == plain.finish_reason
+    assert 0 < g.stats.accepted_tokens <= g.stats.drafted_tokens
