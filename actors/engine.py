@@ -122,7 +122,10 @@ class SpecEngine:
         seq.stats.record_step(0, 0)
         step = self._emit(seq, [seq.root], 0, 0)
         seq.drafter.bind(runner)
-        seq.drafter.begin(prompt_ids, hidden[:-1] if feats else None)
+        if feats:   # (drafters without features keep the two-argument calls)
+            seq.drafter.begin(prompt_ids, hidden[:-1])
+        else:
+            seq.drafter.begin(prompt_ids)
         seq.new = [seq.root]
         seq.new_features = hidden[-1:] if feats else None
         return seq, step
@@ -207,7 +210,10 @@ class SpecEngine:
 
     def _propose(self, seq: Sequence) -> DraftTree:
         t = time.perf_counter()
-        seq.drafter.extend(seq.new, seq.new_features)
+        if seq.drafter.wants_features:
+            seq.drafter.extend(seq.new, seq.new_features)
+        else:
+            seq.drafter.extend(seq.new)
         seq.new, seq.new_features = [], None
         left = seq.params.max_new_tokens - len(seq.stopper.tokens)  # the bonus token is free
         cap = self.max_tree_nodes if seq.max_nodes is None else min(seq.max_nodes, self.max_tree_nodes)

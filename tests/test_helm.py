@@ -304,7 +304,7 @@ def test_external_redis_without_password_draft_workers_off_and_a_group_image():
     ({"target": {"autoscaling": {"min_replicas": -2, "max_replicas": 4}}}, "/target/autoscaling/min_replicas"),
     ({"target": {"rayResources": {"drafthorse_target": -1}}}, "/target/rayResources/drafthorse_target"),
     ({"serve": {"gatewayPort": 70000}}, "/serve/gatewayPort"),
-    ({"model": {"drafter": "eagle"}}, "/model/drafter"),
+    ({"model": {"drafter": "lookahead"}}, "/model/drafter"),
     ({"settings": {"Bad-Key": 1}}, "invalid propertyName 'Bad-Key'"),
     ({"target": {"replicas": 3}}, "/target"),  # a typo'd key: groups take minReplicas/maxReplicas
 ])
