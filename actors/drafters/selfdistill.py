@@ -42,6 +42,10 @@ class Corpus:
     def seq(self, s: int) -> slice:
         return slice(int(self.offsets[s]), int(self.offsets[s + 1]))
 
+    def labels(self, seqs: list[int]) -> torch.Tensor:
+        """The greedy next tokens at every position of the given sequences."""
+        return torch.cat([self.label[self.seq(s)] for s in seqs])
+
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
         save_file({"tokens": self.tokens, "offsets": self.offsets, "prompt_lens": self.prompt_lens,
@@ -132,7 +136,6 @@ def teacher_pass(lm: LoadedModel, seqs: list[list[int]], mid_layer: int, batch_t
     bar = tqdm(total=len(seqs), desc="target features", unit="seq", leave=False)
     b = 0
     while b < len(order):
-        width = len(seqs[order[b]])
         e = b + 1
         while e < len(order) and (e - b + 1) * len(seqs[order[e]]) <= batch_tokens:
             e += 1

@@ -48,7 +48,7 @@ class TrainConfig:
 def draft_vocab(corpus: Corpus, seqs: list[int], size: int, always: set[int]) -> torch.Tensor:
     """The `size` most frequent greedy next tokens of the training sequences (plus `always`, e.g. EOS)
     as sorted target ids."""
-    labels = torch.cat([corpus.label[corpus.seq(s)] for s in seqs])
+    labels = corpus.labels(seqs)
     counts = torch.bincount(labels, minlength=int(labels.max()) + 1).double()
     for t in always:
         if t < len(counts):
@@ -93,8 +93,7 @@ class Trainer:
             self.module = ExitAdapter(head_config("layerskip", target, exit_layer=int(corpus.meta["mid_layer"])))
         else:
             raise ValueError(f"unknown head kind {cfg.kind!r}: choose eagle, medusa or layerskip")
-        covered = float((self.t2d[torch.cat([corpus.label[corpus.seq(s)] for s in self.val_seqs])] >= 0)
-                        .float().mean()) if self.val_seqs else 1.0
+        covered = float((self.t2d[corpus.labels(self.val_seqs)] >= 0).float().mean()) if self.val_seqs else 1.0
         self.info = dict(draft_vocab=len(self.d2t), val_label_coverage=round(covered, 4))
 
     # ------------------------------------------------------------------ losses
@@ -135,10 +134,6 @@ class Trainer:
             accs.append(_top1(logits, lab[m]))
         return losses[0] + losses[1], accs
 
-    def _flat_rows(self, ranges):
-        idx = torch.cat([torch.arange(a, b) for a, b in ranges])
-        return idx
-
     def _medusa_loss(self, ranges, train: bool):
         c = self.corpus
         K = len(self.module.blocks)
@@ -158,7 +153,7 @@ class Trainer:
 
     def _layerskip_loss(self, ranges, train: bool):
         c = self.corpus
-        idx = self._flat_rows(ranges)
+        idx = torch.cat([torch.arange(a, b) for a, b in ranges])
         h = self.module(c.mid[idx].float())
         h = h.float()
         h = self.norm * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.target.eps))
