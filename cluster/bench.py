@@ -367,9 +367,9 @@ def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: 
         "draft_model": draft_lm.name if draft_lm is not None else None,
         "draft_depth": draft_depth,
         "draft_branches": draft_branches,
-        "dtype": str(lm.model.dtype).removeprefix("torch."),       # ours and the hf baselines' (shared weights)
+        "dtype": lm.dtype,       # ours (int8: weight-only int8, quant.py)
         "hf_dtype": str(next(lm.hf.parameters()).dtype).removeprefix("torch."),
-        "draft_dtype": str(draft_lm.model.dtype).removeprefix("torch.") if draft_lm is not None else None,
+        "draft_dtype": draft_lm.dtype if draft_lm is not None else None,
         "exact_rows": bool(lm.model.exact),    # decode and verify rows computed alike (models/exact.py)
         "max_new_tokens": max_new_tokens,
         "greedy": True,

@@ -43,8 +43,9 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="sampling seed"),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     raw: bool = typer.Option(False, help="send the prompt as is, without the chat template"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: bfloat16 where the "
-                                           "CPU has it natively, else float32)"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8 (auto: bfloat16 "
+                                           "where the CPU has it natively, else float32; int8: weight-only "
+                                           "int8 over float32, opt-in)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
     server: Optional[str] = typer.Option(None, help="HOST:PORT of a drafthorse gateway; in-process if unset"),
     session: Optional[str] = typer.Option(None, help="session id to continue (with --server)"),
@@ -122,8 +123,8 @@ def bench(
                                      "method with /N (eagle/8) uses a tree budget of N nodes"),
     model: str = typer.Option("smollm2"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft-model method"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16, for drafthorse and the hf "
-                                           "baselines alike"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8, for drafthorse and "
+                                           "the hf baselines alike (int8: hf runs the float32 weights)"),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("bench_out"), help="writes OUT/results.json and OUT/speedup.png"),
     head: list[str] = typer.Option([], help="KIND=PATH: a trained head for method KIND (eagle, medusa, "
@@ -189,7 +190,7 @@ def serve(
     host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
     redis_url: Optional[str] = typer.Option(None, help="default: 127.0.0.1:6379 if up, else an embedded redis"),
     ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
-    dtype: Optional[str] = typer.Option(None, help="auto (default) | float32 | bfloat16 | float16"),
+    dtype: Optional[str] = typer.Option(None, help="auto (default) | float32 | bfloat16 | float16 | int8"),
 ):
     """Start the cluster (Ray, Redis, gateway, target and draft workers) and serve until Ctrl-C.
     Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""

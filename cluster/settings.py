@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     layerskip_head: str | None = Field(None, description="layer-skip exit adapter, run inside the target workers; "
                                        "loaded like medusa_head")
     dtype: str = Field("auto", description="auto (bfloat16 where the CPU has it natively, else float32) | "
-                                           "float32 | bfloat16 | float16; target and draft models alike")
+                                           "float32 | bfloat16 | float16 | int8 (weight-only int8 over float32, "
+                                           "opt-in); target and draft models alike")
     max_len: int = Field(4096, ge=16, description="context per session (prompt + generated)")
     max_new_tokens_default: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(2048, ge=1)

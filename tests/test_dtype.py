@@ -1,6 +1,6 @@
-"""Low-precision targets: `auto` dtype selection, exactness at bfloat16 (a verify row is computed bit for
-bit like a one-token decode row, so greedy speculation equals plain decoding at the same dtype), and
-the GGUF converted-weights cache (hit, corrupted entry)."""
+"""Low-precision targets: `auto` dtype selection, exactness at bfloat16 and int8 (a verify row is computed
+bit for bit like a one-token decode row, so greedy speculation equals plain decoding at the same dtype),
+weight-only int8, and the GGUF converted-weights cache (hit, corrupted entry)."""
 from __future__ import annotations
 
 import functools
@@ -14,7 +14,7 @@ from actors.drafters.base import NoDrafter
 from actors.drafters.draft_model import DraftModelDrafter
 from actors.drafters.ngram import NgramDrafter
 from actors.engine import SpecEngine
-from actors.models import exact, gguf_cache, loader
+from actors.models import exact, gguf_cache, loader, quant
 from actors.models.runner import ModelRunner, score_batch
 from actors.spec.sampling import SamplingParams
 
@@ -28,17 +28,20 @@ PROMPTS = {
 }
 N_NEW = 40
 # (dtype, exact forwards): float32 runs as today (exact off) and with exact forwards forced on
-CONFIGS = [("bfloat16", None), ("float16", None), ("float32", None), ("float32", True)]
+CONFIGS = [("bfloat16", None), ("float16", None), ("float32", None), ("float32", True), ("int8", None)]
 
 
 @functools.lru_cache(maxsize=None)
 def _tiny(seed: int, dtype: str):
-    return loader.tiny_llama(seed, dtype=getattr(torch, dtype), max_len=512)
+    lm = loader.tiny_llama(seed, dtype=torch.float32 if dtype == "int8" else getattr(torch, dtype), max_len=512)
+    if dtype == "int8":
+        lm.model.quantize_int8()
+    return lm
 
 
 def tiny_at(seed: int, dtype: str, exact_on: bool | None):
     lm = _tiny(seed, dtype)
-    lm.model.exact = exact.default_on(lm.model.dtype) if exact_on is None else exact_on
+    lm.model.exact = lm.model.exact_by_default if exact_on is None else exact_on
     return lm
 
 
@@ -71,11 +74,13 @@ def test_dtype_names_are_checked():
 
     from cluster.settings import Settings
     with pytest.raises(ValueError, match="dtype must be"):
-        loader.resolve_dtype("int8")
+        loader.resolve_dtype("int4")
+    assert loader.resolve_dtype("int8") == "int8" and loader.dtype_of("int8") == torch.float32
+    assert loader.resolve_dtype("auto", native=False) != "int8"      # opt-in only: it changes outputs
     assert Settings().dtype == "auto"
-    assert Settings(dtype="BFloat16").dtype == "bfloat16"
+    assert Settings(dtype="BFloat16").dtype == "bfloat16" and Settings(dtype="int8").dtype == "int8"
     with pytest.raises(ValidationError, match="dtype must be"):
-        Settings(dtype="int8")
+        Settings(dtype="int4")
 
 
 def test_exact_forwards_default_on_below_float32(monkeypatch):
@@ -106,7 +111,12 @@ def test_cli_generate_reports_the_chosen_dtype(tmp_path, monkeypatch):
         outs[native] = json.loads(res.stdout.strip().splitlines()[-1])
     assert outs["1"]["stats"]["dtype"] == "bfloat16" and outs["1"]["stats"]["exact_rows"] is True
     assert outs["0"]["stats"]["dtype"] == "float32" and outs["0"]["stats"]["exact_rows"] is False
-    res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tmp_path), "--dtype", "int8"])
+    res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tmp_path), "--max-new-tokens", "8",
+                                   "--json", "--dtype", "int8"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.stdout.strip().splitlines()[-1])["stats"]
+    assert stats["dtype"] == "int8" and stats["exact_rows"] is True
+    res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tmp_path), "--dtype", "int4"])
     assert res.exit_code == 2 and "dtype must be" in res.output
 
 
@@ -163,7 +173,8 @@ def check_rows_bitwise(lm, prompt, offsets, sizes, decode_n):
     return bad
 
 
-@pytest.mark.parametrize("dtype,exact_on", [("bfloat16", None), ("float16", None), ("float32", True)])
+@pytest.mark.parametrize("dtype,exact_on", [("bfloat16", None), ("float16", None), ("float32", True),
+                                            ("int8", None)])
 def test_verify_rows_are_bitwise_decode_rows(dtype, exact_on):
     lm = tiny_at(0, dtype, exact_on)
     assert lm.model.exact and lm.model.min_rows() >= 1 and lm.model.exact_ok
@@ -236,6 +247,51 @@ def test_greedy_speculation_equals_plain_at_each_dtype(dtype, exact_on, seed):
         assert accepted[name] > 0, f"{name} never had a draft token accepted: the comparison proves nothing"
 
 
+# ---------------------------------------------------------------- weight-only int8
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_products_are_row_invariant_at_every_row_count(threads):
+    """Why int8 needs no row padding (quant.py): on SmolLM2's product shapes, every row of the int8
+    kernel comes out bit for bit the same at every row count 1-48, with data on which any change of
+    summation order shows (exact._cancelling)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for k, n in [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 4096)]:
+            w = quant.Int8Weight(torch.randn(k, n, generator=gen))
+            hot = exact._hot(k)
+            w.q[:, hot] = 1
+            x = exact._cancelling(96, k, hot, torch.float32, gen)
+            assert not exact._unstable(w.mm, x, exact._COUNTS), (k, n)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_int8_weights():
+    """Per-channel symmetric quantisation: within half a step of the dense weight, products as with the
+    dequantised weight (inputs rounded to bfloat16), the dense weights still reachable for fingerprints,
+    and `load(..., "int8")` of a tiny model quantises a float32 copy."""
+    gen = torch.Generator().manual_seed(1)
+    w_t = torch.randn(64, 48, generator=gen)
+    w = quant.Int8Weight(w_t)
+    assert w.q.dtype == torch.int8 and w.q.shape == (48, 64) and w.shape == (64, 48)
+    step = w.scale.float()[None, :]
+    assert ((w.dequantize() - w_t).abs() <= 0.5 * step * 1.01 + 1e-6).all()
+    x = torch.randn(5, 64, generator=gen)
+    ref = x.bfloat16().float() @ w.dequantize()
+    assert torch.allclose(w.mm(x), ref, rtol=1e-2, atol=1e-2) and w.mm(x).dtype == torch.float32
+    lm = loader.load("tiny:0", "int8")
+    f64 = loader.load("tiny:0", "float32")
+    assert lm.dtype == "int8" and lm.model.dtype == torch.float32 and lm.model.quantized and lm.model.exact
+    assert isinstance(lm.model.lm_head_t, quant.Int8Weight) and f64.dtype == "float64"
+    from actors.drafters.heads import fingerprint
+    assert fingerprint(lm.model) == fingerprint(f64.model)     # a head trained on one loads on the other
+    assert torch.equal(lm.model.dense(0, "qkv"), f64.model.layers[0]["qkv"].float())
+    with pytest.raises(ValueError, match="float32"):
+        f64.model.quantize_int8()
+
+
 # ---------------------------------------------------------------- GGUF weights cache
 
 def test_cache_entry_round_trip_and_corruption(tmp_path, monkeypatch, caplog):
@@ -295,10 +351,24 @@ def smollm2_bf16():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def smollm2_int8():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lm = loader.load("smollm2", "int8")
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    yield lm
+    torch.set_num_threads(before)
+
+
 @pytest.mark.smollm2
-def test_smollm2_bf16_ngram_equals_plain(smollm2_bf16):
-    lm = smollm2_bf16
-    assert lm.dtype == "bfloat16" and lm.model.exact and lm.model.exact_ok
+@pytest.mark.parametrize("model", ["smollm2_bf16", "smollm2_int8"])
+def test_smollm2_ngram_equals_plain(model, request):
+    lm = request.getfixturevalue(model)
+    assert lm.dtype == model.removeprefix("smollm2_").replace("bf16", "bfloat16")
+    assert lm.model.exact and lm.model.exact_ok
     engine = SpecEngine(ModelRunner(lm.model, 1024), lm.eos_ids)
     params = SamplingParams(max_new_tokens=64)
     accepted = 0
@@ -312,8 +382,9 @@ def test_smollm2_bf16_ngram_equals_plain(smollm2_bf16):
 
 
 @pytest.mark.smollm2
-def test_smollm2_bf16_verify_rows_are_bitwise_decode_rows(smollm2_bf16):
-    lm = smollm2_bf16
+@pytest.mark.parametrize("model", ["smollm2_bf16", "smollm2_int8"])
+def test_smollm2_verify_rows_are_bitwise_decode_rows(model, request):
+    lm = request.getfixturevalue(model)
     prompt = loader.chat_prompt(lm.tokenizer, [{"role": "user", "content": SMOL_QUESTIONS[1]}])
     bad = check_rows_bitwise(lm, prompt, offsets=(0, 9, 20, 33), sizes=(2, 9), decode_n=44)
     assert not bad, f"{len(bad)} rows differ, first {bad[:5]}"

@@ -12,7 +12,7 @@ from actors.drafters.base import Budget
 from actors.drafters.heads import load_checkpoint
 from actors.drafters.selfdistill import from_sequences
 from actors.drafters.train import TrainConfig, Trainer
-from actors.models.loader import LoadedModel
+from actors.models.loader import LoadedModel, tiny_llama
 from actors.spec.sampling import SamplingParams, make_generator
 from tests.test_verify_sampling import E2E_N, E2E_TOKENS, E2E_VOCAB, PASS_P, PROMPT, exact_joint, gof_pvalue
 
@@ -102,6 +102,30 @@ def test_greedy_equals_plain_decoding(trained, target, make_engine, kind):
         assert spec.token_ids == plain.token_ids, (kind, prompt)
         accepted += spec.stats.accepted_tokens
     assert accepted > 0, f"{kind}: the trained head never had a token accepted"
+
+
+@pytest.fixture(scope="module")
+def target_int8():
+    """The same tiny target as `target`, loaded at float32 and quantised to int8 weights."""
+    lm = tiny_llama(0, vocab_size=V, hidden_size=64, dtype=torch.float32)
+    lm.model.quantize_int8()
+    return lm
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_equals_plain_decoding_int8(trained, target_int8, make_engine, kind):
+    """A head trained on the float64 target loads on its int8 form (same fingerprint) and stays
+    lossless there: speculative output equals the int8 model decoding alone."""
+    head = load_head(kind, target_int8, trained[kind][0])
+    engine = make_engine(target_int8)
+    params = SamplingParams(max_new_tokens=48)
+    accepted = 0
+    for prompt in PROMPTS:
+        plain = engine.generate(prompt, params)
+        spec = engine.generate(prompt, params, make_drafter(kind, head=head))
+        assert spec.token_ids == plain.token_ids, (kind, prompt)
+        accepted += spec.stats.accepted_tokens
+    assert accepted > 0, f"{kind}: the trained head never had a token accepted at int8"
 
 
 @pytest.mark.parametrize("kind", KINDS)

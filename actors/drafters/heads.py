@@ -28,11 +28,12 @@ KINDS = ("eagle", "medusa", "layerskip")
 
 
 def fingerprint(model: Llama) -> str:
-    """Identity of a target's weights, the same at every dtype it is loaded in (hashed in bfloat16)."""
+    """Identity of a target's weights, the same at every dtype it is loaded in (hashed in bfloat16;
+    an int8 model hashes the weights it was quantised from)."""
     h = hashlib.sha256()
     h.update(json.dumps([model.n_layers, model.n_heads, model.n_kv, model.head_dim, model.vocab_size]).encode())
-    for t in (model.embed[:1024], model.lm_head[-1024:], model.norm, model.layers[0]["qkv"][:, :256],
-              model.layers[-1]["down"][:256]):
+    for t in (model.embed[:1024], model.lm_head[-1024:], model.norm, model.dense(0, "qkv")[:, :256],
+              model.dense(model.n_layers - 1, "down")[:256]):
         h.update(t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:24]
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import Int8Weight
+
 log = logging.getLogger(__name__)
 
 DEPTH = 32                 # deepest scratch node (below the committed prefix) an exact forward takes
@@ -232,7 +234,11 @@ def probe_min_rows(model) -> tuple[dict, int]:
     # count decides the cost, not the kernel path)
     shapes, unstable = [], []
     for key, w in (("qkv", w0["qkv"]), ("o", w0["o"]), ("gate_up", w0["gate_up"]), ("down", w0["down"]),
-                   ("lm_head", model.lm_head_t[:, :4096])):
+                   ("lm_head", model.lm_head_t)):
+        if isinstance(w, Int8Weight):
+            continue      # int8 products are row-invariant at every row count (quant.py)
+        if key == "lm_head":
+            w = w[:, :4096]
         shape = tuple(model.lm_head_t.shape) if key == "lm_head" else tuple(w.shape)
         if shape in shapes:
             continue

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import exact as _exact
+from .quant import Int8Weight
 
 
 class KVCache:
@@ -88,9 +89,41 @@ class Llama(nn.Module):
         self.cos = emb.cos().to(self.dtype)
         self.sin = emb.sin().to(self.dtype)
         # row-invariant decode/verify (exact.py): on by default below float32
-        self.exact = _exact.default_on(self.dtype)
+        self.quantized = False
+        self.exact = self.exact_by_default
         self.exact_ok: bool | None = None       # set by the probe: False if this machine defeats it
         self._min_rows: tuple[dict, int] | None = None
+        self._hf_layers = m.layers               # dense weights, for `dense` once quantised
+
+    def quantize_int8(self) -> None:
+        """Weight-only int8 for every layer product and the LM head (quant.py); the embedding stays
+        dense (a gather reads one row per token). Exact decode/verify turns on: int8 products are
+        row-invariant already, so it only costs the attention split."""
+        if self.dtype != torch.float32:
+            raise ValueError(f"int8 weights need a float32 model, got {self.dtype}")
+        for w in self.layers:
+            for key in ("qkv", "o", "gate_up", "down"):
+                w[key] = Int8Weight(w[key])
+        self.lm_head_t = Int8Weight(self.lm_head_t)
+        self.quantized = True
+        self.exact = self.exact_by_default
+        self._min_rows = None
+
+    @property
+    def exact_by_default(self) -> bool:
+        """Exact decode/verify rows unless DRAFTHORSE_EXACT says otherwise: below float32, and for int8
+        (whose products round their inputs to bfloat16)."""
+        return _exact.default_on(torch.bfloat16 if self.quantized else self.dtype)
+
+    def dense(self, i: int, key: str) -> torch.Tensor:
+        """Layer i's weight `key` ([in, out], as stored) as the source model has it, quantised or not."""
+        if not self.quantized:
+            return self.layers[i][key]
+        a, mlp = self._hf_layers[i].self_attn, self._hf_layers[i].mlp
+        return _t({"qkv": lambda: torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                   "o": lambda: a.o_proj.weight,
+                   "gate_up": lambda: torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                   "down": lambda: mlp.down_proj.weight}[key]())
 
     def min_rows(self, attention: bool = False, weight: torch.Tensor | None = None) -> int:
         """Rows an exact forward pads a product with `weight` (default: the most any weight needs), or
@@ -101,12 +134,14 @@ class Llama(nn.Module):
         if attention:
             return attn
         if weight is not None:
-            return per_weight.get(tuple(weight.shape), max(per_weight.values()))
-        return max(per_weight.values())
+            return per_weight.get(tuple(weight.shape), max(per_weight.values(), default=1))
+        return max(per_weight.values(), default=1)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, exact: bool) -> torch.Tensor:
         """x @ w (w: [in, out]); in exact forwards on a row count from which w's products round alike
         (at least the probed minimum, a multiple of the probed step; dummy zero rows, dropped again)."""
+        if isinstance(w, Int8Weight):
+            return w.mm(x)            # row-invariant at every row count (quant.py): no padding
         n = x.shape[0]
         need = _exact.rows(n, self.min_rows(weight=w), self.exact_step) if exact else n
         if n == need:

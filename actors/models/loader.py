@@ -19,7 +19,9 @@ DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")   # what flags and settings offer
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8")   # what flags and settings offer
+# opt-in weight formats: name -> the dtype the model computes in (quant.py)
+_QUANTIZED = {"int8": "float32"}
 NATIVE_BF16_ENV = "DRAFTHORSE_NATIVE_BF16"   # "0": behave as if the CPU had no bfloat16 (tests), "1": as if it had
 
 
@@ -37,7 +39,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
+        return "int8" if self.model.quantized else str(self.model.dtype).removeprefix("torch.")
 
 
 def smollm2_path() -> Path:
@@ -69,10 +71,12 @@ def resolve(spec: str) -> tuple[str, str | None]:
 
 
 def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype a model named `name` computes in (int8: float32 around int8 products)."""
     try:
-        return _DTYPES[name]
+        return _DTYPES[_QUANTIZED.get(name, name)]
     except KeyError:
-        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}") from None
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES) + sorted(_QUANTIZED)}, "
+                         f"got {name!r}") from None
 
 
 def _cpu_flags() -> set[str]:
@@ -100,7 +104,8 @@ def native_bf16(device: str = "cpu", env: bool = True) -> bool:
 
 def resolve_dtype(name: str | None, device: str = "cpu", native: bool | None = None) -> str:
     """'auto' (or None) -> 'bfloat16' where `device` has native bfloat16, else 'float32'; any other
-    name is checked and returned. native: the answer to use instead of detecting it."""
+    name is checked and returned (int8 is never chosen by auto: it changes the model's outputs).
+    native: the answer to use instead of detecting it."""
     name = (name or "auto").strip().lower()
     if name == "auto":
         native = native_bf16(device) if native is None else native
@@ -111,9 +116,10 @@ def resolve_dtype(name: str | None, device: str = "cpu", native: bool | None = N
 
 def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192) -> LoadedModel:
     """spec: 'smollm2', a .gguf file, an HF directory, or 'tiny:SEED' (a tiny random Llama in float64
-    with SmolLM2's tokenizer, whatever dtype says: what cluster tests serve, fast and exactly
-    reproducible). dtype: 'auto' (bfloat16 where the CPU has it natively, else float32) or a name.
-    The weights are cast once here; a GGUF's converted weights are cached (gguf_cache.py)."""
+    with SmolLM2's tokenizer, whatever dtype says but int8: what cluster tests serve, fast and exactly
+    reproducible). dtype: 'auto' (bfloat16 where the CPU has it natively, else float32), a name, or
+    'int8' (weight-only int8 over float32, quant.py). The weights are cast once here; a GGUF's
+    converted weights are cached (gguf_cache.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
@@ -121,26 +127,32 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     if spec.startswith("tiny:"):
         directory, gguf = resolve(DEFAULT_MODEL)
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-        lm = tiny_llama(int(spec[5:]), vocab_size=len(tok), max_len=max_len, eos_token_id=tok.eos_token_id)
+        lm = tiny_llama(int(spec[5:]), vocab_size=len(tok), max_len=max_len, eos_token_id=tok.eos_token_id,
+                        dtype=torch.float32 if dtype in _QUANTIZED else torch.float64)
         lm.tokenizer, lm.name = tok, spec
+        if dtype in _QUANTIZED:
+            lm.model.quantize_int8()
         return lm
     directory, gguf = resolve(spec)
     kw = {"gguf_file": gguf} if gguf else {}
     t0 = time.perf_counter()
+    dense = _QUANTIZED.get(dtype, dtype)   # what the weights are loaded (and cached) as
     cached, source = None, "model directory"
     if gguf:
         from . import gguf_cache
         sha = gguf_cache.file_sha256(Path(directory) / gguf) if gguf_cache.cache_root() else None
-        cached = gguf_cache.load(sha, dtype) if sha else None
+        cached = gguf_cache.load(sha, dense) if sha else None
         source = "weights cache" if cached else "GGUF (converting)"
     if cached:
         hf, tok = cached
     else:
         tok = AutoTokenizer.from_pretrained(directory, **kw)
-        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dtype), **kw).eval()
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dense), **kw).eval()
         if gguf and sha:
-            gguf_cache.store(sha, dtype, hf, tok)
+            gguf_cache.store(sha, dense, hf, tok)
     lm = wrap(hf, tok, name=spec if spec == DEFAULT_MODEL else str(Path(spec).resolve()), max_len=max_len)
+    if dtype in _QUANTIZED:
+        lm.model.quantize_int8()
     if lm.model.exact:
         lm.model.min_rows()   # probe the kernels now, not in the first request
     log.info("loaded %s as %s%s from the %s in %.1f s%s", spec, dtype, f" (asked: {asked})" if asked != dtype else "",
