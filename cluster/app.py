@@ -95,6 +95,7 @@ class Cluster:
 
     def __init__(self, s: Settings):
         self.s, self.embedded_redis = s, None
+        self.startup: dict[str, float] = {}   # seconds per start-up phase (`serve` prints them)
 
     def start(self, timeout_s: float = 300) -> "Cluster":
         import ray
@@ -102,11 +103,14 @@ class Cluster:
         from cluster.redis_store import connect, ensure_redis, free_port
         from cluster.registry import Registry
 
+        t0 = time.perf_counter()
         url, self.embedded_redis = ensure_redis(self.s.redis_url)
         self.s = self.s.model_copy(update={"redis_url": url}).with_token()
+        self.startup["redis_s"] = time.perf_counter() - t0
         if not ray.is_initialized():
             ray.init(address=self.s.ray_address, include_dashboard=False, log_to_driver=False,
                      **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
+        self.startup["ray_s"] = time.perf_counter() - t0 - self.startup["redis_s"]
         if not self.s.http_port:  # 0: any free port
             self.s = self.s.model_copy(update={"http_port": free_port()})
         try:
@@ -122,11 +126,32 @@ class Cluster:
             if status is not None and status.status == "RUNNING" and \
                     len(registry.alive("target")) >= self.s.num_targets and \
                     len(registry.alive("draft")) >= self.s.num_drafts:
+                # Serve's proxy and the workers (model load, weights cache) up to registered
+                self.startup["workers_s"] = time.perf_counter() - t0 - self.startup["redis_s"] - self.startup["ray_s"]
+                self.startup["ready_s"] = time.perf_counter() - t0
                 return self
             if status is not None and status.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"cluster failed to deploy: {status.message}")
             time.sleep(0.5)
         raise TimeoutError(f"cluster not ready after {timeout_s:.0f}s")
+
+    def first_token(self, timeout_s: float = 120) -> float:
+        """Seconds until the gateway streams the first token of a one-token generation (a real request
+        through gateway, target and draft workers; it also warms them). Recorded in `startup`."""
+        import grpc
+
+        from actors.spec.sampling import SamplingParams
+        from cluster.client import request
+        from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+        t0 = time.perf_counter()
+        with grpc.insecure_channel(self.gateway) as channel:
+            stream = pb_grpc.GeneratorStub(channel).Generate(
+                request("Hi", SamplingParams(max_new_tokens=1)), timeout=timeout_s)
+            next(iter(stream))
+            stream.cancel()
+        self.startup["first_token_s"] = time.perf_counter() - t0
+        return self.startup["first_token_s"]
 
     @property
     def gateway(self) -> str:

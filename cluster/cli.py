@@ -196,7 +196,9 @@ def serve(
     Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""
     import signal
     import threading
+    import time
 
+    import psutil
     from pydantic import ValidationError
 
     from cluster.app import Cluster
@@ -211,9 +213,16 @@ def serve(
     except ValidationError as e:
         _fail(str(e))
     cluster = Cluster(s).start()
+    first = cluster.first_token()
+    st = cluster.startup
+    # from the process's start: interpreter, imports, Redis, Ray, workers (model load), first token
+    since_exec = time.time() - psutil.Process().create_time()
     typer.echo(f"drafthorse serving {s.model} ({s.num_targets} target, {s.num_drafts} draft workers, "
                f"drafter {s.drafter})\n  gRPC gateway: {cluster.gateway}  (drafthorse.v1.Generator)\n"
                f"  OpenAI HTTP:  {cluster.http}/v1\n"
+               f"  started in {since_exec:.1f} s: first token {first:.2f} s after the workers were ready in "
+               f"{st['ready_s']:.1f} s (Redis {st['redis_s']:.1f}, Ray {st['ray_s']:.1f}, Serve and workers "
+               f"{st['workers_s']:.1f})\n"
                f"  try: drafthorse generate --server {cluster.gateway} \"Hello!\"\nCtrl-C to stop.")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
