@@ -13,6 +13,8 @@ Methods:
     METHOD/N     an engine method with a tree budget of N nodes (e.g. eagle/8): tree size sweeps
     hf           transformers `generate`, greedy
     hf-pld       transformers `generate` with prompt lookup decoding (prompt_lookup_num_tokens=10)
+    llama-cpp    llama.cpp (llama-cpp-python, optional extra) plain greedy decoding of the same GGUF, in
+                 its own quantised format: absolute speed side by side (its outputs are its own)
 
 For each question the first turn is rendered with the chat template and every method runs on it
 back to back, the order rotated per question so that machine noise hits all methods alike. Each
@@ -22,6 +24,7 @@ Speedups are ratios of tokens/s (sum of tokens / sum of seconds) to `ar` over th
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import json
 import logging
 import os
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 
 CLUSTER_METHODS = ("cluster-ar", "cluster-ngram", "cluster-draft-model", "cluster-eagle")  # through a gateway
 HEAD_METHODS = ("eagle", "medusa", "layerskip")   # trained heads (actors/drafters/trained or --head)
-METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS + ("hf", "hf-pld") + CLUSTER_METHODS
+METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS + ("hf", "hf-pld", "llama-cpp") + \
+    CLUSTER_METHODS
 ENGINE_METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS
 HF_METHODS = ("hf", "hf-pld")
 BASELINE = "ar"
@@ -114,6 +118,9 @@ def resolve_methods(methods: list[str], draft_lm: LoadedModel | None = None) -> 
         from transformers import GenerationConfig
         if not hasattr(GenerationConfig(), "prompt_lookup_num_tokens"):
             raise ValueError("method 'hf-pld': this transformers has no prompt_lookup_num_tokens")
+    if "llama-cpp" in out and importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("method 'llama-cpp' needs llama-cpp-python: pip install 'drafthorse[llama-cpp]' "
+                         "(compiles llama.cpp, several minutes)")
     if BASELINE not in out:
         notes.append(f"added {BASELINE!r}: speedups are measured against it")
     out = [BASELINE] + [m for m in out if m != BASELINE]
@@ -133,6 +140,8 @@ class _Runner:
                  heads: dict | None = None):
         self.lm = lm
         self.server = server
+        self.max_len = max_len
+        self._llama = None   # llama-cpp's model, loaded on first use
         self.timing: dict = {}  # where the last engine generation's time went
         self.max_new_tokens = max_new_tokens
         # no decode: no stop strings, and no detokenising inside the timed call
@@ -176,6 +185,8 @@ class _Runner:
             return list(gen.token_ids), dt, st.generated_tokens, st.target_forwards
         if method in CLUSTER_METHODS:
             return self._cluster(method.removeprefix("cluster-"), question, n)
+        if method == "llama-cpp":
+            return self._llama_cpp(prompt_ids, n)
         kw = {"prompt_lookup_num_tokens": PLD_TOKENS} if method == "hf-pld" else {}
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         mask = torch.ones_like(ids)
@@ -186,6 +197,29 @@ class _Runner:
         tokens = _cut_after_eos(out[0, len(prompt_ids):].tolist(), self.lm.eos_ids)
         return tokens, dt, len(tokens), None
 
+
+    def _llama_cpp(self, prompt_ids: list[int], n: int):
+        """llama.cpp's greedy decoding of the model's GGUF, fed our prompt token ids (same tokenizer);
+        its KV cache is reset first, so the prompt's prefill is timed as ours is."""
+        if self._llama is None:
+            from llama_cpp import Llama as LlamaCpp
+
+            from actors.models.loader import resolve
+            directory, gguf = resolve(self.lm.name)
+            if gguf is None:
+                raise ValueError(f"method 'llama-cpp' needs a GGUF model, {self.lm.name} is not one")
+            self._llama = LlamaCpp(model_path=str(Path(directory) / gguf), n_ctx=self.max_len,
+                                   n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+        llm = self._llama
+        t0 = time.perf_counter()
+        llm.reset()
+        tokens = []
+        for tok in llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                reset=True):
+            tokens.append(int(tok))
+            if tok in self.lm.eos_ids or len(tokens) >= n:
+                break
+        return tokens, time.perf_counter() - t0, len(tokens), None
 
     def _cluster(self, drafter: str, question: str, n: int):
         """One generation through the gateway: the same chat prompt, rendered by the cluster."""
@@ -380,8 +414,17 @@ def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: 
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        "llama_cpp_python": _version("llama_cpp_python"),
         "question_ids": question_ids,
     }
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------- outputs

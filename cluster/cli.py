@@ -51,6 +51,8 @@ def generate(
     session: Optional[str] = typer.Option(None, help="session id to continue (with --server)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object: text, token_ids, stats"),
     adaptive: bool = typer.Option(True, help="size each step's tree from measured acceptance"),
+    profile: bool = typer.Option(False, help="run under torch.profiler and print where a step's time goes "
+                                             "(stderr)"),
 ):
     """Generate a reply to PROMPT, streaming it to stdout (or one JSON object with --json)."""
     from actors.drafters import check_kind
@@ -95,8 +97,17 @@ def generate(
         _fail(str(e))
     d = make_drafter(drafter, (lambda: ModelRunner(dlm.model)) if dlm else None, head=trained)
     try:
-        if json_out:
-            out = engine.generate(ids, params, d)
+        if json_out or profile:
+            if profile:
+                from cluster.profiling import profile as run_profiled
+                out, report = run_profiled(lambda: engine.generate(ids, params, d),
+                                           lambda g: g.stats.target_forwards)
+                typer.echo(report, err=True)
+            else:
+                out = engine.generate(ids, params, d)
+            if not json_out:
+                typer.echo(out.text)
+                return
             stats = out.stats.to_dict() | {"drafter": drafter, "dtype": lm.dtype, "model": lm.name,
                                            "exact_rows": lm.model.exact}
             typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids,

@@ -163,3 +163,29 @@ def test_run_bench_draft_model_self_draft(smollm2, tmp_path):
     assert s["mean_accepted"] > 2.0
     assert results["env"]["draft_model"] == "smollm2" and results["env"]["draft_depth"] == 3
     assert (tmp_path / "speedup.png").exists()
+
+
+def test_llama_cpp_method_needs_its_package(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(ValueError, match=r"llama-cpp-python: pip install 'drafthorse\[llama-cpp\]'"):
+        resolve_methods(["ar", "llama-cpp"])
+
+
+@pytest.mark.smollm2
+def test_run_bench_llama_cpp_and_int8(tmp_path):
+    """llama.cpp's plain decoding of the same GGUF beside ours at int8 (skipped without the optional
+    extra): it runs on our prompt ids, and its greedy tokens mostly agree with ours (different number
+    formats: only the first tokens are compared)."""
+    pytest.importorskip("llama_cpp")
+    from actors.models.loader import load
+    lm = load(spec="smollm2", dtype="int8")
+    path = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:1])
+    results = run_bench(load_questions(path, None), ["ngram", "llama-cpp"], 16, tmp_path, lm, progress=False)
+    assert results["env"]["dtype"] == "int8" and results["env"]["llama_cpp_python"]
+    s = results["summary"]
+    assert s["ngram"]["overall"]["equal_to_ar"] == {"equal": 1, "total": 1}
+    assert s["llama-cpp"]["overall"]["tokens"] == 16 and s["llama-cpp"]["overall"]["tokens_per_s"] > 0
+    first = results["questions"][0]["results"]["llama-cpp"]["first_diff"]
+    assert first is None or first >= 2, "llama.cpp disagrees with our greedy tokens from the start"
