@@ -16,6 +16,7 @@ import torch
 from actors.worker import GrpcWorker
 
 log = logging.getLogger(__name__)
+DRAFT_THREADS = 32   # Draft RPCs served at once: as many sessions' forwards can share one pass
 
 
 class DraftWorker(GrpcWorker):
@@ -27,6 +28,7 @@ class DraftWorker(GrpcWorker):
         from actors.draft_service import SERVICE_NAME, DraftService
         from actors.drafters import load_head, make_drafter
         from actors.models import loader
+        from actors.models.combiner import Combiner
         from actors.models.runner import ModelRunner
         from actors.rpc import start_server
         from cluster import metrics
@@ -49,6 +51,10 @@ class DraftWorker(GrpcWorker):
                 raise RuntimeError(f"draft worker cannot serve eagle: {e} (set DRAFTHORSE_EAGLE_HEAD)") from None
             kinds.append("eagle")
             vocab, dims["eagle"] = tlm.vocab_size, tlm.model.embed.shape[1]
+        # concurrent sessions' draft forwards share passes (one per model)
+        self.combiners = [Combiner(m) for m in ([dlm.model] if dlm else []) + ([heads["eagle"].head] if heads else [])]
+        for c in self.combiners:
+            c.model.combiner = c
         new_runner = (lambda: ModelRunner(dlm.model, s.max_len)) if dlm else None
         self.service = DraftService(lambda kind: make_drafter(kind, new_runner, head=heads.get(kind)), vocab,
                                     max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds,
@@ -58,7 +64,7 @@ class DraftWorker(GrpcWorker):
                                      node_id=ray.get_runtime_context().get_node_id(), drafters=kinds)
         self.server, port, self.health = start_server(
             lambda srv: pb_grpc.add_DrafterServicer_to_server(self.service, srv), [SERVICE_NAME],
-            host=s.host, token=s.token(), max_workers=8)
+            host=s.host, token=s.token(), max_workers=DRAFT_THREADS)
         self.membership.start(port)
         metrics.watch_draft(self.service)
         self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
@@ -67,7 +73,9 @@ class DraftWorker(GrpcWorker):
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "address": self.membership.address,
-                "draft_calls": self.service.draft_calls, "metrics_port": self.metrics_port}
+                "draft_calls": self.service.draft_calls, "metrics_port": self.metrics_port,
+                "draft_passes": sum(c.passes for c in self.combiners),
+                "draft_forwards": sum(c.calls for c in self.combiners)}
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metric: the sessions being drafted for right now."""

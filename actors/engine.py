@@ -57,6 +57,7 @@ class Sequence:
     new: list[int] = field(default_factory=list)   # committed since the drafter last heard
     new_features: torch.Tensor | None = None        # the target states that predicted `new` (if wanted)
     max_nodes: int | None = None         # this step's tree cap, set by the adaptive policy
+    adaptive: bool = True                # False: the policy leaves this sequence at the full budget
     acceptance: Acceptance = field(default_factory=Acceptance)
     t0: float = 0.0
 
@@ -67,8 +68,12 @@ class Sequence:
 
 class SpecEngine:
     def __init__(self, runner: ModelRunner | None, eos_ids: set[int], decode: Decode | None = None,
-                 max_tree_nodes: int = 64, max_tree_depth: int = 16, policy: AdaptivePolicy | None = None):
+                 max_tree_nodes: int = 64, max_tree_depth: int = 16, policy: AdaptivePolicy | None = None,
+                 prefill_chunk: int = 256):
         self.runner = runner                 # the single-sequence API's cache
+        # prompts enter the cache in pieces of this many tokens (0: whole), aligned from the reused
+        # prefix: the same pieces in every path, so a prompt's K/V never depend on what ran beside it
+        self.prefill_chunk = prefill_chunk
         self.policy = policy                 # None: every sequence drafts up to max_tree_nodes
         self.eos_ids = eos_ids
         self.decode = decode
@@ -116,7 +121,7 @@ class SpecEngine:
         runner.truncate(keep)
         seq.stats.reused_prefix_tokens = keep
         seq.t0 = time.perf_counter()
-        logits, hidden = runner.extend(prompt_ids[keep:], all_hidden=feats)
+        logits, hidden = self._prefill(runner, prompt_ids[keep:], feats)
         seq.root = self._pick(logits, params, seq.verify_rng)
         seq.stats.prefill_s = time.perf_counter() - seq.t0
         seq.stats.record_step(0, 0)
@@ -129,6 +134,16 @@ class SpecEngine:
         seq.new = [seq.root]
         seq.new_features = hidden[-1:] if feats else None
         return seq, step
+
+    def _prefill(self, runner: ModelRunner, ids: list[int], all_hidden: bool):
+        """runner.extend in `prefill_chunk` pieces: (logits at the last token, hidden: the last
+        token's, or every token's with all_hidden)."""
+        step = self.prefill_chunk or len(ids)
+        hs = []
+        for a in range(0, len(ids), step):
+            logits, h = runner.extend(ids[a:a + step], all_hidden=all_hidden)
+            hs.append(h)
+        return logits, torch.cat(hs) if all_hidden else hs[-1]
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
                stats: GenerationStats | None = None, reuse_prefix: bool = False) -> Iterator[Step]:
@@ -170,10 +185,16 @@ class SpecEngine:
         if not live:
             return [steps[i] for i in range(len(seqs))]
 
-        if self.policy is not None:
-            for i, nodes in zip(live, self.policy.choose([seqs[i].acceptance.alpha for i in live])):
+        adapt = [i for i in live if seqs[i].adaptive]
+        if self.policy is not None and adapt:   # its inputs and choice go to each request's stats
+            ratio = self.policy.cost.ratio
+            for i, nodes in zip(adapt, self.policy.choose([seqs[i].acceptance.alpha for i in adapt])):
                 seqs[i].max_nodes = nodes
-                seqs[i].stats.budget_nodes += nodes
+                st = seqs[i].stats
+                st.budget_nodes += nodes
+                st.acceptance_estimate, st.row_cost_ratio = seqs[i].acceptance.alpha, ratio
+        for i in live:
+            seqs[i].stats.batch_sequences += len(live)
         trees = self._draft([seqs[i] for i in live])
         t = time.perf_counter()
         scored = score_batch([seqs[i].runner for i in live],
@@ -205,7 +226,9 @@ class SpecEngine:
         if len(seqs) == 1:
             return [self._propose(seqs[0])]
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="draft")
+            # one thread per sequence of a full batch: remote drafters wait on the network together,
+            # and a draft worker can batch their forwards (models/combiner.py)
+            self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="draft")
         return list(self._pool.map(self._propose, seqs))
 
     def _propose(self, seq: Sequence) -> DraftTree:

@@ -1,9 +1,12 @@
 """Continuous batching for one target worker: requests join and leave between steps, and every
 step verifies the trees of all running requests in one target pass.
 
-    submit(request) -> waiting (bounded: RESOURCE_EXHAUSTED beyond) -> running (one KV slot each)
-    loop: admit while slots are free (prefill) -> engine.step(running) -> hand each step to its request
+    submit(request) -> waiting (bounded: RESOURCE_EXHAUSTED beyond) -> prefilling -> running
+    loop: admit while slots are free -> one prefill chunk -> engine.step(running) -> hand out steps
 
+Chunked prefill: a long prompt enters its KV cache `prefill_chunk` tokens per loop iteration, between
+the running requests' steps, so it delays them by one chunk at a time instead of its whole prefill;
+its last piece goes through `engine.start` with prefix reuse, which scores only what is not cached.
 Each request's handler thread reads its own queue, so slow clients never stall the batch; a
 cancelled request leaves at the next step boundary and frees its slot."""
 from __future__ import annotations
@@ -68,17 +71,22 @@ class Request:
     params: SamplingParams
     drafter: Drafter
     session_id: str = ""
+    adaptive: bool = True          # False: the full tree budget every step (no adaptive policy)
     stats: GenerationStats = field(default_factory=GenerationStats)
     out: queue.Queue = field(default_factory=queue.Queue)   # Step, then None; or an Exception
     cancelled: threading.Event = field(default_factory=threading.Event)
     seq: Sequence | None = None
     runner: object = None
+    prefill_started: bool = False
 
 
 class Scheduler:
-    def __init__(self, engine: SpecEngine, pool, max_waiting: int):
+    def __init__(self, engine: SpecEngine, pool, max_waiting: int, prefill_chunk: int = 256):
+        """prefill_chunk: prompt tokens prefilled per loop iteration (0: whole prompts at once)."""
         self.engine, self.pool, self.max_waiting = engine, pool, max_waiting
+        self.prefill_chunk = prefill_chunk
         self.waiting: deque[Request] = deque()
+        self.prefilling: deque[tuple[Request, bool]] = deque()   # admitted, prompt partly cached
         self.running: list[Request] = []
         self.cv = threading.Condition()
         self.steps = 0
@@ -101,12 +109,12 @@ class Scheduler:
 
     @property
     def load(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.prefilling) + len(self.waiting)
 
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self._stop and not self.waiting and not self.running:
+                while not self._stop and not self.waiting and not self.running and not self.prefilling:
                     self.cv.wait()
                 if self._stop:
                     return
@@ -118,8 +126,8 @@ class Scheduler:
                         break
                     req = self.waiting.popleft()
                     admit.append((req, cached))
-            for req, cached in admit:
-                self._start(req, cached)
+            self.prefilling.extend(admit)
+            self._prefill()
             self.running = [r for r in self.running if not self._done(r)]
             if not self.running:
                 continue
@@ -137,6 +145,44 @@ class Scheduler:
             for r, step in zip(self.running, steps):
                 r.out.put(step)
 
+    def _prefill(self) -> None:
+        """Start the admitted requests whose uncached prompt fits in one chunk; give the first longer
+        one its next chunk (at most one per loop iteration). Chunks are the engine's own
+        (`SpecEngine.prefill_chunk`, aligned from the reused prefix), so a prompt is prefilled in the
+        same pieces whether it was alone or not."""
+        chunk = self.engine.prefill_chunk
+        while self.prefilling:
+            req, cached = self.prefilling[0]
+            if req.cancelled.is_set():
+                self.prefilling.popleft()
+                self._finish(req)
+                continue
+            r = req.runner
+            if not req.prefill_started:   # cut the slot's cache to what this request may reuse
+                req.prefill_started = True
+                keep = 0
+                if cached and not req.drafter.wants_features:   # as start() would: a session's prefix
+                    limit = min(r.length, len(req.prompt_ids) - 1)
+                    while keep < limit and r.tokens[keep] == req.prompt_ids[keep]:
+                        keep += 1
+                r.truncate(keep)
+            todo = len(req.prompt_ids) - r.length
+            if not chunk or todo <= chunk or req.drafter.wants_features:
+                # one piece left (or a feature drafter, which needs every prompt state from one
+                # engine call): start, reusing what is cached
+                self.prefilling.popleft()
+                self._start(req, cached or r.length > 0)
+                continue
+            try:
+                self.engine.check_request(req.prompt_ids, req.params, r)
+                r.extend(req.prompt_ids[r.length:r.length + chunk])
+            except Exception as e:  # noqa: BLE001 - bad input (ValueError) or a prefill failure
+                self.prefilling.popleft()
+                r.reset()
+                req.out.put(e)
+                self._finish(req)
+            return
+
     def _start(self, req: Request, cached: bool) -> None:
         if req.cancelled.is_set():
             self._finish(req)
@@ -144,6 +190,7 @@ class Scheduler:
         try:
             req.seq, step = self.engine.start(req.prompt_ids, req.params, req.drafter, req.stats,
                                               reuse_prefix=cached, runner=req.runner)
+            req.seq.adaptive = req.adaptive
         except Exception as e:  # noqa: BLE001 - bad input (ValueError) or a prefill failure
             req.runner.reset()
             req.out.put(e)

@@ -34,13 +34,16 @@ def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
         prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens, target_forwards=s.target_forwards,
         drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
         accepted_per_depth=s.accepted_per_depth, mean_accepted_tokens=s.mean_accepted_tokens,
-        tokens_per_s=s.tokens_per_s, draft_s=s.draft_s, verify_s=s.verify_s, total_s=s.total_s, **extra)
+        tokens_per_s=s.tokens_per_s, draft_s=s.draft_s, verify_s=s.verify_s, total_s=s.total_s,
+        budget_nodes=s.budget_nodes, mean_batch_size=s.mean_batch_size, acceptance_estimate=s.acceptance_estimate,
+        row_cost_ratio=s.row_cost_ratio, **extra)
 
 
 class TargetService(pb_grpc.TargetServicer):
     def __init__(self, lm, worker_id: str, capacity: int, max_len: int, token: str = "",
                  checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
-                 adaptive: bool = True, max_waiting: int | None = None, heads: dict | None = None):
+                 adaptive: bool = True, max_waiting: int | None = None, heads: dict | None = None,
+                 prefill_chunk: int = 256):
         from actors.scheduler import Scheduler, SlotPool
         from actors.spec.adaptive import AdaptivePolicy
 
@@ -51,7 +54,8 @@ class TargetService(pb_grpc.TargetServicer):
         self.draft_timeout_s = draft_timeout_s
         self.decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)
         self.policy = AdaptivePolicy(max_tree_nodes) if adaptive else None
-        self.engine = SpecEngine(None, lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy)
+        self.engine = SpecEngine(None, lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy,
+                                 prefill_chunk=prefill_chunk)
         self.scheduler = Scheduler(self.engine, self.pool, max_waiting or 4 * capacity)
         self.active = 0
         self.draft_rpcs = 0
@@ -90,7 +94,7 @@ class TargetService(pb_grpc.TargetServicer):
             drafter = RemoteDrafter(self._channel(treq.draft_address), kind, self.lm.vocab_size,
                                     session_id=treq.session_id or uuid.uuid4().hex, auth_token=self.token,
                                     timeout_s=self.draft_timeout_s)
-        r = Request(list(treq.prompt_ids), params, drafter, treq.session_id)
+        r = Request(list(treq.prompt_ids), params, drafter, treq.session_id, adaptive=not req.fixed_tree)
         try:
             self.scheduler.submit(r)
         except QueueFull:
@@ -111,7 +115,7 @@ class TargetService(pb_grpc.TargetServicer):
                 if step.finish_reason:
                     msg.finish_reason = step.finish_reason
                     msg.stats.CopyFrom(stats_to_proto(
-                        r.stats, drafter=kind, target_worker=self.worker_id,
+                        r.stats, drafter=kind, target_worker=self.worker_id, dtype=self.lm.dtype,
                         draft_worker=treq.draft_address if isinstance(drafter, RemoteDrafter) else "",
                         draft_rpc_s=getattr(drafter, "rpc_s", 0.0), draft_rpcs=getattr(drafter, "rpc_calls", 0)))
                 yield msg
@@ -173,7 +177,7 @@ class TargetWorker(GrpcWorker):
         self.service = TargetService(lm, self.worker_id, s.sessions_per_target, s.max_len, s.token(),
                                      checkpoint=self.membership.checkpoint_tokens,
                                      max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
-                                     adaptive=s.adaptive, heads=heads)
+                                     adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk)
         self.server, port, self.health = start_server(
             lambda srv: pb_grpc.add_TargetServicer_to_server(self.service, srv), [SERVICE],
             host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4)

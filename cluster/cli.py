@@ -255,7 +255,9 @@ def loadtest(
     requests: int = typer.Option(32, min=1, help="requests per drafter and concurrency level"),
     max_seconds: float = typer.Option(120.0, min=0.1, help="time bound per level (in-flight requests are cut)"),
     max_new_tokens: int = typer.Option(128, min=1),
-    drafters: str = typer.Option("none,ngram", help="comma list, one series each: none,ngram,draft-model"),
+    drafters: str = typer.Option("none,ngram,ngram-fixed", help="comma list, one series each: none, ngram, "
+                                 "draft-model, eagle, medusa, layerskip; NAME-fixed = that drafter without the "
+                                 "adaptive policy (full tree every step)"),
     long_context: bool = typer.Option(False, help="~4k-token prompts built from the rag/summarization questions"),
     context_tokens: int = typer.Option(3700, min=16, help="prompt size for --long-context (tokens)"),
     tokenizer: str = typer.Option("smollm2", help="model whose tokenizer sizes --long-context prompts"),

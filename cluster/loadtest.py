@@ -18,10 +18,14 @@ not in latencies). Every level of every drafter sends the same prompts in the sa
 series differ only in how the tokens were produced. Levels run concurrency-major, the drafters
 alternating, so that machine drift hits every series alike.
 
+A series is a drafter name as requests give it (`none`, `ngram`, ...), sized per step by the server's
+adaptive policy, or NAME-fixed (`ngram-fixed`): the same drafter with the full tree budget every step.
+
 Metrics: throughput = output tokens / level wall time (first send .. last token); TTFT = send ->
 first streamed token; TPOT = (last token - first token) / (tokens - 1); latency = send -> end;
 mean accepted tokens = generated tokens / target forwards over the level's completed requests (from
-each stream's final stats); errors by gRPC status code. Percentiles are nearest-rank."""
+each stream's final stats); what the adaptive policy chose: draft nodes per step and sequences per
+target pass (batch); errors by gRPC status code. Percentiles are nearest-rank."""
 from __future__ import annotations
 
 import asyncio
@@ -170,8 +174,12 @@ def _dist(xs: list[float]) -> dict:
             "mean": r(statistics.fmean(xs)) if xs else None, "n": len(xs)}
 
 
+FIXED = "-fixed"   # series suffix: no adaptive policy
+
+
 def _request(prompt: str, drafter: str, max_new_tokens: int) -> pb.GenerateRequest:
-    r = pb.GenerateRequest(max_new_tokens=max_new_tokens, drafter=drafter)
+    fixed = drafter.endswith(FIXED)
+    r = pb.GenerateRequest(max_new_tokens=max_new_tokens, drafter=drafter.removesuffix(FIXED), fixed_tree=fixed)
     r.chat.messages.add(role="user", content=prompt)
     return r
 
@@ -257,6 +265,10 @@ def summarize_level(records: list[dict], drafter: str, concurrency: int, rate: f
     tokens = sum(r["tokens"] for r in ok + truncated)
     gen = sum(r["stats"].generated_tokens for r in ok if r["stats"] is not None)
     fwd = sum(r["stats"].target_forwards for r in ok if r["stats"] is not None)
+    # decoding steps (prefill excluded): what the policy allowed per step, how many shared a pass
+    steps = sum(r["stats"].target_forwards - 1 for r in ok if r["stats"] is not None)
+    nodes = sum(r["stats"].budget_nodes for r in ok if r["stats"] is not None)
+    batch = sum(r["stats"].mean_batch_size * (r["stats"].target_forwards - 1) for r in ok if r["stats"] is not None)
     prompt_tokens = [r["stats"].prompt_tokens for r in ok if r["stats"] is not None]
     server: dict[str, float] = {}  # mean of every numeric final-stats field (whatever the server reports)
     stats = [r["stats"] for r in ok if r["stats"] is not None]
@@ -279,6 +291,8 @@ def summarize_level(records: list[dict], drafter: str, concurrency: int, rate: f
         "tpot_s": _dist([(r["last"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]),
         "latency_s": _dist([r["end"] - r["sent"] for r in ok]),
         "mean_accepted_tokens": round(gen / fwd, 4) if fwd else None,
+        "policy_nodes_per_step": round(nodes / steps, 3) if steps and not drafter.endswith(FIXED) else None,
+        "mean_batch_size": round(batch / steps, 3) if steps else None,
         "prompt_tokens": {"min": min(prompt_tokens), "mean": round(statistics.fmean(prompt_tokens), 1),
                           "max": max(prompt_tokens)} if prompt_tokens else None,
         "server_stats_mean": server,
@@ -362,7 +376,7 @@ def _line(lv: dict) -> str:
 
 def format_table(results: dict) -> str:
     head = ["drafter", "conc", "ok/req", "tok/s", "×none", "TTFT p50/p99 ms", "TPOT p50/p99 ms",
-            "latency p50/p99 ms", "acc", "prompt tok", "errors"]
+            "latency p50/p99 ms", "acc", "nodes/step", "batch", "prompt tok", "errors"]
     rows = []
     sp = results.get("speedup", {})
     for lv in results["levels"]:
@@ -374,6 +388,8 @@ def format_table(results: dict) -> str:
                      f"{_ms(lv['tpot_s'])}/{_ms(lv['tpot_s'], 'p99')}",
                      f"{_ms(lv['latency_s'])}/{_ms(lv['latency_s'], 'p99')}",
                      "-" if lv["mean_accepted_tokens"] is None else f"{lv['mean_accepted_tokens']:.2f}",
+                     "-" if lv.get("policy_nodes_per_step") is None else f"{lv['policy_nodes_per_step']:.2f}",
+                     "-" if lv.get("mean_batch_size") is None else f"{lv['mean_batch_size']:.1f}",
                      "-" if pt is None else f"{pt['mean']:.0f}",
                      ", ".join(f"{k}:{v}" for k, v in lv["errors"].items()) or "-"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

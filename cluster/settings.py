@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     draft_sessions: int = Field(64, ge=1, description="drafter states a draft worker holds (LRU)")
     max_tree_nodes: int = Field(32, ge=1, le=256)
     adaptive: bool = Field(True, description="size each request's tree per step from its acceptance and the load")
+    prefill_chunk: int = Field(256, ge=0, le=1 << 16, description="prompt tokens a target worker prefills between two "
+                               "decoding steps of its batch (0: whole prompts, stalling the batch meanwhile)")
     draft_timeout_s: float = Field(2.0, gt=0, description="per-step deadline for a Draft RPC")
     session_ttl_s: int = Field(3600, ge=1)
     heartbeat_s: float = Field(2.0, gt=0)

@@ -95,3 +95,32 @@ def test_adaptive_policy_shrinks_trees_under_load():
     assert light[0] >= 4 and max(heavy) <= 1
     assert p.choose([0.05]) == [0]                  # hopeless drafts: plain decoding
     assert p.choose([0.95, 0.3])[0] > p.choose([0.95, 0.3])[1]   # better acceptance, bigger tree
+
+
+def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
+    """Each request's stats carry what the policy saw and chose (acceptance estimate, row cost, nodes,
+    batch size); a sequence with adaptive off keeps the full tree budget under the same load, and both
+    still equal their outputs alone."""
+    from actors.spec.adaptive import AdaptivePolicy
+    target, _ = models
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5]
+    params = SamplingParams(max_new_tokens=24)
+    alone = SpecEngine(ModelRunner(target.model, 256), target.eos_ids).generate(prompt, params, NgramDrafter())
+    # a heavy row cost: the policy hands out few nodes, the fixed sequence ignores it
+    eng = SpecEngine(None, target.eos_ids, max_tree_nodes=8, policy=AdaptivePolicy(8, per_row_ratio=0.5))
+    seqs = []
+    for adaptive in (True, False, True):
+        seq, _ = eng.start(prompt, params, NgramDrafter(max_branches=4, depth=8), runner=ModelRunner(target.model, 256))
+        seq.adaptive = adaptive
+        seqs.append(seq)
+    outs = [[s.root] for s in seqs]
+    while any(s.finish_reason is None for s in seqs):
+        for out, step in zip(outs, eng.step(seqs)):
+            out += step.token_ids
+    assert all(o == alone.token_ids for o in outs)
+    fixed, adaptive = seqs[1].stats, seqs[0].stats
+    assert fixed.budget_nodes == 0 and fixed.acceptance_estimate == 0.0
+    assert 0 < adaptive.acceptance_estimate < 1 and adaptive.row_cost_ratio > 0
+    # the policy's budget bounds what the adaptive sequence drafted; the fixed one drafted more
+    assert adaptive.drafted_tokens <= adaptive.budget_nodes and fixed.drafted_tokens > adaptive.drafted_tokens
+    assert adaptive.mean_batch_size > 1 and fixed.to_dict()["mean_batch_size"] > 1

@@ -100,6 +100,7 @@ class FakeGenerator(pb_grpc.GeneratorServicer):
 
     def __init__(self, step_s: float = 0.01):
         self.step_s, self.inflight, self.peak, self.prompts = step_s, 0, 0, []
+        self.fixed: dict[str, set[bool]] = {}   # drafter -> fixed_tree values seen
 
     async def Generate(self, r, context):
         if r.drafter == "bad":
@@ -108,6 +109,7 @@ class FakeGenerator(pb_grpc.GeneratorServicer):
         if text == "boom":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker")
         self.prompts.append(text)
+        self.fixed.setdefault(r.drafter, set()).add(r.fixed_tree)
         self.inflight += 1
         self.peak = max(self.peak, self.inflight)
         try:
@@ -118,8 +120,10 @@ class FakeGenerator(pb_grpc.GeneratorServicer):
                 msg = pb.GenerateResponse(token_ids=[7] * k, text_delta="x" * k)
                 if i + k >= n:
                     msg.finish_reason = "length"
+                    fwd = (n + 1) // 2
                     msg.stats.CopyFrom(pb.GenerateStats(prompt_tokens=len(text), generated_tokens=n,
-                                                        target_forwards=(n + 1) // 2, drafter=r.drafter))
+                                                        target_forwards=fwd, drafter=r.drafter,
+                                                        budget_nodes=3 * (fwd - 1), mean_batch_size=1.5))
                 yield msg
         finally:
             self.inflight -= 1
@@ -141,15 +145,17 @@ def _with_fake(fn, step_s: float = 0.01):
 
 def test_closed_loop_levels_and_metrics():
     async def go(addr, fake):
-        res = await lt.run_loadtest(addr, ["a", "bb", "ccc"], ["none", "ngram"], [1, 3], requests=6,
+        res = await lt.run_loadtest(addr, ["a", "bb", "ccc"], ["none", "ngram", "ngram-fixed"], [1, 3], requests=6,
                                     max_seconds=30, max_new_tokens=6)
         return res, fake
     res, fake = _with_fake(go)
     assert [(lv["drafter"], lv["concurrency"]) for lv in res["levels"]] == \
-        [("none", 1), ("ngram", 1), ("none", 3), ("ngram", 3)]
+        [("none", 1), ("ngram", 1), ("ngram-fixed", 1), ("none", 3), ("ngram", 3), ("ngram-fixed", 3)]
     assert fake.peak == 3
+    # the -fixed series is the same drafter with the adaptive policy off for its requests
+    assert fake.fixed == {"none": {False}, "ngram": {False, True}}
     # warm-up (one per drafter) then every level sends the same prompts in the same order
-    assert fake.prompts[2:8] == ["a", "bb", "ccc"] * 2
+    assert fake.prompts[3:9] == ["a", "bb", "ccc"] * 2
     for lv in res["levels"]:
         assert lv["completed"] == lv["requests"] == 6 and lv["errors"] == {} and lv["truncated"] == 0
         assert lv["output_tokens"] == 36 and lv["throughput_tok_s"] > 0
@@ -159,9 +165,11 @@ def test_closed_loop_levels_and_metrics():
         assert 0.005 < lv["ttft_s"]["p50"] < lv["latency_s"]["p50"]
         assert lv["tpot_s"]["p50"] > 0  # 3 messages 10 ms apart carry 6 tokens: ~4 ms per token
         assert lv["server_stats_mean"]["generated_tokens"] == 6
-    c1, c3 = res["levels"][0], res["levels"][2]
+        assert lv["mean_batch_size"] == 1.5
+        assert lv["policy_nodes_per_step"] == (None if lv["drafter"] == "ngram-fixed" else 3.0)
+    c1, c3 = res["levels"][0], res["levels"][3]
     assert c3["throughput_tok_s"] > 1.5 * c1["throughput_tok_s"], "3 clients in parallel should be faster"
-    assert set(res["speedup"]) == {"ngram"} and set(res["speedup"]["ngram"]) == {"1", "3"}
+    assert set(res["speedup"]) == {"ngram", "ngram-fixed"} and set(res["speedup"]["ngram"]) == {"1", "3"}
 
 
 def test_open_loop_poisson_arrivals_capped_by_concurrency():

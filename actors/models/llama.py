@@ -94,6 +94,7 @@ class Llama(nn.Module):
         self.exact_ok: bool | None = None       # set by the probe: False if this machine defeats it
         self._min_rows: tuple[dict, int] | None = None
         self._hf_layers = m.layers               # dense weights, for `dense` once quantised
+        self.combiner = None                     # set on draft workers: threads share passes (combiner.py)
 
     def quantize_int8(self) -> None:
         """Weight-only int8 for every layer product and the LM head (quant.py); the embedding stays

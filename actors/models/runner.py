@@ -67,23 +67,34 @@ class ModelRunner:
         self._clear_scratch()
         ids = torch.tensor(tokens, dtype=torch.long)
         pos = torch.arange(self.length, self.length + len(tokens))
-        hidden = self.model.forward_batch([(ids, pos, self.cache, self.length, None)], exact=False,
-                                          embeds=embeds)[0]
+        hidden, logits = self._forward((ids, pos, self.cache, self.length, None), False, embeds,
+                                       logit_rows=slice(-1, None))
         self.length += len(tokens)
         self.tokens += tokens
-        return self.model.logits(hidden[-1:])[0], hidden if all_hidden else hidden[-1]
+        return logits[0], hidden if all_hidden else hidden[-1]
+
+    def _forward(self, item: tuple, exact: bool, embeds: torch.Tensor | None, layers: int | None = None,
+                 logit_rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward of this sequence: (hidden, logits of logit_rows). Through the model's combiner
+        when it has one (draft workers: concurrent sessions share a pass, combiner.py)."""
+        combiner = getattr(self.model, "combiner", None)
+        if combiner is not None:
+            return combiner.forward(item, exact, embeds, layers, logit_rows)
+        hidden = self.model.forward_batch([item], exact=exact, embeds=embeds, layers=layers)[0]
+        return hidden, None if logit_rows is None else self.model.logits(hidden[logit_rows])
 
     def score(self, tokens: list[int], parents: list[int], embeds: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add nodes to the scratch tree (parents index earlier scratch nodes, ROOT = the prefix end)
         and return their (logits [n, V], hidden [n, H]). embeds: input rows instead of embeddings."""
-        return score_batch([self], [tokens], [parents], embeds)[0]
+        hidden, logits = self._forward(self._add_scratch(tokens, parents), self.model.exact, embeds,
+                                       logit_rows=slice(None))
+        return logits, hidden
 
     def partial(self, tokens: list[int], parents: list[int], layers: int) -> torch.Tensor:
         """Like `score`, through the first `layers` layers only: the residual stream [n, H] after them.
         Their K/V fill those layers' scratch slots, which the next full pass overwrites."""
-        item = self._add_scratch(tokens, parents)
-        return self.model.forward_batch([item], exact=False, layers=layers)[0]
+        return self._forward(self._add_scratch(tokens, parents), False, None, layers=layers)[0]
 
     def _add_scratch(self, tokens: list[int], parents: list[int]):
         """Record new scratch nodes; return the forward inputs (ids, positions, cache, start, mask)."""

@@ -33,7 +33,7 @@ class Chat(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "chat", "session_id", "sampling", "max_new_tokens", "stop", "drafter", "new_session")
+    __slots__ = ("prompt", "chat", "session_id", "sampling", "max_new_tokens", "stop", "drafter", "new_session", "fixed_tree")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     NEW_SESSION_FIELD_NUMBER: _ClassVar[int]
+    FIXED_TREE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chat: Chat
     session_id: str
@@ -50,10 +51,11 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     drafter: str
     new_session: bool
-    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ..., new_session: _Optional[bool] = ...) -> None: ...
+    fixed_tree: bool
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ..., new_session: _Optional[bool] = ..., fixed_tree: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_depth", "mean_accepted_tokens", "tokens_per_s", "draft_s", "verify_s", "draft_rpc_s", "total_s", "drafter", "target_worker", "draft_worker", "draft_rpcs")
+    __slots__ = ("prompt_tokens", "generated_tokens", "target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_depth", "mean_accepted_tokens", "tokens_per_s", "draft_s", "verify_s", "draft_rpc_s", "total_s", "drafter", "target_worker", "draft_worker", "draft_rpcs", "budget_nodes", "mean_batch_size", "acceptance_estimate", "row_cost_ratio", "dtype")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +72,11 @@ class GenerateStats(_message.Message):
     TARGET_WORKER_FIELD_NUMBER: _ClassVar[int]
     DRAFT_WORKER_FIELD_NUMBER: _ClassVar[int]
     DRAFT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_NODES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    ROW_COST_RATIO_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     target_forwards: int
@@ -86,7 +93,12 @@ class GenerateStats(_message.Message):
     target_worker: str
     draft_worker: str
     draft_rpcs: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_depth: _Optional[_Iterable[int]] = ..., mean_accepted_tokens: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., draft_rpc_s: _Optional[float] = ..., total_s: _Optional[float] = ..., drafter: _Optional[str] = ..., target_worker: _Optional[str] = ..., draft_worker: _Optional[str] = ..., draft_rpcs: _Optional[int] = ...) -> None: ...
+    budget_nodes: int
+    mean_batch_size: float
+    acceptance_estimate: float
+    row_cost_ratio: float
+    dtype: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_depth: _Optional[_Iterable[int]] = ..., mean_accepted_tokens: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., draft_rpc_s: _Optional[float] = ..., total_s: _Optional[float] = ..., drafter: _Optional[str] = ..., target_worker: _Optional[str] = ..., draft_worker: _Optional[str] = ..., draft_rpcs: _Optional[int] = ..., budget_nodes: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., acceptance_estimate: _Optional[float] = ..., row_cost_ratio: _Optional[float] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("seq", "token_ids", "text_delta", "finish_reason", "stats", "session_id")
