@@ -185,7 +185,8 @@ class SpecEngine:
         if not live:
             return [steps[i] for i in range(len(seqs))]
 
-        adapt = [i for i in live if seqs[i].adaptive]
+        # sequences that can draft (not plain decoding) and did not opt out of the policy
+        adapt = [i for i in live if seqs[i].adaptive and not isinstance(seqs[i].drafter, NoDrafter)]
         if self.policy is not None and adapt:   # its inputs and choice go to each request's stats
             ratio = self.policy.cost.ratio
             for i, nodes in zip(adapt, self.policy.choose([seqs[i].acceptance.alpha for i in adapt])):

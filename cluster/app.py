@@ -64,7 +64,7 @@ class GatewayServer:
         from cluster.openai_api import create_app
         host = "127.0.0.1" if self.s.host in ("", "0.0.0.0", "::") else self.s.host
         return create_app(f"[{host}]:{self.s.gateway_port}" if ":" in host else f"{host}:{self.s.gateway_port}",
-                          model=self.s.model)
+                          model=self.s.model, keys=self.s.keyring())
 
 
 def _wire_settings(s: Settings) -> dict:
@@ -140,14 +140,15 @@ class Cluster:
         through gateway, target and draft workers; it also warms them). Recorded in `startup`."""
         import grpc
 
+        from actors.rpc import auth_metadata
         from actors.spec.sampling import SamplingParams
         from cluster.client import request
         from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
         t0 = time.perf_counter()
         with grpc.insecure_channel(self.gateway) as channel:
-            stream = pb_grpc.GeneratorStub(channel).Generate(
-                request("Hi", SamplingParams(max_new_tokens=1)), timeout=timeout_s)
+            stream = pb_grpc.GeneratorStub(channel).Generate(   # as the cluster (API keys may be on)
+                request("Hi", SamplingParams(max_new_tokens=1)), timeout=timeout_s, metadata=auth_metadata(self.s.token()))
             next(iter(stream))
             stream.cancel()
         self.startup["first_token_s"] = time.perf_counter() - t0

@@ -49,6 +49,7 @@ def generate(
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
     server: Optional[str] = typer.Option(None, help="HOST:PORT of a drafthorse gateway; in-process if unset"),
     session: Optional[str] = typer.Option(None, help="session id to continue (with --server)"),
+    api_key: str = typer.Option("", envvar="DRAFTHORSE_API_KEY", help="API key for --server (when it has keys)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object: text, token_ids, stats"),
     adaptive: bool = typer.Option(True, help="size each step's tree from measured acceptance"),
     profile: bool = typer.Option(False, help="run under torch.profiler and print where a step's time goes "
@@ -68,7 +69,7 @@ def generate(
         _fail(str(e))
     if server:
         from cluster.client import generate_remote
-        generate_remote(server, prompt, params, drafter, raw, session, json_out)
+        generate_remote(server, prompt, params, drafter, raw, session, json_out, api_key=api_key)
         return
 
     _threads(threads)
@@ -221,7 +222,8 @@ def serve(
                  ray_address=ray_address, dtype=dtype)
     try:
         s = Settings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as e:
+        s.keyring()   # a malformed API key entry stops the start here, named
+    except (ValidationError, ValueError) as e:
         _fail(str(e))
     cluster = Cluster(s).start()
     first = cluster.first_token()
@@ -263,6 +265,7 @@ def loadtest(
     tokenizer: str = typer.Option("smollm2", help="model whose tokenizer sizes --long-context prompts"),
     seed: int = typer.Option(0, help="seed of the Poisson arrivals"),
     allow_remote: bool = typer.Option(False, help="allow a non-loopback --server"),
+    api_key: str = typer.Option("", envvar="DRAFTHORSE_API_KEY", help="API key (when the server has keys)"),
     out: Path = typer.Option(Path("loadtest_out"), help="writes OUT/loadtest.json and OUT/loadtest.png"),
 ):
     """Load a running cluster: throughput, TTFT, TPOT, latency (p50/p99), mean accepted tokens and
@@ -294,7 +297,7 @@ def loadtest(
         lt.validate_args(prompts, kinds, levels, requests, max_seconds, max_new_tokens, rate)
         results = asyncio.run(lt.run_loadtest(server, prompts, kinds, levels, requests, max_seconds,
                                               max_new_tokens, rate, seed,
-                                              progress=lambda m: typer.echo(m, err=True)))
+                                              progress=lambda m: typer.echo(m, err=True), api_key=api_key))
     except ValueError as e:
         _fail(str(e))
     results["env"].update(questions=str(questions), long_context=long_context,
@@ -380,6 +383,17 @@ def train_drafter(
     typer.echo(json.dumps({"out": str(out), "kind": kind, **final, "draft_vocab": trainer.info["draft_vocab"],
                            "val_label_coverage": trainer.info["val_label_coverage"],
                            "train_seconds": trainer.info["train_seconds"]}))
+
+
+@app.command("api-key")
+def api_key(name: str = typer.Option("", help="owner name recorded with the key (sessions belong to it)")):
+    """Make a public API key: prints the key (give it to the client, once) and the sha256 line to put
+    in DRAFTHORSE_API_KEY_HASHES or DRAFTHORSE_API_KEYS_FILE (the server never stores the key)."""
+    from cluster.apikeys import digest_line, new_key
+    if ":" in name or any(c.isspace() for c in name):
+        _fail("--name must not contain ':' or whitespace")
+    key = new_key()
+    typer.echo(f"key:  {key}\nhash: {digest_line(key, name)}")
 
 
 def main() -> None:  # pragma: no cover

@@ -11,6 +11,11 @@ from protos.drafthorse.v1 import drafthorse_pb2 as pb
 from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 
+def key_metadata(api_key: str) -> tuple:
+    """gRPC metadata carrying a public API key (none when empty)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 def request(prompt: str, params: SamplingParams, drafter: str = "", raw: bool = False,
             session: str | None = None, new_session: bool = False) -> pb.GenerateRequest:
     r = pb.GenerateRequest(max_new_tokens=params.max_new_tokens, stop=list(params.stop), drafter=drafter,
@@ -26,12 +31,13 @@ def request(prompt: str, params: SamplingParams, drafter: str = "", raw: bool = 
 
 
 def generate_remote(server: str, prompt: str, params: SamplingParams, drafter: str, raw: bool,
-                    session: str | None, json_out: bool, timeout_s: float = 600) -> None:
+                    session: str | None, json_out: bool, timeout_s: float = 600, api_key: str = "") -> None:
     with grpc.insecure_channel(server) as channel:
         stub = pb_grpc.GeneratorStub(channel)
         ids, text, last = [], [], None
         try:
-            for msg in stub.Generate(request(prompt, params, drafter, raw, session), timeout=timeout_s):
+            for msg in stub.Generate(request(prompt, params, drafter, raw, session), timeout=timeout_s,
+                                     metadata=key_metadata(api_key)):
                 ids += msg.token_ids
                 text.append(msg.text_delta)
                 last = msg

@@ -13,9 +13,11 @@ import logging
 import grpc
 
 from actors.drafters import KINDS
-from actors.rpc import OPTIONS, auth_metadata
+from actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, token_ok
 from actors.wire import sampling_from_proto
 from cluster import metrics
+from cluster.apikeys import bearer
+from cluster.loadtest import is_loopback
 from cluster.prompts import turn_ids
 from cluster.redis_store import connect
 from cluster.registry import Registry
@@ -31,9 +33,47 @@ MAX_PROMPT_CHARS = 1_000_000
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+INTERNAL_OWNER = "_internal"   # the cluster itself (start-up probe, benchmarks), by the internal token
+
+
+def caller(keys, token: str, metadata) -> str | None:
+    """Who is calling: an API key's owner name, INTERNAL_OWNER for the internal token, None if
+    neither (both compared in constant time)."""
+    owner = keys.identify(bearer(metadata))
+    if owner is None and token and token_ok(metadata, token):
+        owner = INTERNAL_OWNER
+    return owner
+
+
+class ApiKeyAuth(grpc.aio.ServerInterceptor):
+    """Every public RPC but health/reflection needs a configured API key (cluster/apikeys.py) or the
+    cluster's internal token."""
+
+    def __init__(self, keys, token: str = ""):
+        self.keys, self.token = keys, token
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or unknown API key: send metadata 'authorization: Bearer <key>'")
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+
+        async def deny_stream(request, context):
+            await deny(request, context)
+            yield  # pragma: no cover - never reached
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_PREFIXES) or \
+                caller(self.keys, self.token, details.invocation_metadata) is not None:
+            return await continuation(details)
+        handler = await continuation(details)
+        return self._deny_stream if handler is not None and handler.response_streaming else self._deny_unary
+
+
 class Gateway(pb_grpc.GeneratorServicer):
     def __init__(self, s: Settings, tokenizer):
         self.s, self.tok = s, tokenizer
+        self.keys = s.keyring()
         self.redis = connect(s.redis_url)
         self.registry = Registry(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
         self.router = Router(self.registry)
@@ -116,12 +156,14 @@ class Gateway(pb_grpc.GeneratorServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         session = None
+        # a session belongs to the key that opened it: another key's session id is NOT_FOUND
+        owner = caller(self.keys, self.s.token(), context.invocation_metadata()) or "" if self.keys.enabled else ""
         if r.session_id:
-            session = await asyncio.to_thread(self.sessions.get, r.session_id, "")
+            session = await asyncio.to_thread(self.sessions.get, r.session_id, owner)
             if session is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"session {r.session_id!r} not found (expired?)")
         elif r.new_session:
-            session = await asyncio.to_thread(self.sessions.create, "")
+            session = await asyncio.to_thread(self.sessions.create, owner)
         sid = session.session_id if session else ""
         history = session.token_ids if session else []
         prompt_ids = turn_ids(self.tok, history, messages, prompt)
@@ -166,8 +208,12 @@ async def serve_gateway(s: Settings, tokenizer, ready: asyncio.Event | None = No
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.aio.server(options=OPTIONS)
     gateway = Gateway(s, tokenizer)
+    server = grpc.aio.server(options=OPTIONS, interceptors=[ApiKeyAuth(gateway.keys, s.token())]
+                             if gateway.keys.enabled else [])
+    if not gateway.keys.enabled and not is_loopback(s.host):
+        log.warning("the public API on %s has no API keys: anyone who reaches it can generate "
+                    "(set DRAFTHORSE_API_KEY_HASHES or DRAFTHORSE_API_KEYS_FILE)", s.host)
     pb_grpc.add_GeneratorServicer_to_server(gateway, server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)

@@ -299,10 +299,20 @@ def summarize_level(records: list[dict], drafter: str, concurrency: int, rate: f
     }
 
 
+class _Keyed:
+    """The Generator stub, sending the API key (if any) with every call."""
+
+    def __init__(self, stub, api_key: str):
+        self.stub, self.metadata = stub, (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+    def Generate(self, request, **kw):
+        return self.stub.Generate(request, metadata=self.metadata, **kw)
+
+
 async def run_loadtest(server: str, prompts: list[str], drafters: list[str], concurrency: list[int],
                        requests: int = 32, max_seconds: float = 120.0, max_new_tokens: int = 128,
                        rate: float | None = None, seed: int = 0, warmup: bool = True,
-                       progress: Callable[[str], None] | None = None) -> dict:
+                       progress: Callable[[str], None] | None = None, api_key: str = "") -> dict:
     """Every drafter at every concurrency level against the gateway at `server`; returns the results
     dict that write_outputs saves (validation of its arguments is the caller's: see validate_args)."""
     validate_args(prompts, drafters, concurrency, requests, max_seconds, max_new_tokens, rate)
@@ -310,7 +320,7 @@ async def run_loadtest(server: str, prompts: list[str], drafters: list[str], con
     say = progress or (lambda _msg: None)
     levels: list[dict] = []
     async with grpc.aio.insecure_channel(server, options=OPTIONS) as channel:
-        stub = pb_grpc.GeneratorStub(channel)
+        stub = _Keyed(pb_grpc.GeneratorStub(channel), api_key)
         if warmup:  # first-call costs out of the numbers; a bad drafter fails here, once, clearly
             for d in drafters:
                 rec = await _one(stub, prompts[0], d, min(max_new_tokens, WARMUP_TOKENS), time.perf_counter(), 300)

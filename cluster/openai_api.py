@@ -25,13 +25,14 @@ import uuid
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.apikeys import bearer
 from protos.drafthorse.v1 import drafthorse_pb2 as pb
 from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
@@ -239,9 +240,11 @@ class _Generator:
             self._channel, self._loop = grpc.aio.insecure_channel(self.gateway), loop
         return pb_grpc.GeneratorStub(self._channel)
 
-    async def open(self, r: pb.GenerateRequest, input_param: str):
-        """Start the call and read its first message, so an error becomes the HTTP status."""
-        call = self.stub().Generate(r, timeout=self.timeout_s)
+    async def open(self, r: pb.GenerateRequest, input_param: str, key: str = ""):
+        """Start the call (with the client's API key, which the gateway checks and owns sessions by)
+        and read its first message, so an error becomes the HTTP status."""
+        call = self.stub().Generate(r, timeout=self.timeout_s,
+                                    metadata=(("authorization", f"Bearer {key}"),) if key else None)
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as e:
@@ -256,9 +259,19 @@ class _Generator:
             await self._channel.close()
 
 
-def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S) -> FastAPI:
-    """The FastAPI app serving `model` by calling the gRPC gateway at `gateway` (HOST:PORT)."""
+def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, keys=None) -> FastAPI:
+    """The FastAPI app serving `model` by calling the gRPC gateway at `gateway` (HOST:PORT). keys: the
+    API keys (cluster/apikeys.KeyRing) every /v1 route requires; None or empty = open."""
     gen = _Generator(gateway, timeout_s)
+
+    async def api_key(request: Request) -> str:
+        """The request's API key (Authorization: Bearer, as OpenAI clients send it); 401 if keys are
+        configured and it is not one of them."""
+        key = bearer(request.headers.items())
+        if keys is not None and keys.enabled and keys.identify(key) is None:
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+        return key
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -308,18 +321,18 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S) -
             raise APIError(404, f"The model {name!r} does not exist: this server serves {model!r}",
                            param="model", code="model_not_found")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(api_key)])
     async def list_models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(api_key)])
     async def get_model(name: str):
         check_model(name)
         return model_card()
 
-    async def run(r: pb.GenerateRequest, body: _Body, chat: bool):
+    async def run(r: pb.GenerateRequest, body: _Body, chat: bool, key: str):
         input_param = "messages" if chat else "prompt"
-        call, first = await gen.open(r, input_param)
+        call, first = await gen.open(r, input_param, key)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
         if body.stream:
@@ -384,13 +397,13 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S) -
             call.cancel()  # the client went away: stop the generation
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, key: str = Depends(api_key)):
         check_model(body.model)
-        return await run(completion_request(body), body, chat=False)
+        return await run(completion_request(body), body, chat=False, key=key)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
+    async def chat_completions(body: ChatBody, key: str = Depends(api_key)):
         check_model(body.model)
-        return await run(chat_request(body), body, chat=True)
+        return await run(chat_request(body), body, chat=True, key=key)
 
     return app

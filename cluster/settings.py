@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     target_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
     draft_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
     auth_token: SecretStr | None = Field(None, description="shared token for internal gRPC; unset = random")
+    api_key_hashes: list[str] = Field(default_factory=list, description="public API keys as sha256:<hex>[:name] "
+                                      "(JSON list; `drafthorse api-key` makes one); none here or in the file = "
+                                      "open APIs")
+    api_keys_file: str | None = Field(None, description="file of sha256:<hex>[:name] lines, one key each")
     grace_s: float = Field(5.0, ge=0)
 
     @field_validator("dtype")
@@ -73,6 +77,11 @@ class Settings(BaseSettings):
         if self.auth_token is not None:
             return self
         return self.model_copy(update={"auth_token": SecretStr(secrets.token_urlsafe(32))})
+
+    def keyring(self):
+        """The public API keys (cluster/apikeys.py); ValueError names a malformed entry."""
+        from cluster.apikeys import KeyRing
+        return KeyRing.load(self.api_key_hashes, self.api_keys_file)
 
     def token(self) -> str:
         return self.auth_token.get_secret_value() if self.auth_token else ""

@@ -109,8 +109,9 @@ def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
     # a heavy row cost: the policy hands out few nodes, the fixed sequence ignores it
     eng = SpecEngine(None, target.eos_ids, max_tree_nodes=8, policy=AdaptivePolicy(8, per_row_ratio=0.5))
     seqs = []
-    for adaptive in (True, False, True):
-        seq, _ = eng.start(prompt, params, NgramDrafter(max_branches=4, depth=8), runner=ModelRunner(target.model, 256))
+    for adaptive in (True, False, True, True):
+        d = NgramDrafter(max_branches=4, depth=8) if len(seqs) < 3 else None   # the last: plain decoding
+        seq, _ = eng.start(prompt, params, d, runner=ModelRunner(target.model, 256))
         seq.adaptive = adaptive
         seqs.append(seq)
     outs = [[s.root] for s in seqs]
@@ -124,3 +125,4 @@ def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
     # the policy's budget bounds what the adaptive sequence drafted; the fixed one drafted more
     assert adaptive.drafted_tokens <= adaptive.budget_nodes and fixed.drafted_tokens > adaptive.drafted_tokens
     assert adaptive.mean_batch_size > 1 and fixed.to_dict()["mean_batch_size"] > 1
+    assert seqs[3].stats.budget_nodes == 0       # nothing to hand a sequence that cannot draft
