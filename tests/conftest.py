@@ -62,3 +62,24 @@ def hf_greedy():
     """hf_greedy(lm, prompt, max_new_tokens) -> token ids from transformers' own greedy `generate`
     (stops at the model's EOS when it has one, like the engine)."""
     return _hf_greedy
+
+
+def start_gateway(settings, tokenizer, timeout_s: float = 30) -> None:
+    """Run the gRPC gateway (cluster/gateway.py) for `settings` on its own event loop in a daemon
+    thread; returns once it listens."""
+    import asyncio
+    import threading
+
+    from cluster.gateway import serve_gateway
+    ready = threading.Event()
+
+    def main():
+        async def go():
+            ev = asyncio.Event()
+            task = asyncio.create_task(serve_gateway(settings, tokenizer, ev))
+            await ev.wait()
+            ready.set()
+            await task
+        asyncio.run(go())
+    threading.Thread(target=main, daemon=True).start()
+    assert ready.wait(timeout_s), "the gateway did not start"

@@ -285,23 +285,9 @@ def test_deadline_exceeded(stub):
 
 def test_no_worker_is_unavailable(cluster, local):
     """A gateway whose registry holds no worker answers UNAVAILABLE."""
-    import asyncio
-    import threading
-
-    from cluster.gateway import serve_gateway
+    from tests.conftest import start_gateway
     s = cluster.s.model_copy(update={"key_prefix": f"dh-empty-{uuid.uuid4().hex[:8]}:", "gateway_port": free_port()})
-    ready = threading.Event()
-
-    def main():
-        async def go():
-            ev = asyncio.Event()
-            task = asyncio.create_task(serve_gateway(s, local[0].tokenizer, ev))
-            await ev.wait()
-            ready.set()
-            await task
-        asyncio.run(go())
-    threading.Thread(target=main, daemon=True).start()
-    assert ready.wait(30)
+    start_gateway(s, local[0].tokenizer)
     with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
         with pytest.raises(grpc.RpcError) as e:
             run(pb_grpc.GeneratorStub(ch), request("hi", SamplingParams(max_new_tokens=4)))

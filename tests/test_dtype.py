@@ -339,24 +339,13 @@ SMOL_QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2_bf16():
+@pytest.fixture(scope="module", params=["bfloat16", "int8"])
+def smollm2_at(request):
+    """SmolLM2 at each exact dtype, loaded with 2 threads (what the exact probe measures)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        lm = loader.load("smollm2", "bfloat16")
-    except FileNotFoundError as e:
-        pytest.skip(f"SmolLM2 is not installed: {e}")
-    yield lm
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def smollm2_int8():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        lm = loader.load("smollm2", "int8")
+        lm = loader.load("smollm2", request.param)
     except FileNotFoundError as e:
         pytest.skip(f"SmolLM2 is not installed: {e}")
     yield lm
@@ -364,11 +353,9 @@ def smollm2_int8():
 
 
 @pytest.mark.smollm2
-@pytest.mark.parametrize("model", ["smollm2_bf16", "smollm2_int8"])
-def test_smollm2_ngram_equals_plain(model, request):
-    lm = request.getfixturevalue(model)
-    assert lm.dtype == model.removeprefix("smollm2_").replace("bf16", "bfloat16")
-    assert lm.model.exact and lm.model.exact_ok
+def test_smollm2_ngram_equals_plain(smollm2_at):
+    lm = smollm2_at
+    assert lm.dtype in ("bfloat16", "int8") and lm.model.exact and lm.model.exact_ok
     engine = SpecEngine(ModelRunner(lm.model, 1024), lm.eos_ids)
     params = SamplingParams(max_new_tokens=64)
     accepted = 0
@@ -382,9 +369,8 @@ def test_smollm2_ngram_equals_plain(model, request):
 
 
 @pytest.mark.smollm2
-@pytest.mark.parametrize("model", ["smollm2_bf16", "smollm2_int8"])
-def test_smollm2_verify_rows_are_bitwise_decode_rows(model, request):
-    lm = request.getfixturevalue(model)
+def test_smollm2_verify_rows_are_bitwise_decode_rows(smollm2_at):
+    lm = smollm2_at
     prompt = loader.chat_prompt(lm.tokenizer, [{"role": "user", "content": SMOL_QUESTIONS[1]}])
     bad = check_rows_bitwise(lm, prompt, offsets=(0, 9, 20, 33), sizes=(2, 9), decode_n=44)
     assert not bad, f"{len(bad)} rows differ, first {bad[:5]}"
