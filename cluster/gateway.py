@@ -17,6 +17,7 @@ from actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, token_ok
 from actors.wire import sampling_from_proto
 from cluster import metrics
 from cluster.apikeys import bearer
+from cluster.limits import KeyLimits, LimitExceeded
 from cluster.loadtest import is_loopback
 from cluster.prompts import turn_ids
 from cluster.redis_store import connect
@@ -70,6 +71,13 @@ class ApiKeyAuth(grpc.aio.ServerInterceptor):
         return self._deny_stream if handler is not None and handler.response_streaming else self._deny_unary
 
 
+async def _refuse(context, e: LimitExceeded) -> None:
+    """RESOURCE_EXHAUSTED with the retry hint as trailing metadata (HTTP: Retry-After)."""
+    if e.retry_after_s:
+        context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+
 class Gateway(pb_grpc.GeneratorServicer):
     def __init__(self, s: Settings, tokenizer):
         self.s, self.tok = s, tokenizer
@@ -78,6 +86,9 @@ class Gateway(pb_grpc.GeneratorServicer):
         self.registry = Registry(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
         self.router = Router(self.registry)
         self.sessions = SessionStore(self.redis, s.key_prefix, ttl_s=s.session_ttl_s)
+        # per-key limits apply to callers identified by an API key (not to the cluster itself)
+        self.limits = KeyLimits(self.redis, s.key_prefix, s.key_limits()) \
+            if self.keys.enabled and s.key_limits().any else None
         self.metadata = auth_metadata(s.token())
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -170,11 +181,30 @@ class Gateway(pb_grpc.GeneratorServicer):
         if len(prompt_ids) >= self.s.max_len:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt is {len(prompt_ids)} tokens; the context is {self.s.max_len}: shorten it")
-        if session is not None and len(prompt_ids) > len(history):
-            # the new turn's prompt is committed conversation: checkpoint it before generating
-            await asyncio.to_thread(self.sessions.checkpoint, sid, prompt_ids[len(history):])
         kind = r.drafter or self.s.drafter
+        limited = self.limits is not None and owner not in ("", INTERNAL_OWNER)
+        if limited:   # before anything is written: a refused turn leaves its session as it was
+            try:
+                await asyncio.to_thread(self.limits.check, owner, len(prompt_ids), max_new)
+                await asyncio.to_thread(self.limits.acquire, owner)
+            except LimitExceeded as e:
+                await _refuse(context, e)
+        streamed = [0]   # tokens relayed so far: what the key's per-minute budget is charged
+        try:
+            if session is not None and len(prompt_ids) > len(history):
+                # the new turn's prompt is committed conversation: checkpoint it before generating
+                await asyncio.to_thread(self.sessions.checkpoint, sid, prompt_ids[len(history):])
+            async for msg in self._stream(r, context, session, sid, prompt_ids, max_new, kind, streamed):
+                yield msg
+        finally:
+            if limited:
+                await asyncio.to_thread(self.limits.release, owner)
+                await asyncio.to_thread(self.limits.spent, owner, streamed[0])
 
+    async def _stream(self, r, context, session, sid: str, prompt_ids: list[int], max_new: int, kind: str,
+                      streamed: list[int]):
+        """Route to a target (again, on a retryable failure) and relay its stream; streamed[0] counts
+        the tokens relayed."""
         seq, generated, tried = 0, [], set()
         while True:
             with contextlib.ExitStack() as leases:
@@ -190,6 +220,7 @@ class Gateway(pb_grpc.GeneratorServicer):
                     async for msg in self._stub(target.address).Generate(
                             treq, metadata=self.metadata, timeout=context.time_remaining()):
                         generated += list(msg.token_ids)
+                        streamed[0] = len(generated)
                         msg.seq, msg.session_id = seq, sid
                         seq += 1
                         yield msg

@@ -68,9 +68,10 @@ class APIError(Exception):
     """An error answered in OpenAI's format."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -87,7 +88,8 @@ def from_grpc(e: grpc.aio.AioRpcError, input_param: str) -> APIError:
             param = input_param  # the gateway says "prompt" for a too long chat as well
     code = "session_not_found" if e.code() == grpc.StatusCode.NOT_FOUND and param == "session_id" \
         else e.code().name.lower()
-    return APIError(status, details, type_, param, code)
+    retry = dict(e.trailing_metadata() or ()).get("retry-after")   # the gateway's hint on a 429
+    return APIError(status, details, type_, param, code, headers={"Retry-After": str(retry)} if retry else None)
 
 
 # ---------------------------------------------------------------- request bodies
@@ -285,7 +287,7 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):

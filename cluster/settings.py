@@ -55,6 +55,11 @@ class Settings(BaseSettings):
                                       "(JSON list; `drafthorse api-key` makes one); none here or in the file = "
                                       "open APIs")
     api_keys_file: str | None = Field(None, description="file of sha256:<hex>[:name] lines, one key each")
+    # per-key limits (with API keys; 0 = unlimited): RESOURCE_EXHAUSTED / HTTP 429 with a retry hint
+    key_max_streams: int = Field(0, ge=0, description="concurrent streams per API key")
+    key_tokens_per_minute: int = Field(0, ge=0, description="generated tokens per API key per minute")
+    key_max_prompt_tokens: int = Field(0, ge=0, description="prompt tokens per request of an API key")
+    key_max_new_tokens: int = Field(0, ge=0, description="max new tokens per request of an API key")
     grace_s: float = Field(5.0, ge=0)
 
     @field_validator("dtype")
@@ -82,6 +87,11 @@ class Settings(BaseSettings):
         """The public API keys (cluster/apikeys.py); ValueError names a malformed entry."""
         from cluster.apikeys import KeyRing
         return KeyRing.load(self.api_key_hashes, self.api_keys_file)
+
+    def key_limits(self):
+        from cluster.limits import Limits
+        return Limits(self.key_max_streams, self.key_tokens_per_minute, self.key_max_prompt_tokens,
+                      self.key_max_new_tokens)
 
     def token(self) -> str:
         return self.auth_token.get_secret_value() if self.auth_token else ""

@@ -4,8 +4,6 @@ A real gateway on loopback with a real Redis, no workers: a request that passes 
 as far as routing (UNAVAILABLE / 503), one that does not is refused before."""
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
 
 import grpc
@@ -58,23 +56,11 @@ def test_api_key_command_prints_a_key_and_its_digest():
 def gateway():
     """A gateway with two keys and no workers; yields (address, settings)."""
     from actors.models import loader
-    from cluster.gateway import serve_gateway
+    from tests.conftest import start_gateway
     s = Settings(key_prefix=f"dh-keys-{uuid.uuid4().hex[:8]}:", gateway_port=free_port(), metrics_port=0,
                  redis_url="redis://127.0.0.1:6379/0",
                  api_key_hashes=[digest_line(ALICE, "alice"), digest_line(BOB, "bob")]).with_token()
-    tok = loader.load("tiny:0").tokenizer
-    ready = threading.Event()
-
-    def main():
-        async def go():
-            ev = asyncio.Event()
-            task = asyncio.create_task(serve_gateway(s, tok, ev))
-            await ev.wait()
-            ready.set()
-            await task
-        asyncio.run(go())
-    threading.Thread(target=main, daemon=True).start()
-    assert ready.wait(30)
+    start_gateway(s, loader.load("tiny:0").tokenizer)
     yield f"127.0.0.1:{s.gateway_port}", s
 
 
@@ -152,3 +138,90 @@ def test_every_http_route_needs_a_key(gateway):
             r = getattr(http, method)(path, json=js, headers=ok) if js else getattr(http, method)(path, headers=ok)
             # models answer here; generations reach the gateway with the key (503: no worker, not 401)
             assert r.status_code == (200 if method == "get" else 503), (path, r.text)
+
+
+# ---------------------------------------------------------------- per-key limits
+
+def test_key_limits_unit():
+    """Counters in a real Redis under a private prefix; a fake clock moves the minute window."""
+    from cluster.limits import KeyLimits, LimitExceeded, Limits
+    from cluster.redis_store import connect
+    now = [600.0]
+    lim = KeyLimits(connect("redis://127.0.0.1:6379/0"), f"dh-lim-{uuid.uuid4().hex[:8]}:",
+                    Limits(streams=2, tokens_per_minute=100, prompt_tokens=50, new_tokens=20), clock=lambda: now[0])
+    lim.check("alice", 50, 20)
+    with pytest.raises(LimitExceeded, match="prompt is 51 tokens"):
+        lim.check("alice", 51, 1)
+    with pytest.raises(LimitExceeded, match="max_new_tokens 21"):
+        lim.check("alice", 1, 21)
+    lim.acquire("alice"), lim.acquire("alice")
+    with pytest.raises(LimitExceeded, match="2 streams open") as e:
+        lim.acquire("alice")
+    assert e.value.retry_after_s == 1
+    lim.acquire("bob")                                  # other keys are not affected
+    lim.release("alice")
+    lim.acquire("alice")                                # a slot came back
+    lim.spent("alice", 60), lim.spent("alice", 45)      # 105 >= 100 this minute
+    now[0] = 615.0
+    with pytest.raises(LimitExceeded, match="105 tokens this minute") as e:
+        lim.check("alice", 1, 1)
+    assert e.value.retry_after_s == 45                  # until 660 s, the next window
+    lim.check("bob", 1, 1)
+    now[0] = 660.0
+    lim.check("alice", 1, 1)                            # a new minute
+
+
+@pytest.fixture(scope="module")
+def limited():
+    """A gateway with per-key limits (and no workers)."""
+    from actors.models import loader
+    from tests.conftest import start_gateway
+    s = Settings(key_prefix=f"dh-keylim-{uuid.uuid4().hex[:8]}:", gateway_port=free_port(), metrics_port=0,
+                 redis_url="redis://127.0.0.1:6379/0", api_key_hashes=[digest_line(ALICE, "alice"),
+                                                                      digest_line(BOB, "bob")],
+                 key_max_streams=1, key_tokens_per_minute=1000, key_max_prompt_tokens=200,
+                 key_max_new_tokens=64).with_token()
+    start_gateway(s, loader.load("tiny:0").tokenizer)
+    yield f"127.0.0.1:{s.gateway_port}", s
+
+
+def call_meta(addr: str, key: str, **req):
+    """(code, details, trailing metadata) of a Generate call expected to fail."""
+    with grpc.insecure_channel(addr) as ch:
+        r = request(req.pop("prompt", "hi"), SamplingParams(max_new_tokens=req.pop("max_new_tokens", 2)))
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.GeneratorStub(ch).Generate(r, timeout=10, metadata=key_metadata(key)))
+    return e.value.code(), e.value.details(), dict(e.value.trailing_metadata() or ())
+
+
+def test_per_key_limits_refuse_with_a_retry_hint(limited):
+    from cluster.limits import KeyLimits
+    from cluster.redis_store import connect
+    addr, s = limited
+    assert call_meta(addr, ALICE)[0] == grpc.StatusCode.UNAVAILABLE      # within limits: routed
+    code, details, _ = call_meta(addr, ALICE, max_new_tokens=65)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_new_tokens 65" in details
+    code, details, _ = call_meta(addr, ALICE, prompt="word " * 300)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "this key's limit is 200" in details
+    # alice's stream slot is taken (another gateway replica holds it) / her minute is spent: refused
+    # with a retry hint; bob is not affected
+    lim = KeyLimits(connect(s.redis_url), s.key_prefix, s.key_limits())
+    lim.acquire("alice")
+    code, details, meta = call_meta(addr, ALICE)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams open" in details and meta["retry-after"] == "1"
+    assert call_meta(addr, BOB)[0] == grpc.StatusCode.UNAVAILABLE
+    lim.release("alice")
+    assert call_meta(addr, ALICE)[0] == grpc.StatusCode.UNAVAILABLE      # failed calls released theirs
+    lim.spent("alice", 1000)
+    code, details, meta = call_meta(addr, ALICE)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens this minute" in details
+    assert 1 <= int(meta["retry-after"]) <= 60
+    # over HTTP: 429 with Retry-After
+    from starlette.testclient import TestClient
+
+    from cluster.openai_api import create_app
+    with TestClient(create_app(addr, "m", keys=s.keyring())) as http:
+        r = http.post("/v1/chat/completions", json={"model": "m", "max_tokens": 2, "messages": [
+            {"role": "user", "content": "hi"}]}, headers={"Authorization": f"Bearer {ALICE}"})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert 1 <= int(r.headers["retry-after"]) <= 60

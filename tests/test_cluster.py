@@ -326,3 +326,38 @@ def test_health_and_reflection_on_gateway(cluster):
                                                  timeout=10))
         names = {s.name for s in answers[0].list_services_response.service}
         assert "drafthorse.v1.Generator" in names
+
+
+def test_per_key_token_budget_and_streams_through_real_workers(cluster, local, monkeypatch):
+    """A second gateway over the same workers, with API keys and per-key limits: a key is charged the
+    tokens it streamed, refused (RESOURCE_EXHAUSTED, retry hint) once its minute is spent, and holds
+    at most one stream at a time; the other key is unaffected."""
+    from cluster import limits
+    from cluster.apikeys import digest_line, new_key
+    frozen = time.time()
+    monkeypatch.setattr(limits, "now", lambda: frozen)   # one minute window for the whole test
+    from cluster.client import key_metadata
+    from tests.conftest import start_gateway
+    alice, bob = new_key(), new_key()
+    s = cluster.s.model_copy(update={"gateway_port": free_port(), "metrics_port": 0,
+                                     "api_key_hashes": [digest_line(alice, "alice"), digest_line(bob, "bob")],
+                                     "key_tokens_per_minute": 12, "key_max_streams": 1})
+    start_gateway(s, local[0].tokenizer)
+    with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
+        stub = pb_grpc.GeneratorStub(ch)
+        gen = lambda key, n=8: stub.Generate(request(PROMPTS[0], SamplingParams(max_new_tokens=n), "ngram"),  # noqa: E731
+                                             timeout=120, metadata=key_metadata(key))
+        assert sum(len(m.token_ids) for m in gen(alice)) == 8
+        # a stream held open: alice's second one is refused, bob's is not
+        held = gen(alice, 16)
+        next(held)
+        with pytest.raises(grpc.RpcError) as e:
+            list(gen(alice))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams open" in e.value.details()
+        assert sum(len(m.token_ids) for m in gen(bob)) == 8
+        assert sum(len(m.token_ids) for m in held) == 15
+        # 8 + 16 tokens >= 12 this minute: refused until the window turns
+        with pytest.raises(grpc.RpcError) as e:
+            list(gen(alice))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "24 tokens this minute" in e.value.details()
+        assert 1 <= int(dict(e.value.trailing_metadata())["retry-after"]) <= 60

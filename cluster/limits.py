@@ -1,0 +1,97 @@
+"""Per-key limits on the public API: concurrent streams, generated tokens per minute, prompt size and
+max new tokens per request. Counters live in Redis, so every gateway replica enforces the same
+budget. Over a limit a request is refused before it reaches a worker: RESOURCE_EXHAUSTED (HTTP 429)
+with a retry hint in seconds (gRPC trailing metadata `retry-after`, HTTP `Retry-After`).
+
+Tokens per minute are counted in fixed one-minute windows when a generation ends (its generated
+tokens), so one request can overshoot the budget it started within; the next is refused until the
+window turns. A stream slot has a safety TTL so a crashed gateway cannot leak it forever."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import redis
+
+STREAM_TTL_S = 3600
+
+
+@dataclass(frozen=True)
+class Limits:
+    streams: int = 0              # concurrent streams per key (0 = unlimited)
+    tokens_per_minute: int = 0    # generated tokens per key per minute
+    prompt_tokens: int = 0        # prompt tokens per request
+    new_tokens: int = 0           # max new tokens per request
+
+    @property
+    def any(self) -> bool:
+        return any((self.streams, self.tokens_per_minute, self.prompt_tokens, self.new_tokens))
+
+
+class LimitExceeded(Exception):
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def now() -> float:
+    """The clock minute windows are cut from (Unix seconds)."""
+    return time.time()
+
+
+class KeyLimits:
+    def __init__(self, r: redis.Redis, prefix: str, limits: Limits, clock=None):
+        self.r, self.prefix, self.limits = r, prefix, limits
+        self.clock = clock or (lambda: now())
+
+    def _key(self, owner: str, what: str) -> str:
+        return f"{self.prefix}limit:{owner}:{what}"
+
+    def _window(self) -> tuple[int, int]:
+        """(this minute's number, seconds until the next one)."""
+        now = self.clock()
+        return int(now // 60), max(1, math.ceil(60 - now % 60))
+
+    def check(self, owner: str, prompt_tokens: int, max_new: int) -> None:
+        """Refuse a request over a per-request limit or in a minute whose token budget is spent."""
+        lim = self.limits
+        if lim.prompt_tokens and prompt_tokens > lim.prompt_tokens:
+            raise LimitExceeded(f"prompt is {prompt_tokens} tokens, this key's limit is {lim.prompt_tokens} per "
+                                "request: shorten it")
+        if lim.new_tokens and max_new > lim.new_tokens:
+            raise LimitExceeded(f"max_new_tokens {max_new} is over this key's limit of {lim.new_tokens} per request")
+        if lim.tokens_per_minute:
+            minute, left = self._window()
+            used = int(self.r.get(self._key(owner, f"tpm:{minute}")) or 0)
+            if used >= lim.tokens_per_minute:
+                raise LimitExceeded(f"this key generated {used} tokens this minute, its limit is "
+                                    f"{lim.tokens_per_minute}: retry after {left} s", left)
+
+    def spent(self, owner: str, tokens: int) -> None:
+        """Count a finished generation's tokens in this minute's window."""
+        if self.limits.tokens_per_minute and tokens > 0:
+            minute, _ = self._window()
+            key = self._key(owner, f"tpm:{minute}")
+            p = self.r.pipeline()
+            p.incrby(key, tokens)
+            p.expire(key, 120)
+            p.execute()
+
+    def acquire(self, owner: str) -> None:
+        """Take one of the key's concurrent-stream slots (release it with `release`)."""
+        if not self.limits.streams:
+            return
+        key = self._key(owner, "streams")
+        p = self.r.pipeline()
+        p.incr(key)
+        p.expire(key, STREAM_TTL_S)
+        n, _ = p.execute()
+        if n > self.limits.streams:
+            self.r.decr(key)
+            raise LimitExceeded(f"this key has {n - 1} streams open, its limit is {self.limits.streams}: "
+                                "retry when one ends", 1)
+
+    def release(self, owner: str) -> None:
+        if self.limits.streams:
+            self.r.decr(self._key(owner, "streams"))
