@@ -162,6 +162,26 @@ def test_worker_too_slow_falls_back(models):
     assert remote.failures == remote.rpc_calls > 0  # every call hit DEADLINE_EXCEEDED
 
 
+def test_worker_ignoring_the_budget_cannot_hurt_the_target(models):
+    """A draft worker that answers with a tree over the asked budget (a bug, or a hostile worker): the
+    target drops it and decodes that step alone; the output is still plain decoding's."""
+    from actors.spec.tree import DraftTree
+
+    class Greedy(NgramDrafter):
+        def propose(self, budget, params, generator):
+            return DraftTree([1] * (budget.max_nodes + 3), list(range(-1, budget.max_nodes + 2)))
+
+    service, server, port = start(lambda kind: Greedy())
+    remote = RemoteDrafter(f"127.0.0.1:{port}", "ngram", V, retry_after_s=0.0)
+    try:
+        out = engine(models).generate(PROMPTS[1], GREEDY, remote)
+    finally:
+        remote.shutdown()
+        server.stop(None)
+    assert out.token_ids == plain(models, PROMPTS[1], GREEDY)
+    assert remote.failures == remote.rpc_calls > 0
+
+
 def test_worker_restarted_on_same_port_loses_state(models, make_drafter):
     first, server, port = start(make_drafter)
     box = {}

@@ -106,6 +106,7 @@ class RemoteDrafter(Drafter):
                 self.reset = True
                 resp = self._call(budget, params)
             tree = tree_from_proto(resp.tree, self.vocab_size)
+            tree.validate(self.vocab_size, budget.max_nodes, budget.max_depth)   # what it was asked for
         except grpc.RpcError as e:
             if e.code() in FATAL:
                 raise
