@@ -361,3 +361,44 @@ def test_per_key_token_budget_and_streams_through_real_workers(cluster, local, m
             list(gen(alice))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "24 tokens this minute" in e.value.details()
         assert 1 <= int(dict(e.value.trailing_metadata())["retry-after"]) <= 60
+
+
+def test_fuzzed_requests_get_only_documented_codes(cluster, stub):
+    """Generated GenerateRequests (any text, roles, numbers incl. NaN/inf/negative, stop strings, drafter
+    names, session ids), bounded: each ends OK or with a documented client-facing code, never
+    INTERNAL/UNKNOWN, and the cluster still serves a normal request afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(max_size=40)
+    floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    chat = st.lists(st.builds(pb.ChatMessage, role=st.sampled_from(["user", "system", "assistant", "tool", ""]),
+                              content=text), max_size=3)
+    sampling = st.builds(pb.Sampling, temperature=floats, top_p=floats,
+                         top_k=st.integers(-5, 200_000), seed=st.integers(0, 2 ** 64 - 1))
+    requests = st.builds(
+        lambda prompt, messages, use_chat, **kw: pb.GenerateRequest(
+            **({"chat": pb.Chat(messages=messages)} if use_chat else {"prompt": prompt}), **kw),
+        prompt=text, messages=chat, use_chat=st.booleans(), sampling=sampling,
+        max_new_tokens=st.one_of(st.integers(-3, 6), st.sampled_from([2 ** 31 - 1, -2 ** 31])),
+        stop=st.lists(text, max_size=3),
+        drafter=st.one_of(st.sampled_from(["", "none", "ngram", "draft-model", "eagle", "medusa", "layerskip"]), text),
+        session_id=st.one_of(st.just(""), text), new_session=st.booleans(), fixed_tree=st.booleans())
+    allowed = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    seen: dict[str, int] = {}
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(requests)
+    def one(r):
+        try:
+            msgs = list(stub.Generate(r, timeout=60))
+            assert msgs and msgs[-1].finish_reason in ("stop", "length")
+            seen["OK"] = seen.get("OK", 0) + 1
+        except grpc.RpcError as e:
+            assert e.code() in allowed, (e.code(), e.details(), r)
+            seen[e.code().name] = seen.get(e.code().name, 0) + 1
+    one()
+    assert seen.get("OK", 0) > 0 and seen.get("INVALID_ARGUMENT", 0) > 0, seen
+    assert len(run(stub, request("hello", SamplingParams(max_new_tokens=4)))[0]) == 4
