@@ -194,8 +194,11 @@ class Gateway(pb_grpc.GeneratorServicer):
             if session is not None and len(prompt_ids) > len(history):
                 # the new turn's prompt is committed conversation: checkpoint it before generating
                 await asyncio.to_thread(self.sessions.checkpoint, sid, prompt_ids[len(history):])
-            async for msg in self._stream(r, context, session, sid, prompt_ids, max_new, kind, streamed):
-                yield msg
+            # aclosing: a client that goes away closes the relay too (its worker leases, the target call)
+            async with contextlib.aclosing(self._stream(r, context, session, sid, prompt_ids, max_new, kind,
+                                                        streamed)) as relay:
+                async for msg in relay:
+                    yield msg
         finally:
             if limited:
                 await asyncio.to_thread(self.limits.release, owner)
