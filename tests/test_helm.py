@@ -332,3 +332,16 @@ def test_schema_knows_every_drafter_kind():
     from actors.drafters import KINDS
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["model"]["properties"]["drafter"]["enum"] == list(KINDS)
+
+
+def test_api_key_digests_come_from_a_secret(default_docs):
+    """apiKeys.existingSecret puts the digests into every Ray container from that Secret (never from
+    values); by default the public APIs are open and nothing is set."""
+    assert all("DRAFTHORSE_API_KEY_HASHES" not in env(g) for g in groups(one(default_docs, "RayService")).values())
+    docs = render({"apiKeys": {"existingSecret": "dh-api-keys"}})
+    for name, group in groups(one(docs, "RayService")).items():
+        ref = env(group)["DRAFTHORSE_API_KEY_HASHES"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "dh-api-keys", "key": "api-key-hashes"}, name
+    for doc in docs:
+        if doc["kind"] in CORE_KINDS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)

@@ -146,6 +146,13 @@ applications:
 {{- end }}
 - name: DRAFTHORSE_REDIS_URL
   value: {{ include "drafthorse.redisUrl" . | quote }}
+{{- if .Values.apiKeys.existingSecret }}
+- name: DRAFTHORSE_API_KEY_HASHES
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.apiKeys.existingSecret }}
+      key: {{ .Values.apiKeys.existingSecretKey }}
+{{- end }}
 - name: DRAFTHORSE_TARGET_RESOURCES
   value: {{ toJson .Values.target.rayResources | quote }}
 - name: DRAFTHORSE_DRAFT_RESOURCES
