@@ -144,21 +144,27 @@ def test_worker_killed_mid_generation(models, make_drafter):
     assert service.draft_calls == 3 and remote.failures >= 1
 
 
-def test_worker_too_slow_falls_back(models):
-    class Slow(NgramDrafter):
-        def propose(self, *a):
-            time.sleep(0.3)
-            return super().propose(*a)
-
-    service, server, port = start(lambda kind: Slow())
-    remote = RemoteDrafter(f"127.0.0.1:{port}", "ngram", V, timeout_s=0.1, retry_after_s=0.0)
-    params = SamplingParams(max_new_tokens=6)
+def generate_against(models, drafter, params, **remote_kw):
+    """Plain-decoding-equal output of a generation whose draft worker serves `drafter` for every
+    session; returns the RemoteDrafter (its failure counts)."""
+    service, server, port = start(lambda kind: drafter)
+    remote = RemoteDrafter(f"127.0.0.1:{port}", "ngram", V, retry_after_s=0.0, **remote_kw)
     try:
         out = engine(models).generate(PROMPTS[1], params, remote)
     finally:
         remote.shutdown()
         server.stop(None)
     assert out.token_ids == plain(models, PROMPTS[1], params)
+    return remote
+
+
+def test_worker_too_slow_falls_back(models):
+    class Slow(NgramDrafter):
+        def propose(self, *a):
+            time.sleep(0.3)
+            return super().propose(*a)
+
+    remote = generate_against(models, Slow(), SamplingParams(max_new_tokens=6), timeout_s=0.1)
     assert remote.failures == remote.rpc_calls > 0  # every call hit DEADLINE_EXCEEDED
 
 
@@ -171,14 +177,7 @@ def test_worker_ignoring_the_budget_cannot_hurt_the_target(models):
         def propose(self, budget, params, generator):
             return DraftTree([1] * (budget.max_nodes + 3), list(range(-1, budget.max_nodes + 2)))
 
-    service, server, port = start(lambda kind: Greedy())
-    remote = RemoteDrafter(f"127.0.0.1:{port}", "ngram", V, retry_after_s=0.0)
-    try:
-        out = engine(models).generate(PROMPTS[1], GREEDY, remote)
-    finally:
-        remote.shutdown()
-        server.stop(None)
-    assert out.token_ids == plain(models, PROMPTS[1], GREEDY)
+    remote = generate_against(models, Greedy(), GREEDY)
     assert remote.failures == remote.rpc_calls > 0
 
 
