@@ -219,9 +219,10 @@ class Gateway(pb_grpc.GeneratorServicer):
                                         draft_address=draft.address if draft else "",
                                         max_new_tokens=max_new - len(generated))
                 treq.request.drafter = kind
+                call = self._stub(target.address).Generate(treq, metadata=self.metadata,
+                                                           timeout=context.time_remaining())
                 try:
-                    async for msg in self._stub(target.address).Generate(
-                            treq, metadata=self.metadata, timeout=context.time_remaining()):
+                    async for msg in call:
                         generated += list(msg.token_ids)
                         streamed[0] = len(generated)
                         msg.seq, msg.session_id = seq, sid
@@ -234,6 +235,10 @@ class Gateway(pb_grpc.GeneratorServicer):
                     log.warning("target %s failed (%s); continuing on another worker after %d tokens",
                                 target.worker_id, e.code().name, len(generated))
                     tried.add(target.worker_id)
+                finally:
+                    # no-op once the call ended; when the client went away (the relay is being
+                    # closed) it stops the target now, not whenever the call object is collected
+                    call.cancel()
         if session is not None:
             await asyncio.to_thread(self.sessions.finish_turn, sid, {"generated_tokens": len(generated)})
 
