@@ -66,6 +66,18 @@ class Sequence:
         return self.stopper.finish_reason
 
 
+def reusable_prefix(runner: ModelRunner, prompt_ids: list[int], drafter: Drafter) -> int:
+    """How many leading prompt tokens the runner's cache already holds and may keep: the common
+    prefix, less at least one prompt token (scored again: its logits start the answer); none for a
+    feature drafter, which needs the states of the whole prompt."""
+    if drafter.wants_features:
+        return 0
+    keep, limit = 0, min(len(runner.tokens), len(prompt_ids) - 1)
+    while keep < limit and runner.tokens[keep] == prompt_ids[keep]:
+        keep += 1
+    return keep
+
+
 class SpecEngine:
     def __init__(self, runner: ModelRunner | None, eos_ids: set[int], decode: Decode | None = None,
                  max_tree_nodes: int = 64, max_tree_depth: int = 16, policy: AdaptivePolicy | None = None,
@@ -111,13 +123,8 @@ class SpecEngine:
                        verify_rng=make_generator(params.seed),
                        draft_rng=make_generator(params.seed, salt=1))  # the drafter's randomness is its own
         seq.stats.prompt_tokens = len(prompt_ids)
-        keep = 0
         feats = seq.drafter.wants_features
-        # (a feature drafter needs the states of the whole prompt: no prefix reuse for it)
-        if reuse_prefix and not feats:  # at least one prompt token is scored again: its logits start the answer
-            limit = min(len(runner.tokens), len(prompt_ids) - 1)
-            while keep < limit and runner.tokens[keep] == prompt_ids[keep]:
-                keep += 1
+        keep = reusable_prefix(runner, prompt_ids, seq.drafter) if reuse_prefix else 0
         runner.truncate(keep)
         seq.stats.reused_prefix_tokens = keep
         seq.t0 = time.perf_counter()

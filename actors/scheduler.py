@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from actors.drafters.base import Drafter
-from actors.engine import Sequence, SpecEngine
+from actors.engine import Sequence, SpecEngine, reusable_prefix
 from actors.models.runner import ModelRunner
 from actors.spec.sampling import SamplingParams
 from actors.spec.stats import GenerationStats
@@ -81,10 +81,8 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine: SpecEngine, pool, max_waiting: int, prefill_chunk: int = 256):
-        """prefill_chunk: prompt tokens prefilled per loop iteration (0: whole prompts at once)."""
+    def __init__(self, engine: SpecEngine, pool, max_waiting: int):
         self.engine, self.pool, self.max_waiting = engine, pool, max_waiting
-        self.prefill_chunk = prefill_chunk
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[tuple[Request, bool]] = deque()   # admitted, prompt partly cached
         self.running: list[Request] = []
@@ -158,14 +156,15 @@ class Scheduler:
                 self._finish(req)
                 continue
             r = req.runner
-            if not req.prefill_started:   # cut the slot's cache to what this request may reuse
+            if not req.prefill_started:   # checked once; the slot's cache cut to what start() would keep
                 req.prefill_started = True
-                keep = 0
-                if cached and not req.drafter.wants_features:   # as start() would: a session's prefix
-                    limit = min(r.length, len(req.prompt_ids) - 1)
-                    while keep < limit and r.tokens[keep] == req.prompt_ids[keep]:
-                        keep += 1
-                r.truncate(keep)
+                try:
+                    self.engine.check_request(req.prompt_ids, req.params, r)
+                except ValueError as e:
+                    self.prefilling.popleft()
+                    self._fail(req, e)
+                    continue
+                r.truncate(reusable_prefix(r, req.prompt_ids, req.drafter) if cached else 0)
             todo = len(req.prompt_ids) - r.length
             if not chunk or todo <= chunk or req.drafter.wants_features:
                 # one piece left (or a feature drafter, which needs every prompt state from one
@@ -174,13 +173,10 @@ class Scheduler:
                 self._start(req, cached or r.length > 0)
                 continue
             try:
-                self.engine.check_request(req.prompt_ids, req.params, r)
                 r.extend(req.prompt_ids[r.length:r.length + chunk])
-            except Exception as e:  # noqa: BLE001 - bad input (ValueError) or a prefill failure
+            except Exception as e:  # noqa: BLE001 - a prefill failure must not wedge the loop
                 self.prefilling.popleft()
-                r.reset()
-                req.out.put(e)
-                self._finish(req)
+                self._fail(req, e)
             return
 
     def _start(self, req: Request, cached: bool) -> None:
@@ -192,12 +188,16 @@ class Scheduler:
                                               reuse_prefix=cached, runner=req.runner)
             req.seq.adaptive = req.adaptive
         except Exception as e:  # noqa: BLE001 - bad input (ValueError) or a prefill failure
-            req.runner.reset()
-            req.out.put(e)
-            self._finish(req)
+            self._fail(req, e)
             return
         req.out.put(step)
         self.running.append(req)
+
+    def _fail(self, req: Request, e: Exception) -> None:
+        """The request ends with `e` (its handler turns it into a status); its slot is emptied."""
+        req.runner.reset()
+        req.out.put(e)
+        self._finish(req)
 
     def _done(self, r: Request) -> bool:
         if r.cancelled.is_set() or r.seq.finish_reason is not None:
