@@ -103,14 +103,20 @@ class Cluster:
         from cluster.redis_store import connect, ensure_redis, free_port
         from cluster.registry import Registry
 
-        t0 = time.perf_counter()
+        t0 = last = time.perf_counter()
+
+        def lap(phase: str) -> None:   # seconds since the previous phase ended
+            nonlocal last
+            now = time.perf_counter()
+            self.startup[phase], last = now - last, now
+
         url, self.embedded_redis = ensure_redis(self.s.redis_url)
         self.s = self.s.model_copy(update={"redis_url": url}).with_token()
-        self.startup["redis_s"] = time.perf_counter() - t0
+        lap("redis_s")
         if not ray.is_initialized():
             ray.init(address=self.s.ray_address, include_dashboard=False, log_to_driver=False,
                      **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
-        self.startup["ray_s"] = time.perf_counter() - t0 - self.startup["redis_s"]
+        lap("ray_s")
         if not self.s.http_port:  # 0: any free port
             self.s = self.s.model_copy(update={"http_port": free_port()})
         try:
@@ -127,8 +133,8 @@ class Cluster:
                     len(registry.alive("target")) >= self.s.num_targets and \
                     len(registry.alive("draft")) >= self.s.num_drafts:
                 # Serve's proxy and the workers (model load, weights cache) up to registered
-                self.startup["workers_s"] = time.perf_counter() - t0 - self.startup["redis_s"] - self.startup["ray_s"]
-                self.startup["ready_s"] = time.perf_counter() - t0
+                lap("workers_s")
+                self.startup["ready_s"] = last - t0
                 return self
             if status is not None and status.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"cluster failed to deploy: {status.message}")

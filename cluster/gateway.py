@@ -87,8 +87,8 @@ class Gateway(pb_grpc.GeneratorServicer):
         self.router = Router(self.registry)
         self.sessions = SessionStore(self.redis, s.key_prefix, ttl_s=s.session_ttl_s)
         # per-key limits apply to callers identified by an API key (not to the cluster itself)
-        self.limits = KeyLimits(self.redis, s.key_prefix, s.key_limits()) \
-            if self.keys.enabled and s.key_limits().any else None
+        limits = s.key_limits()
+        self.limits = KeyLimits(self.redis, s.key_prefix, limits) if self.keys.enabled and limits.any else None
         self.metadata = auth_metadata(s.token())
         self._channels: dict[str, grpc.aio.Channel] = {}
 
