@@ -38,6 +38,19 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(x.dtype)
 
 
+PRODUCTS = ("qkv", "o", "gate_up", "down")   # a layer's weight products, q/k/v and gate/up fused
+
+
+def _fused(layer: nn.Module, key: str) -> torch.Tensor:
+    """An HF decoder layer's weight for product `key` ([out, in]): q/k/v, gate/up concatenated."""
+    a, mlp = layer.self_attn, layer.mlp
+    if key == "qkv":
+        return torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+    if key == "gate_up":
+        return torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    return {"o": a.o_proj, "down": mlp.down_proj}[key].weight
+
+
 def _t(w: torch.Tensor) -> torch.Tensor:
     """A weight [out, in] as a contiguous [in, out] copy for `x @ w`."""
     return w.detach().t().contiguous()
@@ -75,12 +88,9 @@ class Llama(nn.Module):
         # laid out this way runs 2-6x faster on CPU than F.linear's [out, in] (measured, 8-32 rows)
         self.layers = []
         for layer in m.layers:
-            a, mlp = layer.self_attn, layer.mlp
             self.layers.append(dict(
                 ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
-                qkv=_t(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
-                o=_t(a.o_proj.weight), gate_up=_t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                down=_t(mlp.down_proj.weight)))
+                **{key: _t(_fused(layer, key)) for key in PRODUCTS}))
         self.lm_head_t = _t(self.lm_head)
         # RoPE tables computed as HF does (float32 outer product, then cast)
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
@@ -103,7 +113,7 @@ class Llama(nn.Module):
         if self.dtype != torch.float32:
             raise ValueError(f"int8 weights need a float32 model, got {self.dtype}")
         for w in self.layers:
-            for key in ("qkv", "o", "gate_up", "down"):
+            for key in PRODUCTS:
                 w[key] = Int8Weight(w[key])
         self.lm_head_t = Int8Weight(self.lm_head_t)
         self.quantized = True
@@ -118,13 +128,7 @@ class Llama(nn.Module):
 
     def dense(self, i: int, key: str) -> torch.Tensor:
         """Layer i's weight `key` ([in, out], as stored) as the source model has it, quantised or not."""
-        if not self.quantized:
-            return self.layers[i][key]
-        a, mlp = self._hf_layers[i].self_attn, self._hf_layers[i].mlp
-        return _t({"qkv": lambda: torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                   "o": lambda: a.o_proj.weight,
-                   "gate_up": lambda: torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                   "down": lambda: mlp.down_proj.weight}[key]())
+        return _t(_fused(self._hf_layers[i], key)) if self.quantized else self.layers[i][key]
 
     def min_rows(self, attention: bool = False, weight: torch.Tensor | None = None) -> int:
         """Rows an exact forward pads a product with `weight` (default: the most any weight needs), or
