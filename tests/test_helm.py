@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "drafthorse"
 CRD = ROOT.parent / "shared" / "k8s-schemas" / "ray.io_rayservices.yaml"
 K8S_VERSION = "1.33.0"
-CORE_KINDS = {"Secret", "Service", "StatefulSet", "PodDisruptionBudget"}
+CORE_KINDS = {"Secret", "Service", "StatefulSet", "PodDisruptionBudget", "NetworkPolicy"}
 
 
 def render(values: dict | None = None, values_file: str | None = None, name: str = "dh") -> list[dict]:
@@ -88,14 +88,15 @@ def crd_validator():
 
 def test_defaults_render_the_expected_objects(default_docs):
     kinds = Counter(d["kind"] for d in default_docs)
-    assert kinds == {"RayService": 1, "Service": 4, "StatefulSet": 1, "Secret": 2, "PodDisruptionBudget": 3}
+    assert kinds == {"RayService": 1, "Service": 4, "StatefulSet": 1, "Secret": 2, "PodDisruptionBudget": 3,
+                     "NetworkPolicy": 3}
     assert set(groups(one(default_docs, "RayService"))) == {"head", "gateway", "draft", "target"}
 
 
 def test_gpu_values_render_the_expected_objects(gpu_docs):
     kinds = Counter(d["kind"] for d in gpu_docs)
     assert kinds == {"RayService": 1, "Service": 4, "StatefulSet": 1, "Secret": 2, "PodDisruptionBudget": 3,
-                     "ServiceMonitor": 1}
+                     "NetworkPolicy": 3, "ServiceMonitor": 1}
     g = groups(one(gpu_docs, "RayService"))
     for name, product in [("target", "NVIDIA-H100-80GB-HBM3"), ("draft", "NVIDIA-L4")]:
         pod = g[name]["template"]["spec"]
@@ -239,6 +240,128 @@ def test_disruption_budgets_select_the_worker_pods(default_docs):
             assert selected == (grp == name), (name, grp)
 
 
+# ---------------------------------------------------------------- Ray's own ports fenced
+
+ANYONE = "anyone"
+OPERATOR = {"namespaceSelector": {},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}}
+PROMETHEUS = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In", e
+        if labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def admitted(docs: list[dict], labels: dict, port: int) -> list | None:
+    """The peers the NetworkPolicies admit to `port` of a pod with `labels` (ANYONE for a rule without
+    `from`); None when no policy selects the pod, i.e. it is not isolated and admits everyone."""
+    policies = [p for p in by_kind(docs, "NetworkPolicy") if _selects(p["spec"]["podSelector"], labels)]
+    if not policies:
+        return None
+    peers = []
+    for p in policies:
+        assert p["spec"]["policyTypes"] == ["Ingress"]
+        for rule in p["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            assert not any("endPort" in q or isinstance(q["port"], str) for q in ports or [])
+            if ports is None or any(q["port"] == port for q in ports):
+                peers += rule.get("from") or [ANYONE]  # `from` absent or empty: every source
+    return peers
+
+
+def _ray_pods(docs: list[dict]) -> dict[str, dict]:
+    return {name: g["template"]["metadata"]["labels"] for name, g in groups(one(docs, "RayService")).items()}
+
+
+def _is_own_cluster(peer, docs: list[dict]) -> bool:
+    """The peer standing for this release's Ray pods: a podSelector alone (this namespace) that selects
+    every Ray pod, and neither Redis nor another release's pods."""
+    if peer == ANYONE or set(peer) != {"podSelector"}:
+        return False
+    sel = peer["podSelector"]
+    redis = one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    pods = _ray_pods(docs).values()
+    other_release = [{**labels, "app.kubernetes.io/instance": "other"} for labels in pods]
+    return (all(_selects(sel, labels) for labels in pods) and not _selects(sel, redis)
+            and not any(_selects(sel, labels) for labels in other_release))
+
+
+def _outside_peers(docs: list[dict], labels: dict, port: int) -> list:
+    """Who besides this Ray cluster's own pods reaches the port (they run Ray code already: admitting
+    them everywhere costs nothing, and Ray picks most of its ports at random)."""
+    peers = admitted(docs, labels, port)
+    assert peers is not None and any(_is_own_cluster(p, docs) for p in peers), (labels, port)
+    return [p for p in peers if not _is_own_cluster(p, docs)]
+
+
+def test_network_policies_fence_rays_own_ports(default_docs):
+    """The dashboard (job submission, Serve deployments: code execution) admits only the KubeRay
+    operator; GCS, the Ray client, raylets and the rest only this Ray cluster; the public API of the
+    gateway pods everyone; the metrics ports Prometheus."""
+    pods = _ray_pods(default_docs)
+    assert _outside_peers(default_docs, pods["head"], 8265) == [OPERATOR]
+    explicit = [r for p in by_kind(default_docs, "NetworkPolicy") for r in p["spec"]["ingress"]
+                if any(q["port"] == 8265 for q in r.get("ports", []))]
+    assert [r["from"] for r in explicit] == [[OPERATOR]]
+    for name, labels in pods.items():
+        for port in (6379, 10001, 52365, 12345):  # GCS, Ray client, dashboard agent, a random Ray port
+            assert _outside_peers(default_docs, labels, port) == [], (name, port)
+        if name != "head":
+            assert _outside_peers(default_docs, labels, 8265) == [], name
+        for port in (9100, 8080):
+            assert _outside_peers(default_docs, labels, port) == [PROMETHEUS], (name, port)
+        for port in (50051, 8000):  # the public API: the gateway pods only
+            assert _outside_peers(default_docs, labels, port) == ([ANYONE] if name == "gateway" else []), (name, port)
+    redis = one(default_docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert admitted(default_docs, redis, 6379) is None  # Redis is not a Ray pod (it has its password)
+    for doc in by_kind(default_docs, "NetworkPolicy"):
+        assert doc["apiVersion"] == "networking.k8s.io/v1"
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_dashboard_listens_for_the_operator_and_no_service_publishes_rays_ports(default_docs):
+    """The operator reaches the dashboard from its own pod, so it cannot sit on loopback; the chart's
+    Services publish none of Ray's ports, and the head declares no Ray client port (KubeRay's head
+    Service publishes exactly the declared ones)."""
+    head = groups(one(default_docs, "RayService"))["head"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container(head)["ports"]}
+    assert ports["dashboard"] == 8265 and ports["gcs-server"] == 6379 and 10001 not in ports.values()
+    ray_pods = _ray_pods(default_docs).values()
+    for svc in by_kind(default_docs, "Service"):
+        if any(_selects({"matchLabels": svc["spec"]["selector"]}, labels) for labels in ray_pods):
+            assert not {p["port"] for p in svc["spec"]["ports"]} & {8265, 6379, 10001}, svc["metadata"]["name"]
+
+
+def test_network_policy_values():
+    docs = render({"networkPolicy": {"operatorNamespace": "kuberay-system",
+                                     "dashboardFrom": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+                                     "apiFrom": [{"namespaceSelector": {"matchLabels": {"team": "web"}}}],
+                                     "metricsFrom": []}})
+    pods = _ray_pods(docs)
+    operator = {**OPERATOR, "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}
+    assert _outside_peers(docs, pods["head"], 8265) == [operator, {"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    web = {"namespaceSelector": {"matchLabels": {"team": "web"}}}
+    assert _outside_peers(docs, pods["gateway"], 50051) == _outside_peers(docs, pods["gateway"], 8000) == [web]
+    for labels in pods.values():  # metricsFrom [] means nobody, not everybody
+        assert _outside_peers(docs, labels, 9100) == _outside_peers(docs, labels, 8080) == []
+    for doc in docs:
+        if doc["kind"] in CORE_KINDS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_network_policy_off():
+    docs = render({"networkPolicy": {"enabled": False}})
+    assert not by_kind(docs, "NetworkPolicy")
+    assert admitted(docs, _ray_pods(docs)["head"], 8265) is None
+
+
 # ---------------------------------------------------------------- secrets
 
 def _secret_values(docs: list[dict]) -> list[str]:
@@ -307,6 +430,10 @@ def test_external_redis_without_password_draft_workers_off_and_a_group_image():
     ({"model": {"drafter": "lookahead"}}, "/model/drafter"),
     ({"settings": {"Bad-Key": 1}}, "invalid propertyName 'Bad-Key'"),
     ({"target": {"replicas": 3}}, "/target"),  # a typo'd key: groups take minReplicas/maxReplicas
+    ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
+    ({"networkPolicy": {"operatorPodLabels": None}}, "missing property 'operatorPodLabels'"),  # would admit all
+    ({"networkPolicy": {"apiFrom": [{}]}}, "/networkPolicy/apiFrom/0"),  # an empty peer: every pod
+    ({"networkPolicy": {"metricsFrom": [{"podSelecter": {}}]}}, "/networkPolicy/metricsFrom/0"),
 ])
 def test_schema_rejects_bad_values(values, needle):
     with pytest.raises(helm.HelmValuesError) as e:

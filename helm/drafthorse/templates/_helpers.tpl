@@ -32,6 +32,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* Pod selector of this release's Ray pods (both RayClusters during a KubeRay upgrade), not Redis */}}
+{{- define "drafthorse.rayPodSelector" -}}
+matchLabels:
+  {{- include "drafthorse.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - {key: app.kubernetes.io/component, operator: In, values: [head, gateway, draft, target]}
+{{- end }}
+
 {{- define "drafthorse.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
