@@ -72,6 +72,9 @@ class DraftService(pb_grpc.DrafterServicer):
         self.draft_calls = 0        # Draft RPCs answered with a tree
         self.resets = 0             # of which (re)started a session
         self.end_calls = 0
+        # drain (actors/worker.py): Draft RPCs are short, so in-flight ones just finish as the server
+        # stops; the targets drafting here then decode plainly (lossless) until paired elsewhere
+        self.active, self.draining = 0, False
 
     # ------------------------------------------------------------------ RPCs
 
@@ -80,6 +83,9 @@ class DraftService(pb_grpc.DrafterServicer):
             return self._draft(request)
         except _Abort as e:
             context.abort(e.code, e.details)
+
+    def handover(self) -> int:
+        return 0
 
     def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext) -> pb.EndSessionResponse:
         with self._lock:
@@ -209,10 +215,10 @@ class DraftService(pb_grpc.DrafterServicer):
 
 
 def serve_drafter(service: DraftService, host: str = "127.0.0.1", port: int = 0,
-                  max_workers: int = 4, token: str = "") -> tuple[grpc.Server, int]:
+                  max_workers: int = 4, token: str = "", tls=None) -> tuple[grpc.Server, int]:
     """Start a sync gRPC server with the Drafter, health and reflection services; returns (server, port).
     Loopback by default: bind a routable address only with an auth token."""
     server, bound, _ = start_server(lambda srv: pb_grpc.add_DrafterServicer_to_server(service, srv),
                                     [SERVICE_NAME], host=host, port=port, token=token,
-                                    max_workers=max_workers)
+                                    max_workers=max_workers, tls=tls)
     return server, bound

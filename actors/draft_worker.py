@@ -64,7 +64,8 @@ class DraftWorker(GrpcWorker):
                                      node_id=ray.get_runtime_context().get_node_id(), drafters=kinds)
         self.server, port, self.health = start_server(
             lambda srv: pb_grpc.add_DrafterServicer_to_server(self.service, srv), [SERVICE_NAME],
-            host=s.host, token=s.token(), max_workers=DRAFT_THREADS)
+            host=s.host, token=s.token(), max_workers=DRAFT_THREADS, tls=s.tls())
+        self.service_names, self.grace_s = [SERVICE_NAME], s.grace_s
         self.membership.start(port)
         metrics.watch_draft(self.service)
         self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)

@@ -1,9 +1,12 @@
 """What every drafthorse gRPC server shares: bounded message sizes, a shared-token check on internal
-calls, health checking and reflection (so grpcurl / grpc_health_probe / Kubernetes probes work)."""
+calls, optional mutual TLS between the processes, health checking and reflection (so grpcurl /
+grpc_health_probe / Kubernetes probes work)."""
 from __future__ import annotations
 
 import hmac
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import grpc
@@ -19,6 +22,47 @@ OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 # Health and reflection answer without a token: probes and tools must reach them.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class MutualTls:
+    """Certificates for the internal gRPC (gateway -> target -> draft workers): every peer presents
+    `cert` and accepts only peers whose certificate `ca` signed, so a plaintext or foreign peer cannot
+    connect at all (the shared token is still checked on top). Workers advertise IP addresses; a
+    certificate rarely names them, so `server_name` (when set) is the name every peer's certificate
+    must carry instead (gRPC's ssl_target_name_override)."""
+    cert: bytes
+    key: bytes
+    ca: bytes
+    server_name: str = ""
+
+    @classmethod
+    def from_files(cls, cert_file: str, key_file: str, ca_file: str, server_name: str = "") -> "MutualTls":
+        def read(path: str, what: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read the TLS {what} {path!r}: {e.strerror}") from None
+        return cls(read(cert_file, "certificate"), read(key_file, "key"), read(ca_file, "CA bundle"), server_name)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def channel(address: str, tls: MutualTls | None = None, aio: bool = False):
+    """A client channel to another drafthorse process: mutual TLS when configured, else plaintext."""
+    mod = grpc.aio if aio else grpc
+    if tls is None:
+        return mod.insecure_channel(address, options=OPTIONS)
+    return mod.secure_channel(address, tls.channel_credentials(), options=OPTIONS + tls.options())
 
 
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -50,7 +94,7 @@ class TokenAuth(grpc.ServerInterceptor):
 
 
 def start_server(register: Callable[[grpc.Server], None], service_names: list[str], host: str = "127.0.0.1",
-                 port: int = 0, token: str = "", max_workers: int = 8,
+                 port: int = 0, token: str = "", max_workers: int = 8, tls: MutualTls | None = None,
                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A sync gRPC server with health + reflection; returns (server, bound port, health servicer)."""
     interceptors = [TokenAuth(token)] if token else []
@@ -60,7 +104,8 @@ def start_server(register: Callable[[grpc.Server], None], service_names: list[st
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials()) if tls else \
+        server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind a gRPC server to {host}:{port}")
     server.start()

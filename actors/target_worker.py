@@ -27,6 +27,7 @@ from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 LOCAL_KINDS = ("medusa", "layerskip")   # trained heads that run in the target worker itself
+HANDOVER = object()   # put on a request's output queue by a drain: end the stream here
 
 
 def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
@@ -43,11 +44,11 @@ class TargetService(pb_grpc.TargetServicer):
     def __init__(self, lm, worker_id: str, capacity: int, max_len: int, token: str = "",
                  checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
                  adaptive: bool = True, max_waiting: int | None = None, heads: dict | None = None,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, tls=None):
         from actors.scheduler import Scheduler, SlotPool
         from actors.spec.adaptive import AdaptivePolicy
 
-        self.lm, self.worker_id, self.token = lm, worker_id, token
+        self.lm, self.worker_id, self.token, self.tls = lm, worker_id, token, tls
         self.heads = dict(heads or {})        # LOCAL_KINDS kind -> its loaded head (load_head), shared
         self.pool = SlotPool(lm.model, capacity, max_len)
         self.checkpoint = checkpoint          # callable(session_id, token_ids) or None
@@ -58,15 +59,18 @@ class TargetService(pb_grpc.TargetServicer):
                                  prefill_chunk=prefill_chunk)
         self.scheduler = Scheduler(self.engine, self.pool, max_waiting or 4 * capacity)
         self.active = 0
+        self.draining = False                 # set by GrpcWorker.drain: refuse new streams
+        self._live: dict[int, object] = {}    # id -> request being streamed (handover ends them)
+        self._live_lock = threading.Lock()
         self.draft_rpcs = 0
         self._channels: dict[str, grpc.Channel] = {}   # one channel per draft worker, reused
         self._channels_lock = threading.Lock()
 
     def _channel(self, address: str) -> grpc.Channel:
-        from actors.rpc import OPTIONS
+        from actors.rpc import channel
         with self._channels_lock:
             if address not in self._channels:
-                self._channels[address] = grpc.insecure_channel(address, options=OPTIONS)
+                self._channels[address] = channel(address, self.tls)
             return self._channels[address]
 
     def Generate(self, treq: pb.TargetRequest, context: grpc.ServicerContext):
@@ -77,6 +81,8 @@ class TargetService(pb_grpc.TargetServicer):
         from cluster.textstream import TextStream
 
         req = treq.request
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"target worker {self.worker_id} is draining: retry on another")
         try:
             params = sampling_from_proto(req.sampling, max_new_tokens=treq.max_new_tokens, stop=tuple(req.stop))
             kind = req.drafter or "none"
@@ -101,9 +107,14 @@ class TargetService(pb_grpc.TargetServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"target worker {self.worker_id} is at capacity")
         context.add_callback(r.cancelled.set)  # client gone or deadline passed: leave the batch
         text = TextStream(self.decode, params.stop)
-        self.active += 1
+        with self._live_lock:
+            self.active += 1
+            self._live[id(r)] = r
         try:
             while (step := r.out.get()) is not None:
+                if step is HANDOVER:   # after its last committed step: the gateway continues it elsewhere
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"target worker {self.worker_id} is draining: "
+                                  "continue on another")
                 if isinstance(step, ValueError):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(step))
                 if isinstance(step, Exception):
@@ -121,9 +132,21 @@ class TargetService(pb_grpc.TargetServicer):
                 yield msg
         finally:
             r.cancelled.set()
-            self.active -= 1
+            with self._live_lock:
+                self.active -= 1
+                self._live.pop(id(r), None)
             metrics.observe_generation(kind, r.stats)
             self.draft_rpcs += getattr(drafter, "rpc_calls", 0)
+
+    def handover(self) -> int:
+        """Ends every stream still running (draining): each stops after the steps already queued for
+        it, with UNAVAILABLE. Returns how many."""
+        with self._live_lock:
+            live = list(self._live.values())
+        for r in live:
+            r.cancelled.set()
+            r.out.put(HANDOVER)
+        return len(live)
 
     def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
         self.pool.forget(request.session_id)
@@ -177,10 +200,11 @@ class TargetWorker(GrpcWorker):
         self.service = TargetService(lm, self.worker_id, s.sessions_per_target, s.max_len, s.token(),
                                      checkpoint=self.membership.checkpoint_tokens,
                                      max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
-                                     adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk)
+                                     adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk, tls=s.tls())
         self.server, port, self.health = start_server(
             lambda srv: pb_grpc.add_TargetServicer_to_server(self.service, srv), [SERVICE],
-            host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4)
+            host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4, tls=s.tls())
+        self.service_names, self.grace_s = [SERVICE], s.grace_s
         self.membership.start(port)
         metrics.watch_target(self.service)
         self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)

@@ -1,21 +1,59 @@
 """What the target and draft worker deployments share: a gRPC server and a membership in Redis,
-checked by Serve's health probe and torn down together."""
+checked by Serve's health probe, and a graceful drain that takes them down together.
+
+Drain order (Serve calls it when it stops a replica: scale-down, upgrade, `serve shutdown`, and so on
+SIGTERM to `drafthorse serve`): health turns NOT_SERVING, the worker leaves the registry (no router
+picks it any more), new streams are refused with UNAVAILABLE (the gateway retries elsewhere), streams
+in flight get `grace_s` to finish, and what is left is handed over: ended with UNAVAILABLE after their
+last committed token, so the gateway continues each on another worker, gaplessly."""
 from __future__ import annotations
+
+import logging
+import threading
+import time
+
+log = logging.getLogger(__name__)
 
 
 class GrpcWorker:
-    membership = None   # cluster.heartbeat.Membership
-    server = None       # grpc.Server
+    membership = None      # cluster.heartbeat.Membership
+    server = None          # grpc.Server
+    health = None          # grpc_health HealthServicer
+    service = None         # the gRPC servicer: .active (streams in flight), .drain() (refuse new, hand over)
+    service_names: list[str] = []
+    grace_s = 5.0
+    _drained: dict | None = None
+    _drain_lock = threading.Lock()   # class-wide: one worker per process, and a drain is rare
 
     def check_health(self) -> None:
         """Serve calls this periodically: a worker whose heartbeat stopped is replaced."""
         self.membership.check()
 
+    def drain(self, grace_s: float | None = None) -> dict:
+        """Leave the cluster without failing a client (see the module doc); idempotent. Returns what
+        happened: streams that finished here and streams handed over."""
+        from actors.rpc import set_not_serving
+        with self._drain_lock:
+            if self._drained is not None:
+                return self._drained
+            grace_s = self.grace_s if grace_s is None else grace_s
+            t0 = time.monotonic()
+            set_not_serving(self.health, self.service_names)
+            self.membership.stop()
+            in_flight = self.service.active
+            self.service.draining = True
+            while self.service.active and time.monotonic() - t0 < grace_s:
+                time.sleep(0.02)
+            handed = self.service.handover()
+            self.server.stop(grace=1.0).wait()
+            self._drained = {"worker_id": self.membership.info.worker_id, "in_flight": in_flight,
+                             "handed_over": handed, "drain_s": round(time.monotonic() - t0, 3)}
+            log.info("drained: %s", self._drained)
+            return self._drained
+
     def __del__(self):
         try:
-            if self.membership is not None:
-                self.membership.stop()
             if self.server is not None:
-                self.server.stop(grace=None)
+                self.drain()
         except Exception:  # noqa: BLE001 - best effort at teardown
-            pass
+            log.warning("drain failed", exc_info=True)

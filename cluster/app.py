@@ -35,12 +35,14 @@ class GatewayServer:
         tok = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
         ready = threading.Event()
         self.error: BaseException | None = None
+        self.handles: dict = {}   # the gateway's grpc server and health servicer, for the drain
 
         def run() -> None:
             try:
                 loop_ready = asyncio.Event()
                 async def main():
-                    task = asyncio.create_task(serve_gateway(s, tok, loop_ready))
+                    self.loop = asyncio.get_running_loop()
+                    task = asyncio.create_task(serve_gateway(s, tok, loop_ready, self.handles))
                     await loop_ready.wait()
                     ready.set()
                     await task
@@ -58,6 +60,17 @@ class GatewayServer:
     def check_health(self) -> None:
         if self.error is not None or not self.thread.is_alive():
             raise RuntimeError(f"gateway is down: {self.error}")
+
+    def __del__(self):
+        """Serve stops the replica: NOT_SERVING, refuse new calls, let streams finish (grace_s)."""
+        from cluster.gateway import drain_gateway
+        try:
+            if self.handles:
+                asyncio.run_coroutine_threadsafe(
+                    drain_gateway(self.handles["server"], self.handles["health"], self.s.grace_s),
+                    self.loop).result(self.s.grace_s + 2)
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            log.warning("gateway drain failed", exc_info=True)
 
     def __serve_build_asgi_app__(self):
         """Serve calls this after __init__: the FastAPI app its HTTP proxy routes to."""
@@ -78,15 +91,18 @@ def build_app(s: Settings):
     cfg = _wire_settings(s)
     target = serve.deployment(TargetWorker, name="TargetWorker", num_replicas=s.num_targets,
                               ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.target_resources},
-                              health_check_period_s=5, health_check_timeout_s=30).bind(cfg)
+                              health_check_period_s=5, health_check_timeout_s=30,
+                              graceful_shutdown_timeout_s=s.grace_s + 5).bind(cfg)
     workers = [target]
     if s.num_drafts:
         workers.append(serve.deployment(
             DraftWorker, name="DraftWorker", num_replicas=s.num_drafts,
             ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.draft_resources},
-            health_check_period_s=5, health_check_timeout_s=30).bind(cfg))
+            health_check_period_s=5, health_check_timeout_s=30,
+            graceful_shutdown_timeout_s=s.grace_s + 5).bind(cfg))
     return serve.deployment(serve.ingress()(GatewayServer), name="Gateway", num_replicas=1,
                             max_ongoing_requests=1024,  # HTTP requests only wait on the gateway
+                            graceful_shutdown_timeout_s=s.grace_s + 5,
                             ray_actor_options={"num_cpus": 0.1}).bind(cfg, *workers)
 
 

@@ -13,7 +13,7 @@ import logging
 import grpc
 
 from actors.drafters import KINDS
-from actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, token_ok
+from actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, channel, token_ok
 from actors.wire import sampling_from_proto
 from cluster import metrics
 from cluster.apikeys import bearer
@@ -90,11 +90,12 @@ class Gateway(pb_grpc.GeneratorServicer):
         limits = s.key_limits()
         self.limits = KeyLimits(self.redis, s.key_prefix, limits) if self.keys.enabled and limits.any else None
         self.metadata = auth_metadata(s.token())
+        self.tls = s.tls()   # towards the target workers
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> pb_grpc.TargetStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
+            self._channels[address] = channel(address, self.tls, aio=True)
         return pb_grpc.TargetStub(self._channels[address])
 
     def _validate(self, r: pb.GenerateRequest) -> tuple[list[dict] | None, str | None, int]:
@@ -243,7 +244,18 @@ class Gateway(pb_grpc.GeneratorServicer):
             await asyncio.to_thread(self.sessions.finish_turn, sid, {"generated_tokens": len(generated)})
 
 
-async def serve_gateway(s: Settings, tokenizer, ready: asyncio.Event | None = None) -> None:
+async def drain_gateway(server: grpc.aio.Server, hs, grace_s: float) -> None:
+    """Health NOT_SERVING first (load balancers stop sending), then refuse new calls and give the streams
+    in flight `grace_s` to finish."""
+    from grpc_health.v1 import health_pb2
+    for name in ("", SERVICE):
+        await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace_s)
+
+
+async def serve_gateway(s: Settings, tokenizer, ready: asyncio.Event | None = None,
+                        handles: dict | None = None) -> None:
+    """Serve until the server stops; `handles` (if given) receives the server and its health servicer."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -262,6 +274,8 @@ async def serve_gateway(s: Settings, tokenizer, ready: asyncio.Event | None = No
     await server.start()
     for name in ("", SERVICE):
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if handles is not None:
+        handles.update(server=server, health=hs)
     log.info("gateway listening on %s:%d", s.host, s.gateway_port)
     metrics.serve(s.host, s.metrics_port, "gateway")
     if ready is not None:

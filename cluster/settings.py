@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import secrets
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     target_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
     draft_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
     auth_token: SecretStr | None = Field(None, description="shared token for internal gRPC; unset = random")
+    # mutual TLS between gateway, target and draft workers (files, e.g. a mounted Secret); unset = plaintext
+    tls_cert_file: str | None = Field(None, description="this process's certificate (PEM), for internal gRPC")
+    tls_key_file: str | None = Field(None, description="its private key (PEM)")
+    tls_ca_file: str | None = Field(None, description="CA bundle (PEM) that signed every peer's certificate")
+    tls_server_name: str = Field("", description="name every worker certificate carries (workers are dialled by "
+                                 "IP); empty = the certificate must name the worker's IP")
     api_key_hashes: list[str] = Field(default_factory=list, description="public API keys as sha256:<hex>[:name] "
                                       "(JSON list; `drafthorse api-key` makes one); none here or in the file = "
                                       "open APIs")
@@ -60,7 +66,17 @@ class Settings(BaseSettings):
     key_tokens_per_minute: int = Field(0, ge=0, description="generated tokens per API key per minute")
     key_max_prompt_tokens: int = Field(0, ge=0, description="prompt tokens per request of an API key")
     key_max_new_tokens: int = Field(0, ge=0, description="max new tokens per request of an API key")
-    grace_s: float = Field(5.0, ge=0)
+    grace_s: float = Field(5.0, ge=0, description="drain: seconds a stopping worker or gateway lets its streams "
+                           "finish before handing them over (workers) or ending them (gateway)")
+
+    @model_validator(mode="after")
+    def _tls_all_or_none(self) -> "Settings":
+        files = {"tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file,
+                 "tls_ca_file": self.tls_ca_file}
+        if any(files.values()) and not all(files.values()):
+            missing = ", ".join(f"DRAFTHORSE_{k.upper()}" for k, v in files.items() if not v)
+            raise ValueError(f"mutual TLS needs a certificate, its key and a CA bundle: set {missing} too")
+        return self
 
     @field_validator("dtype")
     @classmethod
@@ -87,6 +103,13 @@ class Settings(BaseSettings):
         """The public API keys (cluster/apikeys.py); ValueError names a malformed entry."""
         from cluster.apikeys import KeyRing
         return KeyRing.load(self.api_key_hashes, self.api_keys_file)
+
+    def tls(self):
+        """The internal gRPC's certificates (actors.rpc.MutualTls), or None for plaintext."""
+        from actors.rpc import MutualTls
+        if not self.tls_cert_file:
+            return None
+        return MutualTls.from_files(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_server_name)
 
     def key_limits(self):
         from cluster.limits import Limits

@@ -83,3 +83,42 @@ def start_gateway(settings, tokenizer, timeout_s: float = 30) -> None:
         asyncio.run(go())
     threading.Thread(target=main, daemon=True).start()
     assert ready.wait(timeout_s), "the gateway did not start"
+
+
+def make_pki(directory, name: str = "drafthorse-internal", ca_name: str = "drafthorse test CA") -> dict[str, str]:
+    """A CA and one certificate it signed (for servers and clients alike: the workers are both), named
+    `name` and 127.0.0.1, written as PEM files; returns the Settings fields that point at them."""
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = (b.add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
+                                                              x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                 critical=False)
+                  .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                        ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    files = {"tls_ca_file": d / "ca.pem", "tls_cert_file": d / "cert.pem", "tls_key_file": d / "key.pem"}
+    files["tls_ca_file"].write_bytes(cert(ca_name, ca_key, ca_name, ca_key, True).public_bytes(serialization.Encoding.PEM))
+    files["tls_cert_file"].write_bytes(cert(name, key, ca_name, ca_key, False).public_bytes(serialization.Encoding.PEM))
+    files["tls_key_file"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    return {k: str(v) for k, v in files.items()}

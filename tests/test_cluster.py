@@ -48,7 +48,14 @@ def heads(local, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(heads):
+def pki(tmp_path_factory):
+    """The internal gRPC of this cluster runs over mutual TLS (certificates named, not by IP)."""
+    from tests.conftest import make_pki
+    return make_pki(tmp_path_factory.mktemp("pki")) | {"tls_server_name": "drafthorse-internal"}
+
+
+@pytest.fixture(scope="module")
+def cluster(heads, pki):
     import ray
     # workers ask for the accelerator kinds they need; this one-node Ray has both
     ray.init(num_cpus=4, resources={"large_accel": 1, "cheap_accel": 1}, include_dashboard=False,
@@ -59,7 +66,7 @@ def cluster(heads):
                  draft_timeout_s=30.0,  # a loaded CI machine must not turn RPCs into plain-decoding fallbacks
                  adaptive=False,  # fixed trees: every step must ask a draft worker (the policy is tested in test_batch)
                  eagle_head=str(heads["eagle"]), medusa_head=str(heads["medusa"]),
-                 target_resources={"large_accel": 0.25}, draft_resources={"cheap_accel": 0.25})
+                 target_resources={"large_accel": 0.25}, draft_resources={"cheap_accel": 0.25}, **pki)
     c = Cluster(s).start(timeout_s=300)
     yield c
     c.stop()
@@ -87,12 +94,12 @@ def run(stub, req, timeout=120) -> tuple[list[int], list[pb.GenerateResponse]]:
     return [t for m in msgs for t in m.token_ids], msgs
 
 
-def reference(local, prompt_ids, drafter_kind: str) -> list[int]:
+def reference(local, prompt_ids, drafter_kind: str, n: int = N) -> list[int]:
     target, draft = local
     engine = SpecEngine(ModelRunner(target.model, 512), target.eos_ids)
     drafter = {"none": None, "ngram": NgramDrafter(),
                "draft-model": DraftModelDrafter(ModelRunner(draft.model, 512))}[drafter_kind]
-    return engine.generate(prompt_ids, SamplingParams(max_new_tokens=N), drafter).token_ids
+    return engine.generate(prompt_ids, SamplingParams(max_new_tokens=n), drafter).token_ids
 
 
 def chat_ids(local, text: str) -> list[int]:
@@ -254,14 +261,21 @@ def test_unknown_session_is_not_found(stub):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_internal_call_without_token_is_unauthenticated(cluster):
+def test_internal_calls_need_the_certificate_and_the_token(cluster):
+    from actors.rpc import channel
     from cluster.redis_store import connect
     from cluster.registry import Registry
     reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix)
     time.sleep(3 * cluster.s.heartbeat_s)  # a worker killed by an earlier test drops out of the registry
     target = reg.alive("target")[0]
     treq = pb.TargetRequest(prompt_ids=[1, 2, 3], max_new_tokens=2)
-    with grpc.insecure_channel(target.address) as ch:
+    tls = cluster.s.tls()
+    for plaintext in (target.address, reg.alive("draft")[0].address):   # no TLS handshake: no connection
+        with grpc.insecure_channel(plaintext) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                list(pb_grpc.TargetStub(ch).Generate(treq, metadata=auth_metadata(cluster.s.token()), timeout=10))
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    with channel(target.address, tls) as ch:
         stub = pb_grpc.TargetStub(ch)
         for metadata in [(), auth_metadata("wrong-token")]:
             with pytest.raises(grpc.RpcError) as e:
@@ -270,7 +284,7 @@ def test_internal_call_without_token_is_unauthenticated(cluster):
         ok = list(stub.Generate(treq, metadata=auth_metadata(cluster.s.token()), timeout=30))
         assert sum(len(m.token_ids) for m in ok) == 2
     draft = reg.alive("draft")[0]
-    with grpc.insecure_channel(draft.address) as ch:
+    with channel(draft.address, tls) as ch:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.DrafterStub(ch).Draft(pb.DraftRequest(session_id="x", reset=True, new_token_ids=[1],
                                                           context_length=1, max_nodes=4, max_depth=2), timeout=10)
@@ -402,3 +416,102 @@ def test_fuzzed_requests_get_only_documented_codes(cluster, stub):
     one()
     assert seen.get("OK", 0) > 0 and seen.get("INVALID_ARGUMENT", 0) > 0, seen
     assert len(run(stub, request("hello", SamplingParams(max_new_tokens=4)))[0]) == 4
+
+
+# ------------------------------------------------------------------ faults under 16 concurrent streams
+STORM_TOKENS = 64
+
+
+def _alive(cluster) -> dict[str, list]:
+    from cluster.redis_store import connect
+    from cluster.registry import Registry
+    reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix, heartbeat_ttl_s=3 * cluster.s.heartbeat_s)
+    return {kind: reg.alive(kind) for kind in ("target", "draft")}, reg
+
+
+def _healed(cluster, timeout_s: float = 90) -> float:
+    """Seconds until Serve has replaced what a fault took and every worker is registered again."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        alive, _ = _alive(cluster)
+        if len(alive["target"]) == cluster.s.num_targets and len(alive["draft"]) == cluster.s.num_drafts:
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    raise AssertionError(f"the cluster did not heal in {timeout_s}s: {alive}")
+
+
+def _storm(cluster, stub, local, fault) -> dict:
+    """16 greedy streams (8 prompts x ngram / draft-model); once every stream has its first token, apply
+    `fault()` (it returns how many streams the hit worker carried). Every stream must end like the target
+    alone, with gapless sequence numbers: no token lost, none duplicated."""
+    plain = {p: reference(local, chat_ids(local, p), "none", STORM_TOKENS) for p in PROMPTS}
+    jobs = [(p, kind) for kind in ("ngram", "draft-model") for p in PROMPTS]
+    first = [False] * len(jobs)
+
+    def one(i: int):
+        p, kind = jobs[i]
+        msgs = []
+        for m in stub.Generate(request(p, SamplingParams(max_new_tokens=STORM_TOKENS), kind), timeout=180):
+            msgs.append(m)
+            first[i] = True
+        return msgs
+
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(one, i) for i in range(len(jobs))]
+        deadline = time.monotonic() + 60
+        while not all(first) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert all(first), "not every stream started"
+        t0 = time.monotonic()
+        hit = fault()
+        outs = [f.result() for f in futures]
+        done_s = time.monotonic() - t0
+    for (p, kind), msgs in zip(jobs, outs):
+        ids = [t for m in msgs for t in m.token_ids]
+        assert ids == plain[p], (p, kind)
+        assert [m.seq for m in msgs] == list(range(len(msgs))), "a stream lost or repeated a message"
+        assert msgs[-1].finish_reason == "length"
+    report = {"streams": len(jobs), "hit_worker_streams": hit, "lost_tokens": 0, "streams_done_s": round(done_s, 2),
+              "healed_s": round(_healed(cluster), 2)}
+    print("fault report:", report)
+    return report
+
+
+def _busiest(cluster, kind: str):
+    alive, reg = _alive(cluster)
+    return max(alive[kind], key=lambda w: reg.load(w.worker_id)), reg
+
+
+def test_draft_worker_killed_under_16_streams(cluster, stub, local):
+    def fault():
+        w, reg = _busiest(cluster, "draft")
+        hit = reg.load(w.worker_id)
+        _kill(w.worker_id)
+        return hit
+    assert _storm(cluster, stub, local, fault)["hit_worker_streams"] > 0
+    # the replacement drafts again: speculation resumes
+    _, msgs = run(stub, request(PROMPTS[0], SamplingParams(max_new_tokens=N), "draft-model"))
+    assert msgs[-1].stats.draft_rpcs > 0 and msgs[-1].stats.drafted_tokens > 0
+
+
+def test_target_worker_killed_under_16_streams(cluster, stub, local):
+    def fault():
+        w, reg = _busiest(cluster, "target")
+        hit = reg.load(w.worker_id)
+        _kill(w.worker_id)
+        return hit
+    assert _storm(cluster, stub, local, fault)["hit_worker_streams"] > 0
+
+
+def test_target_worker_drained_under_16_streams(cluster, stub, local):
+    """A drain with no grace hands every stream over at once (the order of a drain: tests/test_drain.py)."""
+    from ray import serve
+
+    from cluster.app import APP_NAME
+    drained = {}
+
+    def fault():
+        drained.update(serve.get_deployment_handle("TargetWorker", APP_NAME).drain.remote(0.0).result())
+        return drained["in_flight"]
+    report = _storm(cluster, stub, local, fault)
+    assert report["hit_worker_streams"] > 0 and drained["handed_over"] > 0, drained

@@ -56,9 +56,9 @@ def make_drafter(models):
     return make
 
 
-def start(make_drafter, port=0, auth_token="", **kw):
+def start(make_drafter, port=0, auth_token="", tls=None, **kw):
     service = DraftService(make_drafter, V, kinds=KINDS, **kw)
-    server, port = serve_drafter(service, port=port, token=auth_token)
+    server, port = serve_drafter(service, port=port, token=auth_token, tls=tls)
     return service, server, port
 
 
@@ -242,6 +242,49 @@ def test_auth(make_drafter):
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(None)
+
+
+def test_mutual_tls(make_drafter, tmp_path):
+    """With certificates configured, only a peer holding a certificate of the same CA connects:
+    plaintext, server-only TLS and a certificate of another CA are refused before any RPC runs."""
+    from actors.rpc import MutualTls, channel
+    from tests.conftest import make_pki
+    ours = make_pki(tmp_path / "ours")
+    tls = MutualTls.from_files(ours["tls_cert_file"], ours["tls_key_file"], ours["tls_ca_file"],
+                               server_name="drafthorse-internal")
+    rogue_files = make_pki(tmp_path / "rogue", ca_name="another CA")
+    rogue = MutualTls.from_files(rogue_files["tls_cert_file"], rogue_files["tls_key_file"], ours["tls_ca_file"],
+                                 server_name="drafthorse-internal")
+    service, server, port = start(make_drafter, auth_token="s3cret", tls=tls)
+    address = f"127.0.0.1:{port}"
+    try:
+        with channel(address, tls) as ch:   # over TLS, the token is still checked
+            remote = RemoteDrafter(ch, "ngram", V, auth_token="s3cret")
+            remote.begin([1, 2, 1])
+            assert remote.propose(Budget(4, 4), GREEDY, None).tokens == [2, 1]
+            assert code_of(pb_grpc.DrafterStub(ch).Draft, draft_request(), timeout=5) == grpc.StatusCode.UNAUTHENTICATED
+        server_only = grpc.ssl_channel_credentials(root_certificates=tls.ca)
+        peers = {"plaintext": grpc.insecure_channel(address),
+                 "no client certificate": grpc.secure_channel(address, server_only, options=tls.options()),
+                 "certificate of another CA": channel(address, rogue)}
+        for what, ch in peers.items():
+            with ch:
+                assert code_of(pb_grpc.DrafterStub(ch).Draft, draft_request(), timeout=5,
+                               metadata=(("authorization", "Bearer s3cret"),)) == grpc.StatusCode.UNAVAILABLE, what
+                assert code_of(health_pb2_grpc.HealthStub(ch).Check, health_pb2.HealthCheckRequest(),
+                               timeout=5) == grpc.StatusCode.UNAVAILABLE, what
+        assert service.draft_calls == 1
+    finally:
+        server.stop(None)
+    with pytest.raises(ValueError, match="cannot read the TLS key"):
+        MutualTls.from_files(ours["tls_cert_file"], str(tmp_path / "nope.pem"), ours["tls_ca_file"])
+
+
+def test_tls_settings_come_as_a_set(tmp_path):
+    from cluster.settings import Settings
+    with pytest.raises(ValueError, match="DRAFTHORSE_TLS_KEY_FILE, DRAFTHORSE_TLS_CA_FILE"):
+        Settings(tls_cert_file="cert.pem")
+    assert Settings().tls() is None
 
 
 def test_malformed_requests_and_lost_sessions(worker):

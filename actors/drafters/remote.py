@@ -23,7 +23,7 @@ from actors.spec.tree import DraftTree
 from actors.wire import features_to_proto, sampling_to_proto, tree_from_proto
 from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
-from actors.rpc import FEATURE_CHUNK_BYTES, OPTIONS, auth_metadata
+from actors.rpc import FEATURE_CHUNK_BYTES, auth_metadata, channel
 from cluster.metrics import DRAFT_RPC_SECONDS
 
 from .base import Budget, Drafter
@@ -45,7 +45,7 @@ class RemoteDrafter(Drafter):
         self.chunk_bytes = chunk_bytes
         self.session_id = session_id or uuid.uuid4().hex
         self._own_channel = isinstance(target, str)
-        self.channel = grpc.insecure_channel(target, options=OPTIONS) if self._own_channel else target
+        self.channel = channel(target) if self._own_channel else target   # given a channel: its TLS
         self.stub = pb_grpc.DrafterStub(self.channel)
         self.metadata = auth_metadata(auth_token or "")
         self.retry_after_s = retry_after_s  # after a transport failure, draft locally-empty this long

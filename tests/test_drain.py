@@ -1,0 +1,93 @@
+"""Graceful drain of a target worker (actors/worker.py) over a real gRPC server and Redis: health turns
+NOT_SERVING and the worker leaves the registry while its stream still runs, new streams are refused
+with UNAVAILABLE (the gateway retries elsewhere), a stream in flight finishes within the grace, and
+past the grace it is handed over: ended with UNAVAILABLE after a prefix of its tokens."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from actors.models import loader
+from actors.rpc import start_server
+from actors.target_worker import SERVICE, TargetService
+from actors.worker import GrpcWorker
+from cluster.heartbeat import Membership
+from cluster.settings import Settings
+from protos.drafthorse.v1 import drafthorse_pb2 as pb
+from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+TOKENS = 200
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return loader.load("tiny:0", max_len=512)
+
+
+@pytest.fixture
+def worker(lm):
+    s = Settings(key_prefix=f"dh-drain-{uuid.uuid4().hex[:8]}:", heartbeat_s=0.2)
+    w = GrpcWorker()
+    w.service = TargetService(lm, "target-drain", 2, 512)
+    w.server, port, w.health = start_server(lambda srv: pb_grpc.add_TargetServicer_to_server(w.service, srv),
+                                            [SERVICE])
+    w.service_names = [SERVICE]
+    w.membership = Membership(s, "target", "target-drain", lm.name, 2)
+    w.membership.start(port)
+    channel = grpc.insecure_channel(w.membership.address)
+    yield w, channel
+    channel.close()
+    w.drain(0)
+
+
+def generate(channel):
+    return pb_grpc.TargetStub(channel).Generate(
+        pb.TargetRequest(prompt_ids=[5, 6, 7, 8], max_new_tokens=TOKENS), timeout=60)
+
+
+def serving(channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
+
+
+def test_drain_order_and_the_stream_in_flight_finishes(worker):
+    w, channel = worker
+    assert w.membership.registry.alive("target") and serving(channel) == health_pb2.HealthCheckResponse.SERVING
+    stream = generate(channel)
+    got = list(next(stream).token_ids)
+    result = {}
+    drainer = threading.Thread(target=lambda: result.update(w.drain(grace_s=60)))
+    drainer.start()
+    deadline = time.monotonic() + 10
+    while serving(channel) != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # while the stream still runs: not serving, out of the registry, new streams refused
+    assert serving(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert w.service.active == 1 and not w.membership.registry.alive("target")
+    with pytest.raises(grpc.RpcError) as e:
+        list(generate(channel))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
+    last = None
+    for msg in stream:
+        got += msg.token_ids
+        last = msg
+    drainer.join(30)
+    assert len(got) == TOKENS and last.finish_reason == "length"
+    assert result["in_flight"] == 1 and result["handed_over"] == 0
+
+
+def test_past_the_grace_streams_are_handed_over(worker, lm):
+    w, channel = worker
+    reference = [t for m in generate(channel) for t in m.token_ids]
+    stream = generate(channel)
+    got = list(next(stream).token_ids)
+    result = w.drain(grace_s=0)
+    with pytest.raises(grpc.RpcError) as e:
+        for msg in stream:
+            got += msg.token_ids
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "continue on another" in e.value.details()
+    assert result["handed_over"] == 1 and got == reference[:len(got)] and len(got) < TOKENS
