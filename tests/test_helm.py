@@ -434,6 +434,11 @@ def test_external_redis_without_password_draft_workers_off_and_a_group_image():
     ({"networkPolicy": {"operatorPodLabels": None}}, "missing property 'operatorPodLabels'"),  # would admit all
     ({"networkPolicy": {"apiFrom": [{}]}}, "/networkPolicy/apiFrom/0"),  # an empty peer: every pod
     ({"networkPolicy": {"metricsFrom": [{"podSelecter": {}}]}}, "/networkPolicy/metricsFrom/0"),
+    ({"internalTls": {"enabled": "yes"}}, "/internalTls/enabled"),
+    ({"internalTls": {"serverName": "Not a DNS name"}}, "/internalTls/serverName"),
+    ({"internalTls": {"secretName": "typo"}}, "/internalTls"),
+    ({"gracefulShutdownSeconds": 0}, "/gracefulShutdownSeconds"),
+    ({"settings": {"grace_s": -1}}, "/settings/grace_s"),
 ])
 def test_schema_rejects_bad_values(values, needle):
     with pytest.raises(helm.HelmValuesError) as e:
@@ -448,6 +453,10 @@ def test_schema_rejects_bad_values(values, needle):
     ({"redis": {"enabled": False}}, "redis.external.host"),
     ({"settings": {"auth_token": "hunter2"}}, "settings.auth_token: secrets do not belong in values"),
     ({"model": {"drafter": "draft-model"}}, "model.draft"),
+    ({"internalTls": {"enabled": True}}, "internalTls.enabled is true: set internalTls.existingSecret"),
+    ({"settings": {"tls_cert_file": "/x.pem"}}, "settings.tls_cert_file: the internal mTLS is configured with internalTls"),
+    ({"gracefulShutdownSeconds": 12}, "gracefulShutdownSeconds (12) must exceed settings.grace_s + 10 (15)"),
+    ({"settings": {"grace_s": 25}}, "gracefulShutdownSeconds (30) must exceed settings.grace_s + 10 (35)"),
 ])
 def test_cross_field_checks_fail_with_a_clear_message(values, needle):
     with pytest.raises(helm.HelmRenderError) as e:
@@ -472,3 +481,92 @@ def test_api_key_digests_come_from_a_secret(default_docs):
     for doc in docs:
         if doc["kind"] in CORE_KINDS:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------- internal mTLS
+
+TLS_ENV = ("DRAFTHORSE_TLS_CERT_FILE", "DRAFTHORSE_TLS_KEY_FILE", "DRAFTHORSE_TLS_CA_FILE", "DRAFTHORSE_TLS_SERVER_NAME")
+
+
+def _tls_volumes(group: dict) -> list[dict]:
+    return [v for v in group["template"]["spec"].get("volumes", []) if "secret" in v]
+
+
+def test_internal_tls_mounts_the_secret_and_sets_the_env_on_every_pod(crd_validator):
+    """internalTls.enabled: the Secret (tls.crt, tls.key, ca.crt, as cert-manager writes it) read-only in
+    every Ray container, and the DRAFTHORSE_TLS_* settings pointing at its files: the app builder and
+    every replica, whichever pod they land on, dial and serve over mutual TLS."""
+    from cluster.settings import Settings
+
+    docs = render({"internalTls": {"enabled": True, "existingSecret": "dh-internal-tls"}})
+    g = groups(one(docs, "RayService"))
+    assert set(g) == {"head", "gateway", "draft", "target"}
+    for name, group in g.items():
+        (vol,) = _tls_volumes(group)
+        assert vol["secret"]["secretName"] == "dh-internal-tls", name
+        assert vol["secret"].get("defaultMode", 0o644) & 0o007 == 0, name  # the key: not world-readable
+        (mount,) = [m for m in container(group)["volumeMounts"] if m["name"] == vol["name"]]
+        assert mount["readOnly"] is True, name
+        e = {k: env(group)[k]["value"] for k in TLS_ENV}
+        base = mount["mountPath"]
+        assert (e["DRAFTHORSE_TLS_CERT_FILE"], e["DRAFTHORSE_TLS_KEY_FILE"], e["DRAFTHORSE_TLS_CA_FILE"]) == (
+            f"{base}/tls.crt", f"{base}/tls.key", f"{base}/ca.crt"), name
+        assert e["DRAFTHORSE_TLS_SERVER_NAME"] == "drafthorse-internal", name
+        s = Settings(**{k.removeprefix("DRAFTHORSE_").lower(): v for k, v in e.items()})  # all three files or none
+        assert s.tls_server_name == "drafthorse-internal"
+    errors = list(crd_validator.iter_errors(one(docs, "RayService")))
+    assert not errors, errors[:3]
+    docs = render({"internalTls": {"enabled": True, "existingSecret": "s", "serverName": "workers.dh.internal"}})
+    for group in groups(one(docs, "RayService")).values():
+        assert env(group)["DRAFTHORSE_TLS_SERVER_NAME"]["value"] == "workers.dh.internal"
+
+
+@pytest.mark.parametrize("values_file", [None, "values-gpu.yaml"])
+def test_internal_tls_off_by_default_renders_nothing(values_file):
+    docs = render(values_file=values_file)
+    for name, group in groups(one(docs, "RayService")).items():
+        assert not _tls_volumes(group), name
+        assert not set(TLS_ENV) & set(env(group)), name
+        assert "/etc/drafthorse/tls" not in json.dumps(group), name
+    app = serve_config(one(docs, "RayService"))["applications"][0]
+    assert not [k for k in app["args"] if k.startswith("tls_")]
+
+
+# ---------------------------------------------------------------- graceful drain
+
+def _shutdown_timeouts(app) -> dict[str, float]:
+    """graceful_shutdown_timeout_s of every deployment of the Serve application the builder makes."""
+    from ray.serve.deployment import Application
+    d = app._bound_deployment
+    out = {d.name: d._deployment_config.graceful_shutdown_timeout_s}
+    for arg in [*d.init_args, *d.init_kwargs.values()]:
+        if isinstance(arg, Application):
+            out.update(_shutdown_timeouts(arg))
+    return out
+
+
+@pytest.mark.parametrize("values,values_file", [
+    (None, None), (None, "values-gpu.yaml"),
+    ({"settings": {"grace_s": 50}, "gracefulShutdownSeconds": 90}, None),
+])
+def test_pods_outlive_the_drain_of_their_replicas(values, values_file):
+    """A stopping replica drains (NOT_SERVING, deregister, finish its streams within grace_s, hand the
+    rest over) while Serve waits graceful_shutdown_timeout_s (grace_s + 5) for it: every Ray pod's
+    terminationGracePeriodSeconds must exceed that, or the kubelet SIGKILLs the drain."""
+    from cluster.app import build_app
+    from cluster.settings import Settings
+
+    rs = one(render(values, values_file=values_file), "RayService")
+    app = serve_config(rs)["applications"][0]
+    s = Settings(**app["args"]).with_token()
+    if values:
+        assert s.grace_s == values["settings"]["grace_s"]
+    timeouts = _shutdown_timeouts(build_app(s))
+    assert set(timeouts) == {"Gateway", "TargetWorker", "DraftWorker"}
+    for d in app["deployments"]:  # an override in the Serve config would win over the builder's
+        if "graceful_shutdown_timeout_s" in d:
+            timeouts[d["name"]] = d["graceful_shutdown_timeout_s"]
+    assert max(timeouts.values()) >= s.grace_s + 5
+    for name, group in groups(rs).items():
+        period = group["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert period > s.grace_s + 5 and period > max(timeouts.values()) + 5, (name, period, timeouts)

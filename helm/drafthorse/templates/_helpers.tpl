@@ -161,6 +161,16 @@ applications:
       name: {{ .Values.apiKeys.existingSecret }}
       key: {{ .Values.apiKeys.existingSecretKey }}
 {{- end }}
+{{- if .Values.internalTls.enabled }}
+- name: DRAFTHORSE_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" (include "drafthorse.tlsMountPath" .) | quote }}
+- name: DRAFTHORSE_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" (include "drafthorse.tlsMountPath" .) | quote }}
+- name: DRAFTHORSE_TLS_CA_FILE
+  value: {{ printf "%s/ca.crt" (include "drafthorse.tlsMountPath" .) | quote }}
+- name: DRAFTHORSE_TLS_SERVER_NAME
+  value: {{ .Values.internalTls.serverName | quote }}
+{{- end }}
 - name: DRAFTHORSE_TARGET_RESOURCES
   value: {{ toJson .Values.target.rayResources | quote }}
 - name: DRAFTHORSE_DRAFT_RESOURCES
@@ -174,7 +184,13 @@ applications:
 {{- end }}
 {{- end }}
 
-{{/* Volumes every Ray pod gets: shared memory for Ray's object store, and the model volume */}}
+{{/* Where the internal mTLS Secret (tls.crt, tls.key, ca.crt) is mounted in every Ray container */}}
+{{- define "drafthorse.tlsMountPath" -}}
+/etc/drafthorse/tls
+{{- end }}
+
+{{/* Volumes every Ray pod gets: shared memory for Ray's object store, the model volume, and the
+internal mTLS Secret */}}
 {{- define "drafthorse.volumes" -}}
 - name: dshm
   emptyDir:
@@ -182,6 +198,14 @@ applications:
 {{- if .Values.models.volume }}
 - name: models
   {{- toYaml .Values.models.volume | nindent 2 }}
+{{- end }}
+{{- if .Values.internalTls.enabled }}
+- name: internal-tls
+  secret:
+    secretName: {{ .Values.internalTls.existingSecret }}
+    {{- if .Values.podSecurityContext.fsGroup }}
+    defaultMode: 0440     # the key readable by the pod's fsGroup only
+    {{- end }}
 {{- end }}
 {{- end }}
 
@@ -191,6 +215,11 @@ applications:
 {{- if .Values.models.volume }}
 - name: models
   mountPath: {{ .Values.models.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .Values.internalTls.enabled }}
+- name: internal-tls
+  mountPath: {{ include "drafthorse.tlsMountPath" . }}
   readOnly: true
 {{- end }}
 {{- end }}
@@ -203,6 +232,9 @@ imagePullSecrets:
 {{- end }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
+# Serve drains a stopping replica for up to settings.grace_s + 5 s (graceful_shutdown_timeout_s):
+# the kubelet must not SIGKILL the pod before that
+terminationGracePeriodSeconds: {{ int .Values.gracefulShutdownSeconds }}
 volumes:
   {{- include "drafthorse.volumes" . | nindent 2 }}
 {{- end }}
@@ -220,6 +252,19 @@ volumes:
 {{- if gt (int $w.autoscaling.max_replicas) (mul (int $w.maxReplicas) (int $w.replicasPerPod)) }}
 {{- fail (printf "%s.autoscaling.max_replicas (%d) needs more pods than %s.maxReplicas x replicasPerPod (%d) allow" $g (int $w.autoscaling.max_replicas) $g (mul (int $w.maxReplicas) (int $w.replicasPerPod))) }}
 {{- end }}
+{{- end }}
+{{- range $k := list "tls_cert_file" "tls_key_file" "tls_ca_file" "tls_server_name" }}
+{{- if hasKey $.Values.settings $k }}
+{{- fail (printf "settings.%s: the internal mTLS is configured with internalTls (enabled, existingSecret, serverName)" $k) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.internalTls.enabled (not .Values.internalTls.existingSecret) }}
+{{- fail "internalTls.enabled is true: set internalTls.existingSecret (a Secret with tls.crt, tls.key and ca.crt, e.g. made by a cert-manager Certificate)" }}
+{{- end }}
+{{- $grace := 5.0 }}{{/* Settings.grace_s's default */}}
+{{- if hasKey .Values.settings "grace_s" }}{{ $grace = float64 .Values.settings.grace_s }}{{ end }}
+{{- if le (float64 .Values.gracefulShutdownSeconds) (addf $grace 10) }}
+{{- fail (printf "gracefulShutdownSeconds (%v) must exceed settings.grace_s + 10 (%v): Serve drains a stopping replica for up to grace_s + 5 s, and the pod must outlive that" .Values.gracefulShutdownSeconds (addf $grace 10)) }}
 {{- end }}
 {{- range $k := list "auth_token" "redis_url" }}
 {{- if hasKey $.Values.settings $k }}
