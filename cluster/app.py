@@ -89,16 +89,18 @@ def _wire_settings(s: Settings) -> dict:
 
 def build_app(s: Settings):
     cfg = _wire_settings(s)
+    # health checked every 2 s: Serve replaces a replica after 3 failed checks, so a drained or wedged
+    # worker is back within seconds
     target = serve.deployment(TargetWorker, name="TargetWorker", num_replicas=s.num_targets,
                               ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.target_resources},
-                              health_check_period_s=5, health_check_timeout_s=30,
+                              health_check_period_s=2, health_check_timeout_s=30,
                               graceful_shutdown_timeout_s=s.grace_s + 5).bind(cfg)
     workers = [target]
     if s.num_drafts:
         workers.append(serve.deployment(
             DraftWorker, name="DraftWorker", num_replicas=s.num_drafts,
             ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.draft_resources},
-            health_check_period_s=5, health_check_timeout_s=30,
+            health_check_period_s=2, health_check_timeout_s=30,
             graceful_shutdown_timeout_s=s.grace_s + 5).bind(cfg))
     return serve.deployment(serve.ingress()(GatewayServer), name="Gateway", num_replicas=1,
                             max_ongoing_requests=1024,  # HTTP requests only wait on the gateway
@@ -130,7 +132,8 @@ class Cluster:
         self.s = self.s.model_copy(update={"redis_url": url}).with_token()
         lap("redis_s")
         if not ray.is_initialized():
-            ray.init(address=self.s.ray_address, include_dashboard=False, log_to_driver=False,
+            # "local": a new Ray of our own, never one some `ray start` on this machine left behind
+            ray.init(address=self.s.ray_address or "local", include_dashboard=False, log_to_driver=False,
                      **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
         lap("ray_s")
         if not self.s.http_port:  # 0: any free port

@@ -1,4 +1,4 @@
-"""The `drafthorse` command: generate (in-process or through a cluster), bench, serve, loadtest,
+"""The `drafthorse` command: generate (in-process or through a cluster), bench, serve, loadtest, soak,
 train-drafter."""
 from __future__ import annotations
 
@@ -308,6 +308,49 @@ def loadtest(
     js, png = lt.write_outputs(results, out)
     typer.echo(lt.format_table(results))
     typer.echo(f"wrote {js} and {png}")
+
+
+@app.command()
+def soak(
+    minutes: float = typer.Option(..., min=0.1, max=24 * 60, help="how long to load the cluster"),
+    concurrency: int = typer.Option(16, min=1, max=256, help="streams kept in flight"),
+    fault_every: float = typer.Option(30.0, min=0.0, help="seconds between faults (kill a draft worker, kill a "
+                                                          "target, drain a target, in turn); 0 = none"),
+    max_new_tokens: int = typer.Option(64, min=1, max=2048),
+    model: str = typer.Option("smollm2", help="target model"),
+    draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft workers (default: the target)"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | float64 | int8"),
+    targets: int = typer.Option(2, min=2, max=64, help="target workers (a fault must leave one)"),
+    drafts: int = typer.Option(2, min=1, max=64, help="draft workers"),
+    max_growth: float = typer.Option(20.0, min=0.0, help="fail if a process's RSS grows faster (MiB/min) over "
+                                                         "the second half of the run"),
+    out: Path = typer.Option(Path("soak_out"), help="writes soak.json and soak_memory.png here"),
+):
+    """Start a cluster, load it with greedy streams and periodic faults for MINUTES, and report memory per
+    process over time, errors by code, throughput and lost tokens; exits 1 if any error, any lost token
+    or a growing process."""
+    from pydantic import ValidationError
+
+    from cluster.redis_store import free_port
+    from cluster.settings import Settings
+    from cluster.soak import run_soak, verdict, write
+    try:
+        s = Settings(model=model, draft_model=draft_model or model, dtype=dtype, num_targets=targets,
+                     num_drafts=drafts, gateway_port=free_port(), http_port=0,
+                     max_len=512 if model.startswith("tiny:") else Settings().max_len,
+                     sessions_per_target=max(4, concurrency // targets + 1))
+    except ValidationError as e:
+        _fail(str(e))
+    result = run_soak(s, minutes, concurrency, fault_every, max_new_tokens, say=lambda m: typer.echo(m, err=True))
+    write(result, out)
+    trend = max(result["memory_trend"].values(), key=lambda t: t["slope_mb_per_min"], default=None)
+    typer.echo(f"{result['requests_ok']} requests, {result['tokens_per_s']} tok/s, errors {result['errors'] or 0}, "
+               f"lost {result['lost']}, {len(result['faults'])} faults, steepest memory trend "
+               f"{trend['slope_mb_per_min'] if trend else 'n/a'} MiB/min -> {out / 'soak.json'}")
+    problems = verdict(result, max_growth)
+    for p in problems:
+        typer.echo(f"FAIL: {p}", err=True)
+    raise typer.Exit(1 if problems else 0)
 
 
 @app.command("train-drafter")

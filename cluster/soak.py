@@ -1,0 +1,253 @@
+"""`drafthorse soak`: steady concurrent load with periodic faults, for a bounded time, against a cluster
+it starts itself. Reports the resident memory of every process over time (and its trend), errors by
+status code, throughput, and lost tokens.
+
+Lost tokens are checked without a reference model: every request is greedy, so all answers to one
+prompt must be identical token for token, each with gapless stream sequence numbers; a stream that
+lost, repeated or altered a token across a fault disagrees with the others."""
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import itertools
+import json
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+FAULTS = ("kill-draft", "kill-target", "drain-target")
+PROMPTS = ["Tell me about speculative decoding.", "Why is the sky blue?", "one two three one two three one two",
+           "Write a haiku about trains.", "the cat sat on the mat, the cat sat on the", "List three prime numbers."]
+
+
+class Tally:
+    """What the clients saw, shared by their threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.codes: collections.Counter = collections.Counter()
+        self.answers: dict[tuple[str, str], list[int]] = {}
+        self.mismatches = self.gaps = self.tokens = self.in_flight = 0
+        self.done: list[tuple[float, int]] = []   # (time, tokens) of each finished request
+
+    def record(self, key: tuple[str, str], msgs: list, t: float) -> None:
+        ids = [tok for m in msgs for tok in m.token_ids]
+        with self.lock:
+            self.codes["OK"] += 1
+            self.tokens += len(ids)
+            self.done.append((t, len(ids)))
+            self.gaps += [m.seq for m in msgs] != list(range(len(msgs)))
+            self.mismatches += self.answers.setdefault(key, ids) != ids
+
+
+def _client(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: random.Random, t0: float) -> None:
+    import grpc
+
+    from actors.spec.sampling import SamplingParams
+    from cluster.client import request
+    while time.monotonic() < stop_at:
+        prompt, drafter = rng.choice(PROMPTS), rng.choice(("ngram", "draft-model", "none"))
+        with tally.lock:
+            tally.in_flight += 1
+        try:
+            msgs = list(stub.Generate(request(prompt, SamplingParams(max_new_tokens=max_new), drafter),
+                                      metadata=metadata, timeout=300))
+            tally.record((prompt, drafter if drafter == "none" else "spec"), msgs, time.monotonic() - t0)
+        except grpc.RpcError as e:
+            with tally.lock:
+                tally.codes[e.code().name] += 1
+        finally:
+            with tally.lock:
+                tally.in_flight -= 1
+
+
+def _label(p) -> str:
+    """A process's role: the Ray actor it hosts (from its title), else its name."""
+    try:
+        cmd = " ".join(p.cmdline())
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return p.name()
+    if cmd.startswith("ray::"):
+        return cmd.split()[0][5:].replace("ServeReplica:", "")
+    return p.name()
+
+
+def memory_sample() -> dict[str, float]:
+    """RSS (MiB) of this process and every process below it (Ray's GCS, raylet, workers, Redis)."""
+    import psutil
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            out[f"{'driver' if p.pid == me.pid else _label(p)}:{p.pid}"] = p.memory_info().rss / 2 ** 20
+        except Exception:  # noqa: BLE001 - a process that just exited
+            pass
+    return out
+
+
+def trends(samples: list[dict], skip_frac: float = 0.5) -> dict[str, dict]:
+    """Per process alive through the steady part (the first `skip_frac` of the run is warm-up: caches,
+    allocator pools and Ray's own buffers fill there): its
+    least-squares RSS slope (MiB/min) and growth (MiB, last minus first)."""
+    steady = samples[int(len(samples) * skip_frac):]
+    if len(steady) < 3:
+        return {}
+    common = set(steady[0]["rss_mb"]).intersection(*(s["rss_mb"] for s in steady))
+    out = {}
+    for name in sorted(common):
+        ts = [s["t"] / 60 for s in steady]
+        ys = [s["rss_mb"][name] for s in steady]
+        mt, my = sum(ts) / len(ts), sum(ys) / len(ys)
+        var = sum((t - mt) ** 2 for t in ts) or 1e-9
+        slope = sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var
+        out[name] = {"slope_mb_per_min": round(slope, 2), "growth_mb": round(ys[-1] - ys[0], 1),
+                     "rss_mb": round(ys[-1], 1)}
+    return out
+
+
+def _kill(worker_id: str) -> None:
+    """Kill the Ray actor of a Serve replica (Serve starts a new one)."""
+    import ray
+    suffix = "#" + worker_id.split("-", 1)[1]
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].endswith(suffix):
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+            return
+    raise RuntimeError(f"no Ray actor for {worker_id}")
+
+
+def inject(kind: str, registry) -> dict:
+    """One fault on the busiest worker of its kind; returns what was hit and its load then."""
+    from ray import serve
+
+    from cluster.app import APP_NAME
+    if kind == "drain-target":
+        drained = serve.get_deployment_handle("TargetWorker", APP_NAME).drain.remote(0.0).result()
+        return {"worker": drained["worker_id"], "streams_on_it": drained["in_flight"]}
+    w = max(registry.alive(kind.split("-")[1]), key=lambda w: registry.load(w.worker_id))
+    load = registry.load(w.worker_id)
+    _kill(w.worker_id)
+    return {"worker": w.worker_id, "streams_on_it": load}
+
+
+def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_tokens: int,
+             sample_s: float = 2.0, say: Callable[[str], None] = lambda _m: None) -> dict:
+    """Start a cluster from settings `s`, load it for `minutes` with a fault every `fault_every_s`
+    (0: none), then stop it; returns the results dict."""
+    import grpc
+
+    from actors.rpc import auth_metadata
+    from cluster.app import Cluster
+    from cluster.redis_store import connect
+    from cluster.registry import Registry
+    from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+
+    say("starting the cluster ...")
+    cluster = Cluster(s).start()
+    s = cluster.s
+    registry = Registry(connect(s.redis_url), s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
+    tally, samples, faults = Tally(), [], []
+    metadata = auth_metadata(s.token())   # as the cluster: API keys and per-key limits do not apply
+    try:
+        channel = grpc.insecure_channel(cluster.gateway)
+        stub = pb_grpc.GeneratorStub(channel)
+        t0 = time.monotonic()
+        stop_at = t0 + minutes * 60
+        clients = [threading.Thread(target=_client, args=(stub, metadata, max_new_tokens, stop_at, tally,
+                                                          random.Random(i), t0), daemon=True)
+                   for i in range(concurrency)]
+        for c in clients:
+            c.start()
+        if fault_every_s:
+            threading.Thread(target=_faults, args=(registry, s, tally, faults, t0, stop_at, fault_every_s, say),
+                             daemon=True).start()
+        while (now := time.monotonic()) < stop_at:   # memory, every sample_s
+            samples.append({"t": round(now - t0, 2), "rss_mb": memory_sample()})
+            time.sleep(max(0.0, sample_s - (time.monotonic() - now)))
+        for c in clients:
+            c.join(330)
+        channel.close()
+    finally:
+        cluster.stop()
+    wall = minutes * 60
+    per_10s = collections.Counter(int(t // 10) for t, _ in tally.done)
+    return {"env": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "model": s.model,
+                    "draft_model": s.draft_model, "minutes": minutes, "concurrency": concurrency,
+                    "fault_every_s": fault_every_s, "max_new_tokens": max_new_tokens,
+                    "targets": s.num_targets, "drafts": s.num_drafts},
+            "requests_ok": tally.codes["OK"], "errors": {k: v for k, v in tally.codes.items() if k != "OK"},
+            "lost": {"mismatched_answers": tally.mismatches, "sequence_gaps": tally.gaps},
+            "tokens": tally.tokens, "tokens_per_s": round(tally.tokens / wall, 2),
+            "requests_per_10s": [per_10s.get(i, 0) for i in range(int(wall // 10) + 1)],
+            "faults": faults, "memory": samples, "memory_trend": trends(samples)}
+
+
+def _faults(registry, s, tally: Tally, faults: list, t0: float, stop_at: float, every_s: float, say) -> None:
+    """The fault kinds in turn, one every `every_s` (later if the cluster has not recovered from the last)."""
+    next_fault = t0 + every_s
+    for kind in itertools.cycle(FAULTS):
+        time.sleep(max(0.0, next_fault - time.monotonic()))
+        if time.monotonic() >= stop_at - 5:   # a fault needs streams left to hit
+            return
+        with tally.lock:
+            in_flight = tally.in_flight
+        f = {"t": round(time.monotonic() - t0, 2), "fault": kind, "streams_in_flight": in_flight,
+             **inject(kind, registry)}
+        f["recovered_s"] = _wait_whole(registry, s, f["worker"], stop_at)
+        faults.append(f)
+        say(f"fault {f}")
+        next_fault += every_s
+
+
+def _wait_whole(registry, s, gone: str, stop_at: float) -> float | None:
+    """Seconds until the worker hit is out of the registry and as many workers as configured are in it
+    again (None: not before the run ends)."""
+    t0 = time.monotonic()
+    while time.monotonic() < stop_at:
+        alive = {kind: [w.worker_id for w in registry.alive(kind)] for kind in ("target", "draft")}
+        if gone not in alive["target"] + alive["draft"] and len(alive["target"]) >= s.num_targets \
+                and len(alive["draft"]) >= s.num_drafts:
+            return round(time.monotonic() - t0, 2)
+        time.sleep(0.2)
+    return None
+
+
+def verdict(result: dict, max_slope_mb_per_min: float) -> list[str]:
+    """What fails the soak: any error, any lost token, a process whose memory keeps growing."""
+    problems = []
+    if result["errors"]:
+        problems.append(f"client errors: {result['errors']}")
+    if any(result["lost"].values()):
+        problems.append(f"lost tokens: {result['lost']}")
+    if not result["requests_ok"]:
+        problems.append("no request completed")
+    for name, t in result["memory_trend"].items():
+        if t["slope_mb_per_min"] > max_slope_mb_per_min:
+            problems.append(f"{name} grows {t['slope_mb_per_min']} MiB/min (bound {max_slope_mb_per_min})")
+    return problems
+
+
+def write(result: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(result, indent=1))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = sorted({n for s in result["memory"] for n in s["rss_mb"]})
+    for name in names:
+        pts = [(s["t"], s["rss_mb"][name]) for s in result["memory"] if name in s["rss_mb"]]
+        if max(y for _, y in pts) >= 100:   # the small helpers would only clutter the plot
+            ax.plot(*zip(*pts), label=name, lw=1)
+    for f in result["faults"]:
+        ax.axvline(f["t"], color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("seconds (dotted: faults)")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title(f"drafthorse soak: {result['env']['minutes']} min, concurrency {result['env']['concurrency']}")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    fig.savefig(out / "soak_memory.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,42 @@
+"""`drafthorse soak`, short: the real command against a cluster it starts (tiny float64 models), with a
+fault every 15 s; then the memory-trend and verdict rules on their own, so the check can fail."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from cluster.soak import FAULTS, trends, verdict
+
+
+def test_short_soak_loses_nothing_and_does_not_grow(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "soak", "--minutes", "1.5", "--model", "tiny:0",
+                          "--draft-model", "tiny:1", "--dtype", "float64", "--concurrency", "8",
+                          "--fault-every", "15", "--max-new-tokens", "32", "--max-growth", "30",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    r = json.loads((tmp_path / "soak.json").read_text())
+    assert (tmp_path / "soak_memory.png").stat().st_size > 0
+    assert r["errors"] == {} and r["lost"] == {"mismatched_answers": 0, "sequence_gaps": 0}
+    assert r["requests_ok"] > 50 and r["tokens_per_s"] > 0
+    assert [f["fault"] for f in r["faults"]][:3] == list(FAULTS)
+    assert all(f["streams_in_flight"] > 0 for f in r["faults"])
+    assert r["faults"][0]["recovered_s"] is not None and r["faults"][1]["recovered_s"] is not None
+    roles = " ".join(r["memory_trend"])
+    assert "TargetWorker" in roles and "DraftWorker" in roles and "Gateway" in roles and "driver" in roles
+    assert len(r["memory"]) >= 30
+
+
+def test_trend_and_verdict_catch_growth_and_loss():
+    flat = [{"t": t, "rss_mb": {"w:1": 500.0 + (t % 3), "leak:2": 300.0 + t}} for t in range(0, 120, 2)]
+    tr = trends(flat)
+    assert abs(tr["leak:2"]["slope_mb_per_min"] - 60) < 1 and abs(tr["w:1"]["slope_mb_per_min"]) < 3
+    ok = {"errors": {}, "lost": {"mismatched_answers": 0, "sequence_gaps": 0}, "requests_ok": 5,
+          "memory_trend": {"w:1": tr["w:1"]}}
+    assert verdict(ok, 20) == []
+    bad = {**ok, "memory_trend": tr, "errors": {"UNAVAILABLE": 1}, "lost": {"mismatched_answers": 0, "sequence_gaps": 2}}
+    problems = verdict(bad, 20)
+    assert len(problems) == 3 and "leak:2 grows" in problems[2]
+    # a process replaced half-way is judged by neither its old nor its new pid
+    moved = [{"t": t, "rss_mb": {"w:1" if t < 80 else "w:3": 100.0 + 5 * t}} for t in range(0, 120, 2)]
+    assert trends(moved) == {}
