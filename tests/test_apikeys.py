@@ -225,3 +225,22 @@ def test_per_key_limits_refuse_with_a_retry_hint(limited):
             {"role": "user", "content": "hi"}]}, headers={"Authorization": f"Bearer {ALICE}"})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
         assert 1 <= int(r.headers["retry-after"]) <= 60
+
+
+def test_nothing_from_the_network_is_unpickled():
+    """Only protobuf crosses our sockets: no module of ours imports a pickle-family decoder or calls
+    torch.load (Ray's own pickling stays on its control plane, between its processes)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    banned = {"pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
+    found = []
+    for path in [p for pkg in ("actors", "cluster", "protos") for p in (root / pkg).rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: import {n}" for n in names if n.split(".")[0] in banned]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                found.append(f"{path.name}:{node.lineno}: torch.load")
+    assert not found, found
