@@ -77,6 +77,57 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status (request validation included: 400, never FastAPI's 422)."""
+    error: _ErrorDetail
+
+
+def _err(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+# the statuses a /v1 route answers, as its OpenAPI operation documents them
+RESPONSES = {400: _err("invalid request: not JSON, not an object, a missing or wrong field, an unsupported "
+                       "parameter, a value out of range (OpenAI's error format)"),
+             401: _err("missing or unknown API key (when keys are configured)"),
+             403: _err("permission denied"),
+             404: _err("unknown model, session or route"),
+             429: _err("no capacity or a key's limit reached (Retry-After)"),
+             500: _err("an unexpected gateway error"),
+             503: _err("the gateway or its workers are unavailable"),
+             504: _err("the request timed out")}
+GENERATE_RESPONSES = {200: {"description": "one JSON body, or with stream: true server-sent events (`data: {chunk}` "
+                                           "... `data: [DONE]`; an error after the first event comes as an "
+                                           "`error` event)",
+                            "content": {"text/event-stream": {}}}, **RESPONSES}
+
+
+def _text(s: str, param: str) -> str:
+    """s, if protobuf can carry it (UTF-8): a JSON string may hold a lone surrogate (\\ud800), which
+    protobuf refuses with a UnicodeEncodeError; a 400 instead of a 500."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode: a lone surrogate at position {e.start}", param=param,
+                       code="invalid_value") from None
+    return s
+
+
+def _forwardable(key: str) -> str:
+    """The API key to pass on to the gateway as gRPC metadata, or '' where gRPC cannot carry it
+    (non-ASCII or control characters: a 500 'Invalid metadata'; over gRPC's metadata limit: a
+    RESOURCE_EXHAUSTED, i.e. a misleading 429). No valid key looks like that, so a gateway that
+    requires keys answers 401 for it, and an open one serves the request as if no key came."""
+    return key if len(key) <= 4096 and key.isascii() and key.isprintable() else ""
+
+
 def from_grpc(e: grpc.aio.AioRpcError, input_param: str) -> APIError:
     status, type_ = STATUS.get(e.code(), (500, "server_error"))
     details = e.details() or e.code().name
@@ -164,9 +215,9 @@ def _common(body: _Body, r: pb.GenerateRequest) -> None:
         if not 0 <= body.seed < 2**63:
             raise APIError(400, f"seed must be in [0, 2**63), got {body.seed}", param="seed")
         r.sampling.seed = body.seed
-    r.stop.extend([body.stop] if isinstance(body.stop, str) else (body.stop or []))
-    r.drafter = body.drafter or ""
-    r.session_id = body.session_id or ""
+    r.stop.extend(_text(s, "stop") for s in ([body.stop] if isinstance(body.stop, str) else (body.stop or [])))
+    r.drafter = _text(body.drafter or "", "drafter")
+    r.session_id = _text(body.session_id or "", "session_id")
     r.new_session = bool(body.new_session)
 
 
@@ -179,7 +230,7 @@ def completion_request(body: CompletionBody) -> pb.GenerateRequest:
             raise APIError(400, f"prompt must be a single string (or a list holding exactly one string); "
                                 f"got {kind}: batched and token-id prompts are not supported", param="prompt")
         prompt = prompt[0]
-    r = pb.GenerateRequest(prompt=prompt)
+    r = pb.GenerateRequest(prompt=_text(prompt, "prompt"))
     _common(body, r)
     return r
 
@@ -194,7 +245,7 @@ def chat_request(body: ChatBody) -> pb.GenerateRequest:
                                 f"{m.role!r}", param=f"messages[{i}].role")
         content = m.content if isinstance(m.content, str) or m.content is None \
             else "".join(p.text for p in m.content)
-        r.chat.messages.add(role=role, content=content or "")
+        r.chat.messages.add(role=role, content=_text(content or "", f"messages[{i}].content"))
     _common(body, r)
     return r
 
@@ -273,7 +324,7 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         if keys is not None and keys.enabled and keys.identify(key) is None:
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key")
-        return key
+        return _forwardable(key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -282,6 +333,20 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
 
     app = FastAPI(title="drafthorse OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        """The schema (not served: openapi_url=None; tests read it) without FastAPI's automatic 422:
+        a validation error is a 400 in OpenAI's format here (_invalid)."""
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+    app.openapi = openapi
     created = int(time.time())
     app.state.generator = gen
 
@@ -323,11 +388,11 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
             raise APIError(404, f"The model {name!r} does not exist: this server serves {model!r}",
                            param="model", code="model_not_found")
 
-    @app.get("/v1/models", dependencies=[Depends(api_key)])
+    @app.get("/v1/models", dependencies=[Depends(api_key)], responses=RESPONSES)
     async def list_models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(api_key)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(api_key)], responses=RESPONSES)
     async def get_model(name: str):
         check_model(name)
         return model_card()
@@ -398,12 +463,12 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         finally:
             call.cancel()  # the client went away: stop the generation
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(body: CompletionBody, key: str = Depends(api_key)):
         check_model(body.model)
         return await run(completion_request(body), body, chat=False, key=key)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATE_RESPONSES)
     async def chat_completions(body: ChatBody, key: str = Depends(api_key)):
         check_model(body.model)
         return await run(chat_request(body), body, chat=True, key=key)
