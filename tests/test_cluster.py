@@ -477,30 +477,24 @@ def _storm(cluster, stub, local, fault) -> dict:
     return report
 
 
-def _busiest(cluster, kind: str):
+def _kill_busiest(cluster, kind: str) -> int:
+    """Kill the worker of `kind` carrying the most streams; returns how many it carried."""
     alive, reg = _alive(cluster)
-    return max(alive[kind], key=lambda w: reg.load(w.worker_id)), reg
+    w = max(alive[kind], key=lambda w: reg.load(w.worker_id))
+    hit = reg.load(w.worker_id)
+    _kill(w.worker_id)
+    return hit
 
 
 def test_draft_worker_killed_under_16_streams(cluster, stub, local):
-    def fault():
-        w, reg = _busiest(cluster, "draft")
-        hit = reg.load(w.worker_id)
-        _kill(w.worker_id)
-        return hit
-    assert _storm(cluster, stub, local, fault)["hit_worker_streams"] > 0
+    assert _storm(cluster, stub, local, lambda: _kill_busiest(cluster, "draft"))["hit_worker_streams"] > 0
     # the replacement drafts again: speculation resumes
     _, msgs = run(stub, request(PROMPTS[0], SamplingParams(max_new_tokens=N), "draft-model"))
     assert msgs[-1].stats.draft_rpcs > 0 and msgs[-1].stats.drafted_tokens > 0
 
 
 def test_target_worker_killed_under_16_streams(cluster, stub, local):
-    def fault():
-        w, reg = _busiest(cluster, "target")
-        hit = reg.load(w.worker_id)
-        _kill(w.worker_id)
-        return hit
-    assert _storm(cluster, stub, local, fault)["hit_worker_streams"] > 0
+    assert _storm(cluster, stub, local, lambda: _kill_busiest(cluster, "target"))["hit_worker_streams"] > 0
 
 
 def test_target_worker_drained_under_16_streams(cluster, stub, local):

@@ -12,18 +12,15 @@ import threading
 import time
 import uuid
 
-import grpc
 import pytest
-import torch
 
-from actors.models import loader
 from actors.spec.sampling import SamplingParams
 from cluster.client import request
 from cluster.redis_store import free_port
 from cluster.settings import Settings
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
-# helpers only: test_cluster's fixtures run only where requested, so importing starts no cluster
-from tests.test_cluster import N, PROMPTS, _alive, _storm, chat_ids, reference, run
+# the one-node cluster's models, reference and 16-stream fault harness; `local` and `stub` are its
+# fixtures (`stub` over this module's `cluster`); none of them runs unless requested, so no second cluster
+from tests.test_cluster import N, PROMPTS, _alive, _storm, chat_ids, local, reference, run, stub  # noqa: F401
 
 LARGE = {"num_cpus": 2, "resources": {"large_accel": 1}}
 CHEAP = {"num_cpus": 2, "resources": {"cheap_accel": 2}}
@@ -68,18 +65,6 @@ def cluster(nodes):
     from ray import serve
     c.stop()
     serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def local():
-    torch.set_num_threads(1)
-    return loader.load("tiny:0", max_len=512), loader.load("tiny:1", max_len=512)
-
-
-@pytest.fixture(scope="module")
-def stub(cluster):
-    with grpc.insecure_channel(cluster.gateway) as ch:
-        yield pb_grpc.GeneratorStub(ch)
 
 
 def _ids(handles) -> dict[str, set[str]]:
