@@ -19,7 +19,7 @@ class GrpcWorker:
     membership = None      # cluster.heartbeat.Membership
     server = None          # grpc.Server
     health = None          # grpc_health HealthServicer
-    service = None         # the gRPC servicer: .active (streams in flight), .drain() (refuse new, hand over)
+    service = None         # the gRPC servicer: .active (streams in flight), .draining, .handover()
     service_names: list[str] = []
     grace_s = 5.0
     _drained: dict | None = None

@@ -132,8 +132,7 @@ class Cluster:
         self.s = self.s.model_copy(update={"redis_url": url}).with_token()
         lap("redis_s")
         if not ray.is_initialized():
-            # "local": a new Ray of our own, never one some `ray start` on this machine left behind
-            ray.init(address=self.s.ray_address or "local", include_dashboard=False, log_to_driver=False,
+            ray.init(address=self.s.ray_address, include_dashboard=False, log_to_driver=False,
                      **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
         lap("ray_s")
         if not self.s.http_port:  # 0: any free port
