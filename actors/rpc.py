@@ -4,6 +4,8 @@ grpc_health_probe / Kubernetes probes work)."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import socket
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,19 @@ def channel(address: str, tls: MutualTls | None = None, aio: bool = False):
     if tls is None:
         return mod.insecure_channel(address, options=OPTIONS)
     return mod.secure_channel(address, tls.channel_credentials(), options=OPTIONS + tls.options())
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -190,6 +190,7 @@ class TargetWorker(GrpcWorker):
         from cluster.settings import Settings
 
         s = Settings(**settings)
+        tls = s.tls()   # read once: the server and the channels to draft workers share it
         torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
         lm = loader.load(s.model, s.dtype, s.max_len)
@@ -200,10 +201,10 @@ class TargetWorker(GrpcWorker):
         self.service = TargetService(lm, self.worker_id, s.sessions_per_target, s.max_len, s.token(),
                                      checkpoint=self.membership.checkpoint_tokens,
                                      max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
-                                     adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk, tls=s.tls())
+                                     adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk, tls=tls)
         self.server, port, self.health = start_server(
             lambda srv: pb_grpc.add_TargetServicer_to_server(self.service, srv), [SERVICE],
-            host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4, tls=s.tls())
+            host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4, tls=tls)
         self.service_names, self.grace_s = [SERVICE], s.grace_s
         self.membership.start(port)
         metrics.watch_target(self.service)

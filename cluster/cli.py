@@ -22,6 +22,17 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _check_models(*specs: str | None) -> None:
+    """A model that cannot be found stops a cluster command here, named, not as a failed deployment."""
+    from actors.models.loader import resolve
+    for spec in specs:
+        if spec and not spec.startswith("tiny:"):
+            try:
+                resolve(spec)
+            except FileNotFoundError as e:
+                _fail(str(e))
+
+
 def _threads(n: int | None) -> None:
     import torch
     if n:
@@ -225,6 +236,7 @@ def serve(
         s.keyring()   # a malformed API key entry stops the start here, named
     except (ValidationError, ValueError) as e:
         _fail(str(e))
+    _check_models(s.model, s.draft_model)
     cluster = Cluster(s).start()
     first = cluster.first_token()
     st = cluster.startup
@@ -337,11 +349,16 @@ def soak(
     try:
         s = Settings(model=model, draft_model=draft_model or model, dtype=dtype, num_targets=targets,
                      num_drafts=drafts, gateway_port=free_port(), http_port=0,
-                     max_len=512 if model.startswith("tiny:") else Settings().max_len,
-                     sessions_per_target=max(4, concurrency // targets + 1))
+                     sessions_per_target=max(4, concurrency // targets + 1),
+                     **({"max_len": 512} if model.startswith("tiny:") else {}))   # the tiny models' context
     except ValidationError as e:
         _fail(str(e))
-    result = run_soak(s, minutes, concurrency, fault_every, max_new_tokens, say=lambda m: typer.echo(m, err=True))
+    _check_models(s.model, s.draft_model)
+    try:
+        result = run_soak(s, minutes, concurrency, fault_every, max_new_tokens,
+                          say=lambda m: typer.echo(m, err=True))
+    except (RuntimeError, TimeoutError) as e:   # the cluster did not start (bad model, ports, ...)
+        _fail(str(e))
     write(result, out)
     trend = max(result["memory_trend"].values(), key=lambda t: t["slope_mb_per_min"], default=None)
     typer.echo(f"{result['requests_ok']} requests, {result['tokens_per_s']} tok/s, errors {result['errors'] or 0}, "

@@ -13,12 +13,11 @@ import logging
 import grpc
 
 from actors.drafters import KINDS
-from actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, channel, token_ok
+from actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, channel, is_loopback, token_ok
 from actors.wire import sampling_from_proto
 from cluster import metrics
 from cluster.apikeys import bearer
 from cluster.limits import KeyLimits, LimitExceeded
-from cluster.loadtest import is_loopback
 from cluster.prompts import turn_ids
 from cluster.redis_store import connect
 from cluster.registry import Registry

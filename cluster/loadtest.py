@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import ipaddress
 import json
 import math
 import os
 import random
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ from typing import Callable, Iterable
 
 import grpc
 
+from actors.rpc import is_loopback
 from protos.drafthorse.v1 import drafthorse_pb2 as pb
 from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
@@ -59,19 +58,6 @@ def split_server(server: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--server must be HOST:PORT, got {server!r}")
     return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """True when every address `host` resolves to is a loopback address."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
 def check_server(server: str, allow_remote: bool = False) -> str:

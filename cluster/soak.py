@@ -107,7 +107,7 @@ def trends(samples: list[dict], skip_frac: float = 0.5) -> dict[str, dict]:
     return out
 
 
-def _kill(worker_id: str) -> None:
+def kill_replica(worker_id: str) -> None:
     """Kill the Ray actor of a Serve replica (Serve starts a new one)."""
     import ray
     suffix = "#" + worker_id.split("-", 1)[1]
@@ -128,7 +128,7 @@ def inject(kind: str, registry) -> dict:
         return {"worker": drained["worker_id"], "streams_on_it": drained["in_flight"]}
     w = max(registry.alive(kind.split("-")[1]), key=lambda w: registry.load(w.worker_id))
     load = registry.load(w.worker_id)
-    _kill(w.worker_id)
+    kill_replica(w.worker_id)
     return {"worker": w.worker_id, "streams_on_it": load}
 
 

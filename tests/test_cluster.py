@@ -24,6 +24,7 @@ from cluster.app import Cluster
 from cluster.client import request
 from cluster.prompts import turn_ids
 from cluster.settings import Settings
+from cluster.soak import kill_replica
 from protos.drafthorse.v1 import drafthorse_pb2 as pb
 from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
@@ -201,21 +202,13 @@ def test_text_stream_and_stats(stub):
     assert msgs[-1].finish_reason == "length"
 
 
-def _kill(worker_id: str) -> None:
-    import ray
-    suffix = "#" + worker_id.split("-", 1)[1]
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(suffix)]
-    assert names, f"no Ray actor for {worker_id}"
-    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
-
-
 def _two_turns(stub, kill_between: bool) -> tuple[list[int], list[int], str, str]:
     sampling = SamplingParams(max_new_tokens=N)
     ids1, msgs1 = run(stub, request("hello there, how are you?", sampling, "ngram", new_session=True))
     sid, owner = msgs1[-1].session_id, msgs1[-1].stats.target_worker
     assert sid
     if kill_between:
-        _kill(owner)
+        kill_replica(owner)
     ids2, msgs2 = run(stub, request("and then what?", sampling, "ngram", session=sid))
     assert msgs2[-1].session_id == sid
     return ids1, ids2, owner, msgs2[-1].stats.target_worker
@@ -482,7 +475,7 @@ def _kill_busiest(cluster, kind: str) -> int:
     alive, reg = _alive(cluster)
     w = max(alive[kind], key=lambda w: reg.load(w.worker_id))
     hit = reg.load(w.worker_id)
-    _kill(w.worker_id)
+    kill_replica(w.worker_id)
     return hit
 
 

@@ -44,3 +44,11 @@ def test_trend_and_verdict_catch_growth_and_loss():
     # a process replaced half-way is judged by neither its old nor its new pid
     moved = [{"t": t, "rss_mb": {"w:1" if t < 80 else "w:3": 100.0 + 5 * t}} for t in range(0, 120, 2)]
     assert trends(moved) == {}
+
+
+def test_bad_arguments_are_named_before_anything_starts(tmp_path):
+    for args, needle in [(["--model", str(tmp_path / "missing.gguf")], "missing.gguf"),
+                         (["--targets", "1"], "--targets"), (["--minutes", "0"], "--minutes")]:
+        out = subprocess.run([sys.executable, "-m", "cluster.cli", "soak", "--minutes", "0.5", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
