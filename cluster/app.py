@@ -230,6 +230,7 @@ def app_builder(args: dict):
         raise ValueError("secrets do not belong in Serve config args: set DRAFTHORSE_AUTH_TOKEN and "
                          "DRAFTHORSE_REDIS_URL in the environment (in Kubernetes: from a Secret)")
     s = Settings(**args)
+    s.tls()   # unreadable certificates: fail the build, named, not every replica
     s = s.model_copy(update={"redis_url": s.redis_url or _keep_redis()})
     if s.auth_token is None:
         log.warning("DRAFTHORSE_AUTH_TOKEN is unset: this build uses a token of its own; set one (from a "

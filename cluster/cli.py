@@ -233,7 +233,8 @@ def serve(
                  ray_address=ray_address, dtype=dtype)
     try:
         s = Settings(**{k: v for k, v in flags.items() if v is not None})
-        s.keyring()   # a malformed API key entry stops the start here, named
+        s.keyring()   # a malformed API key entry or an unreadable certificate stops the start here, named
+        s.tls()
     except (ValidationError, ValueError) as e:
         _fail(str(e))
     _check_models(s.model, s.draft_model)

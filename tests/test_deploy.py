@@ -281,3 +281,6 @@ def test_app_builder_refuses_unknown_settings_and_secrets_in_args():
         app_builder({"auth_token": "hunter2"})
     with pytest.raises(ValueError, match="secrets do not belong"):
         app_builder({"redis_url": "redis://:hunter2@redis:6379/0"})
+    with pytest.raises(ValueError, match="cannot read the TLS certificate '/nonexistent/tls.crt'"):
+        app_builder({"tls_cert_file": "/nonexistent/tls.crt", "tls_key_file": "/nonexistent/tls.key",
+                     "tls_ca_file": "/nonexistent/ca.crt"})
