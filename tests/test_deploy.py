@@ -4,10 +4,11 @@ per-deployment overrides and autoscaling policy apply), on CPU with a tiny model
 over gRPC and the Prometheus series every process exports."""
 from __future__ import annotations
 
-import os
+import threading
 import time
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 
 import grpc
@@ -64,10 +65,15 @@ def deployed():
     raw["http_options"]["port"] = free_port()
     for d in app["deployments"]:  # scale targets up at 1 active request each, without waiting
         if d["name"] == "TargetWorker":
-            d["autoscaling_config"].update(target_ongoing_requests=1, upscale_delay_s=0, look_back_period_s=2)
-    config = ServeDeploySchema.model_validate(raw)
+            # Ray 2.60 pushes replica metrics every metrics_interval_s (default 10 s; the
+            # RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S variable is not read yet), and a
+            # look-back window shorter than that is often empty, which leaves the replica count alone.
+            d["autoscaling_config"].update(target_ongoing_requests=1, upscale_delay_s=0,
+                                           metrics_interval_s=0.5, look_back_period_s=2)
+    with warnings.catch_warnings():  # metrics_interval_s is deprecated, and still the only knob
+        warnings.simplefilter("ignore", DeprecationWarning)
+        config = ServeDeploySchema.model_validate(raw)
 
-    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"  # inherited by Ray's workers
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     client = serve_api.serve_start(http_options=config.http_options.model_dump(),
                                    proxy_location=config.proxy_location)
@@ -88,7 +94,6 @@ def deployed():
             raise TimeoutError(f"not running after 240 s: {status}")
         yield {**app, "http_port": raw["http_options"]["port"]}
     finally:
-        os.environ.pop("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", None)
         serve.shutdown()
         ray.shutdown()
         if embedded is not None:
@@ -204,18 +209,34 @@ def test_target_workers_scale_up_on_active_requests(deployed, stub):
         return sum(d.replica_states.values())
 
     assert replicas() == 1
-    calls = [stub.Generate(request(f"count to a thousand, take {i}", SamplingParams(max_new_tokens=1500), "none"),
-                           timeout=120) for i in range(2)]
+    stop, seen = threading.Event(), []
+
+    def keep_generating(i: int) -> None:  # one request active at all times, until Serve has scaled
+        while not stop.is_set():
+            call = stub.Generate(request(f"count to a thousand, take {i}", SamplingParams(max_new_tokens=1500),
+                                         "none"), timeout=120)
+            try:
+                for _ in call:
+                    seen.append(i)
+                    if stop.is_set():
+                        call.cancel()
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.CANCELLED:
+                    raise
+
+    threads = [threading.Thread(target=keep_generating, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
     try:
-        for call in calls:
-            next(call)  # both are generating now
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while replicas() < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
+        assert set(seen) == {0, 1}, "both requests streamed tokens"
         assert replicas() == 2
     finally:
-        for call in calls:
-            call.cancel()
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
 
 
 # ---------------------------------------------------------------- the other deploy/ files (no cluster)
