@@ -23,7 +23,9 @@ class GrpcWorker:
     service_names: list[str] = []
     grace_s = 5.0
     _drained: dict | None = None
-    _drain_lock = threading.Lock()   # class-wide: one worker per process, and a drain is rare
+    # class-wide (one worker per process, and a drain is rare) and reentrant: the garbage collector may run
+    # another instance's __del__ -> drain() on this thread while a drain holds the lock
+    _drain_lock = threading.RLock()
 
     def check_health(self) -> None:
         """Serve calls this periodically: a worker whose heartbeat stopped is replaced."""
@@ -53,7 +55,7 @@ class GrpcWorker:
 
     def __del__(self):
         try:
-            if self.server is not None:
+            if self.server is not None and self._drained is None:
                 self.drain()
         except Exception:  # noqa: BLE001 - best effort at teardown
             log.warning("drain failed", exc_info=True)

@@ -1,5 +1,5 @@
 """The `drafthorse` command: generate (in-process or through a cluster), bench, serve, loadtest, soak,
-train-drafter."""
+train-drafter, api-key, drain-node."""
 from __future__ import annotations
 
 import json
@@ -444,6 +444,28 @@ def train_drafter(
     typer.echo(json.dumps({"out": str(out), "kind": kind, **final, "draft_vocab": trainer.info["draft_vocab"],
                            "val_label_coverage": trainer.info["val_label_coverage"],
                            "train_seconds": trainer.info["train_seconds"]}))
+
+
+@app.command("drain-node")
+def drain_node_cmd(
+    deadline_s: float = typer.Option(25.0, min=0.0, help="give up waiting after this long; Serve stops what is "
+                                                         "left at this deadline minus its graceful shutdown time"),
+    address: str = typer.Option("auto", help="Ray cluster (auto: the one this machine belongs to)"),
+    node_id: Optional[str] = typer.Option(None, help="Ray node id to drain (default: this machine's node)"),
+):
+    """Drain this Ray node before it stops (a Kubernetes preStop hook): Serve moves its replicas elsewhere,
+    each finishing or handing over its streams; waits until none is left (exit 1 if some are)."""
+    import subprocess
+
+    from cluster.nodedrain import drain_node
+    try:
+        result = drain_node(address, node_id, deadline_s)
+    except (ConnectionError, RuntimeError, subprocess.TimeoutExpired) as e:
+        _fail(f"drain-node: {e}")
+    typer.echo(json.dumps(result))
+    if result["replicas_left"]:
+        typer.echo(f"error: {len(result['replicas_left'])} replica(s) still on the node after {deadline_s} s", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("api-key")

@@ -99,6 +99,7 @@ RESPONSES = {400: _err("invalid request: not JSON, not an object, a missing or w
              401: _err("missing or unknown API key (when keys are configured)"),
              403: _err("permission denied"),
              404: _err("unknown model, session or route"),
+             413: _err("the request body is too large (DRAFTHORSE_HTTP_MAX_BODY_BYTES)"),
              429: _err("no capacity or a key's limit reached (Retry-After)"),
              500: _err("an unexpected gateway error"),
              503: _err("the gateway or its workers are unavailable"),
@@ -312,9 +313,52 @@ class _Generator:
             await self._channel.close()
 
 
-def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, keys=None) -> FastAPI:
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while a body is read: an HTTPException, so FastAPI passes it on instead of turning it into
+    its generic 400 ("error parsing the body")."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit} bytes (DRAFTHORSE_HTTP_MAX_BODY_BYTES)")
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413, refused by its Content-Length before
+    any of it is read, or (chunked) as soon as the bytes received pass the limit, so a client cannot
+    make a replica buffer an unbounded body. (Starlette's RequestBodyLimitMiddleware answers in plain
+    text, not OpenAI's error format.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            e = _BodyTooLarge(self.limit)
+            return await JSONResponse(_too_large_body(e), status_code=413, headers={"Connection": "close"})(
+                scope, receive, send)
+        received = 0
+
+        async def bounded():
+            nonlocal received
+            msg = await receive()
+            received += len(msg.get("body", b""))
+            if received > self.limit:
+                raise _BodyTooLarge(self.limit)
+            return msg
+        await self.app(scope, bounded, send)
+
+
+def _too_large_body(e: _BodyTooLarge) -> dict:
+    return APIError(413, e.detail, code="request_too_large").body()
+
+
+def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, keys=None,
+               max_body_bytes: int = 4 << 20) -> FastAPI:
     """The FastAPI app serving `model` by calling the gRPC gateway at `gateway` (HOST:PORT). keys: the
-    API keys (cluster/apikeys.KeyRing) every /v1 route requires; None or empty = open."""
+    API keys (cluster/apikeys.KeyRing) every /v1 route requires; None or empty = open. A request body
+    over max_body_bytes is a 413."""
     gen = _Generator(gateway, timeout_s)
 
     async def api_key(request: Request) -> str:
@@ -347,6 +391,7 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
         return app.openapi_schema
     app.openapi = openapi
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     created = int(time.time())
     app.state.generator = gen
 
@@ -373,6 +418,10 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         msg = "; ".join(f"{'.'.join(_loc(er)[1:]) or 'body'}: {er.get('msg')}" for er in errors[:5])
         return JSONResponse(APIError(400, f"invalid request: {msg}", param=param,
                                      code="invalid_value").body(), status_code=400)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def _too_large(_: Request, e: _BodyTooLarge):
+        return JSONResponse(_too_large_body(e), status_code=413, headers={"Connection": "close"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):

@@ -91,3 +91,21 @@ def test_past_the_grace_streams_are_handed_over(worker, lm):
             got += msg.token_ids
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "continue on another" in e.value.details()
     assert result["handed_over"] == 1 and got == reference[:len(got)] and len(got) < TOKENS
+
+
+def test_a_drain_inside_a_drain_does_not_deadlock(worker):
+    """The garbage collector may run another worker's __del__ (which drains) on the thread of a drain in
+    progress; with a plain lock that hung the suite once."""
+    w, _ = worker
+    w.drain(0)
+    done = threading.Event()
+
+    def nested():
+        with GrpcWorker._drain_lock:   # a drain in progress on this thread
+            w.__del__()
+            assert w.drain()["worker_id"] == "target-drain"
+        done.set()
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(10)
+    assert done.is_set(), "drain deadlocked on its own lock"

@@ -568,5 +568,14 @@ def test_pods_outlive_the_drain_of_their_replicas(values, values_file):
             timeouts[d["name"]] = d["graceful_shutdown_timeout_s"]
     assert max(timeouts.values()) >= s.grace_s + 5
     for name, group in groups(rs).items():
-        period = group["template"]["spec"]["terminationGracePeriodSeconds"]
+        spec = group["template"]["spec"]
+        period = spec["terminationGracePeriodSeconds"]
         assert period > s.grace_s + 5 and period > max(timeouts.values()) + 5, (name, period, timeouts)
+        if name == "head":
+            continue
+        # worker pods drain their Ray node first (cluster/nodedrain.py), within the pod's grace period,
+        # with time left for Serve's graceful stop of a replica that cannot move before the deadline
+        cmd = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert cmd[:2] == ["drafthorse", "drain-node"], (name, cmd)
+        deadline = float(cmd[cmd.index("--deadline-s") + 1])
+        assert max(timeouts.values()) < deadline < period, (name, deadline, period)

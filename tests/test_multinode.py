@@ -2,7 +2,8 @@
 machine): a head (Serve's controller, the gateway), one "cheap" node and two "large" ones advertising the
 accelerator resources the workers ask for. Draft workers must land on the cheap node only, target workers
 on the large ones only, so every token tree crosses gRPC between nodes; killing a whole large node (its
-raylet and every worker process on it) under 16 streams must cost no stream a token.
+raylet and every worker process on it) under 16 streams must cost no stream a token, and draining one
+(`drafthorse drain-node`, the chart's preStop hook) must move its replicas off before the node stops.
 
 On one machine the nodes share loopback, so "between nodes" is between processes of different raylets,
 not between hosts; placement, the registry's node ids and node death are Ray's real ones."""
@@ -33,8 +34,8 @@ def nodes():
     import ray
     from ray.cluster_utils import Cluster as RayCluster
     t0 = time.monotonic()
-    rc = RayCluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {}, "include_dashboard": False,
+    rc = RayCluster(initialize_head=True, head_node_args={  # the dashboard answers `drain-node`'s state queries
+        "num_cpus": 1, "resources": {}, "include_dashboard": True, "dashboard_port": free_port(),
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
     handles = {"cheap": [rc.add_node(**CHEAP)], "large": [rc.add_node(**LARGE), rc.add_node(**LARGE)]}
     rc.wait_for_nodes()
@@ -159,3 +160,65 @@ def test_large_node_killed_under_16_streams(nodes, cluster, stub, local):
     _, msgs = run(stub, request(PROMPTS[1], SamplingParams(max_new_tokens=N), "draft-model"))
     st = msgs[-1].stats
     assert st.draft_rpcs > 0 and st.draft_worker
+
+
+def test_large_node_drained_under_16_streams(nodes, cluster, stub, local):
+    """The Kubernetes preStop path: `drafthorse drain-node` on the busiest target's large node under 16
+    streams. Ray marks the node draining, Serve starts a replacement on a spare large node and stops the
+    old replica the graceful way; the command returns once no replica is left on the node, which is still
+    alive then (the pod's SIGTERM comes after the hook), and only then is the node removed."""
+    import json
+    import subprocess
+    import sys
+    rc, handles = nodes
+    gateway_node = _gateway_node()
+    spare = rc.add_node(**LARGE)
+    handles["large"].append(spare)
+    drained: dict = {}
+
+    def drain(node_id: str) -> None:
+        t = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "cluster.cli", "drain-node", "--address", rc.address,
+                               "--node-id", node_id, "--deadline-s", "90"], capture_output=True, text=True,
+                              timeout=150)
+        drained.update(rc=done.returncode, out=done.stdout, err=done.stderr[-2000:], s=time.monotonic() - t)
+
+    def fault():
+        alive, reg = _alive(cluster)
+        w = max((w for w in alive["target"] if w.node_id != gateway_node), key=lambda w: reg.load(w.worker_id))
+        drained.update(worker=w.worker_id, node=w.node_id)
+        drained["thread"] = threading.Thread(target=drain, args=(w.node_id,), daemon=True)
+        drained["thread"].start()
+        return reg.load(w.worker_id)
+
+    report = _storm(cluster, stub, local, fault)   # every stream == target alone, gapless seq
+    drained["thread"].join(150)
+    assert drained.get("rc") == 0, drained
+    result = json.loads(drained["out"].strip().splitlines()[-1])
+    print("node-drain report:", report, {k: result[k] for k in ("replicas_before", "seconds")})
+    assert report["hit_worker_streams"] > 0
+    assert result["node_id"] == drained["node"] and result["replicas_left"] == []
+    assert any(r.endswith(":TargetWorker") for r in result["replicas_before"]), result
+    # the node was still up when its last replica left: Serve moved them, nothing was killed
+    import ray
+    assert drained["node"] in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    alive, _ = _alive(cluster)
+    assert drained["worker"] not in {w.worker_id for w in alive["target"]}
+    assert spare.node_id in {w.node_id for w in alive["target"]}
+    node = next(n for n in handles["large"] if n.node_id == drained["node"])
+    rc.remove_node(node)   # the pod stops: nothing of the app runs there any more
+    handles["large"].remove(node)
+    _, msgs = run(stub, request(PROMPTS[2], SamplingParams(max_new_tokens=N), "draft-model"))
+    assert [t for m in msgs for t in m.token_ids] == reference(local, chat_ids(local, PROMPTS[2]), "none")
+
+
+def test_drain_node_names_an_unreachable_cluster():
+    """An explicit address with no Ray behind it fails in seconds with a message (ray.init would wait
+    minutes for the GCS)."""
+    import subprocess
+    import sys
+    t = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "drain-node", "--address", f"127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no Ray cluster answers at 127.0.0.1:" in done.stderr, done.stderr
+    assert time.monotonic() - t < 30

@@ -678,3 +678,45 @@ def test_input_grpc_cannot_carry_is_400_not_500(fake):
     for auth in ["Bearer \xe9\xff", "Bearer a\tb", "Bearer " + "k" * 20_000]:
         r = http.post("/v1/completions", json={"model": "m", "prompt": "p"}, headers={"Authorization": auth.encode("latin-1")})
         assert r.status_code == 200, r.text   # an open gateway: served as if no key came
+
+
+def test_oversized_body_is_413_before_it_is_read():
+    """A body over http_max_body_bytes is refused by its Content-Length, or once a chunked body passes
+    the limit: the replica never buffers it whole, and the gateway never sees the request."""
+    from concurrent import futures
+
+    from starlette.testclient import TestClient
+
+    from cluster.openai_api import create_app
+    server, rec = grpc.server(futures.ThreadPoolExecutor(2)), _Recorder()
+    pb_grpc.add_GeneratorServicer_to_server(rec, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    body = json.dumps({"model": "m", "prompt": "x" * 5000}).encode()
+    with TestClient(create_app(f"127.0.0.1:{port}", "m", max_body_bytes=4096)) as http:
+        r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert "4096" in r.json()["error"]["message"]
+        chunked = http.post("/v1/completions", content=(body[i:i + 1000] for i in range(0, len(body), 1000)),
+                            headers={"Content-Type": "application/json"})
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large", chunked.text
+        # under the limit the request goes on to validation (the model is checked there: 404)
+        small = http.post("/v1/completions", json={"model": "other", "prompt": "x" * 3000})
+        assert small.status_code == 404, small.text
+        assert not rec.requests
+        assert http.post("/v1/completions", json={"model": "m", "prompt": "x" * 3000}).status_code == 200
+        assert rec.requests[-1].prompt == "x" * 3000
+    server.stop(None)
+
+
+def test_oversized_body_through_the_serve_proxy_is_413(cluster, client):
+    """The cluster's own HTTP ingress applies the default limit (4 MiB) and keeps serving."""
+    import urllib.error
+    import urllib.request
+    data = json.dumps({"model": MODEL, "prompt": "x" * (5 << 20)}).encode()
+    req = urllib.request.Request(f"{cluster.http}/v1/completions", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and json.loads(e.value.read())["error"]["code"] == "request_too_large"
+    assert client.completions.create(model=MODEL, prompt="still here", max_tokens=2).choices[0].text is not None

@@ -239,6 +239,16 @@ volumes:
   {{- include "drafthorse.volumes" . | nindent 2 }}
 {{- end }}
 
+{{/* Every Ray worker pod's preStop hook: Ray drains the pod's node, Serve moves its replicas to other
+nodes (each one finishing or handing over its streams), and the hook returns once none is left there,
+so the pod's SIGTERM no longer interrupts a stream. Its deadline leaves the kubelet 5 s. */}}
+{{- define "drafthorse.preStop" -}}
+lifecycle:
+  preStop:
+    exec:
+      command: ["drafthorse", "drain-node", "--deadline-s", "{{ sub (int .Values.gracefulShutdownSeconds) 5 }}"]
+{{- end }}
+
 {{/* Checks JSON schema cannot express */}}
 {{- define "drafthorse.validate" -}}
 {{- range $g := list "draft" "target" }}
