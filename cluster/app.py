@@ -77,7 +77,7 @@ class GatewayServer:
         from cluster.openai_api import create_app
         host = "127.0.0.1" if self.s.host in ("", "0.0.0.0", "::") else self.s.host
         return create_app(f"[{host}]:{self.s.gateway_port}" if ":" in host else f"{host}:{self.s.gateway_port}",
-                          model=self.s.model, keys=self.s.keyring(), max_body_bytes=self.s.http_max_body_bytes)
+                          model=self.s.model, keys=self.s.keyring(), max_body_bytes=self.s.max_request_bytes)
 
 
 def _wire_settings(s: Settings) -> dict:

@@ -259,7 +259,11 @@ async def serve_gateway(s: Settings, tokenizer, ready: asyncio.Event | None = No
     from grpc_reflection.v1alpha import reflection
 
     gateway = Gateway(s, tokenizer)
-    server = grpc.aio.server(options=OPTIONS, interceptors=[ApiKeyAuth(gateway.keys, s.token())]
+    # clients' messages are bounded by max_request_bytes (gRPC answers RESOURCE_EXHAUSTED past it); the
+    # 64 MiB of OPTIONS is for the internal messages that carry target features
+    public = [o for o in OPTIONS if o[0] != "grpc.max_receive_message_length"] + \
+        [("grpc.max_receive_message_length", s.max_request_bytes)]
+    server = grpc.aio.server(options=public, interceptors=[ApiKeyAuth(gateway.keys, s.token())]
                              if gateway.keys.enabled else [])
     if not gateway.keys.enabled and not is_loopback(s.host):
         log.warning("the public API on %s has no API keys: anyone who reaches it can generate "

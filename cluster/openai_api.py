@@ -99,7 +99,7 @@ RESPONSES = {400: _err("invalid request: not JSON, not an object, a missing or w
              401: _err("missing or unknown API key (when keys are configured)"),
              403: _err("permission denied"),
              404: _err("unknown model, session or route"),
-             413: _err("the request body is too large (DRAFTHORSE_HTTP_MAX_BODY_BYTES)"),
+             413: _err("the request body is too large (DRAFTHORSE_MAX_REQUEST_BYTES)"),
              429: _err("no capacity or a key's limit reached (Retry-After)"),
              500: _err("an unexpected gateway error"),
              503: _err("the gateway or its workers are unavailable"),
@@ -318,7 +318,7 @@ class _BodyTooLarge(StarletteHTTPException):
     its generic 400 ("error parsing the body")."""
 
     def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than {limit} bytes (DRAFTHORSE_HTTP_MAX_BODY_BYTES)")
+        super().__init__(413, f"the request body is larger than {limit} bytes (DRAFTHORSE_MAX_REQUEST_BYTES)")
 
 
 class _BodyLimit:

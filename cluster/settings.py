@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     key_tokens_per_minute: int = Field(0, ge=0, description="generated tokens per API key per minute")
     key_max_prompt_tokens: int = Field(0, ge=0, description="prompt tokens per request of an API key")
     key_max_new_tokens: int = Field(0, ge=0, description="max new tokens per request of an API key")
-    http_max_body_bytes: int = Field(4 << 20, ge=1024, description="largest HTTP request body; a larger one is "
-                                     "refused with 413 before it is read whole")
+    max_request_bytes: int = Field(4 << 20, ge=1024, le=64 << 20, description="largest public request: an HTTP "
+                                   "body (larger: 413, refused before it is read whole) or a gRPC message to the "
+                                   "gateway (larger: RESOURCE_EXHAUSTED)")
     grace_s: float = Field(5.0, ge=0, description="drain: seconds a stopping worker or gateway lets its streams "
                            "finish before handing them over (workers) or ending them (gateway)")
 

@@ -99,6 +99,17 @@ def test_every_public_rpc_needs_a_key(gateway):
         assert "drafthorse.v1.Generator" in names
 
 
+def test_a_request_over_max_request_bytes_is_resource_exhausted(gateway):
+    """The public gateway reads at most max_request_bytes (4 MiB) of a message, not the 64 MiB the
+    internal RPCs allow for target features."""
+    addr, s = gateway
+    assert s.max_request_bytes == 4 << 20
+    code, details = call(addr, ALICE, prompt="x" * (5 << 20))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details, details
+    code, details = call(addr, ALICE, prompt="x" * (1 << 20))   # read, and refused by the prompt checks
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in details, details
+
+
 def test_sessions_belong_to_their_key(gateway):
     addr, s = gateway
     from cluster.redis_store import connect

@@ -681,7 +681,7 @@ def test_input_grpc_cannot_carry_is_400_not_500(fake):
 
 
 def test_oversized_body_is_413_before_it_is_read():
-    """A body over http_max_body_bytes is refused by its Content-Length, or once a chunked body passes
+    """A body over max_request_bytes is refused by its Content-Length, or once a chunked body passes
     the limit: the replica never buffers it whole, and the gateway never sees the request."""
     from concurrent import futures
 
