@@ -132,7 +132,9 @@ class Cluster:
         self.s = self.s.model_copy(update={"redis_url": url}).with_token()
         lap("redis_s")
         if not ray.is_initialized():
-            ray.init(address=self.s.ray_address, include_dashboard=False, log_to_driver=False,
+            # "local": a Ray of our own unless one is named; ray.init() would join any Ray found running
+            # on this machine (another `drafthorse serve`, a `ray start`) and deploy into it
+            ray.init(address=self.s.ray_address or "local", include_dashboard=False, log_to_driver=False,
                      **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
         lap("ray_s")
         if not self.s.http_port:  # 0: any free port

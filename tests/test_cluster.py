@@ -59,7 +59,7 @@ def pki(tmp_path_factory):
 def cluster(heads, pki):
     import ray
     # workers ask for the accelerator kinds they need; this one-node Ray has both
-    ray.init(num_cpus=4, resources={"large_accel": 1, "cheap_accel": 1}, include_dashboard=False,
+    ray.init(address="local", num_cpus=4, resources={"large_accel": 1, "cheap_accel": 1}, include_dashboard=False,
              log_to_driver=False)
     s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=free_port(),
                  worker_num_cpus=0.25, heartbeat_s=0.5, key_prefix=f"dh-test-{uuid.uuid4().hex[:8]}:",

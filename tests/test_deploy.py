@@ -74,7 +74,7 @@ def deployed():
         warnings.simplefilter("ignore", DeprecationWarning)
         config = ServeDeploySchema.model_validate(raw)
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     client = serve_api.serve_start(http_options=config.http_options.model_dump(),
                                    proxy_location=config.proxy_location)
     client.deploy_apps(config)

@@ -27,7 +27,7 @@ N = 16
 def cluster():
     import ray
     from ray import serve
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     s = Settings(model=MODEL, draft_model="tiny:1", num_targets=1, num_drafts=1, gateway_port=free_port(),
                  http_port=free_port(), worker_num_cpus=0.25, heartbeat_s=0.5, sessions_per_target=8,
                  max_len=512, key_prefix=f"dh-http-{uuid.uuid4().hex[:8]}:")
