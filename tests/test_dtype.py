@@ -188,11 +188,32 @@ def test_exact_row_counts_skip_the_unstable_ones():
     M, like a lone row: there M is padded to an even count of at least 4."""
     counts = exact._COUNTS
     odd = {m for m in counts if m < 4 or m % 2}
-    step, mins = exact._choose([odd, {1}], counts)
-    assert (step, mins) == (2, [4, 2])
+    step, mins, maxes = exact._choose([odd, {1}], counts)
+    assert (step, mins, maxes) == (2, [4, 2], [None, None])
     assert [exact.rows(n, 4, 2) for n in (1, 2, 4, 5, 9, 10)] == [4, 4, 4, 6, 10, 10]
-    assert exact._choose([{1, 2, 3}], counts) == (1, [4])            # no step needed: pad to 4 only
+    assert exact._choose([{1, 2, 3}], counts) == (1, [4], [None])    # no step needed: pad to 4 only
     assert exact._choose([set(counts)], counts) is None              # nothing is stable: not exact
+    # AMX bf16 kernels (SmolLM2's attention output projection, 2 threads): stable up to 32 rows, not at
+    # 40 or 48. Chunked, that product runs in calls of at most 32 rows; a window too small to hold a
+    # tree's rows is no use
+    assert exact._choose([{40, 48}], counts) is None
+    assert exact._choose([{40, 48}, {1, 2, 3}], counts, chunked=True) == (1, [1, 4], [32, None])
+    assert exact._choose([set(range(9, 49))], counts, chunked=True) is None
+
+
+def test_exact_products_past_their_window_run_in_chunks():
+    """More rows than a product's probed maximum: calls of that many rows, the last padded like any
+    short call, so every row is computed by a call shape the probe found stable."""
+    m = loader.tiny_llama(0, dtype=torch.float32, max_len=64).model   # its own: the probe result is set here
+    w = m.layers[0]["o"]
+    m._min_rows = ({tuple(w.shape): (2, 4)}, 1)
+    m.exact_step = 2
+    x = torch.randn(11, w.shape[0], dtype=w.dtype)
+    pad = lambda rows, n: torch.cat([rows, rows.new_zeros(n - len(rows), rows.shape[1])])   # noqa: E731
+    want = torch.cat([x[0:4] @ w, x[4:8] @ w, (pad(x[8:11], 4) @ w)[:3]])
+    assert torch.equal(m._linear(x, w, True), want)
+    assert torch.equal(m._linear(x[:1], w, True), (pad(x[:1], 2) @ w)[:1])
+    assert torch.equal(m._linear(x, w, False), x @ w)
 
 
 def test_exact_probe_data_shows_any_change_of_summation_order():
@@ -404,3 +425,19 @@ def test_smollm2_gguf_cache_hit_and_corrupted_entry(tmp_path, monkeypatch, caplo
     got = again.hf.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert gguf_cache.load(gguf_cache.file_sha256(loader.smollm2_path()), "bfloat16") is not None  # rebuilt
+
+
+@pytest.mark.smollm2
+def test_auto_never_picks_a_dtype_the_exact_probe_rejects(monkeypatch):
+    """Where the probe finds no row counts that round alike (exact_ok False), dtype auto falls back to
+    float32 rather than serve bfloat16 whose speculative output could drift from plain decoding."""
+    from actors.models import exact
+    monkeypatch.setenv(loader.NATIVE_BF16_ENV, "1")
+    monkeypatch.setattr(exact, "_choose", lambda *a, **k: None)      # a machine that defeats the probe
+    try:
+        lm = loader.load("smollm2", "auto")
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    assert lm.dtype == "float32" and lm.model.dtype == torch.float32
+    explicit = loader.load("smollm2", "bfloat16")                   # asked for by name: served, with a warning
+    assert explicit.dtype == "bfloat16" and explicit.model.exact_ok is False

@@ -51,6 +51,7 @@ WINDOW = DEPTH + CHUNK     # keys gathered per row
 _PROBE_TOP = 96                                         # rows of probe data
 _COUNTS = list(range(1, 25)) + [28, 32, 40, 48]         # row counts probed
 _STEPS = (1, 2, 4, 8)                                   # row-count granularities tried
+MIN_CHUNK = 16                                          # fewest rows a chunked product may run in one call
 
 
 def default_on(dtype: torch.dtype) -> bool:
@@ -189,25 +190,41 @@ def _unstable(op, x: torch.Tensor, counts) -> set[int]:
     return bad
 
 
-def _choose(unstable: list[set[int]], counts: list[int]) -> tuple[int, list[int]] | None:
-    """(step, [min rows per product]): pad n rows to max(min rows, n rounded up to a multiple of step),
-    the step common to all products, each product's min rows the smallest multiple of step from which
-    every probed multiple of step is stable. Chosen for the fewest rows over n = 1..16; None if none."""
+def _choose(unstable: list[set[int]], counts: list[int], chunked: bool = False) \
+        -> tuple[int, list[int], list[int | None]] | None:
+    """(step, [min rows per product], [max rows per product or None]): pad n rows to max(min rows, n
+    rounded up to a multiple of step), the step common to all products, each product's min rows the
+    smallest multiple of step from which every probed multiple of step is stable (max None). chunked:
+    a product with no such tail may use a run of stable multiples [min, max] instead, max >= MIN_CHUNK,
+    and run more than max rows as calls of max rows (AMX bf16 kernels here: stable up to 32 rows, not at
+    40 or 48). Chosen for the fewest rows over n = 1..16; None if no step works."""
     best = None
     for step in _STEPS:
-        mins = []
+        mults = sorted(c for c in counts if c % step == 0)
+        mins, maxes = [], []
         for bad in unstable:
-            m0 = None
-            for m in sorted((c for c in counts if c % step == 0), reverse=True):
+            runs, start = [], None                   # maximal runs of stable multiples: (first, last)
+            for i, m in enumerate(mults):
                 if m in bad:
-                    break
-                m0 = m
-            mins.append(m0)
+                    start = None
+                    continue
+                start = m if start is None else start
+                if i + 1 == len(mults) or mults[i + 1] in bad:
+                    runs.append((start, m))
+            tail = [r for r in runs if r[1] == mults[-1]]
+            if tail:
+                mins.append(tail[0][0])
+                maxes.append(None)
+                continue
+            window = [r for r in runs if r[1] >= MIN_CHUNK] if chunked else []
+            lo, hi = max(window, key=lambda r: (r[1], -r[0])) if window else (None, None)
+            mins.append(lo)
+            maxes.append(hi)
         if None in mins:
             continue
         cost = sum(rows(n, m0, step) for m0 in mins for n in range(1, 17))
         if best is None or cost < best[0]:
-            best = (cost, step, mins)
+            best = (cost, step, mins, maxes)
     return None if best is None else best[1:]
 
 
@@ -217,10 +234,11 @@ def rows(n: int, min_rows: int, step: int = 1) -> int:
 
 
 def probe_min_rows(model) -> tuple[dict, int]:
-    """({weight shape: rows an exact product with it pads to}, rows each attention group pads to):
-    from these counts on, every row comes out the same whatever the row count, provided the count is
-    a multiple of model.exact_step (products with weights) / model.exact_attn_step (attention groups),
-    which this sets too. Every row count up to 48 is probed: some kernels round a row differently only
+    """({weight shape: (rows an exact product with it pads to, most rows one call may take or None)},
+    rows each attention group pads to): from these counts on (and up to that most, past which a
+    product runs in chunks), every row comes out the same whatever the row count, provided the count
+    is a multiple of model.exact_step (products with weights) / model.exact_attn_step (attention
+    groups), which this sets too. Every row count up to 48 is probed: some kernels round a row differently only
     at some counts (2 threads, oneDNN bf16 GEMM without native bf16: one row of any odd count is
     computed like a lone row). Measured once per model, at the current thread count, which the
     result holds for (about a second for SmolLM2); warns when no such counts exist on this machine."""
@@ -252,7 +270,7 @@ def probe_min_rows(model) -> tuple[dict, int]:
         shapes.append(shape)
         x = _cancelling(top, w.shape[0], hot, dtype, gen)
         unstable.append(_unstable(lambda x, w=wp: x @ w, x, _COUNTS))
-    linear = _choose(unstable, _COUNTS)
+    linear = _choose(unstable, _COUNTS, chunked=True)
     # attention (`attend`), in rows of queries: the shared-prefix products [kv, m * grp, d] @ [kv, d, T]
     # and [kv, m * grp, T] @ [kv, T, d] over slices of a [kv, max_len, d] cache, and the per-row window
     # products [1, m, grp, d] @ [1, m, d, W] and [1, m, grp, W] @ [1, m, W, d] (each row its own keys)
@@ -292,12 +310,12 @@ def probe_min_rows(model) -> tuple[dict, int]:
                     "row count probed; speculative output may differ from plain decoding", dtype)
         model.exact_ok = False
         model.exact_step = model.exact_attn_step = 1
-        return {shape: 1 for shape in shapes}, 1
+        return {shape: (1, None) for shape in shapes}, 1
     model.exact_ok = True
     model.exact_step, model.exact_attn_step = linear[0], attn[0]
-    per_weight = dict(zip(shapes, linear[1]))
-    log.info("exact decoding (%s, %d threads): matmul rows padded to %s and to a multiple of %d, attention "
-             "rows to %d and to a multiple of %d (probed in %.2f s)", str(dtype).removeprefix("torch."),
-             torch.get_num_threads(), sorted(set(per_weight.values())), linear[0], max(attn[1]), attn[0],
-             time.perf_counter() - t0)
+    per_weight = dict(zip(shapes, zip(linear[1], linear[2])))
+    log.info("exact decoding (%s, %d threads): matmul rows padded to %s and to a multiple of %d (chunked: "
+             "%s), attention rows to %d and to a multiple of %d (probed in %.2f s)",
+             str(dtype).removeprefix("torch."), torch.get_num_threads(), sorted(set(linear[1])), linear[0],
+             sorted({m for m in linear[2] if m}) or "none", max(attn[1]), attn[0], time.perf_counter() - t0)
     return per_weight, max(attn[1])

@@ -133,22 +133,34 @@ class Llama(nn.Module):
     def min_rows(self, attention: bool = False, weight: torch.Tensor | None = None) -> int:
         """Rows an exact forward pads a product with `weight` (default: the most any weight needs), or
         each attention group, to; probed once."""
+        if attention:
+            return self._probed()[1]
+        return self._window(weight)[0]
+
+    def _probed(self) -> tuple[dict, int]:
         if self._min_rows is None:
             self._min_rows = _exact.probe_min_rows(self)
-        per_weight, attn = self._min_rows
-        if attention:
-            return attn
-        if weight is not None:
-            return per_weight.get(tuple(weight.shape), max(per_weight.values(), default=1))
-        return max(per_weight.values(), default=1)
+        return self._min_rows
+
+    def _window(self, weight: torch.Tensor | None) -> tuple[int, int | None]:
+        """(min rows, max rows per call or None) of exact products with `weight`."""
+        per_weight = self._probed()[0]
+        widest = (max((lo for lo, _ in per_weight.values()), default=1), None)
+        return widest if weight is None else per_weight.get(tuple(weight.shape), widest)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, exact: bool) -> torch.Tensor:
         """x @ w (w: [in, out]); in exact forwards on a row count from which w's products round alike
-        (at least the probed minimum, a multiple of the probed step; dummy zero rows, dropped again)."""
+        (at least the probed minimum, a multiple of the probed step; dummy zero rows, dropped again),
+        in calls of at most the probed maximum where the kernel has one."""
         if isinstance(w, Int8Weight):
             return w.mm(x)            # row-invariant at every row count (quant.py): no padding
         n = x.shape[0]
-        need = _exact.rows(n, self.min_rows(weight=w), self.exact_step) if exact else n
+        if not exact:
+            return x @ w
+        lo, hi = self._window(w)
+        if hi is not None and n > hi:   # more rows than this kernel rounds alike in one call
+            return torch.cat([self._linear(x[i:i + hi], w, True) for i in range(0, n, hi)])
+        need = _exact.rows(n, lo, self.exact_step)
         if n == need:
             return x @ w
         return (torch.cat([x, x.new_zeros(need - n, x.shape[1])]) @ w)[:n]

@@ -155,6 +155,11 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
         lm.model.quantize_int8()
     if lm.model.exact:
         lm.model.min_rows()   # probe the kernels now, not in the first request
+        if lm.model.exact_ok is False and (asked or "auto").strip().lower() == "auto":
+            # auto never picks a dtype whose speculative output could drift from plain decoding
+            log.warning("%s: this machine's %s kernels defeat exact decoding; auto takes float32 instead",
+                        spec, dtype)
+            return load(spec, "float32", max_len)
     log.info("loaded %s as %s%s from the %s in %.1f s%s", spec, dtype, f" (asked: {asked})" if asked != dtype else "",
              source, time.perf_counter() - t0, "; exact decode/verify rows" if lm.model.exact else "")
     return lm
