@@ -64,14 +64,19 @@ def _client(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: ran
 
 
 def _label(p) -> str:
-    """A process's role: the Ray actor it hosts (from its title), else its name."""
+    """A process's role: the Ray actor class it hosts (from its title), else its name."""
     try:
         cmd = " ".join(p.cmdline())
     except Exception:  # noqa: BLE001 - gone meanwhile
         return p.name()
-    if cmd.startswith("ray::"):
-        return cmd.split()[0][5:].replace("ServeReplica:", "")
-    return p.name()
+    return actor_role(cmd.split()[0]) if cmd.startswith("ray::") else p.name()
+
+
+def actor_role(title: str) -> str:
+    """Ray retitles an actor's process with the method running ("ray::drafthorse:DraftWorker.check_health",
+    "ray::SERVE_REPLICA::drafthorse#DraftWorker#id:drafthorse:DraftWorker.__init__"): keep the class, so
+    one process keeps one name (and one memory series) for its whole life."""
+    return title.removeprefix("ray::").rsplit(":", 1)[-1].split(".", 1)[0]
 
 
 def memory_sample() -> dict[str, float]:
@@ -89,12 +94,14 @@ def memory_sample() -> dict[str, float]:
 
 def trends(samples: list[dict], skip_frac: float = 0.5) -> dict[str, dict]:
     """Per process alive through the steady part (the first `skip_frac` of the run is warm-up: caches,
-    allocator pools and Ray's own buffers fill there): its
-    least-squares RSS slope (MiB/min) and growth (MiB, last minus first)."""
+    allocator pools and Ray's own buffers fill there) and already running in the first half of the
+    warm-up (a replacement started later may still be loading its model): its least-squares RSS slope
+    (MiB/min) and growth (MiB, last minus first)."""
     steady = samples[int(len(samples) * skip_frac):]
     if len(steady) < 3:
         return {}
-    common = set(steady[0]["rss_mb"]).intersection(*(s["rss_mb"] for s in steady))
+    early = set().union(*(s["rss_mb"] for s in samples[:max(1, int(len(samples) * skip_frac / 2))]))
+    common = early.intersection(*(s["rss_mb"] for s in steady))
     out = {}
     for name in sorted(common):
         ts = [s["t"] / 60 for s in steady]

@@ -41,9 +41,18 @@ def test_trend_and_verdict_catch_growth_and_loss():
     bad = {**ok, "memory_trend": tr, "errors": {"UNAVAILABLE": 1}, "lost": {"mismatched_answers": 0, "sequence_gaps": 2}}
     problems = verdict(bad, 20)
     assert len(problems) == 3 and "leak:2 grows" in problems[2]
+    # a process keeps its name while Ray retitles it with the method it runs
+    from cluster.soak import actor_role
+    assert {actor_role(t) for t in ("ray::drafthorse:DraftWorker", "ray::drafthorse:DraftWorker.check_health",
+                                    "ray::SERVE_REPLICA::drafthorse#DraftWorker#q1:drafthorse:DraftWorker.__init__",
+                                    "ray::ServeReplica:drafthorse:DraftWorker")} == {"DraftWorker"}
+    assert actor_role("ray::ProxyActor") == "ProxyActor" and actor_role("ray::IDLE") == "IDLE"
     # a process replaced half-way is judged by neither its old nor its new pid
     moved = [{"t": t, "rss_mb": {"w:1" if t < 80 else "w:3": 100.0 + 5 * t}} for t in range(0, 120, 2)]
     assert trends(moved) == {}
+    # a replacement that started late in the warm-up is still loading its model: not judged
+    late = [{"t": t, "rss_mb": {"w:1": 100.0, **({"w:4": 100.0 + 20 * t} if t >= 40 else {})}} for t in range(0, 120, 2)]
+    assert set(trends(late)) == {"w:1"}
 
 
 def test_bad_arguments_are_named_before_anything_starts(tmp_path):
