@@ -58,7 +58,6 @@ class TargetService(pb_grpc.TargetServicer):
         self.engine = SpecEngine(None, lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy,
                                  prefill_chunk=prefill_chunk)
         self.scheduler = Scheduler(self.engine, self.pool, max_waiting or 4 * capacity)
-        self.active = 0
         self.draining = False                 # set by GrpcWorker.drain: refuse new streams
         self._live: dict[int, object] = {}    # id -> request being streamed (handover ends them)
         self._live_lock = threading.Lock()
@@ -108,7 +107,6 @@ class TargetService(pb_grpc.TargetServicer):
         context.add_callback(r.cancelled.set)  # client gone or deadline passed: leave the batch
         text = TextStream(self.decode, params.stop)
         with self._live_lock:
-            self.active += 1
             self._live[id(r)] = r
         try:
             while (step := r.out.get()) is not None:
@@ -133,10 +131,14 @@ class TargetService(pb_grpc.TargetServicer):
         finally:
             r.cancelled.set()
             with self._live_lock:
-                self.active -= 1
                 self._live.pop(id(r), None)
             metrics.observe_generation(kind, r.stats)
             self.draft_rpcs += getattr(drafter, "rpc_calls", 0)
+
+    @property
+    def active(self) -> int:
+        """Streams in flight."""
+        return len(self._live)
 
     def handover(self) -> int:
         """Ends every stream still running (draining): each stops after the steps already queued for

@@ -320,6 +320,10 @@ class _BodyTooLarge(StarletteHTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is larger than {limit} bytes (DRAFTHORSE_MAX_REQUEST_BYTES)")
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(APIError(413, self.detail, code="request_too_large").body(), status_code=413,
+                            headers={"Connection": "close"})
+
 
 class _BodyLimit:
     """ASGI middleware: a request body over `limit` bytes is a 413, refused by its Content-Length before
@@ -335,9 +339,7 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.limit:
-            e = _BodyTooLarge(self.limit)
-            return await JSONResponse(_too_large_body(e), status_code=413, headers={"Connection": "close"})(
-                scope, receive, send)
+            return await _BodyTooLarge(self.limit).response()(scope, receive, send)
         received = 0
 
         async def bounded():
@@ -349,9 +351,6 @@ class _BodyLimit:
             return msg
         await self.app(scope, bounded, send)
 
-
-def _too_large_body(e: _BodyTooLarge) -> dict:
-    return APIError(413, e.detail, code="request_too_large").body()
 
 
 def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, keys=None,
@@ -421,7 +420,7 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
 
     @app.exception_handler(_BodyTooLarge)
     async def _too_large(_: Request, e: _BodyTooLarge):
-        return JSONResponse(_too_large_body(e), status_code=413, headers={"Connection": "close"})
+        return e.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):

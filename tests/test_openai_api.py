@@ -3,6 +3,7 @@ load test, against one running cluster of tiny models: outputs equal the gRPC pa
 back in OpenAI's format with the right status codes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -601,8 +602,9 @@ class _Recorder(pb_grpc.GeneratorServicer):
                                                          mean_accepted_tokens=1.5, drafter="ngram"))
 
 
-@pytest.fixture()
-def fake():
+@contextlib.contextmanager
+def fake_app(**app_kw):
+    """The HTTP app in front of a recording gateway: yields (TestClient, _Recorder)."""
     from concurrent import futures
 
     from starlette.testclient import TestClient
@@ -613,9 +615,17 @@ def fake():
     pb_grpc.add_GeneratorServicer_to_server(rec, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    with TestClient(create_app(f"127.0.0.1:{port}", "m")) as http:
+    try:
+        with TestClient(create_app(f"127.0.0.1:{port}", "m", **app_kw)) as http:
+            yield http, rec
+    finally:
+        server.stop(None)
+
+
+@pytest.fixture()
+def fake():
+    with fake_app() as (http, rec):
         yield http, rec
-    server.stop(None)
 
 
 def test_parameters_reach_the_gateway(fake):
@@ -683,17 +693,8 @@ def test_input_grpc_cannot_carry_is_400_not_500(fake):
 def test_oversized_body_is_413_before_it_is_read():
     """A body over max_request_bytes is refused by its Content-Length, or once a chunked body passes
     the limit: the replica never buffers it whole, and the gateway never sees the request."""
-    from concurrent import futures
-
-    from starlette.testclient import TestClient
-
-    from cluster.openai_api import create_app
-    server, rec = grpc.server(futures.ThreadPoolExecutor(2)), _Recorder()
-    pb_grpc.add_GeneratorServicer_to_server(rec, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     body = json.dumps({"model": "m", "prompt": "x" * 5000}).encode()
-    with TestClient(create_app(f"127.0.0.1:{port}", "m", max_body_bytes=4096)) as http:
+    with fake_app(max_body_bytes=4096) as (http, rec):
         r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
         assert "4096" in r.json()["error"]["message"]
@@ -706,7 +707,6 @@ def test_oversized_body_is_413_before_it_is_read():
         assert not rec.requests
         assert http.post("/v1/completions", json={"model": "m", "prompt": "x" * 3000}).status_code == 200
         assert rec.requests[-1].prompt == "x" * 3000
-    server.stop(None)
 
 
 def test_oversized_body_through_the_serve_proxy_is_413(cluster, client):
