@@ -94,14 +94,13 @@ def memory_sample() -> dict[str, float]:
 
 def trends(samples: list[dict], skip_frac: float = 0.5) -> dict[str, dict]:
     """Per process alive through the steady part (the first `skip_frac` of the run is warm-up: caches,
-    allocator pools and Ray's own buffers fill there) and already running in the first half of the
-    warm-up (a replacement started later may still be loading its model): its least-squares RSS slope
-    (MiB/min) and growth (MiB, last minus first)."""
+    allocator pools and Ray's own buffers fill there) and running since the first sample, i.e. started
+    with the cluster (a replacement a fault started may still be loading its model well into the steady
+    part, on a loaded machine): its least-squares RSS slope (MiB/min) and growth (MiB, last minus first)."""
     steady = samples[int(len(samples) * skip_frac):]
     if len(steady) < 3:
         return {}
-    early = set().union(*(s["rss_mb"] for s in samples[:max(1, int(len(samples) * skip_frac / 2))]))
-    common = early.intersection(*(s["rss_mb"] for s in steady))
+    common = set(samples[0]["rss_mb"]).intersection(*(s["rss_mb"] for s in steady))
     out = {}
     for name in sorted(common):
         ts = [s["t"] / 60 for s in steady]
