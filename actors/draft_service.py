@@ -19,12 +19,12 @@ from typing import Callable, Iterable
 import grpc
 import torch
 
-from actors.drafters.base import Budget, Drafter
-from actors.rpc import start_server
-from actors.spec.sampling import SamplingParams, make_generator
-from actors.spec.tree import DraftTree
-from actors.wire import features_from_proto, sampling_from_proto, tree_to_proto
-from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.drafters.base import Budget, Drafter
+from drafthorse.actors.rpc import start_server
+from drafthorse.actors.spec.sampling import SamplingParams, make_generator
+from drafthorse.actors.spec.tree import DraftTree
+from drafthorse.actors.wire import features_from_proto, sampling_from_proto, tree_to_proto
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "drafthorse.v1.Drafter"
 LIMIT = 1 << 16               # max_nodes / max_depth beyond this are nonsense, not a request

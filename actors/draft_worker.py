@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from actors.worker import GrpcWorker
+from drafthorse.actors.worker import GrpcWorker
 
 log = logging.getLogger(__name__)
 DRAFT_THREADS = 32   # Draft RPCs served at once: as many sessions' forwards can share one pass
@@ -25,16 +25,16 @@ class DraftWorker(GrpcWorker):
     def __init__(self, settings: dict):
         import ray
 
-        from actors.draft_service import SERVICE_NAME, DraftService
-        from actors.drafters import load_head, make_drafter
-        from actors.models import loader
-        from actors.models.combiner import Combiner
-        from actors.models.runner import ModelRunner
-        from actors.rpc import start_server
-        from cluster import metrics
-        from cluster.heartbeat import Membership, worker_id
-        from cluster.settings import Settings
-        from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+        from drafthorse.actors.draft_service import SERVICE_NAME, DraftService
+        from drafthorse.actors.drafters import load_head, make_drafter
+        from drafthorse.actors.models import loader
+        from drafthorse.actors.models.combiner import Combiner
+        from drafthorse.actors.models.runner import ModelRunner
+        from drafthorse.actors.rpc import start_server
+        from drafthorse.cluster import metrics
+        from drafthorse.cluster.heartbeat import Membership, worker_id
+        from drafthorse.cluster.settings import Settings
+        from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
         s = Settings(**settings)
         torch.set_num_threads(s.torch_threads)

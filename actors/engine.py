@@ -17,14 +17,14 @@ from typing import Iterator
 
 import torch
 
-from actors.drafters.base import Budget, Drafter, NoDrafter
-from actors.models.runner import ModelRunner, score_batch
-from actors.spec.adaptive import Acceptance, AdaptivePolicy
-from actors.spec.sampling import SamplingParams, make_generator, probs_from_logits
-from actors.spec.stats import GenerationStats
-from actors.spec.stops import Decode, StopChecker
-from actors.spec.tree import ROOT, DraftTree
-from actors.spec.verify import verify_greedy, verify_sampling
+from drafthorse.actors.drafters.base import Budget, Drafter, NoDrafter
+from drafthorse.actors.models.runner import ModelRunner, score_batch
+from drafthorse.actors.spec.adaptive import Acceptance, AdaptivePolicy
+from drafthorse.actors.spec.sampling import SamplingParams, make_generator, probs_from_logits
+from drafthorse.actors.spec.stats import GenerationStats
+from drafthorse.actors.spec.stops import Decode, StopChecker
+from drafthorse.actors.spec.tree import ROOT, DraftTree
+from drafthorse.actors.spec.verify import verify_greedy, verify_sampling
 
 
 @dataclass

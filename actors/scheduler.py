@@ -18,11 +18,11 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from actors.drafters.base import Drafter
-from actors.engine import Sequence, SpecEngine, reusable_prefix
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams
-from actors.spec.stats import GenerationStats
+from drafthorse.actors.drafters.base import Drafter
+from drafthorse.actors.engine import Sequence, SpecEngine, reusable_prefix
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.stats import GenerationStats
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import uuid
 import grpc
 import torch
 
-from actors.drafters import KINDS, NoDrafter, make_drafter
-from actors.engine import SpecEngine
-from actors.spec.stats import GenerationStats
-from actors.worker import GrpcWorker
-from protos.drafthorse.v1 import drafthorse_pb2 as pb
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.drafters import KINDS, NoDrafter, make_drafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.spec.stats import GenerationStats
+from drafthorse.actors.worker import GrpcWorker
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 LOCAL_KINDS = ("medusa", "layerskip")   # trained heads that run in the target worker itself
@@ -45,8 +45,8 @@ class TargetService(pb_grpc.TargetServicer):
                  checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
                  adaptive: bool = True, max_waiting: int | None = None, heads: dict | None = None,
                  prefill_chunk: int = 256, tls=None):
-        from actors.scheduler import Scheduler, SlotPool
-        from actors.spec.adaptive import AdaptivePolicy
+        from drafthorse.actors.scheduler import Scheduler, SlotPool
+        from drafthorse.actors.spec.adaptive import AdaptivePolicy
 
         self.lm, self.worker_id, self.token, self.tls = lm, worker_id, token, tls
         self.heads = dict(heads or {})        # LOCAL_KINDS kind -> its loaded head (load_head), shared
@@ -66,18 +66,18 @@ class TargetService(pb_grpc.TargetServicer):
         self._channels_lock = threading.Lock()
 
     def _channel(self, address: str) -> grpc.Channel:
-        from actors.rpc import channel
+        from drafthorse.actors.rpc import channel
         with self._channels_lock:
             if address not in self._channels:
                 self._channels[address] = channel(address, self.tls)
             return self._channels[address]
 
     def Generate(self, treq: pb.TargetRequest, context: grpc.ServicerContext):
-        from actors.drafters.remote import RemoteDrafter
-        from actors.scheduler import QueueFull, Request
-        from actors.wire import sampling_from_proto
-        from cluster import metrics
-        from cluster.textstream import TextStream
+        from drafthorse.actors.drafters.remote import RemoteDrafter
+        from drafthorse.actors.scheduler import QueueFull, Request
+        from drafthorse.actors.wire import sampling_from_proto
+        from drafthorse.cluster import metrics
+        from drafthorse.cluster.textstream import TextStream
 
         req = treq.request
         if self.draining:
@@ -161,7 +161,7 @@ SERVICE = "drafthorse.v1.Target"
 def load_local_heads(s, lm) -> dict:
     """The medusa / layer-skip heads this worker serves. A head asked for (its path set, or its kind the
     default drafter) must load, else start-up fails; otherwise the shipped one is served if it loads."""
-    from actors.drafters import load_head, shipped_head
+    from drafthorse.actors.drafters import load_head, shipped_head
     heads = {}
     for kind in LOCAL_KINDS:
         path = getattr(s, f"{kind}_head")
@@ -185,11 +185,11 @@ class TargetWorker(GrpcWorker):
     def __init__(self, settings: dict):
         import ray
 
-        from actors.models import loader
-        from actors.rpc import start_server
-        from cluster import metrics
-        from cluster.heartbeat import Membership, worker_id
-        from cluster.settings import Settings
+        from drafthorse.actors.models import loader
+        from drafthorse.actors.rpc import start_server
+        from drafthorse.cluster import metrics
+        from drafthorse.cluster.heartbeat import Membership, worker_id
+        from drafthorse.cluster.settings import Settings
 
         s = Settings(**settings)
         tls = s.tls()   # read once: the server and the channels to draft workers share it

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import torch
 
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import DraftTree
-from protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import DraftTree
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 
 
 def tree_to_proto(tree: DraftTree) -> pb.TokenTree:

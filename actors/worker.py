@@ -34,7 +34,7 @@ class GrpcWorker:
     def drain(self, grace_s: float | None = None) -> dict:
         """Leave the cluster without failing a client (see the module doc); idempotent. Returns what
         happened: streams that finished here and streams handed over."""
-        from actors.rpc import set_not_serving
+        from drafthorse.actors.rpc import set_not_serving
         with self._drain_lock:
             if self._drained is not None:
                 return self._drained

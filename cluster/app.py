@@ -12,9 +12,9 @@ import time
 
 from ray import serve
 
-from actors.draft_worker import DraftWorker
-from actors.target_worker import TargetWorker
-from cluster.settings import Settings
+from drafthorse.actors.draft_worker import DraftWorker
+from drafthorse.actors.target_worker import TargetWorker
+from drafthorse.cluster.settings import Settings
 
 log = logging.getLogger(__name__)
 APP_NAME = "drafthorse"
@@ -27,8 +27,8 @@ class GatewayServer:
     def __init__(self, settings: dict, *workers):
         from transformers import AutoTokenizer
 
-        from actors.models.loader import DEFAULT_MODEL, resolve
-        from cluster.gateway import serve_gateway
+        from drafthorse.actors.models.loader import DEFAULT_MODEL, resolve
+        from drafthorse.cluster.gateway import serve_gateway
 
         s = self.s = Settings(**settings)
         directory, gguf = resolve(DEFAULT_MODEL if s.model.startswith("tiny:") else s.model)
@@ -63,7 +63,7 @@ class GatewayServer:
 
     def __del__(self):
         """Serve stops the replica: NOT_SERVING, refuse new calls, let streams finish (grace_s)."""
-        from cluster.gateway import drain_gateway
+        from drafthorse.cluster.gateway import drain_gateway
         try:
             if self.handles:
                 asyncio.run_coroutine_threadsafe(
@@ -74,7 +74,7 @@ class GatewayServer:
 
     def __serve_build_asgi_app__(self):
         """Serve calls this after __init__: the FastAPI app its HTTP proxy routes to."""
-        from cluster.openai_api import create_app
+        from drafthorse.cluster.openai_api import create_app
         host = "127.0.0.1" if self.s.host in ("", "0.0.0.0", "::") else self.s.host
         return create_app(f"[{host}]:{self.s.gateway_port}" if ":" in host else f"{host}:{self.s.gateway_port}",
                           model=self.s.model, keys=self.s.keyring(), max_body_bytes=self.s.max_request_bytes)
@@ -118,8 +118,8 @@ class Cluster:
     def start(self, timeout_s: float = 300) -> "Cluster":
         import ray
 
-        from cluster.redis_store import connect, ensure_redis, free_port
-        from cluster.registry import Registry
+        from drafthorse.cluster.redis_store import connect, ensure_redis, free_port
+        from drafthorse.cluster.registry import Registry
 
         t0 = last = time.perf_counter()
 
@@ -166,10 +166,10 @@ class Cluster:
         through gateway, target and draft workers; it also warms them). Recorded in `startup`."""
         import grpc
 
-        from actors.rpc import auth_metadata
-        from actors.spec.sampling import SamplingParams
-        from cluster.client import request
-        from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+        from drafthorse.actors.rpc import auth_metadata
+        from drafthorse.actors.spec.sampling import SamplingParams
+        from drafthorse.cluster.client import request
+        from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
         t0 = time.perf_counter()
         with grpc.insecure_channel(self.gateway) as channel:
@@ -248,7 +248,7 @@ def _keep_redis() -> str:
     @ray.remote(num_cpus=0)
     class RedisKeeper:
         def __init__(self):
-            from cluster.redis_store import ensure_redis
+            from drafthorse.cluster.redis_store import ensure_redis
             self.url, self.server = ensure_redis(None)
 
         def get_url(self) -> str:

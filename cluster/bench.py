@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from actors.drafters import load_head, make_drafter
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.engine import SpecEngine
-from actors.models.loader import LoadedModel, chat_prompt
-from actors.models.runner import ModelRunner
-from actors.spec.adaptive import AdaptivePolicy
-from actors.spec.sampling import SamplingParams
+from drafthorse.actors.drafters import load_head, make_drafter
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models.loader import LoadedModel, chat_prompt
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.adaptive import AdaptivePolicy
+from drafthorse.actors.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class _Runner:
         if self._llama is None:
             from llama_cpp import Llama as LlamaCpp
 
-            from actors.models.loader import resolve
+            from drafthorse.actors.models.loader import resolve
             directory, gguf = resolve(self.lm.name)
             if gguf is None:
                 raise ValueError(f"method 'llama-cpp' needs a GGUF model, {self.lm.name} is not one")
@@ -225,8 +225,8 @@ class _Runner:
         """One generation through the gateway: the same chat prompt, rendered by the cluster."""
         import grpc
 
-        from cluster.client import request
-        from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+        from drafthorse.cluster.client import request
+        from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
         drafter = "none" if drafter == "ar" else drafter
         with grpc.insecure_channel(self.server) as ch:

@@ -24,7 +24,7 @@ def _fail(msg: str) -> None:
 
 def _check_models(*specs: str | None) -> None:
     """A model that cannot be found stops a cluster command here, named, not as a failed deployment."""
-    from actors.models.loader import resolve
+    from drafthorse.actors.models.loader import resolve
     for spec in specs:
         if spec and not spec.startswith("tiny:"):
             try:
@@ -67,8 +67,8 @@ def generate(
                                              "(stderr)"),
 ):
     """Generate a reply to PROMPT, streaming it to stdout (or one JSON object with --json)."""
-    from actors.drafters import check_kind
-    from actors.spec.sampling import SamplingParams
+    from drafthorse.actors.drafters import check_kind
+    from drafthorse.actors.spec.sampling import SamplingParams
 
     try:
         check_kind(drafter)
@@ -79,15 +79,15 @@ def generate(
     except ValueError as e:
         _fail(str(e))
     if server:
-        from cluster.client import generate_remote
+        from drafthorse.cluster.client import generate_remote
         generate_remote(server, prompt, params, drafter, raw, session, json_out, api_key=api_key)
         return
 
     _threads(threads)
-    from actors.drafters import make_drafter
-    from actors.engine import SpecEngine
-    from actors.models import loader
-    from actors.models.runner import ModelRunner
+    from drafthorse.actors.drafters import make_drafter
+    from drafthorse.actors.engine import SpecEngine
+    from drafthorse.actors.models import loader
+    from drafthorse.actors.models.runner import ModelRunner
 
     if drafter == "draft-model" and not draft_model:
         _fail("--drafter draft-model needs --draft-model PATH")
@@ -100,10 +100,10 @@ def generate(
     ids = tok.encode(prompt, add_special_tokens=False) if raw else loader.chat_prompt(
         tok, [{"role": "user", "content": prompt}])
     decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
-    from actors.spec.adaptive import AdaptivePolicy
+    from drafthorse.actors.spec.adaptive import AdaptivePolicy
     engine = SpecEngine(ModelRunner(lm.model), lm.eos_ids, decode, policy=AdaptivePolicy(16) if adaptive else None)
     try:
-        from actors.drafters import HEAD_KINDS, load_head
+        from drafthorse.actors.drafters import HEAD_KINDS, load_head
         trained = load_head(drafter, lm, head) if drafter in HEAD_KINDS else None
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
@@ -111,7 +111,7 @@ def generate(
     try:
         if json_out or profile:
             if profile:
-                from cluster.profiling import profile as run_profiled
+                from drafthorse.cluster.profiling import profile as run_profiled
                 out, report = run_profiled(lambda: engine.generate(ids, params, d),
                                            lambda g: g.stats.target_forwards)
                 typer.echo(report, err=True)
@@ -125,7 +125,7 @@ def generate(
             typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids,
                                    "finish_reason": out.finish_reason, "stats": stats}))
             return
-        from cluster.textstream import TextStream
+        from drafthorse.cluster.textstream import TextStream
         ts = TextStream(decode, params.stop)
         for step in engine.stream(ids, params, d):
             sys.stdout.write(ts.push(step.token_ids, step.finish_reason is not None))
@@ -159,8 +159,8 @@ def bench(
     """Speculative methods vs plain decoding vs HF generate, side by side on the same prompts.
     cluster-ar / cluster-ngram / cluster-draft-model run the same drafter through the distributed
     path (gateway -> target actor -> draft actor, trees over gRPC)."""
-    from actors.models import loader
-    from cluster import bench as b
+    from drafthorse.actors.models import loader
+    from drafthorse.cluster import bench as b
 
     _threads(threads)
     running = None
@@ -171,9 +171,9 @@ def bench(
             import torch
             import uuid
 
-            from cluster.app import Cluster
-            from cluster.redis_store import free_port
-            from cluster.settings import Settings
+            from drafthorse.cluster.app import Cluster
+            from drafthorse.cluster.redis_store import free_port
+            from drafthorse.cluster.settings import Settings
             running = Cluster(Settings(model=model, draft_model=draft_model, dtype=dtype, num_targets=1,
                                        num_drafts=1, gateway_port=free_port(), http_port=0,
                                        torch_threads=threads or torch.get_num_threads(),
@@ -224,8 +224,8 @@ def serve(
     import psutil
     from pydantic import ValidationError
 
-    from cluster.app import Cluster
-    from cluster.settings import Settings
+    from drafthorse.cluster.app import Cluster
+    from drafthorse.cluster.settings import Settings
 
     flags = dict(model=model, draft_model=draft_model, drafter=drafter, eagle_head=eagle_head, medusa_head=medusa_head,
                  layerskip_head=layerskip_head, num_targets=num_targets,
@@ -285,8 +285,8 @@ def loadtest(
     errors per drafter and concurrency level. Bounded by --requests and --max-seconds per level."""
     import asyncio
 
-    from cluster import loadtest as lt
-    from cluster.bench import load_questions
+    from drafthorse.cluster import loadtest as lt
+    from drafthorse.cluster.bench import load_questions
 
     try:
         lt.check_server(server, allow_remote)
@@ -344,9 +344,9 @@ def soak(
     or a growing process."""
     from pydantic import ValidationError
 
-    from cluster.redis_store import free_port
-    from cluster.settings import Settings
-    from cluster.soak import run_soak, verdict, write
+    from drafthorse.cluster.redis_store import free_port
+    from drafthorse.cluster.settings import Settings
+    from drafthorse.cluster.soak import run_soak, verdict, write
     try:
         s = Settings(model=model, draft_model=draft_model or model, dtype=dtype, num_targets=targets,
                      num_drafts=drafts, gateway_port=free_port(), http_port=0,
@@ -400,11 +400,11 @@ def train_drafter(
     import shlex
     import time
 
-    from actors.drafters import HEAD_KINDS
-    from actors.drafters.selfdistill import Corpus, build, split_questions
-    from actors.drafters.train import TrainConfig, Trainer
-    from actors.models import loader
-    from cluster.bench import load_questions
+    from drafthorse.actors.drafters import HEAD_KINDS
+    from drafthorse.actors.drafters.selfdistill import Corpus, build, split_questions
+    from drafthorse.actors.drafters.train import TrainConfig, Trainer
+    from drafthorse.actors.models import loader
+    from drafthorse.cluster.bench import load_questions
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _threads(threads)
@@ -457,7 +457,7 @@ def drain_node_cmd(
     each finishing or handing over its streams; waits until none is left (exit 1 if some are)."""
     import subprocess
 
-    from cluster.nodedrain import drain_node
+    from drafthorse.cluster.nodedrain import drain_node
     try:
         result = drain_node(address, node_id, deadline_s)
     except (ConnectionError, RuntimeError, subprocess.TimeoutExpired) as e:
@@ -472,7 +472,7 @@ def drain_node_cmd(
 def api_key(name: str = typer.Option("", help="owner name recorded with the key (sessions belong to it)")):
     """Make a public API key: prints the key (give it to the client, once) and the sha256 line to put
     in DRAFTHORSE_API_KEY_HASHES or DRAFTHORSE_API_KEYS_FILE (the server never stores the key)."""
-    from cluster.apikeys import digest_line, new_key
+    from drafthorse.cluster.apikeys import digest_line, new_key
     if ":" in name or any(c.isspace() for c in name):
         _fail("--name must not contain ':' or whitespace")
     key = new_key()

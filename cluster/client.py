@@ -6,9 +6,9 @@ import sys
 
 import grpc
 
-from actors.spec.sampling import SamplingParams
-from protos.drafthorse.v1 import drafthorse_pb2 as pb
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 
 def key_metadata(api_key: str) -> tuple:

@@ -12,20 +12,20 @@ import logging
 
 import grpc
 
-from actors.drafters import KINDS
-from actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, channel, is_loopback, token_ok
-from actors.wire import sampling_from_proto
-from cluster import metrics
-from cluster.apikeys import bearer
-from cluster.limits import KeyLimits, LimitExceeded
-from cluster.prompts import turn_ids
-from cluster.redis_store import connect
-from cluster.registry import Registry
-from cluster.router import NoWorkers, Router
-from cluster.sessions import SessionStore
-from cluster.settings import Settings
-from protos.drafthorse.v1 import drafthorse_pb2 as pb
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.drafters import KINDS
+from drafthorse.actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, channel, is_loopback, token_ok
+from drafthorse.actors.wire import sampling_from_proto
+from drafthorse.cluster import metrics
+from drafthorse.cluster.apikeys import bearer
+from drafthorse.cluster.limits import KeyLimits, LimitExceeded
+from drafthorse.cluster.prompts import turn_ids
+from drafthorse.cluster.redis_store import connect
+from drafthorse.cluster.registry import Registry
+from drafthorse.cluster.router import NoWorkers, Router
+from drafthorse.cluster.sessions import SessionStore
+from drafthorse.cluster.settings import Settings
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = "drafthorse.v1.Generator"

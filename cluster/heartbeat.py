@@ -8,10 +8,10 @@ import socket
 import threading
 import uuid
 
-from cluster.redis_store import connect
-from cluster.registry import Registry, WorkerInfo
-from cluster.sessions import SessionStore
-from cluster.settings import Settings
+from drafthorse.cluster.redis_store import connect
+from drafthorse.cluster.registry import Registry, WorkerInfo
+from drafthorse.cluster.sessions import SessionStore
+from drafthorse.cluster.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ from typing import Callable, Iterable
 
 import grpc
 
-from actors.rpc import is_loopback
-from protos.drafthorse.v1 import drafthorse_pb2 as pb
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.rpc import is_loopback
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 LONG_CONTEXT_CATEGORIES = ("rag", "summarization")
 DEFAULT_CONTEXT_TOKENS = 3700   # ~4k, leaving room for the reply inside the default max_len of 4096
@@ -136,7 +136,7 @@ def tokenizer_counter(model: str = "smollm2") -> Callable[[str], int] | None:
     try:
         from transformers import AutoTokenizer
 
-        from actors.models.loader import DEFAULT_MODEL, resolve
+        from drafthorse.actors.models.loader import DEFAULT_MODEL, resolve
         directory, gguf = resolve(DEFAULT_MODEL if model.startswith("tiny:") else model)
         tok = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
     except Exception:  # noqa: BLE001 - fall back to the estimate
@@ -302,7 +302,7 @@ async def run_loadtest(server: str, prompts: list[str], drafters: list[str], con
     """Every drafter at every concurrency level against the gateway at `server`; returns the results
     dict that write_outputs saves (validation of its arguments is the caller's: see validate_args)."""
     validate_args(prompts, drafters, concurrency, requests, max_seconds, max_new_tokens, rate)
-    from actors.rpc import OPTIONS
+    from drafthorse.actors.rpc import OPTIONS
     say = progress or (lambda _msg: None)
     levels: list[dict] = []
     async with grpc.aio.insecure_channel(server, options=OPTIONS) as channel:

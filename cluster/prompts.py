@@ -2,7 +2,7 @@
 (appended to the session's committed tokens with the template's own separators)."""
 from __future__ import annotations
 
-from actors.models.loader import chat_prompt
+from drafthorse.actors.models.loader import chat_prompt
 
 _MARK = "\u2063drafthorse-turn\u2063"  # stands in for a previous assistant reply
 

@@ -15,8 +15,8 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 
-from cluster.registry import Registry, WorkerInfo
-from cluster.sessions import Session
+from drafthorse.cluster.registry import Registry, WorkerInfo
+from drafthorse.cluster.sessions import Session
 
 log = logging.getLogger("drafthorse.router")
 

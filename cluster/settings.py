@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, v: str) -> str:
-        from actors.models.loader import DTYPE_CHOICES
+        from drafthorse.actors.models.loader import DTYPE_CHOICES
         v = v.strip().lower()
         if v not in DTYPE_CHOICES + ("float64",):
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {v!r}")
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     @field_validator("drafter")
     @classmethod
     def _known_drafter(cls, v: str) -> str:
-        from actors.drafters import check_kind
+        from drafthorse.actors.drafters import check_kind
         return check_kind(v)
 
     def with_token(self) -> "Settings":
@@ -104,18 +104,18 @@ class Settings(BaseSettings):
 
     def keyring(self):
         """The public API keys (cluster/apikeys.py); ValueError names a malformed entry."""
-        from cluster.apikeys import KeyRing
+        from drafthorse.cluster.apikeys import KeyRing
         return KeyRing.load(self.api_key_hashes, self.api_keys_file)
 
     def tls(self):
         """The internal gRPC's certificates (actors.rpc.MutualTls), or None for plaintext."""
-        from actors.rpc import MutualTls
+        from drafthorse.actors.rpc import MutualTls
         if not self.tls_cert_file:
             return None
         return MutualTls.from_files(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_server_name)
 
     def key_limits(self):
-        from cluster.limits import Limits
+        from drafthorse.cluster.limits import Limits
         return Limits(self.key_max_streams, self.key_tokens_per_minute, self.key_max_prompt_tokens,
                       self.key_max_new_tokens)
 

@@ -45,8 +45,8 @@ class Tally:
 def _client(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: random.Random, t0: float) -> None:
     import grpc
 
-    from actors.spec.sampling import SamplingParams
-    from cluster.client import request
+    from drafthorse.actors.spec.sampling import SamplingParams
+    from drafthorse.cluster.client import request
     while time.monotonic() < stop_at:
         prompt, drafter = rng.choice(PROMPTS), rng.choice(("ngram", "draft-model", "none"))
         with tally.lock:
@@ -128,7 +128,7 @@ def inject(kind: str, registry) -> dict:
     """One fault on the busiest worker of its kind; returns what was hit and its load then."""
     from ray import serve
 
-    from cluster.app import APP_NAME
+    from drafthorse.cluster.app import APP_NAME
     if kind == "drain-target":
         drained = serve.get_deployment_handle("TargetWorker", APP_NAME).drain.remote(0.0).result()
         return {"worker": drained["worker_id"], "streams_on_it": drained["in_flight"]}
@@ -144,11 +144,11 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
     (0: none), then stop it; returns the results dict."""
     import grpc
 
-    from actors.rpc import auth_metadata
-    from cluster.app import Cluster
-    from cluster.redis_store import connect
-    from cluster.registry import Registry
-    from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+    from drafthorse.actors.rpc import auth_metadata
+    from drafthorse.cluster.app import Cluster
+    from drafthorse.cluster.redis_store import connect
+    from drafthorse.cluster.registry import Registry
+    from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
     say("starting the cluster ...")
     cluster = Cluster(s).start()

@@ -22,7 +22,7 @@ def _torch_threads():
 
 @functools.lru_cache(maxsize=None)
 def _tiny(seed: int, vocab_size: int, hidden_size: int, eos_token_id: int | None, max_len: int):
-    from actors.models.loader import tiny_llama
+    from drafthorse.actors.models.loader import tiny_llama
     return tiny_llama(seed, vocab_size=vocab_size, hidden_size=hidden_size, eos_token_id=eos_token_id,
                       max_len=max_len, dtype=torch.float64)
 
@@ -40,8 +40,8 @@ def tiny():
 @pytest.fixture(scope="session")
 def make_engine():
     """make_engine(lm, max_len=None, decode=None) -> SpecEngine over a fresh ModelRunner."""
-    from actors.engine import SpecEngine
-    from actors.models.runner import ModelRunner
+    from drafthorse.actors.engine import SpecEngine
+    from drafthorse.actors.models.runner import ModelRunner
 
     def make(lm, max_len: int | None = None, decode=None, **kw):
         return SpecEngine(ModelRunner(lm.model, max_len), lm.eos_ids, decode=decode, **kw)
@@ -70,7 +70,7 @@ def start_gateway(settings, tokenizer, timeout_s: float = 30) -> None:
     import asyncio
     import threading
 
-    from cluster.gateway import serve_gateway
+    from drafthorse.cluster.gateway import serve_gateway
     ready = threading.Event()
 
     def main():

@@ -10,12 +10,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from actors.spec.sampling import SamplingParams
-from cluster.apikeys import KeyRing, bearer, digest_line, new_key
-from cluster.client import key_metadata, request
-from cluster.redis_store import free_port
-from cluster.settings import Settings
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.apikeys import KeyRing, bearer, digest_line, new_key
+from drafthorse.cluster.client import key_metadata, request
+from drafthorse.cluster.redis_store import free_port
+from drafthorse.cluster.settings import Settings
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 ALICE, BOB = new_key(), new_key()
 
@@ -43,7 +43,7 @@ def test_keyring_stores_digests_and_identifies_keys(tmp_path):
 def test_api_key_command_prints_a_key_and_its_digest():
     from typer.testing import CliRunner
 
-    from cluster.cli import app
+    from drafthorse.cluster.cli import app
     res = CliRunner().invoke(app, ["api-key", "--name", "ci"])
     assert res.exit_code == 0, res.output
     key = res.output.split("key:")[1].split()[0]
@@ -55,7 +55,7 @@ def test_api_key_command_prints_a_key_and_its_digest():
 @pytest.fixture(scope="module")
 def gateway():
     """A gateway with two keys and no workers; yields (address, settings)."""
-    from actors.models import loader
+    from drafthorse.actors.models import loader
     from tests.conftest import start_gateway
     s = Settings(key_prefix=f"dh-keys-{uuid.uuid4().hex[:8]}:", gateway_port=free_port(), metrics_port=0,
                  redis_url="redis://127.0.0.1:6379/0",
@@ -77,7 +77,7 @@ def call(addr: str, key: str = "", metadata=None, **req):
 
 def test_every_public_rpc_needs_a_key(gateway):
     addr, s = gateway
-    from protos.drafthorse.v1 import drafthorse_pb2 as pb
+    from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
     public = [m.name for m in pb.DESCRIPTOR.services_by_name["Generator"].methods]
     assert public == ["Generate"]           # the walk below covers every public RPC
     for key in ("", "dh-wrong", ALICE[:-1]):
@@ -112,8 +112,8 @@ def test_a_request_over_max_request_bytes_is_resource_exhausted(gateway):
 
 def test_sessions_belong_to_their_key(gateway):
     addr, s = gateway
-    from cluster.redis_store import connect
-    from cluster.sessions import SessionStore
+    from drafthorse.cluster.redis_store import connect
+    from drafthorse.cluster.sessions import SessionStore
     store = SessionStore(connect(s.redis_url), s.key_prefix)
     sid = store.create("alice").session_id
     # bob cannot tell alice's session from a missing one; alice gets past the session check
@@ -128,7 +128,7 @@ def test_sessions_belong_to_their_key(gateway):
 def test_every_http_route_needs_a_key(gateway):
     from starlette.testclient import TestClient
 
-    from cluster.openai_api import create_app
+    from drafthorse.cluster.openai_api import create_app
     addr, s = gateway
     app = create_app(addr, "m", keys=s.keyring())
     routes = sorted(r.path for r in app.routes if r.path.startswith("/v1"))
@@ -155,8 +155,8 @@ def test_every_http_route_needs_a_key(gateway):
 
 def test_key_limits_unit():
     """Counters in a real Redis under a private prefix; a fake clock moves the minute window."""
-    from cluster.limits import KeyLimits, LimitExceeded, Limits
-    from cluster.redis_store import connect
+    from drafthorse.cluster.limits import KeyLimits, LimitExceeded, Limits
+    from drafthorse.cluster.redis_store import connect
     now = [600.0]
     lim = KeyLimits(connect("redis://127.0.0.1:6379/0"), f"dh-lim-{uuid.uuid4().hex[:8]}:",
                     Limits(streams=2, tokens_per_minute=100, prompt_tokens=50, new_tokens=20), clock=lambda: now[0])
@@ -185,7 +185,7 @@ def test_key_limits_unit():
 @pytest.fixture(scope="module")
 def limited():
     """A gateway with per-key limits (and no workers)."""
-    from actors.models import loader
+    from drafthorse.actors.models import loader
     from tests.conftest import start_gateway
     s = Settings(key_prefix=f"dh-keylim-{uuid.uuid4().hex[:8]}:", gateway_port=free_port(), metrics_port=0,
                  redis_url="redis://127.0.0.1:6379/0", api_key_hashes=[digest_line(ALICE, "alice"),
@@ -206,8 +206,8 @@ def call_meta(addr: str, key: str, **req):
 
 
 def test_per_key_limits_refuse_with_a_retry_hint(limited):
-    from cluster.limits import KeyLimits
-    from cluster.redis_store import connect
+    from drafthorse.cluster.limits import KeyLimits
+    from drafthorse.cluster.redis_store import connect
     addr, s = limited
     assert call_meta(addr, ALICE)[0] == grpc.StatusCode.UNAVAILABLE      # within limits: routed
     code, details, _ = call_meta(addr, ALICE, max_new_tokens=65)
@@ -230,7 +230,7 @@ def test_per_key_limits_refuse_with_a_retry_hint(limited):
     # over HTTP: 429 with Retry-After
     from starlette.testclient import TestClient
 
-    from cluster.openai_api import create_app
+    from drafthorse.cluster.openai_api import create_app
     with TestClient(create_app(addr, "m", keys=s.keyring())) as http:
         r = http.post("/v1/chat/completions", json={"model": "m", "max_tokens": 2, "messages": [
             {"role": "user", "content": "hi"}]}, headers={"Authorization": f"Bearer {ALICE}"})

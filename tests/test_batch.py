@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.engine import SpecEngine
-from actors.models.loader import tiny_llama
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models.loader import tiny_llama
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ REQUESTS = [  # (prompt, drafter, params, joins at step)
 def test_batched_outputs_equal_outputs_alone(models, adaptive):
     """Mixed lengths, drafters and sampling settings, requests joining mid-way; with the adaptive
     policy sizing each tree from acceptance and batch load, outputs still equal outputs alone."""
-    from actors.spec.adaptive import AdaptivePolicy
+    from drafthorse.actors.spec.adaptive import AdaptivePolicy
     target, draft = models
     alone = []
     for prompt, kind, params, _ in REQUESTS:
@@ -79,7 +79,7 @@ def test_forward_batch_rows_equal_single_forward(models):
     target, _ = models
     a, b = ModelRunner(target.model, 64), ModelRunner(target.model, 64)
     a.extend([1, 2, 3, 4]), b.extend([7, 8])
-    from actors.models.runner import score_batch
+    from drafthorse.actors.models.runner import score_batch
     batched = score_batch([a, b], [[5, 6, 7], [9]], [[-1, 0, 0], [-1]])
     a.discard(), b.discard()
     alone_a, _ = a.score([5, 6, 7], [-1, 0, 0])
@@ -89,7 +89,7 @@ def test_forward_batch_rows_equal_single_forward(models):
 
 
 def test_adaptive_policy_shrinks_trees_under_load():
-    from actors.spec.adaptive import AdaptivePolicy
+    from drafthorse.actors.spec.adaptive import AdaptivePolicy
     p = AdaptivePolicy(16, per_row_ratio=0.06)
     light, heavy = p.choose([0.7]), p.choose([0.7] * 32)
     assert light[0] >= 4 and max(heavy) <= 1
@@ -101,7 +101,7 @@ def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
     """Each request's stats carry what the policy saw and chose (acceptance estimate, row cost, nodes,
     batch size); a sequence with adaptive off keeps the full tree budget under the same load, and both
     still equal their outputs alone."""
-    from actors.spec.adaptive import AdaptivePolicy
+    from drafthorse.actors.spec.adaptive import AdaptivePolicy
     target, _ = models
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5]
     params = SamplingParams(max_new_tokens=24)

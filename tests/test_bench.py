@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cluster.bench import METHODS, format_table, load_questions, resolve_methods, run_bench
+from drafthorse.cluster.bench import METHODS, format_table, load_questions, resolve_methods, run_bench
 
 
 def write_jsonl(path, rows):
@@ -101,7 +101,7 @@ def test_draft_model_needs_a_draft_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from actors.models.loader import load
+    from drafthorse.actors.models.loader import load
     return load(spec="smollm2", dtype="float32")
 
 
@@ -179,7 +179,7 @@ def test_run_bench_llama_cpp_and_int8(tmp_path):
     extra): it runs on our prompt ids, and its greedy tokens mostly agree with ours (different number
     formats: only the first tokens are compared)."""
     pytest.importorskip("llama_cpp")
-    from actors.models.loader import load
+    from drafthorse.actors.models.loader import load
     lm = load(spec="smollm2", dtype="int8")
     path = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:1])
     results = run_bench(load_questions(path, None), ["ngram", "llama-cpp"], 16, tmp_path, lm, progress=False)

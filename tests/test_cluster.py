@@ -12,21 +12,21 @@ import grpc
 import pytest
 import torch
 
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.engine import SpecEngine
-from actors.models import loader
-from actors.models.runner import ModelRunner
-from actors.rpc import auth_metadata
-from actors.spec.sampling import SamplingParams
-from cluster.redis_store import free_port
-from cluster.app import Cluster
-from cluster.client import request
-from cluster.prompts import turn_ids
-from cluster.settings import Settings
-from cluster.soak import kill_replica
-from protos.drafthorse.v1 import drafthorse_pb2 as pb
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models import loader
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.rpc import auth_metadata
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.redis_store import free_port
+from drafthorse.cluster.app import Cluster
+from drafthorse.cluster.client import request
+from drafthorse.cluster.prompts import turn_ids
+from drafthorse.cluster.settings import Settings
+from drafthorse.cluster.soak import kill_replica
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 PROMPTS = ["the cat sat on the mat, the cat sat on the", "one two three one two three one two",
            "Tell me about speculative decoding.", "a b c d a b c d a b", "hello hello hello",
@@ -162,9 +162,9 @@ def test_workers_hold_the_accelerator_resources_they_asked_for(cluster):
 
 
 def test_cancel_stops_generation_and_frees_the_worker(cluster, stub):
-    from cluster.redis_store import connect
-    from cluster.registry import Registry
-    from cluster.sessions import SessionStore
+    from drafthorse.cluster.redis_store import connect
+    from drafthorse.cluster.registry import Registry
+    from drafthorse.cluster.sessions import SessionStore
     r = connect(cluster.s.redis_url)
     call = stub.Generate(request("count slowly", SamplingParams(max_new_tokens=450), "none", new_session=True),
                          timeout=120)
@@ -186,7 +186,7 @@ def test_cancel_stops_generation_and_frees_the_worker(cluster, stub):
 
 
 def test_cli_generate_through_server(cluster, local):
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--server", cluster.gateway,
+    out = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "generate", "--server", cluster.gateway,
                           "--max-new-tokens", "6", "--json", "Tell me about speculative decoding."],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -255,9 +255,9 @@ def test_unknown_session_is_not_found(stub):
 
 
 def test_internal_calls_need_the_certificate_and_the_token(cluster):
-    from actors.rpc import channel
-    from cluster.redis_store import connect
-    from cluster.registry import Registry
+    from drafthorse.actors.rpc import channel
+    from drafthorse.cluster.redis_store import connect
+    from drafthorse.cluster.registry import Registry
     reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix)
     time.sleep(3 * cluster.s.heartbeat_s)  # a worker killed by an earlier test drops out of the registry
     target = reg.alive("target")[0]
@@ -311,7 +311,7 @@ def test_client_from_proto_files_only(cluster, tmp_path):
     script = f"""
 import sys; sys.path.insert(0, {str(tmp_path)!r})
 import grpc
-from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as rpc
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as rpc
 req = pb.GenerateRequest(prompt="hello", max_new_tokens=5)
 with grpc.insecure_channel({cluster.gateway!r}) as ch:
     msgs = list(rpc.GeneratorStub(ch).Generate(req, timeout=60))
@@ -339,11 +339,11 @@ def test_per_key_token_budget_and_streams_through_real_workers(cluster, local, m
     """A second gateway over the same workers, with API keys and per-key limits: a key is charged the
     tokens it streamed, refused (RESOURCE_EXHAUSTED, retry hint) once its minute is spent, and holds
     at most one stream at a time; the other key is unaffected."""
-    from cluster import limits
-    from cluster.apikeys import digest_line, new_key
+    from drafthorse.cluster import limits
+    from drafthorse.cluster.apikeys import digest_line, new_key
     frozen = time.time()
     monkeypatch.setattr(limits, "now", lambda: frozen)   # one minute window for the whole test
-    from cluster.client import key_metadata
+    from drafthorse.cluster.client import key_metadata
     from tests.conftest import start_gateway
     alice, bob = new_key(), new_key()
     s = cluster.s.model_copy(update={"gateway_port": free_port(), "metrics_port": 0,
@@ -416,8 +416,8 @@ STORM_TOKENS = 64
 
 
 def _alive(cluster) -> dict[str, list]:
-    from cluster.redis_store import connect
-    from cluster.registry import Registry
+    from drafthorse.cluster.redis_store import connect
+    from drafthorse.cluster.registry import Registry
     reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix, heartbeat_ttl_s=3 * cluster.s.heartbeat_s)
     return {kind: reg.alive(kind) for kind in ("target", "draft")}, reg
 
@@ -494,7 +494,7 @@ def test_target_worker_drained_under_16_streams(cluster, stub, local):
     """A drain with no grace hands every stream over at once (the order of a drain: tests/test_drain.py)."""
     from ray import serve
 
-    from cluster.app import APP_NAME
+    from drafthorse.cluster.app import APP_NAME
     drained = {}
 
     def fault():

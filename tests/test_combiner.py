@@ -7,12 +7,12 @@ import threading
 import pytest
 import torch
 
-from actors.drafters.base import Budget
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.models.combiner import Combiner
-from actors.models.loader import tiny_llama
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams, make_generator
+from drafthorse.actors.drafters.base import Budget
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.models.combiner import Combiner
+from drafthorse.actors.models.loader import tiny_llama
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams, make_generator
 
 PROMPTS = [[(s * 7 + i * 3) % 100 for i in range(5 + 3 * s)] for s in range(8)]
 

@@ -15,10 +15,10 @@ import grpc
 import pytest
 import yaml
 
-from actors.spec.sampling import SamplingParams
-from cluster.redis_store import free_port
-from cluster.client import request
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.redis_store import free_port
+from drafthorse.cluster.client import request
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "serve_config.yaml"
@@ -53,8 +53,8 @@ def deployed():
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.redis_store import connect, ensure_redis
-    from cluster.registry import Registry
+    from drafthorse.cluster.redis_store import connect, ensure_redis
+    from drafthorse.cluster.registry import Registry
 
     redis_url, embedded = ensure_redis(None)
     raw = yaml.safe_load(CONFIG.read_text())
@@ -116,10 +116,10 @@ def test_config_deploys_the_app_with_its_overrides(deployed):
 def test_generation_equals_the_target_alone(stub):
     import torch
 
-    from actors.engine import SpecEngine
-    from actors.models import loader
-    from actors.models.runner import ModelRunner
-    from cluster.prompts import turn_ids
+    from drafthorse.actors.engine import SpecEngine
+    from drafthorse.actors.models import loader
+    from drafthorse.actors.models.runner import ModelRunner
+    from drafthorse.cluster.prompts import turn_ids
 
     torch.set_num_threads(1)
     prompt = "the cat sat on the mat, the cat sat on the"
@@ -145,7 +145,7 @@ def test_openai_http_api_through_serves_proxy(deployed):
 
 def _scrape(base: int) -> str:
     """Every /metrics endpoint in base..base+15 (one per process), concatenated: what a scraper sees."""
-    from cluster.metrics import PORT_SPAN
+    from drafthorse.cluster.metrics import PORT_SPAN
     texts = []
     for port in range(base, base + PORT_SPAN):
         try:
@@ -243,7 +243,7 @@ def test_target_workers_scale_up_on_active_requests(deployed, stub):
 
 def _series_names() -> set[str]:
     """Every sample name the metrics module can emit."""
-    from cluster.metrics import REGISTRY
+    from drafthorse.cluster.metrics import REGISTRY
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     return {f.name + s for f in REGISTRY.collect() for s in suffixes[f.type]}
 
@@ -295,7 +295,7 @@ def test_dockerfile_builds_cpu_or_cuda_as_non_root_with_the_model_and_a_health_c
 
 
 def test_app_builder_refuses_unknown_settings_and_secrets_in_args():
-    from cluster.app import app_builder
+    from drafthorse.cluster.app import app_builder
     with pytest.raises(ValueError, match="unknown drafthorse settings.*modle"):
         app_builder({"modle": "tiny:0"})
     with pytest.raises(ValueError, match="secrets do not belong"):

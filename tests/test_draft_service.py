@@ -12,18 +12,18 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from actors.draft_service import DraftService, serve_drafter
-from actors.drafters.base import Budget
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.drafters.remote import RemoteDrafter
-from actors.engine import SpecEngine
-from actors.models.loader import tiny_llama, wrap
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import DraftTree
-from actors.wire import sampling_from_proto, sampling_to_proto, tree_from_proto, tree_to_proto
-from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.draft_service import DraftService, serve_drafter
+from drafthorse.actors.drafters.base import Budget
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.drafters.remote import RemoteDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models.loader import tiny_llama, wrap
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import DraftTree
+from drafthorse.actors.wire import sampling_from_proto, sampling_to_proto, tree_from_proto, tree_to_proto
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
 V = 128
 KINDS = ("ngram", "draft-model", "draft-model-tree")
@@ -171,7 +171,7 @@ def test_worker_too_slow_falls_back(models):
 def test_worker_ignoring_the_budget_cannot_hurt_the_target(models):
     """A draft worker that answers with a tree over the asked budget (a bug, or a hostile worker): the
     target drops it and decodes that step alone; the output is still plain decoding's."""
-    from actors.spec.tree import DraftTree
+    from drafthorse.actors.spec.tree import DraftTree
 
     class Greedy(NgramDrafter):
         def propose(self, budget, params, generator):
@@ -247,7 +247,7 @@ def test_auth(make_drafter):
 def test_mutual_tls(make_drafter, tmp_path):
     """With certificates configured, only a peer holding a certificate of the same CA connects:
     plaintext, server-only TLS and a certificate of another CA are refused before any RPC runs."""
-    from actors.rpc import MutualTls, channel
+    from drafthorse.actors.rpc import MutualTls, channel
     from tests.conftest import make_pki
     ours = make_pki(tmp_path / "ours")
     tls = MutualTls.from_files(ours["tls_cert_file"], ours["tls_key_file"], ours["tls_ca_file"],
@@ -281,7 +281,7 @@ def test_mutual_tls(make_drafter, tmp_path):
 
 
 def test_tls_settings_come_as_a_set(tmp_path):
-    from cluster.settings import Settings
+    from drafthorse.cluster.settings import Settings
     with pytest.raises(ValueError, match="DRAFTHORSE_TLS_KEY_FILE, DRAFTHORSE_TLS_CA_FILE"):
         Settings(tls_cert_file="cert.pem")
     assert Settings().tls() is None

@@ -12,14 +12,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from actors.models import loader
-from actors.rpc import start_server
-from actors.target_worker import SERVICE, TargetService
-from actors.worker import GrpcWorker
-from cluster.heartbeat import Membership
-from cluster.settings import Settings
-from protos.drafthorse.v1 import drafthorse_pb2 as pb
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.models import loader
+from drafthorse.actors.rpc import start_server
+from drafthorse.actors.target_worker import SERVICE, TargetService
+from drafthorse.actors.worker import GrpcWorker
+from drafthorse.cluster.heartbeat import Membership
+from drafthorse.cluster.settings import Settings
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 TOKENS = 200
 

@@ -10,13 +10,13 @@ import random
 import pytest
 import torch
 
-from actors.drafters.base import NoDrafter
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.engine import SpecEngine
-from actors.models import exact, gguf_cache, loader, quant
-from actors.models.runner import ModelRunner, score_batch
-from actors.spec.sampling import SamplingParams
+from drafthorse.actors.drafters.base import NoDrafter
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models import exact, gguf_cache, loader, quant
+from drafthorse.actors.models.runner import ModelRunner, score_batch
+from drafthorse.actors.spec.sampling import SamplingParams
 
 _r = random.Random(7)
 PROMPTS = {
@@ -72,7 +72,7 @@ def test_auto_dtype_falls_back_without_native_bf16(monkeypatch):
 def test_dtype_names_are_checked():
     from pydantic import ValidationError
 
-    from cluster.settings import Settings
+    from drafthorse.cluster.settings import Settings
     with pytest.raises(ValueError, match="dtype must be"):
         loader.resolve_dtype("int4")
     assert loader.resolve_dtype("int8") == "int8" and loader.dtype_of("int8") == torch.float32
@@ -98,7 +98,7 @@ def test_cli_generate_reports_the_chosen_dtype(tmp_path, monkeypatch):
     actually used is in the --json stats (bfloat16 here, float32 when native bf16 is forced off)."""
     from typer.testing import CliRunner
 
-    from cluster.cli import app
+    from drafthorse.cluster.cli import app
     tiny = loader.load("tiny:3")             # SmolLM2's tokenizer over a tiny float64 Llama
     tiny.hf.to(torch.float32).save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)
@@ -306,7 +306,7 @@ def test_int8_weights():
     f64 = loader.load("tiny:0", "float32")
     assert lm.dtype == "int8" and lm.model.dtype == torch.float32 and lm.model.quantized and lm.model.exact
     assert isinstance(lm.model.lm_head_t, quant.Int8Weight) and f64.dtype == "float64"
-    from actors.drafters.heads import fingerprint
+    from drafthorse.actors.drafters.heads import fingerprint
     assert fingerprint(lm.model) == fingerprint(f64.model)     # a head trained on one loads on the other
     assert torch.equal(lm.model.dense(0, "qkv"), f64.model.layers[0]["qkv"].float())
     with pytest.raises(ValueError, match="float32"):
@@ -431,7 +431,7 @@ def test_smollm2_gguf_cache_hit_and_corrupted_entry(tmp_path, monkeypatch, caplo
 def test_auto_never_picks_a_dtype_the_exact_probe_rejects(monkeypatch):
     """Where the probe finds no row counts that round alike (exact_ok False), dtype auto falls back to
     float32 rather than serve bfloat16 whose speculative output could drift from plain decoding."""
-    from actors.models import exact
+    from drafthorse.actors.models import exact
     monkeypatch.setenv(loader.NATIVE_BF16_ENV, "1")
     monkeypatch.setattr(exact, "_choose", lambda *a, **k: None)      # a machine that defeats the probe
     try:

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from actors.drafters.base import Budget
-from actors.drafters.dyntree import grow
-from actors.spec.sampling import SamplingParams, make_generator
-from actors.spec.tree import ROOT
+from drafthorse.actors.drafters.base import Budget
+from drafthorse.actors.drafters.dyntree import grow
+from drafthorse.actors.spec.sampling import SamplingParams, make_generator
+from drafthorse.actors.spec.tree import ROOT
 
 # a draft that always says: token 0 with p=.6, 1 with .3, 2 with .1 (vocabulary of 4, token 3 never)
 P = torch.tensor([0.6, 0.3, 0.1, 0.0])

@@ -9,18 +9,18 @@ import grpc
 import pytest
 import torch
 
-from actors.draft_service import DraftService, serve_drafter
-from actors.drafters import load_head, make_drafter
-from actors.drafters.eagle import EagleDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.drafters.remote import RemoteDrafter
-from actors.drafters.selfdistill import from_sequences
-from actors.drafters.train import TrainConfig, Trainer
-from actors.engine import SpecEngine
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams
-from actors.wire import features_from_proto, features_to_proto
-from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.draft_service import DraftService, serve_drafter
+from drafthorse.actors.drafters import load_head, make_drafter
+from drafthorse.actors.drafters.eagle import EagleDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.drafters.remote import RemoteDrafter
+from drafthorse.actors.drafters.selfdistill import from_sequences
+from drafthorse.actors.drafters.train import TrainConfig, Trainer
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.wire import features_from_proto, features_to_proto
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 from tests.test_draft_service import Hook, code_of
 
 V, H = 128, 64
@@ -212,7 +212,7 @@ def test_malformed_features_are_invalid_argument(worker):
         r = RemoteDrafter(ch, "eagle", V)
         r.begin([1, 2], torch.randn(1, H + 1, dtype=torch.float64))
         r.extend([3], torch.randn(1, H + 1, dtype=torch.float64))
-        from actors.drafters.base import Budget
+        from drafthorse.actors.drafters.base import Budget
         assert code_of(r.propose, Budget(4, 4), GREEDY, None) == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(ValueError, match="one target feature per committed token"):
             r.extend([4, 5], torch.randn(1, H, dtype=torch.float64))
@@ -234,10 +234,10 @@ def test_wire_features_round_trip_little_endian():
 
 
 def test_missing_or_wrong_heads_fail_at_start_up(target, tmp_path, monkeypatch):
-    from actors.draft_worker import DraftWorker
-    from actors.models import loader
-    from actors.target_worker import load_local_heads
-    from cluster.settings import Settings
+    from drafthorse.actors.draft_worker import DraftWorker
+    from drafthorse.actors.models import loader
+    from drafthorse.actors.target_worker import load_local_heads
+    from drafthorse.cluster.settings import Settings
     monkeypatch.setattr(loader, "load", lambda *a, **kw: target)
     monkeypatch.setattr(loader, "vocab_size_of", lambda spec: V)
     for kw in [dict(drafter="eagle"), dict(eagle_head=str(tmp_path / "missing.safetensors"))]:

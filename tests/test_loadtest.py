@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster import loadtest as lt
-from protos.drafthorse.v1 import drafthorse_pb2 as pb
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.cluster import loadtest as lt
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/spec_bench/dev.jsonl"
 
@@ -76,7 +76,7 @@ def test_long_context_prompts_end_with_a_question_and_fit():
 
 @pytest.mark.skipif(not DEV.is_file(), reason="needs the Spec-Bench dev file")
 def test_long_context_from_the_dev_file_is_about_4k_tokens():
-    from cluster.bench import load_questions
+    from drafthorse.cluster.bench import load_questions
     ps = lt.long_context_prompts(load_questions(DEV), n=10)
     sizes = [lt.approx_tokens(p) for p in ps]
     assert all(3000 <= n <= lt.DEFAULT_CONTEXT_TOKENS for n in sizes), sizes
@@ -223,7 +223,7 @@ def test_outputs_and_table(tmp_path):
 def test_cli_refuses_a_remote_server_and_bad_arguments(tmp_path):
     from typer.testing import CliRunner
 
-    from cluster.cli import app
+    from drafthorse.cluster.cli import app
     run = lambda *a: CliRunner().invoke(app, ["loadtest", "--out", str(tmp_path), *a])  # noqa: E731
     out = run("--server", "8.8.8.8:50051")
     assert out.exit_code == 2 and "loopback" in out.stderr

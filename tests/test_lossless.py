@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from actors.drafters.base import NoDrafter
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams
+from drafthorse.actors.drafters.base import NoDrafter
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
 
 SEEDS = [0, 1, 2]
 N_NEW = 40

@@ -15,10 +15,10 @@ import uuid
 
 import pytest
 
-from actors.spec.sampling import SamplingParams
-from cluster.client import request
-from cluster.redis_store import free_port
-from cluster.settings import Settings
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.client import request
+from drafthorse.cluster.redis_store import free_port
+from drafthorse.cluster.settings import Settings
 # the one-node cluster's models, reference and 16-stream fault harness; `local` and `stub` are its
 # fixtures (`stub` over this module's `cluster`); none of them runs unless requested, so no second cluster
 from tests.test_cluster import N, PROMPTS, _alive, _storm, chat_ids, local, reference, run, stub  # noqa: F401
@@ -48,7 +48,7 @@ def nodes():
 
 @pytest.fixture(scope="module")
 def cluster(nodes):
-    from cluster.app import Cluster
+    from drafthorse.cluster.app import Cluster
     rc, _ = nodes
     s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=free_port(),
                  http_port=0, ray_address=rc.address, worker_num_cpus=0.25, heartbeat_s=0.5,
@@ -178,7 +178,7 @@ def test_large_node_drained_under_16_streams(nodes, cluster, stub, local):
 
     def drain(node_id: str) -> None:
         t = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "cluster.cli", "drain-node", "--address", rc.address,
+        done = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "drain-node", "--address", rc.address,
                                "--node-id", node_id, "--deadline-s", "90"], capture_output=True, text=True,
                               timeout=150)
         drained.update(rc=done.returncode, out=done.stdout, err=done.stderr[-2000:], s=time.monotonic() - t)
@@ -218,7 +218,7 @@ def test_drain_node_names_an_unreachable_cluster():
     import subprocess
     import sys
     t = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "drain-node", "--address", f"127.0.0.1:{free_port()}"],
+    done = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "drain-node", "--address", f"127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no Ray cluster answers at 127.0.0.1:" in done.stderr, done.stderr
     assert time.monotonic() - t < 30

@@ -13,12 +13,12 @@ import grpc
 import openai
 import pytest
 
-from actors.spec.sampling import SamplingParams
-from cluster.redis_store import free_port
-from cluster.app import Cluster
-from cluster.client import request
-from cluster.settings import Settings
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.redis_store import free_port
+from drafthorse.cluster.app import Cluster
+from drafthorse.cluster.client import request
+from drafthorse.cluster.settings import Settings
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 MODEL = "tiny:0"
 N = 16
@@ -216,7 +216,7 @@ def test_concurrent_http_requests(client):
 # ---------------------------------------------------------------- drafthorse loadtest, same cluster
 
 def _loadtest(cluster, tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "loadtest", "--server", cluster.gateway,
+    return subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "loadtest", "--server", cluster.gateway,
                            "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=300)
 
 
@@ -251,7 +251,7 @@ def test_loadtest_open_loop_long_context_and_errors(cluster, tmp_path):
     # an unknown drafter fails the warm-up clearly; a remote server is refused
     bad = _loadtest(cluster, tmp_path, "--drafters", "nope", "--requests", "1")
     assert bad.returncode == 2 and "nope" in bad.stderr
-    remote = subprocess.run([sys.executable, "-m", "cluster.cli", "loadtest", "--server", "8.8.8.8:50051"],
+    remote = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "loadtest", "--server", "8.8.8.8:50051"],
                             capture_output=True, text=True, timeout=60)
     assert remote.returncode == 2 and "loopback" in remote.stderr
 
@@ -286,8 +286,8 @@ def test_raw_sse_format(cluster):
 def test_client_disconnect_stops_the_generation(cluster, client):
     import time
 
-    from cluster.redis_store import connect
-    from cluster.registry import Registry
+    from drafthorse.cluster.redis_store import connect
+    from drafthorse.cluster.registry import Registry
     reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix)
     stream = client.completions.create(model=MODEL, prompt="count slowly", max_tokens=450, temperature=0,
                                        stream=True, extra_body={"drafter": "none"})
@@ -437,7 +437,7 @@ def test_fuzzed_http_requests_get_only_documented_statuses(cluster):
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
-    from cluster.openai_api import create_app
+    from drafthorse.cluster.openai_api import create_app
     spec = create_app("127.0.0.1:1", MODEL).openapi()   # the served app has openapi_url=None: read it here
     documented = {(path, method.upper()): {int(s) for s in op["responses"]}
                   for path, item in spec["paths"].items() for method, op in item.items()}
@@ -590,7 +590,7 @@ class _Recorder(pb_grpc.GeneratorServicer):
         self.requests = []
 
     def Generate(self, r, context):
-        from protos.drafthorse.v1 import drafthorse_pb2 as pb
+        from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
         self.requests.append(r)
         if r.session_id == "gone":
             context.abort(grpc.StatusCode.NOT_FOUND, f"session {r.session_id!r} not found (expired?)")
@@ -609,7 +609,7 @@ def fake_app(**app_kw):
 
     from starlette.testclient import TestClient
 
-    from cluster.openai_api import create_app
+    from drafthorse.cluster.openai_api import create_app
     server = grpc.server(futures.ThreadPoolExecutor(4))
     rec = _Recorder()
     pb_grpc.add_GeneratorServicer_to_server(rec, server)
@@ -663,7 +663,7 @@ def test_grpc_status_becomes_http_status(fake, extra, status, code):
 def test_gateway_down_is_503():
     from starlette.testclient import TestClient
 
-    from cluster.openai_api import create_app
+    from drafthorse.cluster.openai_api import create_app
     with TestClient(create_app(f"127.0.0.1:{free_port()}", "m")) as http:
         r = http.post("/v1/completions", json={"model": "m", "prompt": "p"})
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"

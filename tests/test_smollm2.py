@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.drafters.ngram import NgramDrafter
-from actors.engine import SpecEngine
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
 
 pytestmark = pytest.mark.smollm2
 
@@ -32,7 +32,7 @@ QUESTIONS = {
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from actors.models.loader import load
+    from drafthorse.actors.models.loader import load
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -46,7 +46,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def plain_outputs(smollm2):
     """Plain engine decoding of each question, computed once."""
-    from actors.models.loader import chat_prompt
+    from drafthorse.actors.models.loader import chat_prompt
     lm = smollm2
     engine = SpecEngine(ModelRunner(lm.model, 1024), lm.eos_ids, decode=lm.tokenizer.decode)
     out = {}
@@ -98,7 +98,7 @@ def test_ngram_speculation_equals_plain(smollm2, plain_outputs, name):
 
 @pytest.fixture(scope="module")
 def heads(smollm2):
-    from actors.drafters import HEAD_KINDS, load_head
+    from drafthorse.actors.drafters import HEAD_KINDS, load_head
     return {kind: load_head(kind, smollm2, max_len=1024) for kind in HEAD_KINDS}
 
 
@@ -107,7 +107,7 @@ def heads(smollm2):
 def test_shipped_heads_equal_plain(plain_outputs, heads, kind, name):
     """The heads shipped in actors/drafters/trained load against the real model, draft something that
     gets accepted, and leave the output untouched."""
-    from actors.drafters import make_drafter
+    from drafthorse.actors.drafters import make_drafter
     engine, out = plain_outputs
     prompt, plain = out[name]
     g = engine.generate(prompt, SamplingParams(max_new_tokens=N_NEW), make_drafter(kind, head=heads[kind]))

@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
-from cluster.soak import FAULTS, trends, verdict
+from drafthorse.cluster.soak import FAULTS, trends, verdict
 
 
 def test_short_soak_loses_nothing_and_does_not_grow(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "soak", "--minutes", "1.5", "--model", "tiny:0",
+    out = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "soak", "--minutes", "1.5", "--model", "tiny:0",
                           "--draft-model", "tiny:1", "--dtype", "float64", "--concurrency", "8",
                           "--fault-every", "15", "--max-new-tokens", "32", "--max-growth", "30",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
@@ -42,7 +42,7 @@ def test_trend_and_verdict_catch_growth_and_loss():
     problems = verdict(bad, 20)
     assert len(problems) == 3 and "leak:2 grows" in problems[2]
     # a process keeps its name while Ray retitles it with the method it runs
-    from cluster.soak import actor_role
+    from drafthorse.cluster.soak import actor_role
     assert {actor_role(t) for t in ("ray::drafthorse:DraftWorker", "ray::drafthorse:DraftWorker.check_health",
                                     "ray::SERVE_REPLICA::drafthorse#DraftWorker#q1:drafthorse:DraftWorker.__init__",
                                     "ray::ServeReplica:drafthorse:DraftWorker")} == {"DraftWorker"}
@@ -59,6 +59,6 @@ def test_trend_and_verdict_catch_growth_and_loss():
 def test_bad_arguments_are_named_before_anything_starts(tmp_path):
     for args, needle in [(["--model", str(tmp_path / "missing.gguf")], "missing.gguf"),
                          (["--targets", "1"], "--targets"), (["--minutes", "0"], "--minutes")]:
-        out = subprocess.run([sys.executable, "-m", "cluster.cli", "soak", "--minutes", "0.5", *args],
+        out = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "soak", "--minutes", "0.5", *args],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

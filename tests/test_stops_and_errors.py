@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.drafters.base import Drafter
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.engine import SpecEngine
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import DraftTree
+from drafthorse.actors.drafters.base import Drafter
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import DraftTree
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
@@ -119,7 +119,7 @@ def test_max_new_tokens_exact(tiny, make_engine, n):
 def tok():
     from transformers import AutoTokenizer
 
-    from actors.models.loader import resolve
+    from drafthorse.actors.models.loader import resolve
     try:
         directory, name = resolve("smollm2")
     except FileNotFoundError as e:
@@ -130,7 +130,7 @@ def tok():
 @pytest.fixture(scope="module")
 def word_lm(tok):
     """A tiny random Llama over the real 49152-token vocabulary (its output is word salad)."""
-    from actors.models.loader import tiny_llama
+    from drafthorse.actors.models.loader import tiny_llama
     return tiny_llama(7, vocab_size=len(tok), hidden_size=32, dtype=torch.float64)
 
 
@@ -222,7 +222,7 @@ def test_stop_string_in_first_token_and_absent(tok, word_case):
 def test_stop_checker_multibyte_stop_strings(tok, stop, chunk):
     """Characters the byte-level tokenizer splits into several byte tokens: a stop string can span
     many more tokens than characters, fed one token at a time or several per step."""
-    from actors.spec.stops import StopChecker
+    from drafthorse.actors.spec.stops import StopChecker
     decode = decoder(tok)
     ids = tok.encode("naïve text " + stop + " and more after it", add_special_tokens=False)
     want_tokens, want_text = expected_stop(decode, ids, [stop])

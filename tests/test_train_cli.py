@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cluster.cli import app
+from drafthorse.cluster.cli import app
 
 QUESTIONS = [{"question_id": i, "category": c, "turns": [t]} for i, (c, t) in enumerate([
     ("writing", "Write a short story about a robot."), ("writing", "Describe a sunset over the sea."),

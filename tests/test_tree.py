@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from actors.models.runner import ContextFull, ModelRunner
-from actors.spec.tree import ROOT, DraftTree, ancestor_mask, build_trie
+from drafthorse.actors.models.runner import ContextFull, ModelRunner
+from drafthorse.actors.spec.tree import ROOT, DraftTree, ancestor_mask, build_trie
 
 # A hand-built tree (node: token, parent):
 #   root ─ 0:10 ─ 2:12 ─ 4:14

@@ -15,12 +15,12 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from actors.drafters.draft_model import DraftModelDrafter
-from actors.drafters.ngram import NgramDrafter
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams, probs_from_logits
-from actors.spec.tree import ROOT, DraftTree
-from actors.spec.verify import verify_sampling
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams, probs_from_logits
+from drafthorse.actors.spec.tree import ROOT, DraftTree
+from drafthorse.actors.spec.verify import verify_sampling
 
 PASS_P = 1e-3     # a correct sampler fails with this probability per check
 FAIL_P = 1e-6     # a wrong one must be rejected far more strongly than that

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import DraftTree
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import DraftTree
 
 
 @dataclass(frozen=True)

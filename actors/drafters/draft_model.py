@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams, probs_from_logits
-from actors.spec.tree import ROOT, DraftTree
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams, probs_from_logits
+from drafthorse.actors.spec.tree import ROOT, DraftTree
 
 from .base import Budget, Drafter
 

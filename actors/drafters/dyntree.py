@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from actors.spec.sampling import SamplingParams, probs_from_logits
-from actors.spec.tree import ROOT, DraftTree
+from drafthorse.actors.spec.sampling import SamplingParams, probs_from_logits
+from drafthorse.actors.spec.tree import ROOT, DraftTree
 
 from .base import Budget
 

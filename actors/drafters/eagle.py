@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from actors.models.llama import Llama
-from actors.models.runner import ContextFull, ModelRunner
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import ROOT, DraftTree
+from drafthorse.actors.models.llama import Llama
+from drafthorse.actors.models.runner import ContextFull, ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import ROOT, DraftTree
 
 from .base import Budget, Drafter
 from .dyntree import grow

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.models.llama import Llama
+from drafthorse.actors.models.llama import Llama
 
 KINDS = ("eagle", "medusa", "layerskip")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from actors.models.llama import Llama, _rms_norm
-from actors.models.runner import ModelRunner
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import ROOT, DraftTree
+from drafthorse.actors.models.llama import Llama, _rms_norm
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import ROOT, DraftTree
 
 from .base import Budget, Drafter
 from .dyntree import grow

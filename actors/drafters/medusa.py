@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from actors.models.llama import Llama
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import DraftTree
+from drafthorse.actors.models.llama import Llama
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import DraftTree
 
 from .base import Budget, Drafter
 from .dyntree import grow

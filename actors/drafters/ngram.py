@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import DraftTree, build_trie
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import DraftTree, build_trie
 
 from .base import Budget, Drafter
 

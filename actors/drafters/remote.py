@@ -18,13 +18,13 @@ import uuid
 import grpc
 import torch
 
-from actors.spec.sampling import SamplingParams
-from actors.spec.tree import DraftTree
-from actors.wire import features_to_proto, sampling_to_proto, tree_from_proto
-from protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.tree import DraftTree
+from drafthorse.actors.wire import features_to_proto, sampling_to_proto, tree_from_proto
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
 
-from actors.rpc import FEATURE_CHUNK_BYTES, auth_metadata, channel
-from cluster.metrics import DRAFT_RPC_SECONDS
+from drafthorse.actors.rpc import FEATURE_CHUNK_BYTES, auth_metadata, channel
+from drafthorse.cluster.metrics import DRAFT_RPC_SECONDS
 
 from .base import Budget, Drafter
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from actors.models.loader import LoadedModel, chat_prompt
+from drafthorse.actors.models.loader import LoadedModel, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ def _batched_generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens:
     Runs on drafthorse's own engine: `batch_size` sequences per target pass (continuous batching: a
     finished sequence's place goes to the next prompt), plain decoding: with many sequences per pass
     the target is compute-bound, and draft trees would only add rows."""
-    from actors.engine import SpecEngine
-    from actors.models.runner import ModelRunner
-    from actors.spec.sampling import SamplingParams
+    from drafthorse.actors.engine import SpecEngine
+    from drafthorse.actors.models.runner import ModelRunner
+    from drafthorse.actors.spec.sampling import SamplingParams
 
     engine = SpecEngine(None, set(stop_ids), None, max_tree_nodes=8, max_tree_depth=4)
     runners = [ModelRunner(lm.model, min(lm.model.max_len, max(map(len, prompts)) + max_new_tokens + 16))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from actors.models.llama import Llama
+from drafthorse.actors.models.llama import Llama
 
 from .heads import Checkpoint, EagleHead, ExitAdapter, MedusaHeads, fingerprint, head_config
 from .selfdistill import Corpus

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.spec.tree import ROOT, ancestor_mask
+from drafthorse.actors.spec.tree import ROOT, ancestor_mask
 
 from .llama import Llama
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.drafthorse.v1 import drafthorse_pb2 as protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as protos_dot_drafthorse_dot_v1_dot_drafthorse__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
