@@ -31,7 +31,7 @@ bench: install
 	$(VENV)/bin/drafthorse bench --per-category 2 --max-new-tokens 128 --methods ar,ngram,hf,hf-pld --out bench_out
 
 protos: install
-	$(PY) -m protos.generate
+	$(PY) -m drafthorse.protos.generate
 
 clean:
 	rm -rf $(VENV) bench_out .pytest_cache

@@ -14,6 +14,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from drafthorse.runtime.settings import GatewaySettings
+
 PREFIX = "sha256:"
 
 
@@ -41,7 +43,7 @@ class KeyRing:
     names: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, lines, source: str = "api key hashes") -> "KeyRing":
+    def parse(cls, lines, source: str = "api key hashes") -> KeyRing:
         digests, names = [], []
         for n, line in enumerate(lines, 1):
             line = line.strip()
@@ -62,7 +64,12 @@ class KeyRing:
         return cls(tuple(digests), tuple(names))
 
     @classmethod
-    def load(cls, hashes: list[str] | None = None, file: str | None = None) -> "KeyRing":
+    def of(cls, s: GatewaySettings) -> KeyRing:
+        """The public API keys the settings configure; ValueError names a malformed entry."""
+        return cls.load(s.api_key_hashes, s.api_keys_file)
+
+    @classmethod
+    def load(cls, hashes: list[str] | None = None, file: str | None = None) -> KeyRing:
         lines = list(hashes or [])
         ring = cls.parse(lines)
         if file:

@@ -2,13 +2,46 @@
 train-drafter, api-key, drain-node."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import shlex
+import signal
+import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
+import psutil
+import torch
 import typer
+from pydantic import ValidationError
+
+from drafthorse.actors.drafters import load_head, make_drafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models import loader
+from drafthorse.actors.models.loader import resolve
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.adaptive import AdaptivePolicy
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.spec.textstream import TextStream
+from drafthorse.actors.training.selfdistill import Corpus, build, split_questions
+from drafthorse.actors.training.train import TrainConfig, Trainer
+from drafthorse.cluster.apikeys import KeyRing, digest_line, new_key
+from drafthorse.cluster.client import generate_remote
+from drafthorse.cluster.deployment.local import Cluster
+from drafthorse.cluster.deployment.nodedrain import drain_node
+from drafthorse.cluster.tools import bench as b
+from drafthorse.cluster.tools import loadtest as lt
+from drafthorse.cluster.tools.bench import load_questions
+from drafthorse.cluster.tools.profiling import profile as run_profiled
+from drafthorse.cluster.tools.soak import run_soak, verdict, write
+from drafthorse.runtime import kinds
+from drafthorse.runtime.redis_store import free_port
+from drafthorse.runtime.settings import Settings
 
 # the Spec-Bench dev questions shipped beside the repository (../shared); any file of that format works
 DEV_QUESTIONS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
@@ -24,7 +57,6 @@ def _fail(msg: str) -> None:
 
 def _check_models(*specs: str | None) -> None:
     """A model that cannot be found stops a cluster command here, named, not as a failed deployment."""
-    from drafthorse.actors.models.loader import resolve
     for spec in specs:
         if spec and not spec.startswith("tiny:"):
             try:
@@ -34,7 +66,6 @@ def _check_models(*specs: str | None) -> None:
 
 
 def _threads(n: int | None) -> None:
-    import torch
     if n:
         torch.set_num_threads(n)
 
@@ -67,11 +98,9 @@ def generate(
                                              "(stderr)"),
 ):
     """Generate a reply to PROMPT, streaming it to stdout (or one JSON object with --json)."""
-    from drafthorse.actors.drafters import check_kind
-    from drafthorse.actors.spec.sampling import SamplingParams
 
     try:
-        check_kind(drafter)
+        kinds.kind(drafter)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 max_new_tokens=max_new_tokens, stop=tuple(stop)).validate()
         if not prompt.strip():
@@ -79,15 +108,10 @@ def generate(
     except ValueError as e:
         _fail(str(e))
     if server:
-        from drafthorse.cluster.client import generate_remote
         generate_remote(server, prompt, params, drafter, raw, session, json_out, api_key=api_key)
         return
 
     _threads(threads)
-    from drafthorse.actors.drafters import make_drafter
-    from drafthorse.actors.engine import SpecEngine
-    from drafthorse.actors.models import loader
-    from drafthorse.actors.models.runner import ModelRunner
 
     if drafter == "draft-model" and not draft_model:
         _fail("--drafter draft-model needs --draft-model PATH")
@@ -100,18 +124,15 @@ def generate(
     ids = tok.encode(prompt, add_special_tokens=False) if raw else loader.chat_prompt(
         tok, [{"role": "user", "content": prompt}])
     decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
-    from drafthorse.actors.spec.adaptive import AdaptivePolicy
     engine = SpecEngine(ModelRunner(lm.model), lm.eos_ids, decode, policy=AdaptivePolicy(16) if adaptive else None)
     try:
-        from drafthorse.actors.drafters import HEAD_KINDS, load_head
-        trained = load_head(drafter, lm, head) if drafter in HEAD_KINDS else None
+        trained = load_head(drafter, lm, head) if kinds.kind(drafter).head else None
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     d = make_drafter(drafter, (lambda: ModelRunner(dlm.model)) if dlm else None, head=trained)
     try:
         if json_out or profile:
             if profile:
-                from drafthorse.cluster.profiling import profile as run_profiled
                 out, report = run_profiled(lambda: engine.generate(ids, params, d),
                                            lambda g: g.stats.target_forwards)
                 typer.echo(report, err=True)
@@ -125,7 +146,6 @@ def generate(
             typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids,
                                    "finish_reason": out.finish_reason, "stats": stats}))
             return
-        from drafthorse.cluster.textstream import TextStream
         ts = TextStream(decode, params.stop)
         for step in engine.stream(ids, params, d):
             sys.stdout.write(ts.push(step.token_ids, step.finish_reason is not None))
@@ -159,8 +179,6 @@ def bench(
     """Speculative methods vs plain decoding vs HF generate, side by side on the same prompts.
     cluster-ar / cluster-ngram / cluster-draft-model run the same drafter through the distributed
     path (gateway -> target actor -> draft actor, trees over gRPC)."""
-    from drafthorse.actors.models import loader
-    from drafthorse.cluster import bench as b
 
     _threads(threads)
     running = None
@@ -168,12 +186,7 @@ def bench(
         qs = b.load_questions(questions, per_category)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         if cluster and not server:
-            import torch
-            import uuid
 
-            from drafthorse.cluster.app import Cluster
-            from drafthorse.cluster.redis_store import free_port
-            from drafthorse.cluster.settings import Settings
             running = Cluster(Settings(model=model, draft_model=draft_model, dtype=dtype, num_targets=1,
                                        num_drafts=1, gateway_port=free_port(), http_port=0,
                                        torch_threads=threads or torch.get_num_threads(),
@@ -217,15 +230,8 @@ def serve(
 ):
     """Start the cluster (Ray, Redis, gateway, target and draft workers) and serve until Ctrl-C.
     Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""
-    import signal
-    import threading
-    import time
 
-    import psutil
-    from pydantic import ValidationError
 
-    from drafthorse.cluster.app import Cluster
-    from drafthorse.cluster.settings import Settings
 
     flags = dict(model=model, draft_model=draft_model, drafter=drafter, eagle_head=eagle_head, medusa_head=medusa_head,
                  layerskip_head=layerskip_head, num_targets=num_targets,
@@ -233,7 +239,7 @@ def serve(
                  ray_address=ray_address, dtype=dtype)
     try:
         s = Settings(**{k: v for k, v in flags.items() if v is not None})
-        s.keyring()   # a malformed API key entry or an unreadable certificate stops the start here, named
+        KeyRing.of(s)   # a malformed API key entry or an unreadable certificate stops the start here, named
         s.tls()
     except (ValidationError, ValueError) as e:
         _fail(str(e))
@@ -283,10 +289,7 @@ def loadtest(
 ):
     """Load a running cluster: throughput, TTFT, TPOT, latency (p50/p99), mean accepted tokens and
     errors per drafter and concurrency level. Bounded by --requests and --max-seconds per level."""
-    import asyncio
 
-    from drafthorse.cluster import loadtest as lt
-    from drafthorse.cluster.bench import load_questions
 
     try:
         lt.check_server(server, allow_remote)
@@ -342,11 +345,7 @@ def soak(
     """Start a cluster, load it with greedy streams and periodic faults for MINUTES, and report memory per
     process over time, errors by code, throughput and lost tokens; exits 1 if any error, any lost token
     or a growing process."""
-    from pydantic import ValidationError
 
-    from drafthorse.cluster.redis_store import free_port
-    from drafthorse.cluster.settings import Settings
-    from drafthorse.cluster.soak import run_soak, verdict, write
     try:
         s = Settings(model=model, draft_model=draft_model or model, dtype=dtype, num_targets=targets,
                      num_drafts=drafts, gateway_port=free_port(), http_port=0,
@@ -397,19 +396,12 @@ def train_drafter(
     threads: Optional[int] = typer.Option(None),
 ):
     """Train a draft head on the target's own answers (self-distillation) and save it."""
-    import shlex
-    import time
 
-    from drafthorse.actors.drafters import HEAD_KINDS
-    from drafthorse.actors.drafters.selfdistill import Corpus, build, split_questions
-    from drafthorse.actors.drafters.train import TrainConfig, Trainer
-    from drafthorse.actors.models import loader
-    from drafthorse.cluster.bench import load_questions
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _threads(threads)
-    if kind not in HEAD_KINDS:
-        _fail(f"--kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
+    if kind not in kinds.HEAD_KINDS:
+        _fail(f"--kind must be one of {', '.join(kinds.HEAD_KINDS)}, got {kind!r}")
     t0 = time.perf_counter()
     try:
         lm = loader.load(model, "float32")
@@ -424,7 +416,8 @@ def train_drafter(
             if corpus.meta.get("target") != lm.name or int(corpus.meta.get("mid_layer", -1)) != exit_layer:
                 raise ValueError(f"corpus {data} was built for {corpus.meta.get('target')!r} with mid_layer "
                                  f"{corpus.meta.get('mid_layer')}: pass another --data")
-            typer.echo(f"corpus: {data} ({corpus.meta['sequences']} sequences, {corpus.meta['tokens']} tokens)", err=True)
+            typer.echo(f"corpus: {data} ({corpus.meta['sequences']} sequences, {corpus.meta['tokens']} tokens)",
+                       err=True)
         else:
             corpus = build(lm, train_q, invented=invented, samples=samples, max_new_tokens=max_new_tokens,
                            mid_layer=exit_layer, seed=seed)
@@ -455,9 +448,7 @@ def drain_node_cmd(
 ):
     """Drain this Ray node before it stops (a Kubernetes preStop hook): Serve moves its replicas elsewhere,
     each finishing or handing over its streams; waits until none is left (exit 1 if some are)."""
-    import subprocess
 
-    from drafthorse.cluster.nodedrain import drain_node
     try:
         result = drain_node(address, node_id, deadline_s)
     except (ConnectionError, RuntimeError, subprocess.TimeoutExpired) as e:
@@ -472,7 +463,6 @@ def drain_node_cmd(
 def api_key(name: str = typer.Option("", help="owner name recorded with the key (sessions belong to it)")):
     """Make a public API key: prints the key (give it to the client, once) and the sha256 line to put
     in DRAFTHORSE_API_KEY_HASHES or DRAFTHORSE_API_KEYS_FILE (the server never stores the key)."""
-    from drafthorse.cluster.apikeys import digest_line, new_key
     if ":" in name or any(c.isspace() for c in name):
         _fail("--name must not contain ':' or whitespace")
     key = new_key()

@@ -5,6 +5,7 @@ import json
 import sys
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
@@ -46,9 +47,8 @@ def generate_remote(server: str, prompt: str, params: SamplingParams, drafter: s
                     sys.stdout.flush()
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
     if json_out:
-        from google.protobuf.json_format import MessageToDict
         stats = MessageToDict(last.stats, preserving_proto_field_name=True) if last else {}
         print(json.dumps({"text": "".join(text), "token_ids": ids,
                           "finish_reason": last.finish_reason if last else "",

@@ -11,21 +11,22 @@ import contextlib
 import logging
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from drafthorse.actors.drafters import KINDS
-from drafthorse.actors.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, channel, is_loopback, token_ok
-from drafthorse.actors.wire import sampling_from_proto
-from drafthorse.cluster import metrics
-from drafthorse.cluster.apikeys import bearer
-from drafthorse.cluster.limits import KeyLimits, LimitExceeded
+from drafthorse.actors.workers.wire import sampling_from_proto
+from drafthorse.cluster.apikeys import KeyRing, bearer
+from drafthorse.cluster.limits import KeyLimits, LimitExceeded, Limits
 from drafthorse.cluster.prompts import turn_ids
-from drafthorse.cluster.redis_store import connect
-from drafthorse.cluster.registry import Registry
 from drafthorse.cluster.router import NoWorkers, Router
-from drafthorse.cluster.sessions import SessionStore
-from drafthorse.cluster.settings import Settings
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime import kinds, metrics
+from drafthorse.runtime.redis_store import connect
+from drafthorse.runtime.registry import Registry
+from drafthorse.runtime.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, channel, is_loopback, token_ok
+from drafthorse.runtime.sessions import SessionStore
+from drafthorse.runtime.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 SERVICE = "drafthorse.v1.Generator"
@@ -78,15 +79,15 @@ async def _refuse(context, e: LimitExceeded) -> None:
 
 
 class Gateway(pb_grpc.GeneratorServicer):
-    def __init__(self, s: Settings, tokenizer):
+    def __init__(self, s: GatewaySettings, tokenizer):
         self.s, self.tok = s, tokenizer
-        self.keys = s.keyring()
+        self.keys = KeyRing.of(s)
         self.redis = connect(s.redis_url)
         self.registry = Registry(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
         self.router = Router(self.registry)
         self.sessions = SessionStore(self.redis, s.key_prefix, ttl_s=s.session_ttl_s)
         # per-key limits apply to callers identified by an API key (not to the cluster itself)
-        limits = s.key_limits()
+        limits = Limits.of(s)
         self.limits = KeyLimits(self.redis, s.key_prefix, limits) if self.keys.enabled and limits.any else None
         self.metadata = auth_metadata(s.token())
         self.tls = s.tls()   # towards the target workers
@@ -121,8 +122,8 @@ class Gateway(pb_grpc.GeneratorServicer):
         if not 1 <= max_new <= self.s.max_new_tokens_limit:
             raise ValueError(f"max_new_tokens must be in [1, {self.s.max_new_tokens_limit}], got {r.max_new_tokens}")
         sampling_from_proto(r.sampling, max_new_tokens=max_new, stop=tuple(r.stop)).validate()
-        if r.drafter and r.drafter not in KINDS:
-            raise ValueError(f"unknown drafter {r.drafter!r}: choose one of {', '.join(KINDS)}")
+        if r.drafter:
+            kinds.kind(r.drafter)
         if r.session_id and r.new_session:
             raise ValueError("give session_id to continue a session or new_session to open one, not both")
         return messages, prompt, max_new
@@ -246,17 +247,14 @@ class Gateway(pb_grpc.GeneratorServicer):
 async def drain_gateway(server: grpc.aio.Server, hs, grace_s: float) -> None:
     """Health NOT_SERVING first (load balancers stop sending), then refuse new calls and give the streams
     in flight `grace_s` to finish."""
-    from grpc_health.v1 import health_pb2
     for name in ("", SERVICE):
         await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace_s)
 
 
-async def serve_gateway(s: Settings, tokenizer, ready: asyncio.Event | None = None,
+async def serve_gateway(s: GatewaySettings, tokenizer, ready: asyncio.Event | None = None,
                         handles: dict | None = None) -> None:
     """Serve until the server stops; `handles` (if given) receives the server and its health servicer."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
 
     gateway = Gateway(s, tokenizer)
     # clients' messages are bounded by max_request_bytes (gRPC answers RESOURCE_EXHAUSTED past it); the

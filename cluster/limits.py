@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import redis
 
+from drafthorse.runtime.settings import GatewaySettings
+
 STREAM_TTL_S = 3600
 
 
@@ -23,6 +25,10 @@ class Limits:
     tokens_per_minute: int = 0    # generated tokens per key per minute
     prompt_tokens: int = 0        # prompt tokens per request
     new_tokens: int = 0           # max new tokens per request
+
+    @classmethod
+    def of(cls, s: GatewaySettings) -> Limits:
+        return cls(s.key_max_streams, s.key_tokens_per_minute, s.key_max_prompt_tokens, s.key_max_new_tokens)
 
     @property
     def any(self) -> bool:

@@ -22,7 +22,8 @@ import logging
 import math
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Optional, Union
 
 import grpc
 from fastapi import Depends, FastAPI, Request
@@ -409,8 +410,9 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         if loc and loc[0] == "body":
             loc = loc[1:]
         if not loc and first.get("type") == "model_attributes_type":
-            return JSONResponse(APIError(400, "the request body must be a JSON object (and sent with "
-                                         "Content-Type: application/json)", code="invalid_json").body(), status_code=400)
+            err = APIError(400, "the request body must be a JSON object (and sent with Content-Type: "
+                                "application/json)", code="invalid_json")
+            return JSONResponse(err.body(), status_code=400)
         param = loc[0] if loc else None
         for x in loc[1:]:
             param += f"[{x}]" if x.isdigit() else f".{x}"

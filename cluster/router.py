@@ -12,11 +12,11 @@ That costs a little balance, never correctness."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-from drafthorse.cluster.registry import Registry, WorkerInfo
-from drafthorse.cluster.sessions import Session
+from drafthorse.runtime.registry import Registry, WorkerInfo
+from drafthorse.runtime.sessions import Session
 
 log = logging.getLogger("drafthorse.router")
 

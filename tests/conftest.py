@@ -20,7 +20,7 @@ def _torch_threads():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(seed: int, vocab_size: int, hidden_size: int, eos_token_id: int | None, max_len: int):
     from drafthorse.actors.models.loader import tiny_llama
     return tiny_llama(seed, vocab_size=vocab_size, hidden_size=hidden_size, eos_token_id=eos_token_id,

@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.apikeys import KeyRing, bearer, digest_line, new_key
 from drafthorse.cluster.client import key_metadata, request
-from drafthorse.cluster.redis_store import free_port
-from drafthorse.cluster.settings import Settings
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.redis_store import free_port
+from drafthorse.runtime.settings import Settings
 
 ALICE, BOB = new_key(), new_key()
 
@@ -112,8 +112,8 @@ def test_a_request_over_max_request_bytes_is_resource_exhausted(gateway):
 
 def test_sessions_belong_to_their_key(gateway):
     addr, s = gateway
-    from drafthorse.cluster.redis_store import connect
-    from drafthorse.cluster.sessions import SessionStore
+    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.sessions import SessionStore
     store = SessionStore(connect(s.redis_url), s.key_prefix)
     sid = store.create("alice").session_id
     # bob cannot tell alice's session from a missing one; alice gets past the session check
@@ -130,7 +130,7 @@ def test_every_http_route_needs_a_key(gateway):
 
     from drafthorse.cluster.openai_api import create_app
     addr, s = gateway
-    app = create_app(addr, "m", keys=s.keyring())
+    app = create_app(addr, "m", keys=KeyRing.of(s))
     routes = sorted(r.path for r in app.routes if r.path.startswith("/v1"))
     assert routes == ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{name:path}"]
     body = {"model": "m", "max_tokens": 2}
@@ -156,7 +156,7 @@ def test_every_http_route_needs_a_key(gateway):
 def test_key_limits_unit():
     """Counters in a real Redis under a private prefix; a fake clock moves the minute window."""
     from drafthorse.cluster.limits import KeyLimits, LimitExceeded, Limits
-    from drafthorse.cluster.redis_store import connect
+    from drafthorse.runtime.redis_store import connect
     now = [600.0]
     lim = KeyLimits(connect("redis://127.0.0.1:6379/0"), f"dh-lim-{uuid.uuid4().hex[:8]}:",
                     Limits(streams=2, tokens_per_minute=100, prompt_tokens=50, new_tokens=20), clock=lambda: now[0])
@@ -206,8 +206,8 @@ def call_meta(addr: str, key: str, **req):
 
 
 def test_per_key_limits_refuse_with_a_retry_hint(limited):
-    from drafthorse.cluster.limits import KeyLimits
-    from drafthorse.cluster.redis_store import connect
+    from drafthorse.cluster.limits import KeyLimits, Limits
+    from drafthorse.runtime.redis_store import connect
     addr, s = limited
     assert call_meta(addr, ALICE)[0] == grpc.StatusCode.UNAVAILABLE      # within limits: routed
     code, details, _ = call_meta(addr, ALICE, max_new_tokens=65)
@@ -216,7 +216,7 @@ def test_per_key_limits_refuse_with_a_retry_hint(limited):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "this key's limit is 200" in details
     # alice's stream slot is taken (another gateway replica holds it) / her minute is spent: refused
     # with a retry hint; bob is not affected
-    lim = KeyLimits(connect(s.redis_url), s.key_prefix, s.key_limits())
+    lim = KeyLimits(connect(s.redis_url), s.key_prefix, Limits.of(s))
     lim.acquire("alice")
     code, details, meta = call_meta(addr, ALICE)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams open" in details and meta["retry-after"] == "1"
@@ -231,7 +231,7 @@ def test_per_key_limits_refuse_with_a_retry_hint(limited):
     from starlette.testclient import TestClient
 
     from drafthorse.cluster.openai_api import create_app
-    with TestClient(create_app(addr, "m", keys=s.keyring())) as http:
+    with TestClient(create_app(addr, "m", keys=KeyRing.of(s))) as http:
         r = http.post("/v1/chat/completions", json={"model": "m", "max_tokens": 2, "messages": [
             {"role": "user", "content": "hi"}]}, headers={"Authorization": f"Bearer {ALICE}"})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"

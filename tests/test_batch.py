@@ -58,7 +58,7 @@ def test_batched_outputs_equal_outputs_alone(models, adaptive):
                 waiting.remove((i, (prompt, kind, params, join)))
         if active:
             batch_sizes.append(len(active))
-            for (i, seq), step in zip(active, eng.step([s for _, s in active])):
+            for (i, _), step in zip(active, eng.step([s for _, s in active])):
                 outs[i] += step.token_ids
             active = [(i, s) for i, s in active if s.finish_reason is None]  # and leave when done
         step_no += 1

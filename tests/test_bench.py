@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from drafthorse.cluster.bench import METHODS, format_table, load_questions, resolve_methods, run_bench
+from drafthorse.cluster.tools.bench import METHODS, format_table, load_questions, resolve_methods, run_bench
 
 
 def write_jsonl(path, rows):

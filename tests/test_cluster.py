@@ -17,16 +17,16 @@ from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models import loader
 from drafthorse.actors.models.runner import ModelRunner
-from drafthorse.actors.rpc import auth_metadata
 from drafthorse.actors.spec.sampling import SamplingParams
-from drafthorse.cluster.redis_store import free_port
-from drafthorse.cluster.app import Cluster
 from drafthorse.cluster.client import request
+from drafthorse.cluster.deployment.local import Cluster
 from drafthorse.cluster.prompts import turn_ids
-from drafthorse.cluster.settings import Settings
-from drafthorse.cluster.soak import kill_replica
+from drafthorse.cluster.tools.soak import kill_replica
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.redis_store import free_port
+from drafthorse.runtime.rpc import auth_metadata
+from drafthorse.runtime.settings import Settings
 
 PROMPTS = ["the cat sat on the mat, the cat sat on the", "one two three one two three one two",
            "Tell me about speculative decoding.", "a b c d a b c d a b", "hello hello hello",
@@ -162,9 +162,9 @@ def test_workers_hold_the_accelerator_resources_they_asked_for(cluster):
 
 
 def test_cancel_stops_generation_and_frees_the_worker(cluster, stub):
-    from drafthorse.cluster.redis_store import connect
-    from drafthorse.cluster.registry import Registry
-    from drafthorse.cluster.sessions import SessionStore
+    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.registry import Registry
+    from drafthorse.runtime.sessions import SessionStore
     r = connect(cluster.s.redis_url)
     call = stub.Generate(request("count slowly", SamplingParams(max_new_tokens=450), "none", new_session=True),
                          timeout=120)
@@ -255,9 +255,9 @@ def test_unknown_session_is_not_found(stub):
 
 
 def test_internal_calls_need_the_certificate_and_the_token(cluster):
-    from drafthorse.actors.rpc import channel
-    from drafthorse.cluster.redis_store import connect
-    from drafthorse.cluster.registry import Registry
+    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.registry import Registry
+    from drafthorse.runtime.rpc import channel
     reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix)
     time.sleep(3 * cluster.s.heartbeat_s)  # a worker killed by an earlier test drops out of the registry
     target = reg.alive("target")[0]
@@ -416,8 +416,8 @@ STORM_TOKENS = 64
 
 
 def _alive(cluster) -> dict[str, list]:
-    from drafthorse.cluster.redis_store import connect
-    from drafthorse.cluster.registry import Registry
+    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.registry import Registry
     reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix, heartbeat_ttl_s=3 * cluster.s.heartbeat_s)
     return {kind: reg.alive(kind) for kind in ("target", "draft")}, reg
 
@@ -494,7 +494,7 @@ def test_target_worker_drained_under_16_streams(cluster, stub, local):
     """A drain with no grace hands every stream over at once (the order of a drain: tests/test_drain.py)."""
     from ray import serve
 
-    from drafthorse.cluster.app import APP_NAME
+    from drafthorse.cluster.deployment.app import APP_NAME
     drained = {}
 
     def fault():

@@ -11,10 +11,10 @@ import uuid
 import pytest
 import redis
 
-from drafthorse.cluster.redis_store import connect, ensure_redis, start_embedded_redis
-from drafthorse.cluster.registry import Registry, WorkerInfo
 from drafthorse.cluster.router import NoWorkers, Router
-from drafthorse.cluster.sessions import SessionNotFound, SessionStore
+from drafthorse.runtime.redis_store import connect, ensure_redis, start_embedded_redis
+from drafthorse.runtime.registry import Registry, WorkerInfo
+from drafthorse.runtime.sessions import SessionNotFound, SessionStore
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """deploy/serve_config.yaml brought up the way `serve run deploy/serve_config.yaml` does it (Serve
-starts from the config, the controller calls cluster.app:app_builder with its args, the config's
+starts from the config, the controller calls drafthorse.cluster.deployment.app:app_builder with its args, the config's
 per-deployment overrides and autoscaling policy apply), on CPU with a tiny model; then a generation
 over gRPC and the Prometheus series every process exports."""
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from drafthorse.actors.spec.sampling import SamplingParams
-from drafthorse.cluster.redis_store import free_port
 from drafthorse.cluster.client import request
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.redis_store import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "serve_config.yaml"
@@ -53,8 +53,8 @@ def deployed():
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    from drafthorse.cluster.redis_store import connect, ensure_redis
-    from drafthorse.cluster.registry import Registry
+    from drafthorse.runtime.redis_store import connect, ensure_redis
+    from drafthorse.runtime.registry import Registry
 
     redis_url, embedded = ensure_redis(None)
     raw = yaml.safe_load(CONFIG.read_text())
@@ -145,7 +145,7 @@ def test_openai_http_api_through_serves_proxy(deployed):
 
 def _scrape(base: int) -> str:
     """Every /metrics endpoint in base..base+15 (one per process), concatenated: what a scraper sees."""
-    from drafthorse.cluster.metrics import PORT_SPAN
+    from drafthorse.runtime.metrics import PORT_SPAN
     texts = []
     for port in range(base, base + PORT_SPAN):
         try:
@@ -201,7 +201,7 @@ def test_metrics_endpoints_expose_the_named_series(deployed, stub):
 
 def test_target_workers_scale_up_on_active_requests(deployed, stub):
     """Requests reach workers over gRPC, not Serve handles: the workers' reported active requests
-    and cluster.autoscaling's policy are what scale them (here to max_replicas = 2)."""
+    and cluster/deployment/autoscaling.py's policy are what scale them (here to max_replicas = 2)."""
     from ray import serve
 
     def replicas() -> int:
@@ -243,7 +243,7 @@ def test_target_workers_scale_up_on_active_requests(deployed, stub):
 
 def _series_names() -> set[str]:
     """Every sample name the metrics module can emit."""
-    from drafthorse.cluster.metrics import REGISTRY
+    from drafthorse.runtime.metrics import REGISTRY
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     return {f.name + s for f in REGISTRY.collect() for s in suffixes[f.type]}
 
@@ -295,7 +295,7 @@ def test_dockerfile_builds_cpu_or_cuda_as_non_root_with_the_model_and_a_health_c
 
 
 def test_app_builder_refuses_unknown_settings_and_secrets_in_args():
-    from drafthorse.cluster.app import app_builder
+    from drafthorse.cluster.deployment.app import app_builder
     with pytest.raises(ValueError, match="unknown drafthorse settings.*modle"):
         app_builder({"modle": "tiny:0"})
     with pytest.raises(ValueError, match="secrets do not belong"):

@@ -12,18 +12,19 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from drafthorse.actors.draft_service import DraftService, serve_drafter
 from drafthorse.actors.drafters.base import Budget
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
-from drafthorse.actors.drafters.remote import RemoteDrafter
 from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models.loader import tiny_llama, wrap
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.actors.spec.tree import DraftTree
-from drafthorse.actors.wire import sampling_from_proto, sampling_to_proto, tree_from_proto, tree_to_proto
-from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.workers.draft_service import DraftService, serve_drafter
+from drafthorse.actors.workers.remote_drafter import RemoteDrafter
+from drafthorse.actors.workers.wire import sampling_from_proto, sampling_to_proto, tree_from_proto, tree_to_proto
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 V = 128
 KINDS = ("ngram", "draft-model", "draft-model-tree")
@@ -247,7 +248,7 @@ def test_auth(make_drafter):
 def test_mutual_tls(make_drafter, tmp_path):
     """With certificates configured, only a peer holding a certificate of the same CA connects:
     plaintext, server-only TLS and a certificate of another CA are refused before any RPC runs."""
-    from drafthorse.actors.rpc import MutualTls, channel
+    from drafthorse.runtime.rpc import MutualTls, channel
     from tests.conftest import make_pki
     ours = make_pki(tmp_path / "ours")
     tls = MutualTls.from_files(ours["tls_cert_file"], ours["tls_key_file"], ours["tls_ca_file"],
@@ -281,7 +282,7 @@ def test_mutual_tls(make_drafter, tmp_path):
 
 
 def test_tls_settings_come_as_a_set(tmp_path):
-    from drafthorse.cluster.settings import Settings
+    from drafthorse.runtime.settings import Settings
     with pytest.raises(ValueError, match="DRAFTHORSE_TLS_KEY_FILE, DRAFTHORSE_TLS_CA_FILE"):
         Settings(tls_cert_file="cert.pem")
     assert Settings().tls() is None

@@ -1,4 +1,4 @@
-"""Graceful drain of a target worker (actors/worker.py) over a real gRPC server and Redis: health turns
+"""Graceful drain of a target worker (actors/workers/worker.py) over a real gRPC server and Redis: health turns
 NOT_SERVING and the worker leaves the registry while its stream still runs, new streams are refused
 with UNAVAILABLE (the gateway retries elsewhere), a stream in flight finishes within the grace, and
 past the grace it is handed over: ended with UNAVAILABLE after a prefix of its tokens."""
@@ -13,13 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from drafthorse.actors.models import loader
-from drafthorse.actors.rpc import start_server
-from drafthorse.actors.target_worker import SERVICE, TargetService
-from drafthorse.actors.worker import GrpcWorker
-from drafthorse.cluster.heartbeat import Membership
-from drafthorse.cluster.settings import Settings
+from drafthorse.actors.workers.target_worker import SERVICE, TargetService
+from drafthorse.actors.workers.worker import GrpcWorker
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.membership import Membership
+from drafthorse.runtime.rpc import start_server
+from drafthorse.runtime.settings import Settings
 
 TOKENS = 200
 
@@ -33,12 +33,10 @@ def lm():
 def worker(lm):
     s = Settings(key_prefix=f"dh-drain-{uuid.uuid4().hex[:8]}:", heartbeat_s=0.2)
     w = GrpcWorker()
-    w.service = TargetService(lm, "target-drain", 2, 512)
-    w.server, port, w.health = start_server(lambda srv: pb_grpc.add_TargetServicer_to_server(w.service, srv),
-                                            [SERVICE])
-    w.service_names = [SERVICE]
-    w.membership = Membership(s, "target", "target-drain", lm.name, 2)
-    w.membership.start(port)
+    service = TargetService(lm, "target-drain", 2, 512)
+    server, port, health = start_server(lambda srv: pb_grpc.add_TargetServicer_to_server(service, srv), [SERVICE])
+    w.serve(service, server, port, health, [SERVICE], Membership(s, "target", "target-drain"), s.grace_s,
+            model=lm.name, capacity=2)
     channel = grpc.insecure_channel(w.membership.address)
     yield w, channel
     channel.close()

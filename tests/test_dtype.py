@@ -31,7 +31,7 @@ N_NEW = 40
 CONFIGS = [("bfloat16", None), ("float16", None), ("float32", None), ("float32", True), ("int8", None)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(seed: int, dtype: str):
     lm = loader.tiny_llama(seed, dtype=torch.float32 if dtype == "int8" else getattr(torch, dtype), max_len=512)
     if dtype == "int8":
@@ -72,7 +72,7 @@ def test_auto_dtype_falls_back_without_native_bf16(monkeypatch):
 def test_dtype_names_are_checked():
     from pydantic import ValidationError
 
-    from drafthorse.cluster.settings import Settings
+    from drafthorse.runtime.settings import Settings
     with pytest.raises(ValueError, match="dtype must be"):
         loader.resolve_dtype("int4")
     assert loader.resolve_dtype("int8") == "int8" and loader.dtype_of("int8") == torch.float32

@@ -9,18 +9,19 @@ import grpc
 import pytest
 import torch
 
-from drafthorse.actors.draft_service import DraftService, serve_drafter
 from drafthorse.actors.drafters import load_head, make_drafter
 from drafthorse.actors.drafters.eagle import EagleDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
-from drafthorse.actors.drafters.remote import RemoteDrafter
-from drafthorse.actors.drafters.selfdistill import from_sequences
-from drafthorse.actors.drafters.train import TrainConfig, Trainer
 from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
-from drafthorse.actors.wire import features_from_proto, features_to_proto
-from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.training.selfdistill import from_sequences
+from drafthorse.actors.training.train import TrainConfig, Trainer
+from drafthorse.actors.workers.draft_service import DraftService, serve_drafter
+from drafthorse.actors.workers.remote_drafter import RemoteDrafter
+from drafthorse.actors.workers.wire import features_from_proto, features_to_proto
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from tests.test_draft_service import Hook, code_of
 
 V, H = 128, 64
@@ -234,15 +235,15 @@ def test_wire_features_round_trip_little_endian():
 
 
 def test_missing_or_wrong_heads_fail_at_start_up(target, tmp_path, monkeypatch):
-    from drafthorse.actors.draft_worker import DraftWorker
     from drafthorse.actors.models import loader
-    from drafthorse.actors.target_worker import load_local_heads
-    from drafthorse.cluster.settings import Settings
+    from drafthorse.actors.workers.draft_worker import DraftWorker
+    from drafthorse.actors.workers.target_worker import load_local_heads
+    from drafthorse.runtime.settings import Settings, WorkerSettings
     monkeypatch.setattr(loader, "load", lambda *a, **kw: target)
     monkeypatch.setattr(loader, "vocab_size_of", lambda spec: V)
     for kw in [dict(drafter="eagle"), dict(eagle_head=str(tmp_path / "missing.safetensors"))]:
         with pytest.raises(RuntimeError, match="cannot serve eagle: .*DRAFTHORSE_EAGLE_HEAD"):
-            DraftWorker(dict(model="tiny:0", **kw))
+            DraftWorker(WorkerSettings(model="tiny:0", **kw), membership=None)
     assert load_local_heads(Settings(), target) == {}  # nothing asked for, nothing shipped for this target
     with pytest.raises(RuntimeError, match="no medusa head shipped .*DRAFTHORSE_MEDUSA_HEAD"):
         load_local_heads(Settings(drafter="medusa"), target)

@@ -10,10 +10,10 @@ import torch
 from drafthorse.actors.drafters import load_head, make_drafter
 from drafthorse.actors.drafters.base import Budget
 from drafthorse.actors.drafters.heads import load_checkpoint
-from drafthorse.actors.drafters.selfdistill import from_sequences
-from drafthorse.actors.drafters.train import TrainConfig, Trainer
 from drafthorse.actors.models.loader import LoadedModel, tiny_llama
 from drafthorse.actors.spec.sampling import SamplingParams, make_generator
+from drafthorse.actors.training.selfdistill import from_sequences
+from drafthorse.actors.training.train import TrainConfig, Trainer
 from tests.test_verify_sampling import E2E_N, E2E_TOKENS, E2E_VOCAB, PASS_P, PROMPT, exact_joint, gof_pvalue
 
 KINDS = ("eagle", "medusa", "layerskip")

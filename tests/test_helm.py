@@ -158,13 +158,13 @@ def test_servicemonitor_shape(gpu_docs):
 def test_serve_config_is_valid_for_ray_serve_and_drafthorse(values_file):
     from ray.serve.schema import ServeDeploySchema
 
-    from drafthorse.cluster.autoscaling import active_requests_policy
-    from drafthorse.cluster.settings import Settings
+    from drafthorse.cluster.deployment.autoscaling import active_requests_policy
+    from drafthorse.runtime.settings import Settings
 
     rs = one(render(values_file=values_file), "RayService")
     config = ServeDeploySchema.model_validate(serve_config(rs))
     (app,) = config.applications
-    assert app.import_path == "drafthorse.cluster.app:app_builder" and app.route_prefix == "/"  # the OpenAI HTTP API
+    assert app.import_path == "drafthorse.cluster.deployment.app:app_builder" and app.route_prefix == "/"  # the OpenAI HTTP API
     unknown = set(app.args) - set(Settings.model_fields)
     assert not unknown, f"args that are not drafthorse settings: {unknown}"
     s = Settings(**app.args)  # every value passes the Settings validators
@@ -174,7 +174,7 @@ def test_serve_config_is_valid_for_ray_serve_and_drafthorse(values_file):
     for name in ("TargetWorker", "DraftWorker"):
         policy = deployments[name].autoscaling_config["policy"]["policy_function"]
         module, func = policy.split(":")
-        assert (module, func) == ("drafthorse.cluster.autoscaling", active_requests_policy.__name__)
+        assert (module, func) == ("drafthorse.cluster.deployment.autoscaling", active_requests_policy.__name__)
     if values_file:
         assert (s.model, s.draft_model, s.drafter, s.dtype) == ("/models/target", "/models/draft",
                                                                 "draft-model", "bfloat16")
@@ -465,7 +465,7 @@ def test_cross_field_checks_fail_with_a_clear_message(values, needle):
 
 
 def test_schema_knows_every_drafter_kind():
-    from drafthorse.actors.drafters import KINDS
+    from drafthorse.runtime.kinds import NAMES as KINDS
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["model"]["properties"]["drafter"]["enum"] == list(KINDS)
 
@@ -496,7 +496,7 @@ def test_internal_tls_mounts_the_secret_and_sets_the_env_on_every_pod(crd_valida
     """internalTls.enabled: the Secret (tls.crt, tls.key, ca.crt, as cert-manager writes it) read-only in
     every Ray container, and the DRAFTHORSE_TLS_* settings pointing at its files: the app builder and
     every replica, whichever pod they land on, dial and serve over mutual TLS."""
-    from drafthorse.cluster.settings import Settings
+    from drafthorse.runtime.settings import Settings
 
     docs = render({"internalTls": {"enabled": True, "existingSecret": "dh-internal-tls"}})
     g = groups(one(docs, "RayService"))
@@ -553,8 +553,8 @@ def test_pods_outlive_the_drain_of_their_replicas(values, values_file):
     """A stopping replica drains (NOT_SERVING, deregister, finish its streams within grace_s, hand the
     rest over) while Serve waits graceful_shutdown_timeout_s (grace_s + 5) for it: every Ray pod's
     terminationGracePeriodSeconds must exceed that, or the kubelet SIGKILLs the drain."""
-    from drafthorse.cluster.app import build_app
-    from drafthorse.cluster.settings import Settings
+    from drafthorse.cluster.deployment.app import build_app
+    from drafthorse.runtime.settings import Settings
 
     rs = one(render(values, values_file=values_file), "RayService")
     app = serve_config(rs)["applications"][0]
@@ -573,7 +573,7 @@ def test_pods_outlive_the_drain_of_their_replicas(values, values_file):
         assert period > s.grace_s + 5 and period > max(timeouts.values()) + 5, (name, period, timeouts)
         if name == "head":
             continue
-        # worker pods drain their Ray node first (cluster/nodedrain.py), within the pod's grace period,
+        # worker pods drain their Ray node first (cluster/deployment/nodedrain.py), within the pod's grace period,
         # with time left for Serve's graceful stop of a replica that cannot move before the deadline
         cmd = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
         assert cmd[:2] == ["drafthorse", "drain-node"], (name, cmd)

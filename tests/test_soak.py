@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from drafthorse.cluster.soak import FAULTS, trends, verdict
+from drafthorse.cluster.tools.soak import FAULTS, trends, verdict
 
 
 def test_short_soak_loses_nothing_and_does_not_grow(tmp_path):
@@ -42,7 +42,7 @@ def test_trend_and_verdict_catch_growth_and_loss():
     problems = verdict(bad, 20)
     assert len(problems) == 3 and "leak:2 grows" in problems[2]
     # a process keeps its name while Ray retitles it with the method it runs
-    from drafthorse.cluster.soak import actor_role
+    from drafthorse.cluster.tools.soak import actor_role
     assert {actor_role(t) for t in ("ray::drafthorse:DraftWorker", "ray::drafthorse:DraftWorker.check_health",
                                     "ray::SERVE_REPLICA::drafthorse#DraftWorker#q1:drafthorse:DraftWorker.__init__",
                                     "ray::ServeReplica:drafthorse:DraftWorker")} == {"DraftWorker"}

@@ -77,7 +77,7 @@ class World:
         self.q2 = torch.softmax(1.5 * torch.randn(V, V, generator=g, dtype=torch.float64), -1)
         self.np_q1, self.np_q2 = self.q1.numpy(), self.q2.numpy()
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache  # noqa: B019 - one instance per test module, kept for its lifetime
     def q1_without(self, removed: frozenset) -> torch.Tensor:
         q = self.q1.clone()
         q[list(removed)] = 0.0

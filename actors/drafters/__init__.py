@@ -4,20 +4,22 @@ Trained heads (eagle, medusa, layerskip) are loaded once per target with `load_h
 every sequence's drafter; the heads shipped for the default SmolLM2 live in `trained/`."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from .base import Budget, Drafter, NoDrafter
+from drafthorse.actors.drafters.base import Budget, Drafter, NoDrafter
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.eagle import EagleDrafter, EagleModel
+from drafthorse.actors.drafters.heads import load_checkpoint
+from drafthorse.actors.drafters.layerskip import LayerSkipDrafter, LayerSkipModel
+from drafthorse.actors.drafters.medusa import MedusaDrafter, MedusaModel
+from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.runtime.kinds import check_head_kind, kind
 
-HEAD_KINDS = ("eagle", "medusa", "layerskip")
-KINDS = ("none", "ngram", "draft-model") + HEAD_KINDS
 TRAINED = Path(__file__).parent / "trained"
-
-
-def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"unknown drafter {kind!r}: choose one of {', '.join(KINDS)}")
-    return kind
+# per head kind (runtime.kinds): the model a checkpoint loads into, and the drafter that proposes with it
+HEADS = {"eagle": (EagleModel, EagleDrafter), "medusa": (MedusaModel, MedusaDrafter),
+         "layerskip": (LayerSkipModel, LayerSkipDrafter)}
 
 
 def shipped_head(kind: str, target_name: str) -> Path | None:
@@ -29,9 +31,7 @@ def shipped_head(kind: str, target_name: str) -> Path | None:
 def load_head(kind: str, lm, path: str | Path | None = None, max_len: int | None = None):
     """The model object of a trained head for the loaded target `lm` (a LoadedModel): from `path`, or
     the head shipped for it. FileNotFoundError / ValueError say what to do."""
-    from .heads import load_checkpoint
-    if kind not in HEAD_KINDS:
-        raise ValueError(f"{kind!r} is not a trained-head drafter ({', '.join(HEAD_KINDS)})")
+    check_head_kind(kind)
     path = path or shipped_head(kind, lm.name)
     if path is None:
         raise FileNotFoundError(f"no {kind} head shipped for target {lm.name!r}: train one with "
@@ -39,44 +39,28 @@ def load_head(kind: str, lm, path: str | Path | None = None, max_len: int | None
     ckpt = load_checkpoint(path, lm.model, lm.name)
     if ckpt.kind != kind:
         raise ValueError(f"draft head {path} is a {ckpt.kind} head, not {kind}")
-    if kind == "eagle":
-        from .eagle import EagleModel
-        return EagleModel(ckpt, lm.model, max_len)
-    if kind == "medusa":
-        from .medusa import MedusaModel
-        return MedusaModel(ckpt, lm.model)
-    from .layerskip import LayerSkipModel
-    return LayerSkipModel(ckpt, lm.model)
+    model = HEADS[kind][0]
+    return model(ckpt, lm.model, max_len) if kind == "eagle" else model(ckpt, lm.model)
 
 
-def make_drafter(kind: str, new_draft_runner: Callable | None = None, head=None, **options) -> Drafter:
+def make_drafter(name: str, new_draft_runner: Callable | None = None, head=None, **options) -> Drafter:
     """A fresh drafter for one sequence. `new_draft_runner()` gives a ModelRunner over the draft model
     (each sequence needs its own KV cache; weights are shared); `head` is a trained head's model
     (load_head) for eagle / medusa / layerskip; options override the head's tree defaults
     (topk, depth)."""
-    check_kind(kind)
-    if kind == "none":
+    k = kind(name)
+    if k.name == "none":
         return NoDrafter()
-    if kind == "ngram":
-        from .ngram import NgramDrafter
+    if k.name == "ngram":
         return NgramDrafter()
-    if kind in HEAD_KINDS:
+    if k.head:
         if head is None:
-            raise ValueError(f"drafter {kind!r} needs a trained head: pass --head PATH")
-        opts = {**head.defaults, **{k: v for k, v in options.items() if v is not None}}
-        if kind == "eagle":
-            from .eagle import EagleDrafter
-            return EagleDrafter(head, **opts)
-        if kind == "medusa":
-            from .medusa import MedusaDrafter
-            return MedusaDrafter(head, **opts)
-        from .layerskip import LayerSkipDrafter
-        return LayerSkipDrafter(head, **opts)
+            raise ValueError(f"drafter {k.name!r} needs a trained head: pass --head PATH")
+        opts = {**head.defaults, **{o: v for o, v in options.items() if v is not None}}
+        return HEADS[k.name][1](head, **opts)
     if new_draft_runner is None:
         raise ValueError("drafter 'draft-model' needs a draft model: pass --draft-model PATH")
-    from .draft_model import DraftModelDrafter
     return DraftModelDrafter(new_draft_runner())
 
 
-__all__ = ["Budget", "Drafter", "NoDrafter", "KINDS", "HEAD_KINDS", "check_kind", "make_drafter", "load_head",
-           "shipped_head"]
+__all__ = ["Budget", "Drafter", "NoDrafter", "make_drafter", "load_head", "shipped_head"]

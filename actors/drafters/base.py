@@ -26,7 +26,7 @@ class Drafter(ABC):
     name: str = "drafter"
     wants_features: bool = False
 
-    def bind(self, runner) -> None:
+    def bind(self, runner) -> None:  # noqa: B027 - an optional hook: most drafters need no runner
         """The target's ModelRunner for this sequence (self-speculative drafters share its weights and
         cache); called before `begin`."""
 
@@ -42,7 +42,7 @@ class Drafter(ABC):
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
         """A tree hanging off the last committed token, within budget."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most drafters hold nothing to free
         """Free per-sequence state."""
 
 

@@ -13,7 +13,7 @@ drawn is fixed before drawing, and growth stops at the budget. Which nodes get e
 on what was drawn: that only decides where the next proposals hang, not what they are."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

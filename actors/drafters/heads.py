@@ -17,14 +17,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from transformers import LlamaConfig, LlamaModel
 
 from drafthorse.actors.models.llama import Llama
-
-KINDS = ("eagle", "medusa", "layerskip")
+from drafthorse.runtime.kinds import HEAD_KINDS
 
 
 def fingerprint(model: Llama) -> str:
@@ -65,7 +68,6 @@ class ResBlock(nn.Module):
 class EagleHead(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
-        from transformers import LlamaConfig, LlamaModel
         H = cfg["hidden_size"]
         self.cfg = cfg
         self.fc = nn.Linear(2 * H, H, bias=False)
@@ -88,7 +90,6 @@ class EagleHead(nn.Module):
     def as_llama(self, target: Llama, d2t: torch.Tensor, max_len: int) -> Llama:
         """The head as a 1-layer `Llama` for inference (KV cache, tree attention, ModelRunner), reading
         the target's embeddings and its LM head rows of the draft vocabulary; weights in target dtype."""
-        from types import SimpleNamespace
         trunk = self.trunk.to(target.dtype)
         cfg = trunk.config
         shell = SimpleNamespace(
@@ -146,8 +147,8 @@ class Checkpoint:
     info: dict = field(default_factory=dict)  # training recipe and validation results
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-        tensors = {f"module.{k}": v.detach().to(torch.float16).contiguous() for k, v in self.module.state_dict().items()}
+        tensors = {f"module.{k}": v.detach().to(torch.float16).contiguous()
+                   for k, v in self.module.state_dict().items()}
         tensors["d2t"] = self.d2t.to(torch.int64).contiguous()
         meta = {"format": "drafthorse-head/1", "kind": self.kind, "config": json.dumps(self.module.cfg),
                 "target": json.dumps(self.target), "info": json.dumps(self.info)}
@@ -157,7 +158,6 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path, target: Llama, target_name: str = "") -> Checkpoint:
     """A saved head, checked against `target` (ValueError naming both when it was trained for another)."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"draft head {path}: no such file (train one with `drafthorse train-drafter`)")
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | Path, target: Llama, target_name: str = "") -> C
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any parse failure is the same answer to the user
         raise ValueError(f"draft head {path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != "drafthorse-head/1" or meta.get("kind") not in KINDS:
+    if meta.get("format") != "drafthorse-head/1" or meta.get("kind") not in HEAD_KINDS:
         raise ValueError(f"draft head {path}: not a drafthorse head checkpoint")
     trained_for = json.loads(meta["target"])
     mine = fingerprint(target)

@@ -21,6 +21,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,6 @@ def entry_dir(gguf_sha: str, dtype: str, root: Path | None = None) -> Path | Non
 
 
 def _versions() -> dict:
-    import transformers
     return {"format": FORMAT, "transformers": transformers.__version__}
 
 
@@ -76,7 +78,6 @@ def load(gguf_sha: str, dtype: str):
         log.warning("weights cache %s is unusable (%s): rebuilding it from the GGUF", d, e)
         shutil.rmtree(d, ignore_errors=True)
         return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").is_file() else None
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval()
     return hf, tok
@@ -88,7 +89,6 @@ def store(gguf_sha: str, dtype: str, hf: torch.nn.Module, tokenizer) -> Path | N
     d = entry_dir(gguf_sha, dtype)
     if d is None:
         return None
-    from safetensors.torch import save_file
     tmp = None
     try:
         d.parent.mkdir(parents=True, exist_ok=True)

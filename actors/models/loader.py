@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from drafthorse.actors.models import gguf_cache
 
 from .llama import Llama
 
@@ -19,7 +22,6 @@ DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8")   # what flags and settings offer
 # opt-in weight formats: name -> the dtype the model computes in (quant.py)
 _QUANTIZED = {"int8": "float32"}
 NATIVE_BF16_ENV = "DRAFTHORSE_NATIVE_BF16"   # "0": behave as if the CPU had no bfloat16 (tests), "1": as if it had
@@ -120,7 +122,6 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     reproducible). dtype: 'auto' (bfloat16 where the CPU has it natively, else float32), a name, or
     'int8' (weight-only int8 over float32, quant.py). The weights are cast once here; a GGUF's
     converted weights are cached (gguf_cache.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     asked, dtype = dtype, resolve_dtype(dtype)
@@ -139,7 +140,6 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     dense = _QUANTIZED.get(dtype, dtype)   # what the weights are loaded (and cached) as
     cached, source = None, "model directory"
     if gguf:
-        from . import gguf_cache
         sha = gguf_cache.file_sha256(Path(directory) / gguf) if gguf_cache.cache_root() else None
         cached = gguf_cache.load(sha, dense) if sha else None
         source = "weights cache" if cached else "GGUF (converting)"
@@ -167,7 +167,6 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
 
 def vocab_size_of(spec: str) -> int:
     """The vocabulary size of a model without loading its weights."""
-    from transformers import AutoConfig
 
     directory, gguf = resolve(DEFAULT_MODEL if spec.startswith("tiny:") else spec)
     return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {})).vocab_size
@@ -184,7 +183,6 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, laye
                heads: int = 4, kv_heads: int = 2, dtype: torch.dtype = torch.float64,
                max_len: int = 512, eos_token_id: int | None = None) -> LoadedModel:
     """A randomly initialised Llama from a config: fast, deterministic per seed, no download."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -18,7 +18,7 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = field(default_factory=tuple)
 
-    def validate(self, max_new_tokens_limit: int | None = None) -> "SamplingParams":
+    def validate(self, max_new_tokens_limit: int | None = None) -> SamplingParams:
         """Raise ValueError naming the offending parameter."""
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")

@@ -2,7 +2,7 @@
 step committing several tokens at once never lets a token past the stop through."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 Decode = Callable[[Sequence[int]], str]
 

@@ -22,7 +22,7 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def validate(self, vocab_size: int, max_nodes: int, max_depth: int | None = None) -> "DraftTree":
+    def validate(self, vocab_size: int, max_nodes: int, max_depth: int | None = None) -> DraftTree:
         """Reject malformed trees with ValueError (they may come from another process)."""
         n = len(self.tokens)
         if len(self.parents) != n:

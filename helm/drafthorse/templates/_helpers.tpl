@@ -107,10 +107,10 @@ matchExpressions:
 {{- end }}
 
 {{- define "drafthorse.autoscaling" -}}
-{{- toJson (mergeOverwrite (dict "policy" (dict "policy_function" "drafthorse.cluster.autoscaling:active_requests_policy")) (deepCopy .)) }}
+{{- toJson (mergeOverwrite (dict "policy" (dict "policy_function" "drafthorse.cluster.deployment.autoscaling:active_requests_policy")) (deepCopy .)) }}
 {{- end }}
 
-{{/* serveConfigV2: one application built by drafthorse.cluster.app:app_builder */}}
+{{/* serveConfigV2: one application built by drafthorse.cluster.deployment.app:app_builder */}}
 {{- define "drafthorse.serveConfig" -}}
 {{- $v := .Values -}}
 proxy_location: EveryNode

@@ -4,50 +4,34 @@ capacity, kept alive by a heartbeat thread, removed on shutdown. A worker whose 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
-import uuid
+from dataclasses import replace
 
-from drafthorse.cluster.redis_store import connect
-from drafthorse.cluster.registry import Registry, WorkerInfo
-from drafthorse.cluster.sessions import SessionStore
-from drafthorse.cluster.settings import Settings
+from drafthorse.runtime.redis_store import connect
+from drafthorse.runtime.registry import Registry, WorkerInfo
+from drafthorse.runtime.sessions import SessionStore
+from drafthorse.runtime.settings import Common
 
 log = logging.getLogger(__name__)
 
 
-def advertise_host(bind_host: str) -> str:
-    """The address peers should dial: the bind address, or this node's IP when bound to all."""
-    if bind_host not in ("0.0.0.0", "::", ""):
-        return bind_host
-    try:
-        import ray
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray
-        return socket.gethostbyname(socket.gethostname())
-
-
-def worker_id(kind: str) -> str:
-    """kind-<Serve replica id> inside Serve (operators can map it to the Ray actor), else random."""
-    import ray
-    try:
-        name = ray.get_runtime_context().get_actor_name() or ""
-    except Exception:  # noqa: BLE001 - not in a Ray actor
-        name = ""
-    return f"{kind}-{name.rsplit('#', 1)[-1] if '#' in name else uuid.uuid4().hex[:8]}"
-
-
 class Membership:
-    def __init__(self, s: Settings, kind: str, worker_id: str, model: str, capacity: int, node_id: str = "",
-                 drafters: list[str] | None = None):
+    """Built by the deployment layer (which knows the worker's id, Ray node and reachable address) and handed
+    to the worker, which starts it once its gRPC server listens."""
+
+    def __init__(self, s: Common, kind: str, worker_id: str, node_id: str = "", advertise_host: str | None = None):
         self.s = s
         self.redis = connect(s.redis_url)
         self.registry = Registry(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
         self.sessions = SessionStore(self.redis, s.key_prefix, ttl_s=s.session_ttl_s)
-        self.info = WorkerInfo(worker_id=worker_id, kind=kind, address="", model=model,
-                               drafters=drafters or [], capacity=capacity, node_id=node_id)
+        self.host = advertise_host or s.host
+        self.info = WorkerInfo(worker_id=worker_id, kind=kind, address="", node_id=node_id)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
 
     @property
     def address(self) -> str:
@@ -56,8 +40,10 @@ class Membership:
     def checkpoint_tokens(self, session_id: str, token_ids: list[int]) -> None:
         self.sessions.checkpoint(session_id, token_ids, self.info.worker_id)
 
-    def start(self, port: int) -> None:
-        self.info.address = f"{advertise_host(self.s.host)}:{port}"
+    def start(self, port: int, model: str = "", capacity: int = 1, drafters: list[str] | None = None) -> None:
+        """Register (what the worker serves, at host:port) and keep the registration alive."""
+        self.info = replace(self.info, address=f"{self.host}:{port}", model=model, capacity=capacity,
+                            drafters=list(drafters or []))
         self.registry.register(self.info)
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.info.worker_id}", daemon=True)
         self._thread.start()

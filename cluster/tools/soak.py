@@ -14,8 +14,22 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+import grpc
+import psutil
+import ray
+from ray import serve
+
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.client import request
+from drafthorse.cluster.deployment.app import APP_NAME
+from drafthorse.cluster.deployment.local import Cluster
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.redis_store import connect
+from drafthorse.runtime.registry import Registry
+from drafthorse.runtime.rpc import auth_metadata
 
 FAULTS = ("kill-draft", "kill-target", "drain-target")
 PROMPTS = ["Tell me about speculative decoding.", "Why is the sky blue?", "one two three one two three one two",
@@ -43,10 +57,7 @@ class Tally:
 
 
 def _client(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: random.Random, t0: float) -> None:
-    import grpc
 
-    from drafthorse.actors.spec.sampling import SamplingParams
-    from drafthorse.cluster.client import request
     while time.monotonic() < stop_at:
         prompt, drafter = rng.choice(PROMPTS), rng.choice(("ngram", "draft-model", "none"))
         with tally.lock:
@@ -81,7 +92,6 @@ def actor_role(title: str) -> str:
 
 def memory_sample() -> dict[str, float]:
     """RSS (MiB) of this process and every process below it (Ray's GCS, raylet, workers, Redis)."""
-    import psutil
     me = psutil.Process()
     out = {}
     for p in [me, *me.children(recursive=True)]:
@@ -115,7 +125,6 @@ def trends(samples: list[dict], skip_frac: float = 0.5) -> dict[str, dict]:
 
 def kill_replica(worker_id: str) -> None:
     """Kill the Ray actor of a Serve replica (Serve starts a new one)."""
-    import ray
     suffix = "#" + worker_id.split("-", 1)[1]
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["name"].endswith(suffix):
@@ -126,9 +135,7 @@ def kill_replica(worker_id: str) -> None:
 
 def inject(kind: str, registry) -> dict:
     """One fault on the busiest worker of its kind; returns what was hit and its load then."""
-    from ray import serve
 
-    from drafthorse.cluster.app import APP_NAME
     if kind == "drain-target":
         drained = serve.get_deployment_handle("TargetWorker", APP_NAME).drain.remote(0.0).result()
         return {"worker": drained["worker_id"], "streams_on_it": drained["in_flight"]}
@@ -142,13 +149,7 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
              sample_s: float = 2.0, say: Callable[[str], None] = lambda _m: None) -> dict:
     """Start a cluster from settings `s`, load it for `minutes` with a fault every `fault_every_s`
     (0: none), then stop it; returns the results dict."""
-    import grpc
 
-    from drafthorse.actors.rpc import auth_metadata
-    from drafthorse.cluster.app import Cluster
-    from drafthorse.cluster.redis_store import connect
-    from drafthorse.cluster.registry import Registry
-    from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
     say("starting the cluster ...")
     cluster = Cluster(s).start()

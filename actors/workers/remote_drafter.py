@@ -14,34 +14,35 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 import torch
 
+from drafthorse.actors.drafters.base import Budget, Drafter
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.actors.spec.tree import DraftTree
-from drafthorse.actors.wire import features_to_proto, sampling_to_proto, tree_from_proto
-from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
-
-from drafthorse.actors.rpc import FEATURE_CHUNK_BYTES, auth_metadata, channel
-from drafthorse.cluster.metrics import DRAFT_RPC_SECONDS
-
-from .base import Budget, Drafter
+from drafthorse.actors.workers.wire import features_to_proto, sampling_to_proto, tree_from_proto
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime import kinds
+from drafthorse.runtime.rpc import FEATURE_CHUNK_BYTES, auth_metadata, channel
 
 log = logging.getLogger(__name__)
 
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
          grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
-FEATURE_KINDS = ("eagle",)   # drafters that read the target's final hidden states
 
 
 class RemoteDrafter(Drafter):
     def __init__(self, target: str | grpc.Channel, kind: str, vocab_size: int, session_id: str | None = None,
                  auth_token: str | None = None, timeout_s: float = 5.0, retry_after_s: float = 1.0,
-                 chunk_bytes: int = FEATURE_CHUNK_BYTES):
+                 chunk_bytes: int = FEATURE_CHUNK_BYTES, on_rpc: Callable[[float], None] | None = None):
         self.name = f"remote:{kind}"
         self.kind, self.vocab_size, self.timeout_s = kind, vocab_size, timeout_s
-        self.wants_features = kind in FEATURE_KINDS
+        known = kinds.KINDS.get(kind)        # a draft worker may serve kinds of its own (its factory's)
+        self.wants_features = known is not None and known.wants_features
+        self.on_rpc = on_rpc                # observes each Draft RPC's seconds (the worker's metrics)
         self.chunk_bytes = chunk_bytes
         self.session_id = session_id or uuid.uuid4().hex
         self._own_channel = isinstance(target, str)
@@ -139,7 +140,8 @@ class RemoteDrafter(Drafter):
             finally:
                 dt = time.perf_counter() - t0
                 self.rpc_s += dt
-                DRAFT_RPC_SECONDS.observe(dt)
+                if self.on_rpc is not None:
+                    self.on_rpc(dt)
         return resp
 
     def _fail(self, why: str, quiet: bool) -> DraftTree:

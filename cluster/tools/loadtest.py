@@ -36,14 +36,17 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import grpc
+from google.protobuf.json_format import MessageToDict
+from transformers import AutoTokenizer
 
-from drafthorse.actors.rpc import is_loopback
+from drafthorse.actors.models.loader import DEFAULT_MODEL, resolve
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.rpc import OPTIONS, is_loopback
 
 LONG_CONTEXT_CATEGORIES = ("rag", "summarization")
 DEFAULT_CONTEXT_TOKENS = 3700   # ~4k, leaving room for the reply inside the default max_len of 4096
@@ -134,9 +137,7 @@ def long_context_prompts(questions: list[dict], context_tokens: int = DEFAULT_CO
 def tokenizer_counter(model: str = "smollm2") -> Callable[[str], int] | None:
     """Token counter of `model`'s tokenizer (what the gateway renders with), None if unavailable."""
     try:
-        from transformers import AutoTokenizer
 
-        from drafthorse.actors.models.loader import DEFAULT_MODEL, resolve
         directory, gguf = resolve(DEFAULT_MODEL if model.startswith("tiny:") else model)
         tok = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
     except Exception:  # noqa: BLE001 - fall back to the estimate
@@ -259,7 +260,6 @@ def summarize_level(records: list[dict], drafter: str, concurrency: int, rate: f
     server: dict[str, float] = {}  # mean of every numeric final-stats field (whatever the server reports)
     stats = [r["stats"] for r in ok if r["stats"] is not None]
     if stats:
-        from google.protobuf.json_format import MessageToDict
         dicts = [MessageToDict(s, preserving_proto_field_name=True) for s in stats]
         for key in sorted({k for d in dicts for k in d}):
             vals = [d[key] for d in dicts if isinstance(d.get(key), (int, float)) and not isinstance(d[key], bool)]
@@ -302,7 +302,6 @@ async def run_loadtest(server: str, prompts: list[str], drafters: list[str], con
     """Every drafter at every concurrency level against the gateway at `server`; returns the results
     dict that write_outputs saves (validation of its arguments is the caller's: see validate_args)."""
     validate_args(prompts, drafters, concurrency, requests, max_seconds, max_new_tokens, rate)
-    from drafthorse.actors.rpc import OPTIONS
     say = progress or (lambda _msg: None)
     levels: list[dict] = []
     async with grpc.aio.insecure_channel(server, options=OPTIONS) as channel:

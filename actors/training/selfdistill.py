@@ -19,9 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models.loader import LoadedModel, chat_prompt
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +52,12 @@ class Corpus:
         return torch.cat([self.label[self.seq(s)] for s in seqs])
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
         save_file({"tokens": self.tokens, "offsets": self.offsets, "prompt_lens": self.prompt_lens,
                    "feat": self.feat.contiguous(), "mid": self.mid.contiguous(), "label": self.label},
                   str(path), metadata={"meta": json.dumps(self.meta)})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Corpus":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    def load(cls, path: str | Path) -> Corpus:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["meta"])
         t = load_file(str(path))
@@ -75,9 +77,6 @@ def _batched_generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens:
     Runs on drafthorse's own engine: `batch_size` sequences per target pass (continuous batching: a
     finished sequence's place goes to the next prompt), plain decoding: with many sequences per pass
     the target is compute-bound, and draft trees would only add rows."""
-    from drafthorse.actors.engine import SpecEngine
-    from drafthorse.actors.models.runner import ModelRunner
-    from drafthorse.actors.spec.sampling import SamplingParams
 
     engine = SpecEngine(None, set(stop_ids), None, max_tree_nodes=8, max_tree_depth=4)
     runners = [ModelRunner(lm.model, min(lm.model.max_len, max(map(len, prompts)) + max_new_tokens + 16))

@@ -1,7 +1,7 @@
 """Drain the Ray node this process runs on before the node goes away: a Kubernetes preStop hook.
 
 A deleted or evicted pod gets SIGTERM, which kills its raylet and every actor on it at once: the
-replicas' graceful drain (actors/worker.py) never runs and their streams fail over mid-flight. Asking
+replicas' graceful drain (actors/workers/worker.py) never runs and their streams fail over mid-flight. Asking
 Ray to drain the node first makes Serve migrate its replicas: it starts a replacement elsewhere, then
 stops each old replica the graceful way (NOT_SERVING, out of the registry, streams finish within
 grace_s or are handed over), or stops them at the drain deadline minus their graceful shutdown time
@@ -15,6 +15,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import ray
+from ray.util.state import list_actors
+from ray.util.state.exception import RayStateApiException
 
 REPLICA_CLASS = "ServeReplica:"  # Serve's replica actors' class names: ServeReplica:<app>:<deployment>
 
@@ -31,8 +35,6 @@ def _request_drain(address: str, node_id: str, deadline_s: float) -> None:
 
 
 def _replicas_on(node_id: str) -> list[str]:
-    from ray.util.state import list_actors
-    from ray.util.state.exception import RayStateApiException
     try:
         actors = list_actors(filters=[("node_id", "=", node_id), ("state", "=", "ALIVE")], limit=10_000,
                              raise_on_missing_output=False)
@@ -55,7 +57,6 @@ def drain_node(address: str = "auto", node_id: str | None = None, deadline_s: fl
                poll_s: float = 0.5) -> dict:
     """Drain `node_id` (default: this process's node) and wait, at most deadline_s, until no Serve
     replica is alive on it. Returns what happened: replicas before, seconds until none, those left."""
-    import ray
     if address != "auto":
         _reachable(address)
     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)

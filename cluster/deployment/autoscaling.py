@@ -7,7 +7,7 @@ policy sizes the deployment from it. In a Serve config:
       min_replicas: 1
       max_replicas: 4
       target_ongoing_requests: 3        # active requests per replica to aim for
-      policy: {policy_function: cluster.autoscaling:active_requests_policy}
+      policy: {policy_function: drafthorse.cluster.deployment.autoscaling:active_requests_policy}
 
 Serve applies min/max_replicas, the up/downscale delays and factors around it; new replicas that do
 not fit the Ray cluster make the Ray autoscaler add a worker pod of the group offering their resources."""

@@ -6,10 +6,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import socket
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Target features (eagle) of a long context would outgrow any message bound (4096 tokens x hidden 4096
 # x 4 bytes = 64 MiB): a Draft request carries at most this many bytes of them, a longer context goes
-# in several requests (actors/drafters/remote.py). SmolLM2 (hidden 576) fits ~7k float32 rows in one.
+# in several requests (actors/workers/remote_drafter.py). SmolLM2 (hidden 576) fits ~7k float32 rows in one.
 FEATURE_CHUNK_BYTES = 16 * 1024 * 1024
 OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
@@ -39,7 +39,7 @@ class MutualTls:
     server_name: str = ""
 
     @classmethod
-    def from_files(cls, cert_file: str, key_file: str, ca_file: str, server_name: str = "") -> "MutualTls":
+    def from_files(cls, cert_file: str, key_file: str, ca_file: str, server_name: str = "") -> MutualTls:
         def read(path: str, what: str) -> bytes:
             try:
                 return Path(path).read_bytes()

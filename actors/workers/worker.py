@@ -11,21 +11,53 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health
+
+from drafthorse.runtime.membership import Membership
+from drafthorse.runtime.rpc import set_not_serving
 
 log = logging.getLogger(__name__)
 
 
+class Streams(Protocol):
+    """What a drain needs of a worker's gRPC servicer."""
+    draining: bool                  # set by the drain: refuse new calls with UNAVAILABLE
+
+    @property
+    def active(self) -> int:        # calls in flight
+        ...
+
+    def handover(self) -> int:      # end what still runs, each after its last committed step; how many
+        ...
+
+
 class GrpcWorker:
-    membership = None      # cluster.heartbeat.Membership
-    server = None          # grpc.Server
-    health = None          # grpc_health HealthServicer
-    service = None         # the gRPC servicer: .active (streams in flight), .draining, .handover()
-    service_names: list[str] = []
-    grace_s = 5.0
+    """A servicer behind a gRPC server, registered in the cluster through `membership` (built by the
+    deployment layer). Subclasses build the servicer and call `serve`."""
+    service: Streams
+    membership: Membership
+    server: grpc.Server | None = None
+    health: health.HealthServicer
+    service_names: list[str]
+    grace_s: float = 5.0
     _drained: dict | None = None
     # class-wide (one worker per process, and a drain is rare) and reentrant: the garbage collector may run
     # another instance's __del__ -> drain() on this thread while a drain holds the lock
     _drain_lock = threading.RLock()
+
+    def serve(self, service: Streams, server: grpc.Server, port: int, health_servicer: health.HealthServicer,
+              service_names: list[str], membership: Membership, grace_s: float, **info) -> None:
+        """Take the running server and join the cluster (`info`: what Membership.start registers)."""
+        self.service, self.server, self.health = service, server, health_servicer
+        self.service_names, self.membership, self.grace_s = service_names, membership, grace_s
+        membership.start(port, **info)
+
+    @property
+    def worker_id(self) -> str:
+        return self.membership.worker_id
 
     def check_health(self) -> None:
         """Serve calls this periodically: a worker whose heartbeat stopped is replaced."""
@@ -34,7 +66,6 @@ class GrpcWorker:
     def drain(self, grace_s: float | None = None) -> dict:
         """Leave the cluster without failing a client (see the module doc); idempotent. Returns what
         happened: streams that finished here and streams handed over."""
-        from drafthorse.actors.rpc import set_not_serving
         with self._drain_lock:
             if self._drained is not None:
                 return self._drained
@@ -47,7 +78,8 @@ class GrpcWorker:
             while self.service.active and time.monotonic() - t0 < grace_s:
                 time.sleep(0.02)
             handed = self.service.handover()
-            self.server.stop(grace=1.0).wait()
+            if self.server is not None:
+                self.server.stop(grace=1.0).wait()
             self._drained = {"worker_id": self.membership.info.worker_id, "in_flight": in_flight,
                              "handed_over": handed, "drain_s": round(time.monotonic() - t0, 3)}
             log.info("drained: %s", self._drained)

@@ -32,18 +32,25 @@ import platform
 import statistics
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import grpc
 import torch
+import transformers
+from tqdm import tqdm
+from transformers import GenerationConfig
 
 from drafthorse.actors.drafters import load_head, make_drafter
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
-from drafthorse.actors.models.loader import LoadedModel, chat_prompt
+from drafthorse.actors.models.loader import LoadedModel, chat_prompt, resolve
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
 from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.client import request
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +122,6 @@ def resolve_methods(methods: list[str], draft_lm: LoadedModel | None = None) -> 
     if any(_base(m) == "draft-model" for m in out) and draft_lm is None:
         raise ValueError("method 'draft-model' needs a draft model: give one or drop the method")
     if "hf-pld" in out:
-        from transformers import GenerationConfig
         if not hasattr(GenerationConfig(), "prompt_lookup_num_tokens"):
             raise ValueError("method 'hf-pld': this transformers has no prompt_lookup_num_tokens")
     if "llama-cpp" in out and importlib.util.find_spec("llama_cpp") is None:
@@ -204,7 +210,6 @@ class _Runner:
         if self._llama is None:
             from llama_cpp import Llama as LlamaCpp
 
-            from drafthorse.actors.models.loader import resolve
             directory, gguf = resolve(self.lm.name)
             if gguf is None:
                 raise ValueError(f"method 'llama-cpp' needs a GGUF model, {self.lm.name} is not one")
@@ -223,10 +228,7 @@ class _Runner:
 
     def _cluster(self, drafter: str, question: str, n: int):
         """One generation through the gateway: the same chat prompt, rendered by the cluster."""
-        import grpc
 
-        from drafthorse.cluster.client import request
-        from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
         drafter = "none" if drafter == "ar" else drafter
         with grpc.insecure_channel(self.server) as ch:
@@ -298,7 +300,6 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
     max_len = min(context, max(len(p) for _, p in runnable) + max_new_tokens + TREE_SLACK)
     run = _Runner(lm, draft_lm, methods, max_len, max_new_tokens, draft_depth, draft_branches, server, heads)
 
-    from tqdm import tqdm
     bar = tqdm(total=len(runnable) * len(methods), desc="bench", unit="gen", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     # warm-up: one untimed generation per method (first-call allocations, kernel selection, caches)
@@ -394,7 +395,6 @@ _TIMING = ("prefill_s", "draft_s", "verify_s", "draft_rpc_s", "server_total_s")
 
 def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: int,
                  question_ids: list, draft_depth, draft_branches) -> dict:
-    import transformers
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": lm.name,
@@ -420,7 +420,6 @@ def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: 
 
 
 def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
     try:
         return version(dist)
     except PackageNotFoundError:

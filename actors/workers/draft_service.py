@@ -13,18 +13,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import grpc
 import torch
 
 from drafthorse.actors.drafters.base import Budget, Drafter
-from drafthorse.actors.rpc import start_server
 from drafthorse.actors.spec.sampling import SamplingParams, make_generator
 from drafthorse.actors.spec.tree import DraftTree
-from drafthorse.actors.wire import features_from_proto, sampling_from_proto, tree_to_proto
-from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb, drafthorse_pb2_grpc as pb_grpc
+from drafthorse.actors.workers.wire import features_from_proto, sampling_from_proto, tree_to_proto
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.rpc import start_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "drafthorse.v1.Drafter"
 LIMIT = 1 << 16               # max_nodes / max_depth beyond this are nonsense, not a request
@@ -72,19 +73,34 @@ class DraftService(pb_grpc.DrafterServicer):
         self.draft_calls = 0        # Draft RPCs answered with a tree
         self.resets = 0             # of which (re)started a session
         self.end_calls = 0
-        # drain (actors/worker.py): Draft RPCs are short, so in-flight ones just finish as the server
-        # stops; the targets drafting here then decode plainly (lossless) until paired elsewhere
-        self.active, self.draining = 0, False
+        # drain (actors/workers/worker.py): new Draft calls are refused (UNAVAILABLE: the target decodes that
+        # step plainly, lossless, until paired elsewhere); calls in flight are short and finish within grace
+        self.draining = False
+        self._in_flight = 0
 
     # ------------------------------------------------------------------ RPCs
 
     def Draft(self, request: pb.DraftRequest, context: grpc.ServicerContext) -> pb.DraftResponse:
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "draft worker is draining")
+        with self._lock:
+            self._in_flight += 1
         try:
             return self._draft(request)
         except _Abort as e:
             context.abort(e.code, e.details)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    @property
+    def active(self) -> int:
+        """Draft calls in flight (what a drain waits for)."""
+        return self._in_flight
 
     def handover(self) -> int:
+        """Nothing to hand over: a Draft call is one step, and a session's state is rebuilt by the next
+        worker from the context the target resends (reset)."""
         return 0
 
     def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext) -> pb.EndSessionResponse:

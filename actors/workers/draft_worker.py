@@ -13,30 +13,27 @@ import time
 
 import torch
 
-from drafthorse.actors.worker import GrpcWorker
+from drafthorse.actors.drafters import load_head, make_drafter
+from drafthorse.actors.models import loader
+from drafthorse.actors.models.combiner import Combiner
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.workers.draft_service import SERVICE_NAME, DraftService
+from drafthorse.actors.workers.worker import GrpcWorker
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.membership import Membership
+from drafthorse.runtime.metrics import Metrics
+from drafthorse.runtime.rpc import start_server
+from drafthorse.runtime.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 DRAFT_THREADS = 32   # Draft RPCs served at once: as many sessions' forwards can share one pass
 
 
 class DraftWorker(GrpcWorker):
-    """Ray Serve deployment body (see cluster/app.py)."""
+    """Drafters for many sessions behind a gRPC server. The deployment layer hands it its settings, its
+    membership in the cluster and the process's metrics (gauges are read from `drafts`)."""
 
-    def __init__(self, settings: dict):
-        import ray
-
-        from drafthorse.actors.draft_service import SERVICE_NAME, DraftService
-        from drafthorse.actors.drafters import load_head, make_drafter
-        from drafthorse.actors.models import loader
-        from drafthorse.actors.models.combiner import Combiner
-        from drafthorse.actors.models.runner import ModelRunner
-        from drafthorse.actors.rpc import start_server
-        from drafthorse.cluster import metrics
-        from drafthorse.cluster.heartbeat import Membership, worker_id
-        from drafthorse.cluster.settings import Settings
-        from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
-
-        s = Settings(**settings)
+    def __init__(self, s: WorkerSettings, membership: Membership, metrics: Metrics | None = None):
         torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
         dlm = loader.load(s.draft_model, s.dtype, s.max_len) if s.draft_model else None
@@ -56,28 +53,24 @@ class DraftWorker(GrpcWorker):
         for c in self.combiners:
             c.model.combiner = c
         new_runner = (lambda: ModelRunner(dlm.model, s.max_len)) if dlm else None
-        self.service = DraftService(lambda kind: make_drafter(kind, new_runner, head=heads.get(kind)), vocab,
-                                    max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds,
-                                    feature_dims=dims, max_context=s.max_len)
-        self.worker_id = worker_id("draft")
-        self.membership = Membership(s, "draft", self.worker_id, dlm.name if dlm else "", s.draft_sessions,
-                                     node_id=ray.get_runtime_context().get_node_id(), drafters=kinds)
-        self.server, port, self.health = start_server(
-            lambda srv: pb_grpc.add_DrafterServicer_to_server(self.service, srv), [SERVICE_NAME],
+        service = DraftService(lambda kind: make_drafter(kind, new_runner, head=heads.get(kind)), vocab,
+                               max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds,
+                               feature_dims=dims, max_context=s.max_len)
+        server, port, health = start_server(
+            lambda srv: pb_grpc.add_DrafterServicer_to_server(service, srv), [SERVICE_NAME],
             host=s.host, token=s.token(), max_workers=DRAFT_THREADS, tls=s.tls())
-        self.service_names, self.grace_s = [SERVICE_NAME], s.grace_s
-        self.membership.start(port)
-        metrics.watch_draft(self.service)
-        self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
+        self.serve(service, server, port, health, [SERVICE_NAME], membership, s.grace_s,
+                   model=dlm.name if dlm else "", capacity=s.draft_sessions, drafters=kinds)
+        self.drafts = service
         log.info("%s serving %s on port %d (ready in %.1fs)", self.worker_id, kinds, port,
                  time.perf_counter() - t0)
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "address": self.membership.address,
-                "draft_calls": self.service.draft_calls, "metrics_port": self.metrics_port,
+                "draft_calls": self.drafts.draft_calls,
                 "draft_passes": sum(c.passes for c in self.combiners),
                 "draft_forwards": sum(c.calls for c in self.combiners)}
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metric: the sessions being drafted for right now."""
-        return {"active_requests": self.service.session_count}
+        return {"active_requests": self.drafts.session_count}

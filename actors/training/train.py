@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from drafthorse.actors.drafters.heads import Checkpoint, EagleHead, ExitAdapter, MedusaHeads, fingerprint, head_config
 from drafthorse.actors.models.llama import Llama
-
-from .heads import Checkpoint, EagleHead, ExitAdapter, MedusaHeads, fingerprint, head_config
-from .selfdistill import Corpus
+from drafthorse.actors.training.selfdistill import Corpus
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +186,8 @@ class Trainer:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         steps = cfg.epochs * sum(1 for _ in self._batches(self.train_seqs, False))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+            opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20))
+            * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         gen = torch.Generator().manual_seed(cfg.seed)
         history = []
         t0 = time.perf_counter()

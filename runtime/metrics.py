@@ -87,32 +87,39 @@ def serve(host: str, port: int, who: str) -> int:
         return _port
 
 
-def observe_generation(drafter: str, stats) -> None:
-    """Record one finished (or stopped) generation's GenerationStats."""
-    GENERATED.labels(drafter).inc(stats.generated_tokens)
-    FORWARDS.labels(drafter).inc(stats.target_forwards)
-    DRAFTED.labels(drafter).inc(stats.drafted_tokens)
-    ACCEPTED.labels(drafter).inc(stats.accepted_tokens)
-    for depth, steps in enumerate(stats.accepted_per_depth, start=1):
-        ACCEPTED_AT_DEPTH.labels(drafter, str(depth)).inc(steps)
-    DRAFT_SECONDS.labels(drafter).inc(stats.draft_s)
-    VERIFY_SECONDS.labels(drafter).inc(stats.verify_s)
-    if stats.target_forwards:
-        MEAN_ACCEPTED.labels(drafter).observe(stats.mean_accepted_tokens)
-        GENERATION_SECONDS.labels(drafter).observe(stats.total_s)
+class Metrics:
+    """This process's series, handed to a worker or the gateway by the deployment layer (the data plane
+    records through it and never imports Prometheus itself)."""
 
+    def serve(self, host: str, port: int, who: str) -> int:
+        return serve(host, port, who)
 
-def watch_target(service) -> None:
-    """Gauges read from a TargetService when scraped."""
-    def cached_sessions() -> int:
-        with service.pool.lock:
-            return sum(not k.startswith("_") for k in service.pool.free)
-    INFLIGHT.labels("target").set_function(lambda: service.active)
-    if getattr(service, "scheduler", None) is not None:
+    def observe_generation(self, drafter: str, stats) -> None:
+        """Record one finished (or stopped) generation's GenerationStats."""
+        GENERATED.labels(drafter).inc(stats.generated_tokens)
+        FORWARDS.labels(drafter).inc(stats.target_forwards)
+        DRAFTED.labels(drafter).inc(stats.drafted_tokens)
+        ACCEPTED.labels(drafter).inc(stats.accepted_tokens)
+        for depth, steps in enumerate(stats.accepted_per_depth, start=1):
+            ACCEPTED_AT_DEPTH.labels(drafter, str(depth)).inc(steps)
+        DRAFT_SECONDS.labels(drafter).inc(stats.draft_s)
+        VERIFY_SECONDS.labels(drafter).inc(stats.verify_s)
+        if stats.target_forwards:
+            MEAN_ACCEPTED.labels(drafter).observe(stats.mean_accepted_tokens)
+            GENERATION_SECONDS.labels(drafter).observe(stats.total_s)
+
+    def observe_draft_rpc(self, seconds: float) -> None:
+        DRAFT_RPC_SECONDS.observe(seconds)
+
+    def watch_target(self, service) -> None:
+        """Gauges read from a TargetService when scraped."""
+        def cached_sessions() -> int:
+            with service.pool.lock:
+                return sum(not k.startswith("_") for k in service.pool.free)
+        INFLIGHT.labels("target").set_function(lambda: service.active)
         QUEUED.labels("target").set_function(lambda: len(service.scheduler.waiting))
-    ACTIVE_SESSIONS.labels("target").set_function(lambda: service.active + cached_sessions())
+        ACTIVE_SESSIONS.labels("target").set_function(lambda: service.active + cached_sessions())
 
-
-def watch_draft(service) -> None:
-    """Gauges read from a DraftService when scraped."""
-    ACTIVE_SESSIONS.labels("draft").set_function(lambda: service.session_count)
+    def watch_draft(self, service) -> None:
+        """Gauges read from a DraftService when scraped."""
+        ACTIVE_SESSIONS.labels("draft").set_function(lambda: service.session_count)

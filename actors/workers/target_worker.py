@@ -18,16 +18,28 @@ import uuid
 import grpc
 import torch
 
-from drafthorse.actors.drafters import KINDS, NoDrafter, make_drafter
+from drafthorse.actors.drafters import NoDrafter, load_head, make_drafter, shipped_head
 from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models import loader
+from drafthorse.actors.models.loader import LoadedModel
+from drafthorse.actors.scheduler import QueueFull, Request, Scheduler, SlotPool
+from drafthorse.actors.spec.adaptive import AdaptivePolicy
 from drafthorse.actors.spec.stats import GenerationStats
-from drafthorse.actors.worker import GrpcWorker
+from drafthorse.actors.spec.textstream import TextStream
+from drafthorse.actors.workers.remote_drafter import RemoteDrafter
+from drafthorse.actors.workers.wire import sampling_from_proto
+from drafthorse.actors.workers.worker import GrpcWorker
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime import kinds
+from drafthorse.runtime.membership import Membership
+from drafthorse.runtime.metrics import Metrics
+from drafthorse.runtime.rpc import MutualTls, channel, start_server
+from drafthorse.runtime.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-LOCAL_KINDS = ("medusa", "layerskip")   # trained heads that run in the target worker itself
 HANDOVER = object()   # put on a request's output queue by a drain: end the stream here
+SERVICE = "drafthorse.v1.Target"
 
 
 def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
@@ -44,12 +56,9 @@ class TargetService(pb_grpc.TargetServicer):
     def __init__(self, lm, worker_id: str, capacity: int, max_len: int, token: str = "",
                  checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
                  adaptive: bool = True, max_waiting: int | None = None, heads: dict | None = None,
-                 prefill_chunk: int = 256, tls=None):
-        from drafthorse.actors.scheduler import Scheduler, SlotPool
-        from drafthorse.actors.spec.adaptive import AdaptivePolicy
-
-        self.lm, self.worker_id, self.token, self.tls = lm, worker_id, token, tls
-        self.heads = dict(heads or {})        # LOCAL_KINDS kind -> its loaded head (load_head), shared
+                 prefill_chunk: int = 256, tls: MutualTls | None = None, metrics: Metrics | None = None):
+        self.lm, self.worker_id, self.token, self.tls, self.metrics = lm, worker_id, token, tls, metrics
+        self.heads = dict(heads or {})        # kinds.LOCAL_KINDS kind -> its loaded head (load_head), shared
         self.pool = SlotPool(lm.model, capacity, max_len)
         self.checkpoint = checkpoint          # callable(session_id, token_ids) or None
         self.draft_timeout_s = draft_timeout_s
@@ -66,39 +75,31 @@ class TargetService(pb_grpc.TargetServicer):
         self._channels_lock = threading.Lock()
 
     def _channel(self, address: str) -> grpc.Channel:
-        from drafthorse.actors.rpc import channel
         with self._channels_lock:
             if address not in self._channels:
                 self._channels[address] = channel(address, self.tls)
             return self._channels[address]
 
     def Generate(self, treq: pb.TargetRequest, context: grpc.ServicerContext):
-        from drafthorse.actors.drafters.remote import RemoteDrafter
-        from drafthorse.actors.scheduler import QueueFull, Request
-        from drafthorse.actors.wire import sampling_from_proto
-        from drafthorse.cluster import metrics
-        from drafthorse.cluster.textstream import TextStream
-
         req = treq.request
         if self.draining:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"target worker {self.worker_id} is draining: retry on another")
         try:
             params = sampling_from_proto(req.sampling, max_new_tokens=treq.max_new_tokens, stop=tuple(req.stop))
-            kind = req.drafter or "none"
-            if kind not in KINDS:
-                raise ValueError(f"unknown drafter {kind!r}: choose one of {', '.join(KINDS)}")
+            kind = kinds.kind(req.drafter or "none")
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         drafter = NoDrafter()
-        if kind in LOCAL_KINDS:
-            if kind not in self.heads:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"target worker {self.worker_id} has no {kind} head: set DRAFTHORSE_{kind.upper()}_HEAD")
-            drafter = make_drafter(kind, head=self.heads[kind])
-        elif treq.draft_address and kind != "none":
-            drafter = RemoteDrafter(self._channel(treq.draft_address), kind, self.lm.vocab_size,
+        if kind.runs_on == "target":
+            if kind.name not in self.heads:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"target worker {self.worker_id} has no "
+                              f"{kind.name} head: set DRAFTHORSE_{kind.name.upper()}_HEAD")
+            drafter = make_drafter(kind.name, head=self.heads[kind.name])
+        elif kind.runs_on == "draft" and treq.draft_address:
+            drafter = RemoteDrafter(self._channel(treq.draft_address), kind.name, self.lm.vocab_size,
                                     session_id=treq.session_id or uuid.uuid4().hex, auth_token=self.token,
-                                    timeout_s=self.draft_timeout_s)
+                                    timeout_s=self.draft_timeout_s,
+                                    on_rpc=self.metrics.observe_draft_rpc if self.metrics else None)
         r = Request(list(treq.prompt_ids), params, drafter, treq.session_id, adaptive=not req.fixed_tree)
         try:
             self.scheduler.submit(r)
@@ -124,7 +125,7 @@ class TargetService(pb_grpc.TargetServicer):
                 if step.finish_reason:
                     msg.finish_reason = step.finish_reason
                     msg.stats.CopyFrom(stats_to_proto(
-                        r.stats, drafter=kind, target_worker=self.worker_id, dtype=self.lm.dtype,
+                        r.stats, drafter=kind.name, target_worker=self.worker_id, dtype=self.lm.dtype,
                         draft_worker=treq.draft_address if isinstance(drafter, RemoteDrafter) else "",
                         draft_rpc_s=getattr(drafter, "rpc_s", 0.0), draft_rpcs=getattr(drafter, "rpc_calls", 0)))
                 yield msg
@@ -132,7 +133,8 @@ class TargetService(pb_grpc.TargetServicer):
             r.cancelled.set()
             with self._live_lock:
                 self._live.pop(id(r), None)
-            metrics.observe_generation(kind, r.stats)
+            if self.metrics is not None:
+                self.metrics.observe_generation(kind.name, r.stats)
             self.draft_rpcs += getattr(drafter, "rpc_calls", 0)
 
     @property
@@ -155,15 +157,12 @@ class TargetService(pb_grpc.TargetServicer):
         return pb.EndSessionResponse()
 
 
-SERVICE = "drafthorse.v1.Target"
-
-
-def load_local_heads(s, lm) -> dict:
-    """The medusa / layer-skip heads this worker serves. A head asked for (its path set, or its kind the
-    default drafter) must load, else start-up fails; otherwise the shipped one is served if it loads."""
-    from drafthorse.actors.drafters import load_head, shipped_head
+def load_local_heads(s: WorkerSettings, lm: LoadedModel) -> dict:
+    """The heads drafted in this worker (kinds.LOCAL_KINDS: medusa, layer-skip). A head asked for (its path
+    set, or its kind the default drafter) must load, else start-up fails; otherwise the shipped one is served
+    if it loads."""
     heads = {}
-    for kind in LOCAL_KINDS:
+    for kind in kinds.LOCAL_KINDS:
         path = getattr(s, f"{kind}_head")
         wanted = bool(path) or s.drafter == kind
         if not wanted and shipped_head(kind, lm.name) is None:
@@ -178,50 +177,37 @@ def load_local_heads(s, lm) -> dict:
     return heads
 
 
-
 class TargetWorker(GrpcWorker):
-    """Ray Serve deployment body (see cluster/app.py): one target model behind a gRPC server."""
+    """One target model behind a gRPC server. The deployment layer hands it its settings, its membership in
+    the cluster and the process's metrics."""
 
-    def __init__(self, settings: dict):
-        import ray
-
-        from drafthorse.actors.models import loader
-        from drafthorse.actors.rpc import start_server
-        from drafthorse.cluster import metrics
-        from drafthorse.cluster.heartbeat import Membership, worker_id
-        from drafthorse.cluster.settings import Settings
-
-        s = Settings(**settings)
+    def __init__(self, s: WorkerSettings, membership: Membership, metrics: Metrics | None = None):
         tls = s.tls()   # read once: the server and the channels to draft workers share it
         torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
         lm = loader.load(s.model, s.dtype, s.max_len)
         heads = load_local_heads(s, lm)
-        self.worker_id = worker_id("target")
-        self.membership = Membership(s, "target", self.worker_id, lm.name, s.sessions_per_target,
-                                     node_id=ray.get_runtime_context().get_node_id())
-        self.service = TargetService(lm, self.worker_id, s.sessions_per_target, s.max_len, s.token(),
-                                     checkpoint=self.membership.checkpoint_tokens,
-                                     max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
-                                     adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk, tls=tls)
-        self.server, port, self.health = start_server(
-            lambda srv: pb_grpc.add_TargetServicer_to_server(self.service, srv), [SERVICE],
+        service = TargetService(lm, membership.worker_id, s.sessions_per_target, s.max_len, s.token(),
+                                checkpoint=membership.checkpoint_tokens,
+                                max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
+                                adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk, tls=tls,
+                                metrics=metrics)
+        server, port, health = start_server(
+            lambda srv: pb_grpc.add_TargetServicer_to_server(service, srv), [SERVICE],
             host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4, tls=tls)
-        self.service_names, self.grace_s = [SERVICE], s.grace_s
-        self.membership.start(port)
-        metrics.watch_target(self.service)
-        self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
+        self.serve(service, server, port, health, [SERVICE], membership, s.grace_s,
+                   model=lm.name, capacity=s.sessions_per_target)
+        self.target = service
         log.info("%s serving %s on port %d with local heads %s (loaded in %.1fs)", self.worker_id, lm.name, port,
                  sorted(heads), time.perf_counter() - t0)
 
     def info(self) -> dict:
-        sched = self.service.scheduler
+        sched = self.target.scheduler
         return {"worker_id": self.worker_id, "address": self.membership.address,
-                "draft_rpcs": self.service.draft_rpcs, "active": self.service.active,
+                "draft_rpcs": self.target.draft_rpcs, "active": self.target.active,
                 "steps": sched.steps, "last_batch": sched.last_batch,
-                "policy_nodes": self.service.policy.last if self.service.policy else None,
-                "metrics_port": self.metrics_port}
+                "policy_nodes": self.target.policy.last if self.target.policy else None}
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metric (requests reach us over gRPC, not through Serve handles)."""
-        return {"active_requests": self.service.active}
+        return {"active_requests": self.target.active}

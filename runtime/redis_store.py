@@ -2,7 +2,7 @@
 
 Soft state, rebuilt without help: the worker registry (a heartbeat that finds its worker forgotten
 registers it again) and the load counters (clamped at 0; leases re-count). Not soft: sessions, the
-committed conversation of every multi-turn session (cluster/sessions.py); lost, they are NOT_FOUND.
+committed conversation of every multi-turn session (runtime/sessions.py); lost, they are NOT_FOUND.
 So the Redis of a cluster must persist: AOF with `appendonly yes`, `appendfsync everysec`. A clean
 restart (SIGTERM: Redis fsyncs on shutdown) then loses no acknowledged write, and a crash of its
 machine at most the last ~1 s (2 s if the disk stalls); without AOF a restart loses every session.
@@ -110,7 +110,7 @@ class EmbeddedRedis:
         shutil.rmtree(self._workdir, ignore_errors=True)
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> EmbeddedRedis:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+
 
 def profile(fn, forwards_of, top: int = 12):
     """Run fn() under the profiler; returns (fn's result, report text). forwards_of(result) -> the
     number of target forwards it ran (the report's unit)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()

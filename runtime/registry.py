@@ -12,8 +12,8 @@ Multi-key scripts assume one Redis (or a Sentinel primary), not Redis Cluster.""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import redis
 
@@ -45,7 +45,7 @@ class WorkerInfo:
         return d
 
     @classmethod
-    def from_hash(cls, h: dict[bytes, bytes]) -> "WorkerInfo":
+    def from_hash(cls, h: dict[bytes, bytes]) -> WorkerInfo:
         d = {k.decode(): v.decode() for k, v in h.items()}
         return cls(worker_id=d["worker_id"], kind=d["kind"], address=d["address"], model=d.get("model", ""),
                    drafters=json.loads(d.get("drafters", "[]")), capacity=int(d.get("capacity", "1")),

@@ -3,7 +3,7 @@ what is new, and hold back text that could still become a stop string (or an inc
 character), so a client never sees text that is later taken back."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 class TextStream:

@@ -1,0 +1,1 @@
+"""Deployment: the Serve application, its deployments, a local cluster, node drain, autoscaling."""

@@ -1,0 +1,106 @@
+"""A whole cluster on this machine or a Ray cluster it joins: what `drafthorse serve`, the tools and the
+tests start (Redis if needed, Ray, the Serve app) and stop."""
+from __future__ import annotations
+
+import os
+import time
+
+import grpc
+import ray
+from ray import serve
+
+from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.client import request
+from drafthorse.cluster.deployment.app import APP_NAME, build_app
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.redis_store import connect, ensure_redis, free_port
+from drafthorse.runtime.registry import Registry
+from drafthorse.runtime.rpc import auth_metadata
+from drafthorse.runtime.settings import Settings
+
+
+class Cluster:
+    """Starts (and stops) everything `drafthorse serve` runs: Redis if needed, Ray, the Serve app."""
+
+    def __init__(self, s: Settings):
+        self.s, self.embedded_redis = s, None
+        self.startup: dict[str, float] = {}   # seconds per start-up phase (`serve` prints them)
+
+    def start(self, timeout_s: float = 300) -> Cluster:
+
+
+        t0 = last = time.perf_counter()
+
+        def lap(phase: str) -> None:   # seconds since the previous phase ended
+            nonlocal last
+            now = time.perf_counter()
+            self.startup[phase], last = now - last, now
+
+        url, self.embedded_redis = ensure_redis(self.s.redis_url)
+        self.s = self.s.model_copy(update={"redis_url": url}).with_token()
+        lap("redis_s")
+        if not ray.is_initialized():
+            # "local": a Ray of our own unless one is named; ray.init() would join any Ray found running
+            # on this machine (another `drafthorse serve`, a `ray start`) and deploy into it
+            ray.init(address=self.s.ray_address or "local", include_dashboard=False, log_to_driver=False,
+                     **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
+        lap("ray_s")
+        if not self.s.http_port:  # 0: any free port
+            self.s = self.s.model_copy(update={"http_port": free_port()})
+        try:
+            serve.start(http_options={"host": self.s.host, "port": self.s.http_port})
+        except Exception as e:  # noqa: BLE001 - most often: the port is taken
+            raise RuntimeError(f"Ray Serve's HTTP proxy did not start on {self.s.host}:{self.s.http_port} (port in "
+                               f"use? set DRAFTHORSE_HTTP_PORT; 0 = a free port): {e}") from e
+        serve.run(build_app(self.s), name=APP_NAME, route_prefix="/", blocking=False)
+        registry = Registry(connect(url), self.s.key_prefix, heartbeat_ttl_s=3 * self.s.heartbeat_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(APP_NAME)
+            if status is not None and status.status == "RUNNING" and \
+                    len(registry.alive("target")) >= self.s.num_targets and \
+                    len(registry.alive("draft")) >= self.s.num_drafts:
+                # Serve's proxy and the workers (model load, weights cache) up to registered
+                lap("workers_s")
+                self.startup["ready_s"] = last - t0
+                return self
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"cluster failed to deploy: {status.message}")
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster not ready after {timeout_s:.0f}s")
+
+    def first_token(self, timeout_s: float = 120) -> float:
+        """Seconds until the gateway streams the first token of a one-token generation (a real request
+        through gateway, target and draft workers; it also warms them). Recorded in `startup`."""
+
+
+        t0 = time.perf_counter()
+        with grpc.insecure_channel(self.gateway) as channel:
+            stream = pb_grpc.GeneratorStub(channel).Generate(   # as the cluster (API keys may be on)
+                request("Hi", SamplingParams(max_new_tokens=1)), timeout=timeout_s,
+                metadata=auth_metadata(self.s.token()))
+            next(iter(stream))
+            stream.cancel()
+        self.startup["first_token_s"] = time.perf_counter() - t0
+        return self.startup["first_token_s"]
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.s.host}:{self.s.gateway_port}"
+
+    @property
+    def http(self) -> str:
+        """Base URL of the OpenAI-compatible API (Ray Serve's HTTP proxy)."""
+        return f"http://{self.s.host}:{self.s.http_port}"
+
+    def stop(self) -> None:
+        try:
+            serve.delete(APP_NAME)
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            pass
+        if self.embedded_redis is not None:
+            self.embedded_redis.stop()
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 2
