@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve generate test bench protos clean
+.PHONY: install serve generate test lint bench protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ generate: install
 
 test: install
 	$(PY) -m pytest
+
+# the layers, ruff and mypy alone (make test runs them too, in tests/test_layers.py)
+lint: install
+	$(PY) -m pytest tests/test_layers.py
 
 bench: install
 	$(VENV)/bin/drafthorse bench --per-category 2 --max-new-tokens 128 --methods ar,ngram,hf,hf-pld --out bench_out

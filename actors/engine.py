@@ -6,8 +6,10 @@
                     verify each -> commit root + accepted path -> emit accepted + bonus token
 
 Plain autoregressive decoding is the same loop with empty trees, so every speedup is measured
-against the same code, and a batch of one sequence is the single-request path. Tokens are emitted
-as they are committed; stops are checked per token."""
+against the same code, and a batch of one sequence is the single-request path: `BatchEngine` runs
+sequences on runners (KV caches) handed to `start`, `SpecEngine` is the same loop over one runner of
+its own with `generate` / `stream`. Tokens are emitted as they are committed; stops are checked per
+token."""
 from __future__ import annotations
 
 import time
@@ -78,11 +80,11 @@ def reusable_prefix(runner: ModelRunner, prompt_ids: list[int], drafter: Drafter
     return keep
 
 
-class SpecEngine:
-    def __init__(self, runner: ModelRunner | None, eos_ids: set[int], decode: Decode | None = None,
-                 max_tree_nodes: int = 64, max_tree_depth: int = 16, policy: AdaptivePolicy | None = None,
-                 prefill_chunk: int = 256):
-        self.runner = runner                 # the single-sequence API's cache
+class BatchEngine:
+    """Any number of sequences, each on a runner of its own: `start` one, `step` them all together."""
+
+    def __init__(self, eos_ids: set[int], decode: Decode | None = None, max_tree_nodes: int = 64,
+                 max_tree_depth: int = 16, policy: AdaptivePolicy | None = None, prefill_chunk: int = 256):
         # prompts enter the cache in pieces of this many tokens (0: whole), aligned from the reused
         # prefix: the same pieces in every path, so a prompt's K/V never depend on what ran beside it
         self.prefill_chunk = prefill_chunk
@@ -93,10 +95,8 @@ class SpecEngine:
         self.max_tree_depth = max_tree_depth
         self._pool: ThreadPoolExecutor | None = None
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams, runner: ModelRunner | None = None,
-                      ) -> None:
-        """ValueError naming the parameter for anything this engine cannot serve."""
-        runner = runner or self.runner
+    def check_request(self, runner: ModelRunner, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming the parameter for anything this engine cannot serve on `runner`."""
         if not prompt_ids:
             raise ValueError("prompt is empty: give at least one token")
         if any(not 0 <= t < runner.vocab_size for t in prompt_ids):
@@ -110,13 +110,12 @@ class SpecEngine:
 
     # ------------------------------------------------------------------ one sequence
 
-    def start(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
-              stats: GenerationStats | None = None, reuse_prefix: bool = False,
-              runner: ModelRunner | None = None) -> tuple[Sequence, Step]:
-        """Prefill and commit the first token. reuse_prefix keeps the K/V of the longest common
-        prefix of the runner's tokens and this prompt (a session's next turn)."""
-        runner = runner or self.runner
-        self.check_request(prompt_ids, params, runner)
+    def start(self, runner: ModelRunner, prompt_ids: list[int], params: SamplingParams,
+              drafter: Drafter | None = None, stats: GenerationStats | None = None, reuse_prefix: bool = False,
+              ) -> tuple[Sequence, Step]:
+        """Prefill `runner` and commit the first token. reuse_prefix keeps the K/V of the longest
+        common prefix of the runner's tokens and this prompt (a session's next turn)."""
+        self.check_request(runner, prompt_ids, params)
         seq = Sequence(runner=runner, drafter=drafter or NoDrafter(), params=params,
                        stats=stats if stats is not None else GenerationStats(),
                        stopper=StopChecker(params.max_new_tokens, self.eos_ids, params.stop, self.decode),
@@ -142,7 +141,7 @@ class SpecEngine:
         seq.new_features = hidden[-1:] if feats else None
         return seq, step
 
-    def _prefill(self, runner: ModelRunner, ids: list[int], all_hidden: bool):
+    def _prefill(self, runner: ModelRunner, ids: list[int], all_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """runner.extend in `prefill_chunk` pieces: (logits at the last token, hidden: the last
         token's, or every token's with all_hidden)."""
         step = self.prefill_chunk or len(ids)
@@ -151,29 +150,6 @@ class SpecEngine:
             logits, h = runner.extend(ids[a:a + step], all_hidden=all_hidden)
             hs.append(h)
         return logits, torch.cat(hs) if all_hidden else hs[-1]
-
-    def stream(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
-               stats: GenerationStats | None = None, reuse_prefix: bool = False) -> Iterator[Step]:
-        """Yield committed tokens step by step."""
-        seq, step = self.start(prompt_ids, params, drafter, stats, reuse_prefix)
-        try:
-            yield step
-            while seq.finish_reason is None:
-                yield self.step([seq])[0]
-        finally:
-            seq.drafter.close()
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
-                 ) -> Generation:
-        out = Generation()
-        for step in self.stream(prompt_ids, params, drafter, out.stats):
-            out.token_ids += step.token_ids
-            out.finish_reason = step.finish_reason or out.finish_reason
-        if self.decode is not None:
-            stopper = StopChecker(params.max_new_tokens, self.eos_ids, params.stop, self.decode)
-            stopper.tokens = out.token_ids
-            out.text = stopper.text()
-        return out
 
     # ------------------------------------------------------------------ many sequences
 
@@ -253,7 +229,8 @@ class SpecEngine:
         tree = DraftTree()
         if budget.max_depth > 0 and budget.max_nodes > 0:
             tree = seq.drafter.propose(budget, seq.params, seq.draft_rng)
-            tree.validate(seq.runner.vocab_size, budget.max_nodes, budget.max_depth)
+            if not seq.drafter.checked_trees:
+                tree.validate(seq.runner.vocab_size, budget.max_nodes, budget.max_depth)
         seq.stats.draft_s += time.perf_counter() - t
         return tree
 
@@ -269,3 +246,36 @@ class SpecEngine:
         seq.stats.generated_tokens += len(kept)
         seq.stats.total_s = time.perf_counter() - seq.t0
         return Step(kept, seq.stopper.finish_reason, drafted, accepted)
+
+
+class SpecEngine(BatchEngine):
+    """One sequence at a time on `runner`: generate, or stream, a prompt's continuation."""
+
+    def __init__(self, runner: ModelRunner, eos_ids: set[int], decode: Decode | None = None,
+                 max_tree_nodes: int = 64, max_tree_depth: int = 16, policy: AdaptivePolicy | None = None,
+                 prefill_chunk: int = 256):
+        super().__init__(eos_ids, decode, max_tree_nodes, max_tree_depth, policy, prefill_chunk)
+        self.runner = runner
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
+               stats: GenerationStats | None = None, reuse_prefix: bool = False) -> Iterator[Step]:
+        """Yield committed tokens step by step."""
+        seq, step = self.start(self.runner, prompt_ids, params, drafter, stats, reuse_prefix)
+        try:
+            yield step
+            while seq.finish_reason is None:
+                yield self.step([seq])[0]
+        finally:
+            seq.drafter.close()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,
+                 ) -> Generation:
+        out = Generation()
+        for step in self.stream(prompt_ids, params, drafter, out.stats):
+            out.token_ids += step.token_ids
+            out.finish_reason = step.finish_reason or out.finish_reason
+        if self.decode is not None:
+            stopper = StopChecker(params.max_new_tokens, self.eos_ids, params.stop, self.decode)
+            stopper.tokens = out.token_ids
+            out.text = stopper.text()
+        return out

@@ -19,7 +19,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from drafthorse.actors.drafters.base import Drafter
-from drafthorse.actors.engine import Sequence, SpecEngine, reusable_prefix
+from drafthorse.actors.engine import BatchEngine, Sequence, reusable_prefix
+from drafthorse.actors.models.llama import Llama
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.actors.spec.stats import GenerationStats
@@ -39,7 +40,7 @@ class SlotPool:
     """A fixed number of KV caches. A finished session keeps its slot (and prefix) until the slot is
     needed by someone else, least recently used first."""
 
-    def __init__(self, model, capacity: int, max_len: int):
+    def __init__(self, model: Llama, capacity: int, max_len: int):
         self.free: OrderedDict[str, ModelRunner] = OrderedDict(
             (f"_{i}", ModelRunner(model, max_len)) for i in range(capacity))
         self.lock = threading.Lock()
@@ -75,17 +76,23 @@ class Request:
     stats: GenerationStats = field(default_factory=GenerationStats)
     out: queue.Queue = field(default_factory=queue.Queue)   # Step, then None; or an Exception
     cancelled: threading.Event = field(default_factory=threading.Event)
-    seq: Sequence | None = None
-    runner: object = None
-    prefill_started: bool = False
+
+
+@dataclass
+class _Admitted:
+    """A request on its KV slot, until its prompt is in the cache."""
+    req: Request
+    runner: ModelRunner
+    cached: bool                   # the slot holds this session's prefix
+    checked: bool = False          # validated, and the cache cut to what start() would keep
 
 
 class Scheduler:
-    def __init__(self, engine: SpecEngine, pool, max_waiting: int):
+    def __init__(self, engine: BatchEngine, pool: SlotPool, max_waiting: int):
         self.engine, self.pool, self.max_waiting = engine, pool, max_waiting
         self.waiting: deque[Request] = deque()
-        self.prefilling: deque[tuple[Request, bool]] = deque()   # admitted, prompt partly cached
-        self.running: list[Request] = []
+        self.prefilling: deque[_Admitted] = deque()
+        self.running: list[tuple[Request, Sequence]] = []
         self.cv = threading.Condition()
         self.steps = 0
         self.last_batch = 0
@@ -119,28 +126,27 @@ class Scheduler:
                 admit = []
                 while self.waiting:
                     try:
-                        self.waiting[0].runner, cached = self.pool.acquire(self.waiting[0].session_id)
+                        runner, cached = self.pool.acquire(self.waiting[0].session_id)
                     except Busy:  # every slot in use: wait for one to free
                         break
-                    req = self.waiting.popleft()
-                    admit.append((req, cached))
+                    admit.append(_Admitted(self.waiting.popleft(), runner, cached))
             self.prefilling.extend(admit)
             self._prefill()
-            self.running = [r for r in self.running if not self._done(r)]
+            self.running = [(r, seq) for r, seq in self.running if not self._done(r, seq)]
             if not self.running:
                 continue
             try:
-                steps = self.engine.step([r.seq for r in self.running])
-            except Exception as e:  # noqa: BLE001 - a bug must not wedge every request
+                steps = self.engine.step([seq for _, seq in self.running])
+            except Exception as e:
                 log.exception("batched step failed")
-                for r in self.running:
+                for r, seq in self.running:
                     r.out.put(e)
-                    self._finish(r)
+                    self._finish(r, seq.runner)
                 self.running = []
                 continue
             self.steps += 1
             self.last_batch = len(self.running)
-            for r, step in zip(self.running, steps):
+            for (r, _), step in zip(self.running, steps):
                 r.out.put(step)
 
     def _prefill(self) -> None:
@@ -150,64 +156,65 @@ class Scheduler:
         same pieces whether it was alone or not."""
         chunk = self.engine.prefill_chunk
         while self.prefilling:
-            req, cached = self.prefilling[0]
+            a = self.prefilling[0]
+            req, r = a.req, a.runner
             if req.cancelled.is_set():
                 self.prefilling.popleft()
-                self._finish(req)
+                self._finish(req, r)
                 continue
-            r = req.runner
-            if not req.prefill_started:   # checked once; the slot's cache cut to what start() would keep
-                req.prefill_started = True
+            if not a.checked:   # checked once; the slot's cache cut to what start() would keep
+                a.checked = True
                 try:
-                    self.engine.check_request(req.prompt_ids, req.params, r)
+                    self.engine.check_request(r, req.prompt_ids, req.params)
                 except ValueError as e:
                     self.prefilling.popleft()
-                    self._fail(req, e)
+                    self._fail(req, r, e)
                     continue
-                r.truncate(reusable_prefix(r, req.prompt_ids, req.drafter) if cached else 0)
+                r.truncate(reusable_prefix(r, req.prompt_ids, req.drafter) if a.cached else 0)
             todo = len(req.prompt_ids) - r.length
             if not chunk or todo <= chunk or req.drafter.wants_features:
                 # one piece left (or a feature drafter, which needs every prompt state from one
                 # engine call): start, reusing what is cached
                 self.prefilling.popleft()
-                self._start(req, cached or r.length > 0)
+                self._start(req, r, a.cached or r.length > 0)
                 continue
             try:
                 r.extend(req.prompt_ids[r.length:r.length + chunk])
             except Exception as e:  # noqa: BLE001 - a prefill failure must not wedge the loop
                 self.prefilling.popleft()
-                self._fail(req, e)
+                self._fail(req, r, e)
             return
 
-    def _start(self, req: Request, cached: bool) -> None:
+    def _start(self, req: Request, runner: ModelRunner, cached: bool) -> None:
         if req.cancelled.is_set():
-            self._finish(req)
+            self._finish(req, runner)
             return
         try:
-            req.seq, step = self.engine.start(req.prompt_ids, req.params, req.drafter, req.stats,
-                                              reuse_prefix=cached, runner=req.runner)
-            req.seq.adaptive = req.adaptive
+            seq, step = self.engine.start(runner, req.prompt_ids, req.params, req.drafter, req.stats,
+                                          reuse_prefix=cached)
+            seq.adaptive = req.adaptive
         except Exception as e:  # noqa: BLE001 - bad input (ValueError) or a prefill failure
-            self._fail(req, e)
+            self._fail(req, runner, e)
             return
         req.out.put(step)
-        self.running.append(req)
+        self.running.append((req, seq))
 
-    def _fail(self, req: Request, e: Exception) -> None:
+    def _fail(self, req: Request, runner: ModelRunner, e: Exception) -> None:
         """The request ends with `e` (its handler turns it into a status); its slot is emptied."""
-        req.runner.reset()
+        runner.reset()
         req.out.put(e)
-        self._finish(req)
+        self._finish(req, runner)
 
-    def _done(self, r: Request) -> bool:
-        if r.cancelled.is_set() or r.seq.finish_reason is not None:
-            self._finish(r)
+    def _done(self, r: Request, seq: Sequence) -> bool:
+        if r.cancelled.is_set() or seq.finish_reason is not None:
+            self._finish(r, seq.runner)
             return True
         return False
 
-    def _finish(self, r: Request) -> None:
+    def _finish(self, r: Request, runner: ModelRunner) -> None:
+        """The request leaves: end its stream, free its drafter, hand its slot back."""
         r.out.put(None)
         try:
             r.drafter.close()
         finally:
-            self.pool.release(r.session_id, r.runner)
+            self.pool.release(r.session_id, runner)

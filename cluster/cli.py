@@ -1,5 +1,8 @@
 """The `drafthorse` command: generate (in-process or through a cluster), bench, serve, loadtest, soak,
-train-drafter, api-key, drain-node."""
+train-drafter, api-key, drain-node.
+
+Each command imports what it runs where it starts (`# deferred`): torch, transformers and Ray take seconds to
+import, and `drafthorse --help`, `api-key` or a mistyped flag should answer at once."""
 from __future__ import annotations
 
 import asyncio
@@ -16,29 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
-import torch
 import typer
 from pydantic import ValidationError
 
-from drafthorse.actors.drafters import load_head, make_drafter
-from drafthorse.actors.engine import SpecEngine
-from drafthorse.actors.models import loader
-from drafthorse.actors.models.loader import resolve
-from drafthorse.actors.models.runner import ModelRunner
-from drafthorse.actors.spec.adaptive import AdaptivePolicy
-from drafthorse.actors.spec.sampling import SamplingParams
-from drafthorse.actors.spec.textstream import TextStream
-from drafthorse.actors.training.selfdistill import Corpus, build, split_questions
-from drafthorse.actors.training.train import TrainConfig, Trainer
 from drafthorse.cluster.apikeys import KeyRing, digest_line, new_key
-from drafthorse.cluster.client import generate_remote
-from drafthorse.cluster.deployment.local import Cluster
-from drafthorse.cluster.deployment.nodedrain import drain_node
-from drafthorse.cluster.tools import bench as b
-from drafthorse.cluster.tools import loadtest as lt
-from drafthorse.cluster.tools.bench import load_questions
-from drafthorse.cluster.tools.profiling import profile as run_profiled
-from drafthorse.cluster.tools.soak import run_soak, verdict, write
 from drafthorse.runtime import kinds
 from drafthorse.runtime.redis_store import free_port
 from drafthorse.runtime.settings import Settings
@@ -57,6 +41,7 @@ def _fail(msg: str) -> None:
 
 def _check_models(*specs: str | None) -> None:
     """A model that cannot be found stops a cluster command here, named, not as a failed deployment."""
+    from drafthorse.actors.models.loader import resolve  # deferred: heavy (see the module doc)
     for spec in specs:
         if spec and not spec.startswith("tiny:"):
             try:
@@ -66,6 +51,7 @@ def _check_models(*specs: str | None) -> None:
 
 
 def _threads(n: int | None) -> None:
+    import torch  # deferred: heavy (see the module doc)
     if n:
         torch.set_num_threads(n)
 
@@ -98,6 +84,15 @@ def generate(
                                              "(stderr)"),
 ):
     """Generate a reply to PROMPT, streaming it to stdout (or one JSON object with --json)."""
+    from drafthorse.actors.drafters import load_head, make_drafter  # deferred: heavy (see the module doc)
+    from drafthorse.actors.engine import SpecEngine  # deferred: heavy (see the module doc)
+    from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
+    from drafthorse.actors.models.runner import ModelRunner  # deferred: heavy (see the module doc)
+    from drafthorse.actors.spec.adaptive import AdaptivePolicy  # deferred: heavy (see the module doc)
+    from drafthorse.actors.spec.sampling import SamplingParams  # deferred: heavy (see the module doc)
+    from drafthorse.actors.spec.textstream import TextStream  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.client import generate_remote  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools.profiling import profile as run_profiled  # deferred: heavy (see the module doc)
 
     try:
         kinds.kind(drafter)
@@ -123,7 +118,7 @@ def generate(
     tok = lm.tokenizer
     ids = tok.encode(prompt, add_special_tokens=False) if raw else loader.chat_prompt(
         tok, [{"role": "user", "content": prompt}])
-    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+    decode = lambda t: tok.decode(t, skip_special_tokens=True)
     engine = SpecEngine(ModelRunner(lm.model), lm.eos_ids, decode, policy=AdaptivePolicy(16) if adaptive else None)
     try:
         trained = load_head(drafter, lm, head) if kinds.kind(drafter).head else None
@@ -179,6 +174,11 @@ def bench(
     """Speculative methods vs plain decoding vs HF generate, side by side on the same prompts.
     cluster-ar / cluster-ngram / cluster-draft-model run the same drafter through the distributed
     path (gateway -> target actor -> draft actor, trees over gRPC)."""
+    import torch  # deferred: heavy (see the module doc)
+
+    from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.deployment.local import Cluster  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools import bench as b  # deferred: heavy (see the module doc)
 
     _threads(threads)
     running = None
@@ -230,6 +230,8 @@ def serve(
 ):
     """Start the cluster (Ray, Redis, gateway, target and draft workers) and serve until Ctrl-C.
     Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""
+
+    from drafthorse.cluster.deployment.local import Cluster  # deferred: heavy (see the module doc)
 
 
 
@@ -289,6 +291,8 @@ def loadtest(
 ):
     """Load a running cluster: throughput, TTFT, TPOT, latency (p50/p99), mean accepted tokens and
     errors per drafter and concurrency level. Bounded by --requests and --max-seconds per level."""
+    from drafthorse.cluster.tools import loadtest as lt  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools.bench import load_questions  # deferred: heavy (see the module doc)
 
 
     try:
@@ -345,6 +349,7 @@ def soak(
     """Start a cluster, load it with greedy streams and periodic faults for MINUTES, and report memory per
     process over time, errors by code, throughput and lost tokens; exits 1 if any error, any lost token
     or a growing process."""
+    from drafthorse.cluster.tools.soak import run_soak, verdict, write  # deferred: heavy (see the module doc)
 
     try:
         s = Settings(model=model, draft_model=draft_model or model, dtype=dtype, num_targets=targets,
@@ -396,6 +401,14 @@ def train_drafter(
     threads: Optional[int] = typer.Option(None),
 ):
     """Train a draft head on the target's own answers (self-distillation) and save it."""
+    from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
+    from drafthorse.actors.training.selfdistill import (  # deferred: heavy (see the module doc)
+        Corpus,
+        build,
+        split_questions,
+    )
+    from drafthorse.actors.training.train import TrainConfig, Trainer  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools.bench import load_questions  # deferred: heavy (see the module doc)
 
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -448,6 +461,7 @@ def drain_node_cmd(
 ):
     """Drain this Ray node before it stops (a Kubernetes preStop hook): Serve moves its replicas elsewhere,
     each finishing or handing over its streams; waits until none is left (exit 1 if some are)."""
+    from drafthorse.cluster.deployment.nodedrain import drain_node  # deferred: heavy (see the module doc)
 
     try:
         result = drain_node(address, node_id, deadline_s)

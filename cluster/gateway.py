@@ -22,9 +22,19 @@ from drafthorse.cluster.router import NoWorkers, Router
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime import kinds, metrics
+from drafthorse.runtime.errors import BadField
 from drafthorse.runtime.redis_store import connect
 from drafthorse.runtime.registry import Registry
-from drafthorse.runtime.rpc import OPEN_PREFIXES, OPTIONS, auth_metadata, channel, is_loopback, token_ok
+from drafthorse.runtime.rpc import (
+    OPEN_PREFIXES,
+    OPTIONS,
+    abort,
+    auth_metadata,
+    channel,
+    field_of,
+    is_loopback,
+    token_ok,
+)
 from drafthorse.runtime.sessions import SessionStore
 from drafthorse.runtime.settings import GatewaySettings
 
@@ -99,33 +109,35 @@ class Gateway(pb_grpc.GeneratorServicer):
         return pb_grpc.TargetStub(self._channels[address])
 
     def _validate(self, r: pb.GenerateRequest) -> tuple[list[dict] | None, str | None, int]:
-        """Everything checkable before touching a worker; ValueError names the parameter."""
+        """Everything checkable before touching a worker; the ValueError BadField names
+        the field at fault."""
         which = r.WhichOneof("input")
         if which is None:
-            raise ValueError("give a prompt or chat messages")
+            raise BadField("prompt", "give a prompt or chat messages")
         messages = prompt = None
         if which == "prompt":
             if not r.prompt.strip():
-                raise ValueError("prompt is empty")
+                raise BadField("prompt", "prompt is empty")
             if len(r.prompt) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+                raise BadField("prompt", f"prompt is longer than {MAX_PROMPT_CHARS} characters")
             prompt = r.prompt
         else:
             messages = [{"role": m.role, "content": m.content} for m in r.chat.messages]
             if not messages or not any(m["content"].strip() for m in messages):
-                raise ValueError("chat has no message with content")
+                raise BadField("chat", "chat has no message with content")
             if any(m["role"] not in ("system", "user", "assistant") for m in messages):
-                raise ValueError("chat message role must be system, user or assistant")
+                raise BadField("chat", "chat message role must be system, user or assistant")
             if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
-                raise ValueError(f"chat is longer than {MAX_PROMPT_CHARS} characters")
+                raise BadField("chat", f"chat is longer than {MAX_PROMPT_CHARS} characters")
         max_new = r.max_new_tokens or self.s.max_new_tokens_default
         if not 1 <= max_new <= self.s.max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens must be in [1, {self.s.max_new_tokens_limit}], got {r.max_new_tokens}")
+            raise BadField("max_new_tokens",
+                           f"max_new_tokens must be in [1, {self.s.max_new_tokens_limit}], got {r.max_new_tokens}")
         sampling_from_proto(r.sampling, max_new_tokens=max_new, stop=tuple(r.stop)).validate()
         if r.drafter:
-            kinds.kind(r.drafter)
+            kinds.kind(r.drafter)   # BadField("drafter") when unknown
         if r.session_id and r.new_session:
-            raise ValueError("give session_id to continue a session or new_session to open one, not both")
+            raise BadField("session_id", "give session_id to continue a session or new_session to open one, not both")
         return messages, prompt, max_new
 
     def _claim(self, session, tried: set[str], kind: str, leases: contextlib.ExitStack):
@@ -166,22 +178,23 @@ class Gateway(pb_grpc.GeneratorServicer):
         try:
             messages, prompt, max_new = self._validate(r)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort(context, e)
         session = None
         # a session belongs to the key that opened it: another key's session id is NOT_FOUND
         owner = caller(self.keys, self.s.token(), context.invocation_metadata()) or "" if self.keys.enabled else ""
         if r.session_id:
             session = await asyncio.to_thread(self.sessions.get, r.session_id, owner)
             if session is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"session {r.session_id!r} not found (expired?)")
+                await abort(context, f"session {r.session_id!r} not found (expired?)", grpc.StatusCode.NOT_FOUND,
+                            "session_id")
         elif r.new_session:
             session = await asyncio.to_thread(self.sessions.create, owner)
         sid = session.session_id if session else ""
         history = session.token_ids if session else []
         prompt_ids = turn_ids(self.tok, history, messages, prompt)
         if len(prompt_ids) >= self.s.max_len:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"prompt is {len(prompt_ids)} tokens; the context is {self.s.max_len}: shorten it")
+            await abort(context, f"prompt is {len(prompt_ids)} tokens; the context is {self.s.max_len}: shorten it",
+                        field="chat" if messages is not None else "prompt")
         kind = r.drafter or self.s.drafter
         limited = self.limits is not None and owner not in ("", INTERNAL_OWNER)
         if limited:   # before anything is written: a refused turn leaves its session as it was
@@ -232,7 +245,8 @@ class Gateway(pb_grpc.GeneratorServicer):
                     break
                 except grpc.aio.AioRpcError as e:
                     if e.code() not in RETRYABLE or len(generated) >= max_new:
-                        await context.abort(e.code(), e.details() or e.code().name)
+                        # the target's verdict as it gave it, the field at fault included
+                        await abort(context, e.details() or e.code().name, e.code(), field_of(e))
                     log.warning("target %s failed (%s); continuing on another worker after %d tokens",
                                 target.worker_id, e.code().name, len(generated))
                     tried.add(target.worker_id)

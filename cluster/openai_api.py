@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from drafthorse.cluster.apikeys import bearer
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.rpc import field_of
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 600.0
@@ -54,10 +55,11 @@ STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
-# words in a gateway error message -> the OpenAI parameter it is about (first match wins)
-PARAMS = (("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-          ("top_k", "top_k"), ("seed", "seed"), ("stop", "stop"), ("drafter", "drafter"),
-          ("session", "session_id"), ("chat", "messages"), ("prompt", "prompt"))
+# the request field a gateway error names (rpc.field_of) -> its OpenAI parameter; "prompt" and "chat"
+# become the request's own input parameter (prompt or messages)
+FIELD_PARAMS = {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
+                "sampling.top_k": "top_k", "sampling.seed": "seed", "stop": "stop", "drafter": "drafter",
+                "session_id": "session_id"}
 # OpenAI parameters this server does not implement: rejected unless absent, null or their no-op value
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
                "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
@@ -133,12 +135,8 @@ def _forwardable(key: str) -> str:
 def from_grpc(e: grpc.aio.AioRpcError, input_param: str) -> APIError:
     status, type_ = STATUS.get(e.code(), (500, "server_error"))
     details = e.details() or e.code().name
-    param = None
-    if status in (400, 404):
-        low = details.lower()
-        param = next((p for needle, p in PARAMS if needle in low), None)
-        if param in ("prompt", "messages"):
-            param = input_param  # the gateway says "prompt" for a too long chat as well
+    field = field_of(e)
+    param = input_param if field in ("prompt", "chat") else FIELD_PARAMS.get(field)
     code = "session_not_found" if e.code() == grpc.StatusCode.NOT_FOUND and param == "session_id" \
         else e.code().name.lower()
     retry = dict(e.trailing_metadata() or ()).get("retry-after")   # the gateway's hint on a 429

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from drafthorse.runtime.errors import BadField
+
 
 @dataclass(frozen=True)
 class DrafterKind:
@@ -29,9 +31,9 @@ LOCAL_KINDS = tuple(k.name for k in KINDS.values() if k.runs_on == "target")   #
 
 
 def kind(name: str) -> DrafterKind:
-    """The kind called `name`; ValueError lists the choices."""
+    """The kind called `name`; BadField (a ValueError) lists the choices."""
     if name not in KINDS:
-        raise ValueError(f"unknown drafter {name!r}: choose one of {', '.join(NAMES)}")
+        raise BadField("drafter", f"unknown drafter {name!r}: choose one of {', '.join(NAMES)}")
     return KINDS[name]
 
 

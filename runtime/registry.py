@@ -100,7 +100,7 @@ class Registry:
         leases still held by gateways will decrement it, so resetting would undercount."""
         p = self.r.pipeline(transaction=True)
         p.delete(self._k(info.worker_id))  # drop fields of an older registration
-        p.hset(self._k(info.worker_id), mapping=info.to_hash())
+        p.hset(self._k(info.worker_id), mapping=info.to_hash())  # type: ignore[arg-type]  # redis' Mapping key is invariant
         for kind in KINDS:  # a re-registration may change kind
             p.srem(f"{self.prefix}workers:{kind}", info.worker_id)
         p.sadd(f"{self.prefix}workers:{info.kind}", info.worker_id)
@@ -122,7 +122,8 @@ class Registry:
         """Workers of `kind` with a live heartbeat, sorted by worker_id; prunes the dead ones."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        ids = sorted(i.decode() for i in self.r.smembers(f"{self.prefix}workers:{kind}"))
+        # bytes: the client does not decode responses
+        ids = sorted(i.decode() if isinstance(i, bytes) else i for i in self.r.smembers(f"{self.prefix}workers:{kind}"))
         if not ids:
             return []
         p = self.r.pipeline(transaction=False)

@@ -1,6 +1,6 @@
 """What every drafthorse gRPC server shares: bounded message sizes, a shared-token check on internal
 calls, optional mutual TLS between the processes, health checking and reflection (so grpcurl /
-grpc_health_probe / Kubernetes probes work)."""
+grpc_health_probe / Kubernetes probes work), and errors that name the request field at fault."""
 from __future__ import annotations
 
 import hmac
@@ -15,6 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from drafthorse.runtime.errors import BadField
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Target features (eagle) of a long context would outgrow any message bound (4096 tokens x hidden 4096
 # x 4 bytes = 64 MiB): a Draft request carries at most this many bytes of them, a longer context goes
@@ -24,6 +26,9 @@ OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 # Health and reflection answer without a token: probes and tools must reach them.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Trailing metadata naming the request field an error is about (see `abort`). Not google.rpc's
+# BadRequest in grpc-status-details-bin: that needs grpcio-status, which nothing else here uses.
+FIELD_KEY = "drafthorse-field"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,22 @@ class MutualTls:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+def abort(context, error: Exception | str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
+          field: str | None = None):
+    """context.abort(code, str(error)), the field at fault (`field`, else a BadField's) in the trailing
+    metadata. A sync context raises here; a
+    grpc.aio one returns the coroutine to await."""
+    field = field or (error.field if isinstance(error, BadField) else None)
+    if field:
+        context.set_trailing_metadata(((FIELD_KEY, field),))
+    return context.abort(code, str(error))
+
+
+def field_of(error: grpc.RpcError) -> str | None:
+    """The request field a failed call's error is about (as `abort` sent it), or None."""
+    return dict(error.trailing_metadata() or ()).get(FIELD_KEY)
+
+
 def channel(address: str, tls: MutualTls | None = None, aio: bool = False):
     """A client channel to another drafthorse process: mutual TLS when configured, else plaintext."""
     mod = grpc.aio if aio else grpc
@@ -77,7 +98,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except socket.gaierror:
         return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
 
 
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -6,7 +6,7 @@ import torch
 
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
-from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.engine import BatchEngine, SpecEngine
 from drafthorse.actors.models.loader import tiny_llama
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
@@ -44,7 +44,7 @@ def test_batched_outputs_equal_outputs_alone(models, adaptive):
         eng = SpecEngine(ModelRunner(target.model, 256), target.eos_ids)
         alone.append(eng.generate(prompt, params, drafter(kind, draft)).token_ids)
 
-    eng = SpecEngine(None, target.eos_ids, policy=AdaptivePolicy(16) if adaptive else None)
+    eng = BatchEngine(target.eos_ids, policy=AdaptivePolicy(16) if adaptive else None)
     outs: dict[int, list[int]] = {}
     active: list[tuple[int, object]] = []
     step_no, waiting = 0, list(enumerate(REQUESTS))
@@ -52,7 +52,7 @@ def test_batched_outputs_equal_outputs_alone(models, adaptive):
     while waiting or active:
         for i, (prompt, kind, params, join) in list(waiting):  # requests join between steps
             if join <= step_no:
-                seq, first = eng.start(prompt, params, drafter(kind, draft), runner=ModelRunner(target.model, 256))
+                seq, first = eng.start(ModelRunner(target.model, 256), prompt, params, drafter(kind, draft))
                 outs[i] = list(first.token_ids)
                 active.append((i, seq))
                 waiting.remove((i, (prompt, kind, params, join)))
@@ -107,11 +107,11 @@ def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
     params = SamplingParams(max_new_tokens=24)
     alone = SpecEngine(ModelRunner(target.model, 256), target.eos_ids).generate(prompt, params, NgramDrafter())
     # a heavy row cost: the policy hands out few nodes, the fixed sequence ignores it
-    eng = SpecEngine(None, target.eos_ids, max_tree_nodes=8, policy=AdaptivePolicy(8, per_row_ratio=0.5))
+    eng = BatchEngine(target.eos_ids, max_tree_nodes=8, policy=AdaptivePolicy(8, per_row_ratio=0.5))
     seqs = []
     for adaptive in (True, False, True, True):
         d = NgramDrafter(max_branches=4, depth=8) if len(seqs) < 3 else None   # the last: plain decoding
-        seq, _ = eng.start(prompt, params, d, runner=ModelRunner(target.model, 256))
+        seq, _ = eng.start(ModelRunner(target.model, 256), prompt, params, d)
         seq.adaptive = adaptive
         seqs.append(seq)
     outs = [[s.root] for s in seqs]

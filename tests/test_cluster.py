@@ -352,7 +352,7 @@ def test_per_key_token_budget_and_streams_through_real_workers(cluster, local, m
     start_gateway(s, local[0].tokenizer)
     with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
         stub = pb_grpc.GeneratorStub(ch)
-        gen = lambda key, n=8: stub.Generate(request(PROMPTS[0], SamplingParams(max_new_tokens=n), "ngram"),  # noqa: E731
+        gen = lambda key, n=8: stub.Generate(request(PROMPTS[0], SamplingParams(max_new_tokens=n), "ngram"),
                                              timeout=120, metadata=key_metadata(key))
         assert sum(len(m.token_ids) for m in gen(alice)) == 8
         # a stream held open: alice's second one is refused, bob's is not

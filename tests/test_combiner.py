@@ -17,13 +17,13 @@ from drafthorse.actors.spec.sampling import SamplingParams, make_generator
 PROMPTS = [[(s * 7 + i * 3) % 100 for i in range(5 + 3 * s)] for s in range(8)]
 
 
-def run_sessions(model, steps: int = 4, concurrent: bool = True) -> list[list]:
+def run_sessions(model, combiner: Combiner | None = None, steps: int = 4, concurrent: bool = True) -> list[list]:
     """Each session drafts `steps` trees (greedy top-3 trees, depth 3), committing its first token."""
     results: list[list] = [[] for _ in PROMPTS]
     start = threading.Barrier(len(PROMPTS)) if concurrent else None
 
     def session(i: int):
-        d = DraftModelDrafter(ModelRunner(model, 256), depth=3, branches=3)
+        d = DraftModelDrafter(ModelRunner(model, 256, combiner), depth=3, branches=3)
         d.begin(PROMPTS[i])
         if start:
             start.wait()
@@ -45,15 +45,13 @@ def run_sessions(model, steps: int = 4, concurrent: bool = True) -> list[list]:
 
 @pytest.fixture
 def draft_model():
-    lm = tiny_llama(5, vocab_size=100)
-    yield lm.model
-    lm.model.combiner = None
+    return tiny_llama(5, vocab_size=100).model
 
 
 def test_concurrent_sessions_share_passes_and_draft_the_same_trees(draft_model):
     alone = run_sessions(draft_model, concurrent=False)
-    draft_model.combiner = comb = Combiner(draft_model)
-    shared = run_sessions(draft_model)
+    comb = Combiner(draft_model)
+    shared = run_sessions(draft_model, comb)
     assert shared == alone
     # 8 sessions x (1 catch-up + 2 tree levels) x 4 steps forwards, in fewer passes
     assert comb.calls == 8 * 3 * 4
@@ -61,12 +59,12 @@ def test_concurrent_sessions_share_passes_and_draft_the_same_trees(draft_model):
 
 
 def test_a_failing_forward_fails_only_its_caller(draft_model):
-    draft_model.combiner = comb = Combiner(draft_model)
+    comb = Combiner(draft_model)
     errors, ok = [], []
     gate = threading.Barrier(6)
 
     def call(bad: bool):
-        r = ModelRunner(draft_model, 64)
+        r = ModelRunner(draft_model, 64, comb)
         gate.wait()
         try:
             r.extend([1, 2, 10 ** 6] if bad else [1, 2, 3])
@@ -79,5 +77,5 @@ def test_a_failing_forward_fails_only_its_caller(draft_model):
     for t in threads:
         t.join(30)
     assert len(errors) == 1 and len(ok) == 5 and not comb._busy and not comb._queue
-    logits, _ = ModelRunner(draft_model, 64).extend([1, 2, 3])   # still serving
+    logits, _ = ModelRunner(draft_model, 64, comb).extend([1, 2, 3])   # still serving
     assert torch.isfinite(logits).all()

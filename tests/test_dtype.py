@@ -177,7 +177,7 @@ def check_rows_bitwise(lm, prompt, offsets, sizes, decode_n):
                                             ("int8", None)])
 def test_verify_rows_are_bitwise_decode_rows(dtype, exact_on):
     lm = tiny_at(0, dtype, exact_on)
-    assert lm.model.exact and lm.model.min_rows() >= 1 and lm.model.exact_ok
+    assert lm.model.exact and lm.model.exact_rows.ok
     bad = check_rows_bitwise(lm, PROMPTS["long"], offsets=range(0, 60, 7), sizes=(2, 5, 9), decode_n=70)
     assert not bad, f"{len(bad)} rows differ, first {bad[:5]}"
 
@@ -205,11 +205,10 @@ def test_exact_products_past_their_window_run_in_chunks():
     """More rows than a product's probed maximum: calls of that many rows, the last padded like any
     short call, so every row is computed by a call shape the probe found stable."""
     m = loader.tiny_llama(0, dtype=torch.float32, max_len=64).model   # its own: the probe result is set here
-    w = m.layers[0]["o"]
-    m._min_rows = ({tuple(w.shape): (2, 4)}, 1)
-    m.exact_step = 2
+    w = m.layers[0].products["o"]
+    m.exact_rows = exact.ExactRows(True, 2, {tuple(w.shape): (2, 4)}, 1, 1)
     x = torch.randn(11, w.shape[0], dtype=w.dtype)
-    pad = lambda rows, n: torch.cat([rows, rows.new_zeros(n - len(rows), rows.shape[1])])   # noqa: E731
+    pad = lambda rows, n: torch.cat([rows, rows.new_zeros(n - len(rows), rows.shape[1])])
     want = torch.cat([x[0:4] @ w, x[4:8] @ w, (pad(x[8:11], 4) @ w)[:3]])
     assert torch.equal(m._linear(x, w, True), want)
     assert torch.equal(m._linear(x[:1], w, True), (pad(x[:1], 2) @ w)[:1])
@@ -308,7 +307,7 @@ def test_int8_weights():
     assert isinstance(lm.model.lm_head_t, quant.Int8Weight) and f64.dtype == "float64"
     from drafthorse.actors.drafters.heads import fingerprint
     assert fingerprint(lm.model) == fingerprint(f64.model)     # a head trained on one loads on the other
-    assert torch.equal(lm.model.dense(0, "qkv"), f64.model.layers[0]["qkv"].float())
+    assert torch.equal(lm.model.dense(0, "qkv"), f64.model.layers[0].products["qkv"].float())
     with pytest.raises(ValueError, match="float32"):
         f64.model.quantize_int8()
 
@@ -376,7 +375,7 @@ def smollm2_at(request):
 @pytest.mark.smollm2
 def test_smollm2_ngram_equals_plain(smollm2_at):
     lm = smollm2_at
-    assert lm.dtype in ("bfloat16", "int8") and lm.model.exact and lm.model.exact_ok
+    assert lm.dtype in ("bfloat16", "int8") and lm.model.exact and lm.model.exact_rows.ok
     engine = SpecEngine(ModelRunner(lm.model, 1024), lm.eos_ids)
     params = SamplingParams(max_new_tokens=64)
     accepted = 0
@@ -429,7 +428,7 @@ def test_smollm2_gguf_cache_hit_and_corrupted_entry(tmp_path, monkeypatch, caplo
 
 @pytest.mark.smollm2
 def test_auto_never_picks_a_dtype_the_exact_probe_rejects(monkeypatch):
-    """Where the probe finds no row counts that round alike (exact_ok False), dtype auto falls back to
+    """Where the probe finds no row counts that round alike (ExactRows.ok False), dtype auto falls back to
     float32 rather than serve bfloat16 whose speculative output could drift from plain decoding."""
     from drafthorse.actors.models import exact
     monkeypatch.setenv(loader.NATIVE_BF16_ENV, "1")
@@ -440,4 +439,4 @@ def test_auto_never_picks_a_dtype_the_exact_probe_rejects(monkeypatch):
         pytest.skip(f"SmolLM2 is not installed: {e}")
     assert lm.dtype == "float32" and lm.model.dtype == torch.float32
     explicit = loader.load("smollm2", "bfloat16")                   # asked for by name: served, with a warning
-    assert explicit.dtype == "bfloat16" and explicit.model.exact_ok is False
+    assert explicit.dtype == "bfloat16" and not explicit.model.exact_rows.ok

@@ -81,7 +81,7 @@ class RemoteEagle(Recording, Hook):
 
 
 def service(head, **kw) -> DraftService:
-    make = lambda kind: NgramDrafter() if kind == "ngram" else make_drafter(kind, head=head)  # noqa: E731
+    make = lambda kind: NgramDrafter() if kind == "ngram" else make_drafter(kind, head=head)
     return DraftService(make, V, kinds=("ngram", "eagle"), feature_dims={"eagle": H}, **kw)
 
 

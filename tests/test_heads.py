@@ -125,7 +125,7 @@ def test_trees_respect_the_budget(trained, target, make_engine, kind):
         g = engine.generate(prompt, SamplingParams(max_new_tokens=30), make_drafter(kind, head=head, topk=4, depth=6))
         assert g.stats.drafted_tokens <= 5 * (g.stats.target_forwards - 1)
     d = make_drafter(kind, head=head, topk=8, depth=8)
-    seq, _ = engine.start(PROMPTS[0], SamplingParams(max_new_tokens=30), d)
+    seq, _ = engine.start(engine.runner, PROMPTS[0], SamplingParams(max_new_tokens=30), d)
     engine.step([seq])
     d.extend(seq.new, seq.new_features)   # what the next step would hand the drafter
     tree = d.propose(Budget(max_nodes=7, max_depth=3), SamplingParams(), make_generator(0))

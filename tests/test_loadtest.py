@@ -224,7 +224,7 @@ def test_cli_refuses_a_remote_server_and_bad_arguments(tmp_path):
     from typer.testing import CliRunner
 
     from drafthorse.cluster.cli import app
-    run = lambda *a: CliRunner().invoke(app, ["loadtest", "--out", str(tmp_path), *a])  # noqa: E731
+    run = lambda *a: CliRunner().invoke(app, ["loadtest", "--out", str(tmp_path), *a])
     out = run("--server", "8.8.8.8:50051")
     assert out.exit_code == 2 and "loopback" in out.stderr
     out = run("--server", "127.0.0.1:1", "--concurrency", "1,x")

@@ -17,7 +17,9 @@ from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
 from drafthorse.cluster.deployment.local import Cluster
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.errors import BadField
 from drafthorse.runtime.redis_store import free_port
+from drafthorse.runtime.rpc import abort, field_of
 from drafthorse.runtime.settings import Settings
 
 MODEL = "tiny:0"
@@ -170,6 +172,27 @@ def test_bad_request_is_400_with_the_param_named(client, kw, param):
     assert e.value.type == "invalid_request_error" and e.value.message
 
 
+@pytest.mark.parametrize("params,drafter,raw,session,code,field", [
+    (SamplingParams(temperature=-1.0), "ngram", True, None, "INVALID_ARGUMENT", "sampling.temperature"),
+    (SamplingParams(max_new_tokens=10**6), "ngram", False, None, "INVALID_ARGUMENT", "max_new_tokens"),
+    (SamplingParams(stop=("",)), "ngram", True, None, "INVALID_ARGUMENT", "stop"),
+    (SamplingParams(), "nope", True, None, "INVALID_ARGUMENT", "drafter"),
+    (SamplingParams(), "ngram", True, "no-such-session", "NOT_FOUND", "session_id"),
+])
+def test_grpc_errors_name_the_field(stub, params, drafter, raw, session, code, field):
+    """The gateway's refusal names the request field at fault in its trailing metadata (rpc.field_of)."""
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(request("hi", params, drafter, raw=raw, session=session), timeout=30))
+    assert e.value.code().name == code and field_of(e.value) == field, e.value.details()
+
+
+@pytest.mark.parametrize("raw,field", [(True, "prompt"), (False, "chat")])
+def test_a_prompt_over_the_context_names_its_input(stub, raw, field):
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(request("hello " * 1000, SamplingParams(max_new_tokens=4), raw=raw), timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(e.value) == field, e.value.details()
+
+
 @pytest.mark.parametrize("prompt,stream", [(["a", "b"], False), ([[1, 2, 3]], False), (["a", "b"], True), ("", False)])
 def test_completion_prompt_must_be_one_string(client, prompt, stream):
     with pytest.raises(openai.BadRequestError) as e:
@@ -206,7 +229,7 @@ def test_unknown_route_is_404_in_openai_format(cluster):
 def test_concurrent_http_requests(client):
     import concurrent.futures as cf
     prompts = ["x y z x y z x y", "hello hello hello", "1, 2, 3, 4, 1, 2, 3, 4", "Say hi"]
-    one = lambda p: client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)  # noqa: E731
+    one = lambda p: client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
     alone = [one(p).choices[0].text for p in prompts]
     with cf.ThreadPoolExecutor(8) as pool:
         together = [r.choices[0].text for r in pool.map(one, prompts * 2)]
@@ -593,7 +616,11 @@ class _Recorder(pb_grpc.GeneratorServicer):
         from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
         self.requests.append(r)
         if r.session_id == "gone":
-            context.abort(grpc.StatusCode.NOT_FOUND, f"session {r.session_id!r} not found (expired?)")
+            abort(context, f"session {r.session_id!r} not found (expired?)", grpc.StatusCode.NOT_FOUND, "session_id")
+        if r.drafter == "mislabelled":   # the message says one parameter, the field another
+            abort(context, BadField("stop", "temperature must be a finite number >= 0, got -1.0"))
+        if r.drafter == "unnamed":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1], got 2 (and no field)")
         if r.drafter == "busy":
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "all KV caches are in use")
         yield pb.GenerateResponse(seq=0, token_ids=[1, 2], text_delta="ab")
@@ -658,6 +685,46 @@ def test_grpc_status_becomes_http_status(fake, extra, status, code):
     for stream in (False, True):
         r = http.post("/v1/completions", json={"model": "m", "prompt": "p", "stream": stream} | extra)
         assert r.status_code == status and r.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize("path,extra,param", [
+    ("/v1/completions", {"prompt": "p", "drafter": "mislabelled"}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "drafter": "mislabelled"}, "stop"),
+    ("/v1/completions", {"prompt": "p", "drafter": "unnamed"}, None),
+])
+def test_param_comes_from_the_field_not_the_message(fake, path, extra, param):
+    http, _ = fake
+    for stream in (False, True):
+        r = http.post(path, json={"model": "m", "stream": stream} | extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_gateway_relays_a_targets_field():
+    """A target's refusal reaches the client through the gateway with its field (a fake target)."""
+    from drafthorse.actors.models import loader
+    from drafthorse.runtime.membership import Membership
+    from drafthorse.runtime.rpc import start_server
+    from tests.conftest import start_gateway
+
+    class Refuser(pb_grpc.TargetServicer):
+        def Generate(self, treq, context):
+            abort(context, BadField("stop", "refused"))
+            yield
+
+    s = Settings(key_prefix=f"dh-relay-{uuid.uuid4().hex[:8]}:", gateway_port=free_port(), metrics_port=0)
+    server, port, _ = start_server(lambda srv: pb_grpc.add_TargetServicer_to_server(Refuser(), srv),
+                                   ["drafthorse.v1.Target"])
+    member = Membership(s, "target", "refuser")
+    member.start(port)
+    try:
+        start_gateway(s, loader.load("tiny:0").tokenizer)
+        with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch, pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.GeneratorStub(ch).Generate(request("hi", SamplingParams(max_new_tokens=2), "none"), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details() == "refused"
+        assert field_of(e.value) == "stop"
+    finally:
+        member.stop()
+        server.stop(None)
 
 
 def test_gateway_down_is_503():

@@ -9,7 +9,7 @@ import pytest
 
 from drafthorse.actors.drafters.base import NoDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
-from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.engine import BatchEngine, SpecEngine
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.scheduler import Request, Scheduler, SlotPool
 from drafthorse.actors.spec.sampling import SamplingParams
@@ -42,7 +42,7 @@ def drain(req: Request, timeout: float = 60) -> list[int]:
 @pytest.fixture
 def sched(tiny):
     lm = tiny(0)
-    engine = SpecEngine(None, lm.eos_ids, prefill_chunk=CHUNK)
+    engine = BatchEngine(lm.eos_ids, prefill_chunk=CHUNK)
     s = Scheduler(engine, SlotPool(lm.model, 3, 512), max_waiting=8)
     yield lm, s
     s.stop()
@@ -87,7 +87,7 @@ def test_session_turn_reuses_its_prefix_and_chunks_the_rest(sched):
     r = ModelRunner(lm.model, 512)
     eng = SpecEngine(r, lm.eos_ids, prefill_chunk=CHUNK)
     assert eng.generate(LONG[:40], params).token_ids == reply
-    seq, first = eng.start(prompt2, params, reuse_prefix=True)
+    seq, first = eng.start(r, prompt2, params, reuse_prefix=True)
     want = list(first.token_ids)
     while seq.finish_reason is None:
         want += eng.step([seq])[0].token_ids

@@ -168,7 +168,7 @@ def word_case(tok, word_lm):
     engine = SpecEngine(ModelRunner(word_lm.model, 256), word_lm.eos_ids, decode=decoder(tok))
     prompt = tok.encode("Hello there, how are you today?", add_special_tokens=False)
     plain = engine.generate(prompt, SamplingParams(max_new_tokens=40))
-    self_draft = lambda: DraftModelDrafter(ModelRunner(word_lm.model, 256), depth=4)  # noqa: E731
+    self_draft = lambda: DraftModelDrafter(ModelRunner(word_lm.model, 256), depth=4)
     _, steps = run_stream(engine, prompt, SamplingParams(max_new_tokens=40), self_draft())
     return engine, prompt, plain, step_ends(steps), self_draft
 

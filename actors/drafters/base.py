@@ -25,6 +25,9 @@ class Drafter(ABC):
     rows for prompt_ids[1:]). They are computed by the verify pass anyway."""
     name: str = "drafter"
     wants_features: bool = False
+    # propose() returns trees already validated against the budget (a remote drafter's, where they come off
+    # the wire): the engine checks every other drafter's, so each tree is checked once
+    checked_trees: bool = False
 
     def bind(self, runner) -> None:  # noqa: B027 - an optional hook: most drafters need no runner
         """The target's ModelRunner for this sequence (self-speculative drafters share its weights and

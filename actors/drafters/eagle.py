@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from drafthorse.actors.models.combiner import Combiner
 from drafthorse.actors.models.llama import Llama
 from drafthorse.actors.models.runner import ContextFull, ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
@@ -25,7 +26,9 @@ class EagleModel:
     """A trained head bound to its target, shared by every sequence's drafter."""
 
     def __init__(self, ckpt: Checkpoint, target: Llama, max_len: int | None = None):
-        head: EagleHead = ckpt.module
+        head = ckpt.module
+        if not isinstance(head, EagleHead):
+            raise ValueError(f"a {ckpt.kind} checkpoint is no eagle head")
         self.target = target
         self.d2t = ckpt.d2t
         self.head = head.as_llama(target, self.d2t, max_len or target.max_len)
@@ -33,6 +36,13 @@ class EagleModel:
         self.embed = target.embed
         self.vocab_size = target.vocab_size
         self.defaults = dict(ckpt.info.get("defaults", {}))
+        self.combiner: Combiner | None = None   # see share_passes
+
+    def share_passes(self) -> Combiner:
+        """Run the forwards of every drafter on this head through one Combiner from now on (draft
+        workers: concurrent sessions share passes); returns it."""
+        self.combiner = Combiner(self.head)
+        return self.combiner
 
     def inputs(self, tokens: list[int], feats: torch.Tensor) -> torch.Tensor:
         emb = self.embed[torch.tensor(tokens, dtype=torch.long)]
@@ -48,7 +58,7 @@ class EagleDrafter(Drafter):
         if topk < 1 or depth < 1 or max_nodes < 1:
             raise ValueError("eagle drafter needs topk, depth and max_nodes >= 1")
         self.m, self.topk, self.depth, self.max_nodes = model, topk, depth, max_nodes
-        self.runner = ModelRunner(model.head, max_len)
+        self.runner = ModelRunner(model.head, max_len, model.combiner)
         self.tokens: list[int] = []                   # committed tokens not yet in the head's cache
         self.feats: list[torch.Tensor] = []           # ... and the features that predicted them
 

@@ -73,7 +73,8 @@ class EagleHead(nn.Module):
         self.fc = nn.Linear(2 * H, H, bias=False)
         # one Llama decoder layer (and its final norm) with the target's dimensions; vocab 1: the
         # head reads the target's embeddings, it has none of its own
-        self.trunk = LlamaModel(LlamaConfig(
+        # (rope_theta: a parameter in transformers 4, taken from its kwargs by 5, whose signature lacks it)
+        self.trunk = LlamaModel(LlamaConfig(  # type: ignore[call-arg]
             vocab_size=1, hidden_size=H, intermediate_size=cfg["intermediate_size"], num_hidden_layers=1,
             num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
             head_dim=cfg["head_dim"], rms_norm_eps=cfg["rms_norm_eps"], max_position_embeddings=cfg["max_len"],
@@ -90,7 +91,7 @@ class EagleHead(nn.Module):
     def as_llama(self, target: Llama, d2t: torch.Tensor, max_len: int) -> Llama:
         """The head as a 1-layer `Llama` for inference (KV cache, tree attention, ModelRunner), reading
         the target's embeddings and its LM head rows of the draft vocabulary; weights in target dtype."""
-        trunk = self.trunk.to(target.dtype)
+        trunk = self.trunk.to(target.dtype)   # type: ignore[arg-type]  # transformers types .to unbound
         cfg = trunk.config
         shell = SimpleNamespace(
             config=SimpleNamespace(**{**cfg.to_dict(), "vocab_size": target.vocab_size}),

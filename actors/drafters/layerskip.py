@@ -22,7 +22,9 @@ from .heads import Checkpoint, ExitAdapter
 
 class LayerSkipModel:
     def __init__(self, ckpt: Checkpoint, target: Llama):
-        adapter: ExitAdapter = ckpt.module
+        adapter = ckpt.module
+        if not isinstance(adapter, ExitAdapter):
+            raise ValueError(f"a {ckpt.kind} checkpoint is no layerskip adapter")
         self.adapter = adapter.to(target.dtype)
         self.layers = int(adapter.cfg["exit_layer"])
         self.target = target

@@ -19,7 +19,9 @@ from .heads import Checkpoint, MedusaHeads
 
 class MedusaModel:
     def __init__(self, ckpt: Checkpoint, target: Llama):
-        heads: MedusaHeads = ckpt.module
+        heads = ckpt.module
+        if not isinstance(heads, MedusaHeads):
+            raise ValueError(f"a {ckpt.kind} checkpoint is no medusa head")
         self.heads = heads.to(target.dtype)
         self.d2t = ckpt.d2t
         self.lm_head_t = target.lm_head[self.d2t].t().contiguous()   # [H, N]

@@ -10,7 +10,7 @@ in a hidden state), so greedy speculation would drift away from plain decoding. 
    here: every GEMM below four rows), and a multithreaded kernel may split the rows among its threads
    so that at some row counts one row is computed apart, like a lone row (oneDNN's bf16 GEMM on 2
    threads of a CPU without native bf16: rows of M = 2 and 3, and the middle row of every odd M).
-   `probe_min_rows` measures, on this machine at its thread count and for the model's own product
+   `probe` measures, on this machine at its thread count and for the model's own product
    shapes, a minimum row count and a step from which every row of every M rounds alike, and exact
    forwards pad their rows up to such an M (`rows`) with dummy rows that are neither attended to nor
    cached.
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import Int8Weight
+from .quant import Int8Weight, Weight
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,25 @@ class Group:
     split: int                  # keys [0, split) come straight from the cache
     idx: torch.Tensor           # [g, WINDOW] cache slots of logical positions split .. split+WINDOW-1
     bias: torch.Tensor          # [1, g, 1, split + WINDOW]: 0 (visible) or -inf, in the model's dtype
+
+
+@dataclass(frozen=True)
+class ExactRows:
+    """What `probe` measured on this machine: the row counts at which a kernel computes every row alike.
+    An exact forward runs a product with weight shape S on at least products[S][0] rows, a multiple of
+    `step`, in calls of at most products[S][1] rows (None: any); each attention group on at least
+    `attn_min` rows, a multiple of `attn_step`."""
+    ok: bool                                                   # False: none found, rows may differ here
+    step: int
+    products: dict[tuple[int, ...], tuple[int, int | None]]   # weight shape -> (min rows, max rows)
+    attn_min: int
+    attn_step: int
+
+    def window(self, shape: tuple[int, ...]) -> tuple[int, int | None]:
+        """(min rows, max rows per call or None) of exact products with a weight of `shape`; for a shape
+        the probe did not see, the most any weight needs."""
+        widest = (max((lo for lo, _ in self.products.values()), default=1), None)
+        return self.products.get(shape, widest)
 
 
 def split_point(positions: torch.Tensor) -> torch.Tensor:
@@ -124,36 +143,41 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups
     kv = k_cache.shape[0]
     grp = heads // kv
     qk = q.view(kv, grp, n, d).transpose(1, 2)            # [kv, n, grp, d]: query heads by kv head
-    acc = torch.promote_types(q.dtype, torch.float32)    # softmax in at least float32
-    out = None if len(groups) == 1 else q.new_empty(kv, n, grp, d)
-    for g in groups:
-        qg = qk if g.rows is None else qk[:, g.rows]
-        real, idx, bias = qg.shape[1], g.idx, g.bias
-        need = rows(real, min_rows, step)
-        if real < need:
-            extra = [0] * (need - real)
-            qg = torch.cat([qg, qg[:, extra]], dim=1)
-            idx, bias = torch.cat([idx, idx[extra]]), torch.cat([bias, bias[:, extra]], dim=1)
-        qg = qg.contiguous()
-        m, s = qg.shape[1], g.split
-        flat = idx.reshape(-1)                             # (index_select: ~8x faster than k_cache[:, idx])
-        kt = k_cache.index_select(1, flat).view(kv, m, WINDOW, d)
-        vt = v_cache.index_select(1, flat).view(kv, m, WINDOW, d)
-        scores = qg @ kt.transpose(-1, -2)                # [kv, m, grp, WINDOW]
-        if s:
-            head = qg.view(kv, m * grp, d) @ k_cache[:, :s].transpose(-1, -2)
-            scores = torch.cat([head.view(kv, m, grp, s), scores], dim=-1)
-        # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale)
-        w = torch.softmax(scores.mul_(scale).add_(bias), dim=-1, dtype=acc).to(q.dtype)
-        o = w[..., s:] @ vt                               # [kv, m, grp, d]
-        if s:
-            o = o + (w[..., :s].reshape(kv, m * grp, s) @ v_cache[:, :s]).view(kv, m, grp, d)
-        o = o[:, :real]
-        if out is None:
-            out = o
-        else:
-            out[:, g.rows] = o
+    if len(groups) == 1:
+        out = _attend_group(qk, k_cache, v_cache, groups[0], scale, min_rows, step)
+    else:
+        out = q.new_empty(kv, n, grp, d)
+        for g in groups:
+            out[:, g.rows] = _attend_group(qk[:, g.rows], k_cache, v_cache, g, scale, min_rows, step)
     return out.transpose(1, 2).reshape(heads, n, d)
+
+
+def _attend_group(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: Group, scale: float,
+                  min_rows: int, step: int) -> torch.Tensor:
+    """`attend` for the rows of one group, qg: [kv, g, grp, d] -> [kv, g, grp, d]."""
+    kv, real, grp, d = qg.shape
+    acc = torch.promote_types(qg.dtype, torch.float32)   # softmax in at least float32
+    idx, bias = g.idx, g.bias
+    need = rows(real, min_rows, step)
+    if real < need:
+        extra = [0] * (need - real)
+        qg = torch.cat([qg, qg[:, extra]], dim=1)
+        idx, bias = torch.cat([idx, idx[extra]]), torch.cat([bias, bias[:, extra]], dim=1)
+    qg = qg.contiguous()
+    m, s = qg.shape[1], g.split
+    flat = idx.reshape(-1)                             # (index_select: ~8x faster than k_cache[:, idx])
+    kt = k_cache.index_select(1, flat).view(kv, m, WINDOW, d)
+    vt = v_cache.index_select(1, flat).view(kv, m, WINDOW, d)
+    scores = qg @ kt.transpose(-1, -2)                # [kv, m, grp, WINDOW]
+    if s:
+        head = qg.view(kv, m * grp, d) @ k_cache[:, :s].transpose(-1, -2)
+        scores = torch.cat([head.view(kv, m, grp, s), scores], dim=-1)
+    # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale)
+    w = torch.softmax(scores.mul_(scale).add_(bias), dim=-1, dtype=acc).to(qg.dtype)
+    o = w[..., s:] @ vt                               # [kv, m, grp, d]
+    if s:
+        o = o + (w[..., :s].reshape(kv, m * grp, s) @ v_cache[:, :s]).view(kv, m, grp, d)
+    return o[:, :real]
 
 
 # ---------------------------------------------------------------- probing the machine's kernels
@@ -198,12 +222,14 @@ def _choose(unstable: list[set[int]], counts: list[int], chunked: bool = False) 
     a product with no such tail may use a run of stable multiples [min, max] instead, max >= MIN_CHUNK,
     and run more than max rows as calls of max rows (AMX bf16 kernels here: stable up to 32 rows, not at
     40 or 48). Chosen for the fewest rows over n = 1..16; None if no step works."""
-    best = None
+    best: tuple[int, int, list[int], list[int | None]] | None = None
     for step in _STEPS:
         mults = sorted(c for c in counts if c % step == 0)
-        mins, maxes = [], []
+        mins: list[int] = []
+        maxes: list[int | None] = []
         for bad in unstable:
-            runs, start = [], None                   # maximal runs of stable multiples: (first, last)
+            runs: list[tuple[int, int]] = []         # maximal runs of stable multiples: (first, last)
+            start: int | None = None
             for i, m in enumerate(mults):
                 if m in bad:
                     start = None
@@ -217,10 +243,12 @@ def _choose(unstable: list[set[int]], counts: list[int], chunked: bool = False) 
                 maxes.append(None)
                 continue
             window = [r for r in runs if r[1] >= MIN_CHUNK] if chunked else []
-            lo, hi = max(window, key=lambda r: (r[1], -r[0])) if window else (None, None)
+            if not window:
+                break                                # this product has no stable rows at this step
+            lo, hi = max(window, key=lambda r: (r[1], -r[0]))
             mins.append(lo)
             maxes.append(hi)
-        if None in mins:
+        if len(mins) < len(unstable):
             continue
         cost = sum(rows(n, m0, step) for m0 in mins for n in range(1, 17))
         if best is None or cost < best[0]:
@@ -233,37 +261,33 @@ def rows(n: int, min_rows: int, step: int = 1) -> int:
     return max(min_rows, -(-n // step) * step)
 
 
-def probe_min_rows(model) -> tuple[dict, int]:
-    """({weight shape: (rows an exact product with it pads to, most rows one call may take or None)},
-    rows each attention group pads to): from these counts on (and up to that most, past which a
-    product runs in chunks), every row comes out the same whatever the row count, provided the count
-    is a multiple of model.exact_step (products with weights) / model.exact_attn_step (attention
-    groups), which this sets too. Every row count up to 48 is probed: some kernels round a row differently only
-    at some counts (2 threads, oneDNN bf16 GEMM without native bf16: one row of any odd count is
-    computed like a lone row). Measured once per model, at the current thread count, which the
-    result holds for (about a second for SmolLM2); warns when no such counts exist on this machine."""
+def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d: int) -> ExactRows:
+    """The row counts from which (and up to which, past which a product runs in chunks) every row of
+    a model's products and attention comes out the same whatever the row count, at multiples of a
+    step: of products with `weights` (a layer's and the LM head's, "lm_head") and of attention of
+    `heads` query heads over `kv` key/value heads of size `d`, in `dtype`. Every row count up to 48 is
+    probed: some kernels round a row differently only at some counts (2 threads, oneDNN bf16 GEMM
+    without native bf16: one row of any odd count is computed like a lone row). Measured once per
+    model, at the current thread count, which the result holds for (about a second for SmolLM2);
+    warns when no such counts exist on this machine."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
-    dtype = model.dtype
     top = _PROBE_TOP
-    w0 = model.layers[0]
     # products with weights, as `Llama._linear` runs them: x [M, in] @ w [in, out], w contiguous
     # (the LM head through its first columns, a view with the head's own leading dimension: its row
     # count decides the cost, not the kernel path)
-    shapes, unstable = [], []
-    for key, w in (("qkv", w0["qkv"]), ("o", w0["o"]), ("gate_up", w0["gate_up"]), ("down", w0["down"]),
-                   ("lm_head", model.lm_head_t)):
+    shapes: list[tuple[int, ...]] = []
+    unstable: list[set[int]] = []
+    for key, w in weights.items():
         if isinstance(w, Int8Weight):
             continue      # int8 products are row-invariant at every row count (quant.py)
-        if key == "lm_head":
-            w = w[:, :4096]
-        shape = tuple(model.lm_head_t.shape) if key == "lm_head" else tuple(w.shape)
+        shape = tuple(w.shape)
         if shape in shapes:
             continue
         hot = _hot(w.shape[0])
         if key == "lm_head":
-            wp = torch.empty(w.shape[0], model.lm_head_t.shape[1], dtype=dtype)[:, :w.shape[1]]
-            wp.copy_(w)
+            wp = torch.empty(*w.shape, dtype=dtype)[:, :4096]
+            wp.copy_(w[:, :4096])
         else:
             wp = w.clone()
         wp[hot] = 1                                   # (a copy: the model's weights stay as they are)
@@ -274,7 +298,7 @@ def probe_min_rows(model) -> tuple[dict, int]:
     # attention (`attend`), in rows of queries: the shared-prefix products [kv, m * grp, d] @ [kv, d, T]
     # and [kv, m * grp, T] @ [kv, T, d] over slices of a [kv, max_len, d] cache, and the per-row window
     # products [1, m, grp, d] @ [1, m, d, W] and [1, m, grp, W] @ [1, m, W, d] (each row its own keys)
-    kv, d, grp = model.n_kv, model.head_dim, model.n_heads // model.n_kv
+    grp = heads // kv
     t = 3 * CHUNK
     hot_d, hot_t, hot_w = _hot(d), _hot(t), _hot(WINDOW)
     keys = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
@@ -308,14 +332,9 @@ def probe_min_rows(model) -> tuple[dict, int]:
     if linear is None or attn is None:
         log.warning("exact decoding: this machine's %s matrix kernels round rows differently at every "
                     "row count probed; speculative output may differ from plain decoding", dtype)
-        model.exact_ok = False
-        model.exact_step = model.exact_attn_step = 1
-        return {shape: (1, None) for shape in shapes}, 1
-    model.exact_ok = True
-    model.exact_step, model.exact_attn_step = linear[0], attn[0]
-    per_weight = dict(zip(shapes, zip(linear[1], linear[2])))
+        return ExactRows(False, 1, {shape: (1, None) for shape in shapes}, 1, 1)
     log.info("exact decoding (%s, %d threads): matmul rows padded to %s and to a multiple of %d (chunked: "
              "%s), attention rows to %d and to a multiple of %d (probed in %.2f s)",
              str(dtype).removeprefix("torch."), torch.get_num_threads(), sorted(set(linear[1])), linear[0],
              sorted({m for m in linear[2] if m}) or "none", max(attn[1]), attn[0], time.perf_counter() - t0)
-    return per_weight, max(attn[1])
+    return ExactRows(True, linear[0], dict(zip(shapes, zip(linear[1], linear[2]))), max(attn[1]), attn[0])

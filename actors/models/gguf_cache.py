@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def load(gguf_sha: str, dtype: str):
     return hf, tok
 
 
-def store(gguf_sha: str, dtype: str, hf: torch.nn.Module, tokenizer) -> Path | None:
+def store(gguf_sha: str, dtype: str, hf: PreTrainedModel, tokenizer) -> Path | None:
     """Write a cache entry for a model just converted from a GGUF; returns its folder (None when the
     cache is off or the write failed: a cache is never worth failing a load for)."""
     d = entry_dir(gguf_sha, dtype)

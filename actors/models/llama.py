@@ -6,12 +6,15 @@ new tokens at given positions, attending to the first `ctx` cache slots through 
 That one primitive is prefill, one-token decode and whole-tree verification alike."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import exact as _exact
-from .quant import Int8Weight
+from .quant import Int8Weight, Weight
 
 
 class KVCache:
@@ -31,6 +34,25 @@ class KVCache:
         self.v[:, :, dst_start:dst_start + n] = self.v[:, :, src]
 
 
+@dataclass(frozen=True, eq=False)   # eq=False: tensors do not compare to one bool
+class BatchItem:
+    """One sequence's share of a forward: tokens [n] at positions [n], their K/V to cache slots
+    start..start+n-1; mask [n, start + n] bool (True = may attend), or None for plain causal attention."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache
+    start: int
+    mask: torch.Tensor | None
+
+
+@dataclass
+class Layer:
+    """A decoder layer's weights: its two norms, and its products (PRODUCTS), q/k/v and gate/up fused."""
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    products: dict[str, Weight]
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # as HF: normalise in float32, scale in the model dtype
     h = x.float()
@@ -41,7 +63,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 PRODUCTS = ("qkv", "o", "gate_up", "down")   # a layer's weight products, q/k/v and gate/up fused
 
 
-def _fused(layer: nn.Module, key: str) -> torch.Tensor:
+def _fused(layer: Any, key: str) -> torch.Tensor:
     """An HF decoder layer's weight for product `key` ([out, in]): q/k/v, gate/up concatenated."""
     a, mlp = layer.self_attn, layer.mlp
     if key == "qkv":
@@ -62,36 +84,34 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Llama(nn.Module):
-    def __init__(self, hf_model: nn.Module, max_len: int):
+    def __init__(self, hf_model: Any, max_len: int):
+        """hf_model: a transformers LlamaForCausalLM, or anything with its attributes (heads.py)."""
         super().__init__()
         cfg = hf_model.config
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         if rope.get("rope_type", "default") not in ("default", None):
             raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r} (only default RoPE)")
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.eps = cfg.rms_norm_eps
-        self.vocab_size = cfg.vocab_size
-        self.max_len = min(max_len, cfg.max_position_embeddings)
+        self.n_layers: int = cfg.num_hidden_layers
+        self.n_heads: int = cfg.num_attention_heads
+        self.n_kv: int = cfg.num_key_value_heads
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps: float = cfg.rms_norm_eps
+        self.vocab_size: int = cfg.vocab_size
+        self.max_len: int = min(max_len, cfg.max_position_embeddings)
         self.config = cfg
         m = hf_model.model
-        self.dtype = m.embed_tokens.weight.dtype
+        self.dtype: torch.dtype = m.embed_tokens.weight.dtype
         # detached views of HF's parameters: no copy, no autograd
-        self.embed = m.embed_tokens.weight.detach()
-        self.lm_head = hf_model.lm_head.weight.detach()
-        self.norm = m.norm.weight.detach()
+        self.embed: torch.Tensor = m.embed_tokens.weight.detach()
+        self.lm_head: torch.Tensor = hf_model.lm_head.weight.detach()
+        self.norm: torch.Tensor = m.norm.weight.detach()
         # weights of each layer, q/k/v and gate/up fused (one matmul instead of three, two), stored
         # transposed ([in, out], contiguous): for the few rows of a decode or verify, x @ W^T with W^T
         # laid out this way runs 2-6x faster on CPU than F.linear's [out, in] (measured, 8-32 rows)
-        self.layers = []
-        for layer in m.layers:
-            self.layers.append(dict(
-                ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
-                **{key: _t(_fused(layer, key)) for key in PRODUCTS}))
-        self.lm_head_t = _t(self.lm_head)
+        self.layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                             {key: _t(_fused(layer, key)) for key in PRODUCTS}) for layer in m.layers]
+        self.lm_head_t: Weight = _t(self.lm_head)
         # RoPE tables computed as HF does (float32 outer product, then cast)
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
         freqs = torch.arange(self.max_len).float()[:, None] * inv_freq[None, :]
@@ -101,10 +121,8 @@ class Llama(nn.Module):
         # row-invariant decode/verify (exact.py): on by default below float32
         self.quantized = False
         self.exact = self.exact_by_default
-        self.exact_ok: bool | None = None       # set by the probe: False if this machine defeats it
-        self._min_rows: tuple[dict, int] | None = None
+        self._exact_rows: _exact.ExactRows | None = None
         self._hf_layers = m.layers               # dense weights, for `dense` once quantised
-        self.combiner = None                     # set on draft workers: threads share passes (combiner.py)
 
     def quantize_int8(self) -> None:
         """Weight-only int8 for every layer product and the LM head (quant.py); the embedding stays
@@ -112,13 +130,13 @@ class Llama(nn.Module):
         row-invariant already, so it only costs the attention split."""
         if self.dtype != torch.float32:
             raise ValueError(f"int8 weights need a float32 model, got {self.dtype}")
-        for w in self.layers:
+        for i, layer in enumerate(self.layers):
             for key in PRODUCTS:
-                w[key] = Int8Weight(w[key])
-        self.lm_head_t = Int8Weight(self.lm_head_t)
+                layer.products[key] = Int8Weight(self.dense(i, key))
+        self.lm_head_t = Int8Weight(self.lm_head.t())
         self.quantized = True
         self.exact = self.exact_by_default
-        self._min_rows = None
+        self._exact_rows = None
 
     @property
     def exact_by_default(self) -> bool:
@@ -126,29 +144,25 @@ class Llama(nn.Module):
         (whose products round their inputs to bfloat16)."""
         return _exact.default_on(torch.bfloat16 if self.quantized else self.dtype)
 
+    @property
+    def exact_rows(self) -> _exact.ExactRows:
+        """The row counts exact forwards pad to on this machine: probed on first use (exact.probe), or
+        as set (tests)."""
+        if self._exact_rows is None:
+            self._exact_rows = _exact.probe({**self.layers[0].products, "lm_head": self.lm_head_t}, self.dtype,
+                                            self.n_heads, self.n_kv, self.head_dim)
+        return self._exact_rows
+
+    @exact_rows.setter
+    def exact_rows(self, rows: _exact.ExactRows) -> None:
+        self._exact_rows = rows
+
     def dense(self, i: int, key: str) -> torch.Tensor:
         """Layer i's weight `key` ([in, out], as stored) as the source model has it, quantised or not."""
-        return _t(_fused(self._hf_layers[i], key)) if self.quantized else self.layers[i][key]
+        w = self.layers[i].products[key]
+        return w if isinstance(w, torch.Tensor) else _t(_fused(self._hf_layers[i], key))
 
-    def min_rows(self, attention: bool = False, weight: torch.Tensor | None = None) -> int:
-        """Rows an exact forward pads a product with `weight` (default: the most any weight needs), or
-        each attention group, to; probed once."""
-        if attention:
-            return self._probed()[1]
-        return self._window(weight)[0]
-
-    def _probed(self) -> tuple[dict, int]:
-        if self._min_rows is None:
-            self._min_rows = _exact.probe_min_rows(self)
-        return self._min_rows
-
-    def _window(self, weight: torch.Tensor | None) -> tuple[int, int | None]:
-        """(min rows, max rows per call or None) of exact products with `weight`."""
-        per_weight = self._probed()[0]
-        widest = (max((lo for lo, _ in per_weight.values()), default=1), None)
-        return widest if weight is None else per_weight.get(tuple(weight.shape), widest)
-
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, exact: bool) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: Weight, exact: bool) -> torch.Tensor:
         """x @ w (w: [in, out]); in exact forwards on a row count from which w's products round alike
         (at least the probed minimum, a multiple of the probed step; dummy zero rows, dropped again),
         in calls of at most the probed maximum where the kernel has one."""
@@ -157,10 +171,11 @@ class Llama(nn.Module):
         n = x.shape[0]
         if not exact:
             return x @ w
-        lo, hi = self._window(w)
+        rows = self.exact_rows
+        lo, hi = rows.window(tuple(w.shape))
         if hi is not None and n > hi:   # more rows than this kernel rounds alike in one call
             return torch.cat([self._linear(x[i:i + hi], w, True) for i in range(0, n, hi)])
-        need = _exact.rows(n, lo, self.exact_step)
+        need = _exact.rows(n, lo, rows.step)
         if n == need:
             return x @ w
         return (torch.cat([x, x.new_zeros(need - n, x.shape[1])]) @ w)[:n]
@@ -175,11 +190,10 @@ class Llama(nn.Module):
         mask: [n, start + n] bool (True = may attend), or None for plain causal attention.
         exact: compute each row as any other row count would (exact.py); prefill does not need it.
         Returns the final hidden states [n, hidden] (before the LM head)."""
-        return self.forward_batch([(tokens, positions, cache, start, mask)], exact=exact)[0]
+        return self.forward_batch([BatchItem(tokens, positions, cache, start, mask)], exact=exact)[0]
 
     @torch.inference_mode()
-    def forward_batch(self, items: list[tuple[torch.Tensor, torch.Tensor, KVCache, int, torch.Tensor | None]],
-                      exact: bool | None = None, embeds: torch.Tensor | None = None,
+    def forward_batch(self, items: list[BatchItem], exact: bool | None = None, embeds: torch.Tensor | None = None,
                       layers: int | None = None) -> list[torch.Tensor]:
         """Several sequences in one pass (ragged: each its own tokens, positions, cache and mask).
 
@@ -190,46 +204,48 @@ class Llama(nn.Module):
         embeds: the input rows instead of the tokens' embeddings (a draft head's own inputs);
         layers: run only the first `layers` layers and return the residual stream after them
         (layer-skip drafting; their K/V go to the cache like any other)."""
-        sizes = [it[0].numel() for it in items]
-        x = F.embedding(torch.cat([it[0] for it in items]), self.embed) if embeds is None else embeds
-        pos = torch.cat([it[1] for it in items])
+        sizes = [it.ids.numel() for it in items]
+        x = F.embedding(torch.cat([it.ids for it in items]), self.embed) if embeds is None else embeds
+        pos = torch.cat([it.positions for it in items])
         exact = self.exact if exact is None else exact
-        plans = [_exact.plan(it[1], it[3], it[4], self.dtype) for it in items] if exact else None
+        plans = [_exact.plan(it.positions, it.start, it.mask, self.dtype) for it in items] if exact else []
         cos, sin = self.cos[pos][None], self.sin[pos][None]   # [1, N, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         masks = []
-        for (_, _, _, start, mask), n in zip(items, sizes):
+        for it, n in zip(items, sizes):
+            mask = it.mask
             if mask is None and n > 1 and not exact:  # causal over the new tokens, all before `start` visible
-                mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
+                mask = torch.ones(n, it.start + n, dtype=torch.bool).tril(diagonal=it.start)
             masks.append(None if mask is None else mask[None])
         total = x.shape[0]
         for i, w in enumerate(self.layers[:layers]):
-            h = _rms_norm(x, w["ln1"], self.eps)
-            q, k, v = self._linear(h, w["qkv"], exact).split([q_size, kv_size, kv_size], dim=-1)
+            h = _rms_norm(x, w.ln1, self.eps)
+            q, k, v = self._linear(h, w.products["qkv"], exact).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(total, self.n_heads, self.head_dim).transpose(0, 1)
             k = k.view(total, self.n_kv, self.head_dim).transpose(0, 1)
             v = v.view(total, self.n_kv, self.head_dim).transpose(0, 1)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             outs, row = [], 0
-            for j, ((_, _, cache, start, _), n, attn_mask) in enumerate(zip(items, sizes, masks)):
+            for j, (it, n, attn_mask) in enumerate(zip(items, sizes, masks)):
+                cache, start = it.cache, it.start
                 ctx = start + n
                 cache.k[i, :, start:ctx] = k[:, row:row + n]
                 cache.v[i, :, start:ctx] = v[:, row:row + n]
                 if exact:
+                    rows = self.exact_rows
                     outs.append(_exact.attend(q[:, row:row + n], cache.k[i], cache.v[i], plans[j],
-                                              self.head_dim ** -0.5, self.min_rows(attention=True),
-                                              self.exact_attn_step))
+                                              self.head_dim ** -0.5, rows.attn_min, rows.attn_step))
                 else:
                     outs.append(F.scaled_dot_product_attention(
                         q[None, :, row:row + n], cache.k[i, :, :ctx][None], cache.v[i, :, :ctx][None],
                         attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv)[0])
                 row += n
             o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-            x = x + self._linear(o.transpose(0, 1).reshape(total, q_size), w["o"], exact)
-            h = _rms_norm(x, w["ln2"], self.eps)
-            gate, up = self._linear(h, w["gate_up"], exact).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, w["down"], exact)
+            x = x + self._linear(o.transpose(0, 1).reshape(total, q_size), w.products["o"], exact)
+            h = _rms_norm(x, w.ln2, self.eps)
+            gate, up = self._linear(h, w.products["gate_up"], exact).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, w.products["down"], exact)
         if layers is not None:
             return list(x.split(sizes))
         return list(_rms_norm(x, self.norm, self.eps).split(sizes))

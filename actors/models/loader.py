@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from drafthorse.actors.models import gguf_cache
 
@@ -30,9 +38,9 @@ NATIVE_BF16_ENV = "DRAFTHORSE_NATIVE_BF16"   # "0": behave as if the CPU had no 
 @dataclass
 class LoadedModel:
     name: str                 # identity: where the weights came from
-    hf: torch.nn.Module       # the transformers model (baselines use it; shares weights with `model`)
+    hf: PreTrainedModel       # the transformers model (baselines use it; shares weights with `model`)
     model: Llama
-    tokenizer: object | None
+    tokenizer: PreTrainedTokenizerBase | None
     eos_ids: set[int]
 
     @property
@@ -153,13 +161,12 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     lm = wrap(hf, tok, name=spec if spec == DEFAULT_MODEL else str(Path(spec).resolve()), max_len=max_len)
     if dtype in _QUANTIZED:
         lm.model.quantize_int8()
-    if lm.model.exact:
-        lm.model.min_rows()   # probe the kernels now, not in the first request
-        if lm.model.exact_ok is False and (asked or "auto").strip().lower() == "auto":
-            # auto never picks a dtype whose speculative output could drift from plain decoding
-            log.warning("%s: this machine's %s kernels defeat exact decoding; auto takes float32 instead",
-                        spec, dtype)
-            return load(spec, "float32", max_len)
+    # exact forwards probe the kernels now (exact_rows), not in the first request; auto never picks a
+    # dtype whose speculative output could drift from plain decoding
+    if lm.model.exact and not lm.model.exact_rows.ok and (asked or "auto").strip().lower() == "auto":
+        log.warning("%s: this machine's %s kernels defeat exact decoding; auto takes float32 instead",
+                    spec, dtype)
+        return load(spec, "float32", max_len)
     log.info("loaded %s as %s%s from the %s in %.1f s%s", spec, dtype, f" (asked: {asked})" if asked != dtype else "",
              source, time.perf_counter() - t0, "; exact decode/verify rows" if lm.model.exact else "")
     return lm
@@ -172,7 +179,8 @@ def vocab_size_of(spec: str) -> int:
     return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {})).vocab_size
 
 
-def wrap(hf: torch.nn.Module, tokenizer=None, name: str = "custom", max_len: int = 8192) -> LoadedModel:
+def wrap(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, name: str = "custom",
+         max_len: int = 8192) -> LoadedModel:
     eos = hf.generation_config.eos_token_id if hf.generation_config else None
     eos = hf.config.eos_token_id if eos is None else eos
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -189,7 +197,7 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, laye
                       max_position_embeddings=max_len, eos_token_id=eos_token_id, bos_token_id=None,
                       pad_token_id=None, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(cfg).to(dtype).eval()
+    hf = LlamaForCausalLM(cfg).to(dtype).eval()   # type: ignore[arg-type]  # transformers types .to unbound
     # random init is too flat to be interesting: sharpen the output so greedy paths have structure
     with torch.no_grad():
         hf.lm_head.weight.mul_(8.0)

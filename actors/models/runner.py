@@ -15,7 +15,8 @@ import torch
 
 from drafthorse.actors.spec.tree import ROOT, ancestor_mask
 
-from .llama import Llama
+from .combiner import Combiner
+from .llama import BatchItem, Llama
 
 
 class ContextFull(Exception):
@@ -23,8 +24,11 @@ class ContextFull(Exception):
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, max_len: int | None = None):
+    def __init__(self, model: Llama, max_len: int | None = None, combiner: Combiner | None = None):
+        """combiner: a Combiner over `model` that this runner's forwards go through (draft workers:
+        concurrent sessions share a pass), or None to run them alone."""
         self.model = model
+        self.combiner = combiner
         self.cache = model.new_cache(max_len)
         self.max_len = self.cache.max_len
         self.vocab_size = model.vocab_size
@@ -67,19 +71,19 @@ class ModelRunner:
         self._clear_scratch()
         ids = torch.tensor(tokens, dtype=torch.long)
         pos = torch.arange(self.length, self.length + len(tokens))
-        hidden, logits = self._forward((ids, pos, self.cache, self.length, None), False, embeds,
+        hidden, logits = self._forward(BatchItem(ids, pos, self.cache, self.length, None), False, embeds,
                                        logit_rows=slice(-1, None))
+        assert logits is not None
         self.length += len(tokens)
         self.tokens += tokens
         return logits[0], hidden if all_hidden else hidden[-1]
 
-    def _forward(self, item: tuple, exact: bool, embeds: torch.Tensor | None, layers: int | None = None,
+    def _forward(self, item: BatchItem, exact: bool, embeds: torch.Tensor | None, layers: int | None = None,
                  logit_rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One forward of this sequence: (hidden, logits of logit_rows). Through the model's combiner
-        when it has one (draft workers: concurrent sessions share a pass, combiner.py)."""
-        combiner = getattr(self.model, "combiner", None)
-        if combiner is not None:
-            return combiner.forward(item, exact, embeds, layers, logit_rows)
+        """One forward of this sequence: (hidden, logits of logit_rows, None without). Through the
+        combiner when this runner has one."""
+        if self.combiner is not None:
+            return self.combiner.forward(item, exact, embeds, layers, logit_rows)
         hidden = self.model.forward_batch([item], exact=exact, embeds=embeds, layers=layers)[0]
         return hidden, None if logit_rows is None else self.model.logits(hidden[logit_rows])
 
@@ -89,6 +93,7 @@ class ModelRunner:
         and return their (logits [n, V], hidden [n, H]). embeds: input rows instead of embeddings."""
         hidden, logits = self._forward(self._add_scratch(tokens, parents), self.model.exact, embeds,
                                        logit_rows=slice(None))
+        assert logits is not None
         return logits, hidden
 
     def partial(self, tokens: list[int], parents: list[int], layers: int) -> torch.Tensor:
@@ -96,8 +101,8 @@ class ModelRunner:
         Their K/V fill those layers' scratch slots, which the next full pass overwrites."""
         return self._forward(self._add_scratch(tokens, parents), False, None, layers=layers)[0]
 
-    def _add_scratch(self, tokens: list[int], parents: list[int]):
-        """Record new scratch nodes; return the forward inputs (ids, positions, cache, start, mask)."""
+    def _add_scratch(self, tokens: list[int], parents: list[int]) -> BatchItem:
+        """Record new scratch nodes; return their forward's inputs."""
         n, base = len(tokens), len(self._parents)
         if self.length + base + n > self.max_len:
             raise ContextFull(f"{self.length + base + n} tokens exceed the context of {self.max_len}")
@@ -115,7 +120,7 @@ class ModelRunner:
         else:
             mask = torch.ones(n, start + n, dtype=torch.bool)
             mask[:, self.length:] = anc[base:]
-        return torch.tensor(tokens, dtype=torch.long), pos, self.cache, start, mask
+        return BatchItem(torch.tensor(tokens, dtype=torch.long), pos, self.cache, start, mask)
 
     def commit(self, path: list[int]) -> None:
         """Keep scratch nodes `path` (a chain from a depth-0 node down) after the prefix."""

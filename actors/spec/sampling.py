@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from drafthorse.runtime.errors import BadField
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -19,23 +21,25 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
     def validate(self, max_new_tokens_limit: int | None = None) -> SamplingParams:
-        """Raise ValueError naming the offending parameter."""
+        """Raise BadField (a ValueError) naming the offending parameter."""
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise BadField("sampling.temperature",
+                               f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise BadField("sampling.top_k", f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise BadField("sampling.top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise BadField("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens must be <= {max_new_tokens_limit}, got {self.max_new_tokens}")
+            raise BadField("max_new_tokens",
+                               f"max_new_tokens must be <= {max_new_tokens_limit}, got {self.max_new_tokens}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+            raise BadField("stop", "stop strings must be non-empty strings")
         if len(self.stop) > 16 or any(len(s) > 256 for s in self.stop):
-            raise ValueError("stop: at most 16 strings of at most 256 characters")
+            raise BadField("stop", "stop: at most 16 strings of at most 256 characters")
         if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+            raise BadField("sampling.seed", f"seed must be in [0, 2**63), got {self.seed}")
         return self
 
     @property

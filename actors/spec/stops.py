@@ -15,7 +15,7 @@ class StopChecker:
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids
         self.stop = tuple(stop)
-        self.decode = decode
+        self.decode: Decode = decode or (lambda ids: "")   # never called without stop strings
         # a stop string of b UTF-8 bytes spans at most b tokens (byte-level BPE splits a rare
         # character into up to 4 byte tokens), + slack for a partial character at the window start
         self._window = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 4

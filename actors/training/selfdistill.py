@@ -17,13 +17,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.engine import BatchEngine, Sequence
 from drafthorse.actors.models.loader import LoadedModel, chat_prompt
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
@@ -78,12 +80,12 @@ def _batched_generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens:
     finished sequence's place goes to the next prompt), plain decoding: with many sequences per pass
     the target is compute-bound, and draft trees would only add rows."""
 
-    engine = SpecEngine(None, set(stop_ids), None, max_tree_nodes=8, max_tree_depth=4)
+    engine = BatchEngine(set(stop_ids), None, max_tree_nodes=8, max_tree_depth=4)
     runners = [ModelRunner(lm.model, min(lm.model.max_len, max(map(len, prompts)) + max_new_tokens + 16))
                for _ in range(min(batch_size, len(prompts)))]
     results: dict[int, list[int]] = {}
     todo = list(range(len(prompts)))
-    live: list[tuple[int, object, list[int]]] = []   # (prompt index, sequence, tokens so far)
+    live: list[tuple[int, Sequence, list[int]]] = []   # (prompt index, sequence, tokens so far)
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False)
     while todo or live:
         while todo and len(live) < len(runners):
@@ -91,7 +93,7 @@ def _batched_generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens:
             free = [r for r in runners if all(r is not s.runner for _, s, _ in live)]
             params = SamplingParams(temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
                                     seed=seed * 100003 + i, max_new_tokens=max_new_tokens)
-            seq, step = engine.start(prompts[i], params, runner=free[0])
+            seq, step = engine.start(free[0], prompts[i], params)
             live.append((i, seq, list(step.token_ids)))
         steps = engine.step([s for _, s, _ in live])
         still = []
@@ -107,11 +109,18 @@ def _batched_generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens:
     return [results[i] for i in range(len(prompts))]
 
 
+def _tokenizer(lm: LoadedModel) -> PreTrainedTokenizerBase:
+    if lm.tokenizer is None:
+        raise ValueError(f"{lm.name} has no tokenizer: self-distillation needs one")
+    return lm.tokenizer
+
+
 def invent_prompts(lm: LoadedModel, n: int, batch_size: int, seed: int, max_tokens: int = 96) -> list[str]:
     """User turns written by the target: the chat template opened for a user message, sampled at
     temperature 1 (variety over quality: they only need to be the kind of text users send)."""
-    tok = lm.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": "@@"}], tokenize=False)
+    tok = _tokenizer(lm)
+    # (casts: both are strings here; transformers types them as strings or lists)
+    text = cast(str, tok.apply_chat_template([{"role": "user", "content": "@@"}], tokenize=False))
     opening = text[:text.index("@@")]
     base = tok.encode(opening, add_special_tokens=False)
     end_ids = set(lm.eos_ids) | set(tok.encode("<|im_end|>", add_special_tokens=False))
@@ -119,7 +128,7 @@ def invent_prompts(lm: LoadedModel, n: int, batch_size: int, seed: int, max_toke
     out = []
     for c in conts:
         if c and c[-1] in end_ids:   # a finished user turn only
-            s = tok.decode(c[:-1], skip_special_tokens=True).strip()
+            s = cast(str, tok.decode(c[:-1], skip_special_tokens=True)).strip()
             if len(s) >= 8:
                 out.append(s)
     return out
@@ -171,8 +180,9 @@ def build(lm: LoadedModel, questions: list[dict], *, invented: int = 0, samples:
     user = [q["turns"][0] for q in questions]
     made = invent_prompts(lm, invented, batch_size, seed + 7919) if invented else []
     log.info("%d questions + %d invented prompts", len(user), len(made))
-    prompts = [chat_prompt(lm.tokenizer, [{"role": "user", "content": u}]) for u in user + made]
-    stop = set(lm.eos_ids) | set(lm.tokenizer.encode("<|im_end|>", add_special_tokens=False))
+    tok = _tokenizer(lm)
+    prompts = [chat_prompt(tok, [{"role": "user", "content": u}]) for u in user + made]
+    stop = set(lm.eos_ids) | set(tok.encode("<|im_end|>", add_special_tokens=False))
     seqs: list[list[int]] = []
     plens: list[int] = []
     runs = [(0.0, seed)] + [(temperature, seed + 1000 * (k + 1)) for k in range(samples)]
@@ -205,7 +215,8 @@ def split_questions(questions: list[dict], holdout_per_category: int) -> tuple[l
     """(training, held out): the first `holdout_per_category` questions of each category in file order
     are held out, the ones `drafthorse bench --per-category N` (N <= holdout) measures on."""
     seen: dict[str, int] = {}
-    train, held = [], []
+    train: list[dict] = []
+    held: list[dict] = []
     for q in questions:
         seen[q["category"]] = seen.get(q["category"], 0) + 1
         (held if seen[q["category"]] <= holdout_per_category else train).append(q)

@@ -84,6 +84,7 @@ class Trainer:
         self.norm = target.norm.float()
         self.target_name = target_name
         torch.manual_seed(cfg.seed)
+        self.module: EagleHead | MedusaHeads | ExitAdapter
         if cfg.kind == "eagle":
             self.module = EagleHead(head_config("eagle", target))
         elif cfg.kind == "medusa":
@@ -93,7 +94,7 @@ class Trainer:
         else:
             raise ValueError(f"unknown head kind {cfg.kind!r}: choose eagle, medusa or layerskip")
         covered = float((self.t2d[corpus.labels(self.val_seqs)] >= 0).float().mean()) if self.val_seqs else 1.0
-        self.info = dict(draft_vocab=len(self.d2t), val_label_coverage=round(covered, 4))
+        self.info: dict[str, object] = dict(draft_vocab=len(self.d2t), val_label_coverage=round(covered, 4))
 
     # ------------------------------------------------------------------ losses
 
@@ -135,7 +136,7 @@ class Trainer:
 
     def _medusa_loss(self, ranges, train: bool):
         c = self.corpus
-        K = len(self.module.blocks)
+        K = self.module.cfg["heads"]
         feats, labels = [], []
         for a, b in ranges:
             feats.append(c.feat[a:b].float())
@@ -219,7 +220,8 @@ class Trainer:
     def validate(self) -> dict:
         """Held-out loss and top-1 agreement with the target per draft depth."""
         self.module.eval()
-        total, n, hits = 0.0, 0, None
+        total, n = 0.0, 0
+        hits: list[tuple[int, int]] = []   # (hits, counted) per draft depth
         for batch in self._batches(self.val_seqs, False):
             loss, accs = self.loss(batch, train=False)
             total, n = total + float(loss), n + 1

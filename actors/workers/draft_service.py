@@ -89,6 +89,7 @@ class DraftService(pb_grpc.DrafterServicer):
             return self._draft(request)
         except _Abort as e:
             context.abort(e.code, e.details)
+            raise  # not reached: abort raises
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -119,7 +120,7 @@ class DraftService(pb_grpc.DrafterServicer):
             return len(self._sessions)
 
     def _check(self, r: pb.DraftRequest) -> tuple[SamplingParams, torch.Tensor | None]:
-        bad = lambda msg: _Abort(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
+        bad = lambda msg: _Abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
         if not r.session_id or len(r.session_id) > 256:
             raise bad("session_id must be 1..256 characters")
         if r.drafter not in self.kinds:
@@ -169,7 +170,7 @@ class DraftService(pb_grpc.DrafterServicer):
         try:
             if drafter is not None:
                 drafter.close()
-        except Exception:  # already failing: freeing is best effort
+        except Exception:  # noqa: BLE001 - already failing: freeing is best effort
             pass
 
     def _draft(self, r: pb.DraftRequest) -> pb.DraftResponse:
@@ -196,31 +197,34 @@ class DraftService(pb_grpc.DrafterServicer):
                     if sess.drafter is not None:
                         sess.drafter.close()
                     sess.drafter, sess.kind = self.make_drafter(r.drafter), r.drafter
+                drafter = sess.drafter
                 if feats is not None:   # begin as the engine does: ids[0] has no feature
-                    sess.drafter.begin(ids, feats)
+                    drafter.begin(ids, feats)
                 else:
-                    sess.drafter.begin([])
-                    sess.drafter.extend(ids)
+                    drafter.begin([])
+                    drafter.extend(ids)
                 sess.length = len(ids)
                 # seeded exactly as SpecEngine seeds an in-process drafter's generator, so a seeded
                 # sampling run drafts the same trees whether the drafter is local or remote
                 sess.generator = make_generator(params.seed, salt=1)
             else:
-                if sess.kind != r.drafter or sess.length + len(ids) != r.context_length:
+                if sess.drafter is None or sess.kind != r.drafter or sess.length + len(ids) != r.context_length:
                     self._drop(r.session_id, sess)
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, LOST)
-                sess.drafter.extend(ids, feats)
+                drafter = sess.drafter
+                drafter.extend(ids, feats)
                 sess.length += len(ids)
             budget = Budget(min(r.max_nodes, self.max_nodes), r.max_depth)
             tree = DraftTree()  # an empty budget: absorb the tokens only (a piece of a long context)
             if budget.max_nodes > 0 and budget.max_depth > 0:
-                tree = sess.drafter.propose(budget, params, sess.generator)
+                assert sess.generator is not None   # set when the session (re)started
+                tree = drafter.propose(budget, params, sess.generator)
         except _Abort:
             raise
         except (ValueError, KeyError) as e:  # the factory refused the kind, or the drafter the input
             self._drop(r.session_id, sess)
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        except Exception as e:  # the drafter's state is now unknown: forget it, the client resets
+        except Exception as e:  # noqa: BLE001 - the drafter's state is now unknown: forget it, the client resets
             self._drop(r.session_id, sess)
             raise _Abort(grpc.StatusCode.INTERNAL, f"drafter failed: {type(e).__name__}: {e}") from None
         resp = pb.DraftResponse(tree=tree_to_proto(tree), draft_s=time.perf_counter() - t0)

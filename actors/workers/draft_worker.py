@@ -48,11 +48,15 @@ class DraftWorker(GrpcWorker):
                 raise RuntimeError(f"draft worker cannot serve eagle: {e} (set DRAFTHORSE_EAGLE_HEAD)") from None
             kinds.append("eagle")
             vocab, dims["eagle"] = tlm.vocab_size, tlm.model.embed.shape[1]
-        # concurrent sessions' draft forwards share passes (one per model)
-        self.combiners = [Combiner(m) for m in ([dlm.model] if dlm else []) + ([heads["eagle"].head] if heads else [])]
-        for c in self.combiners:
-            c.model.combiner = c
-        new_runner = (lambda: ModelRunner(dlm.model, s.max_len)) if dlm else None
+        # concurrent sessions' draft forwards share passes (one combiner per model)
+        self.combiners: list[Combiner] = []
+        new_runner = None
+        if dlm:
+            draft_passes = Combiner(dlm.model)
+            self.combiners.append(draft_passes)
+            new_runner = lambda: ModelRunner(draft_passes.model, s.max_len, draft_passes)
+        if heads:
+            self.combiners.append(heads["eagle"].share_passes())
         service = DraftService(lambda kind: make_drafter(kind, new_runner, head=heads.get(kind)), vocab,
                                max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds,
                                feature_dims=dims, max_context=s.max_len)
@@ -62,12 +66,16 @@ class DraftWorker(GrpcWorker):
         self.serve(service, server, port, health, [SERVICE_NAME], membership, s.grace_s,
                    model=dlm.name if dlm else "", capacity=s.draft_sessions, drafters=kinds)
         self.drafts = service
+        self.metrics_port = 0
+        if metrics is not None:
+            metrics.watch_draft(service)
+            self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
         log.info("%s serving %s on port %d (ready in %.1fs)", self.worker_id, kinds, port,
                  time.perf_counter() - t0)
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "address": self.membership.address,
-                "draft_calls": self.drafts.draft_calls,
+                "draft_calls": self.drafts.draft_calls, "metrics_port": self.metrics_port,
                 "draft_passes": sum(c.passes for c in self.combiners),
                 "draft_forwards": sum(c.calls for c in self.combiners)}
 

@@ -35,6 +35,8 @@ FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 
 
 class RemoteDrafter(Drafter):
+    checked_trees = True   # by tree_from_proto, against the budget asked for
+
     def __init__(self, target: str | grpc.Channel, kind: str, vocab_size: int, session_id: str | None = None,
                  auth_token: str | None = None, timeout_s: float = 5.0, retry_after_s: float = 1.0,
                  chunk_bytes: int = FEATURE_CHUNK_BYTES, on_rpc: Callable[[float], None] | None = None):
@@ -46,7 +48,7 @@ class RemoteDrafter(Drafter):
         self.chunk_bytes = chunk_bytes
         self.session_id = session_id or uuid.uuid4().hex
         self._own_channel = isinstance(target, str)
-        self.channel = channel(target) if self._own_channel else target   # given a channel: its TLS
+        self.channel: grpc.Channel = channel(target) if isinstance(target, str) else target  # given one: its TLS
         self.stub = pb_grpc.DrafterStub(self.channel)
         self.metadata = auth_metadata(auth_token or "")
         self.retry_after_s = retry_after_s  # after a transport failure, draft locally-empty this long
@@ -106,8 +108,7 @@ class RemoteDrafter(Drafter):
                 self.lost_state += 1
                 self.reset = True
                 resp = self._call(budget, params)
-            tree = tree_from_proto(resp.tree, self.vocab_size)
-            tree.validate(self.vocab_size, budget.max_nodes, budget.max_depth)   # what it was asked for
+            tree = tree_from_proto(resp.tree, self.vocab_size, budget.max_nodes, budget.max_depth)
         except grpc.RpcError as e:
             if e.code() in FATAL:
                 raise

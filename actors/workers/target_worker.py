@@ -18,8 +18,8 @@ import uuid
 import grpc
 import torch
 
-from drafthorse.actors.drafters import NoDrafter, load_head, make_drafter, shipped_head
-from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.drafters import Drafter, NoDrafter, load_head, make_drafter, shipped_head
+from drafthorse.actors.engine import BatchEngine
 from drafthorse.actors.models import loader
 from drafthorse.actors.models.loader import LoadedModel
 from drafthorse.actors.scheduler import QueueFull, Request, Scheduler, SlotPool
@@ -34,7 +34,7 @@ from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime import kinds
 from drafthorse.runtime.membership import Membership
 from drafthorse.runtime.metrics import Metrics
-from drafthorse.runtime.rpc import MutualTls, channel, start_server
+from drafthorse.runtime.rpc import MutualTls, abort, channel, start_server
 from drafthorse.runtime.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,11 @@ class TargetService(pb_grpc.TargetServicer):
         self.draft_timeout_s = draft_timeout_s
         self.decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)
         self.policy = AdaptivePolicy(max_tree_nodes) if adaptive else None
-        self.engine = SpecEngine(None, lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy,
-                                 prefill_chunk=prefill_chunk)
+        self.engine = BatchEngine(lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy,
+                                  prefill_chunk=prefill_chunk)
         self.scheduler = Scheduler(self.engine, self.pool, max_waiting or 4 * capacity)
         self.draining = False                 # set by GrpcWorker.drain: refuse new streams
-        self._live: dict[int, object] = {}    # id -> request being streamed (handover ends them)
+        self._live: dict[int, Request] = {}    # id -> request being streamed (handover ends them)
         self._live_lock = threading.Lock()
         self.draft_rpcs = 0
         self._channels: dict[str, grpc.Channel] = {}   # one channel per draft worker, reused
@@ -88,8 +88,8 @@ class TargetService(pb_grpc.TargetServicer):
             params = sampling_from_proto(req.sampling, max_new_tokens=treq.max_new_tokens, stop=tuple(req.stop))
             kind = kinds.kind(req.drafter or "none")
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        drafter = NoDrafter()
+            abort(context, e)
+        drafter: Drafter = NoDrafter()
         if kind.runs_on == "target":
             if kind.name not in self.heads:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"target worker {self.worker_id} has no "
@@ -115,7 +115,7 @@ class TargetService(pb_grpc.TargetServicer):
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"target worker {self.worker_id} is draining: "
                                   "continue on another")
                 if isinstance(step, ValueError):
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(step))
+                    abort(context, step)
                 if isinstance(step, Exception):
                     context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(step).__name__}")
                 if self.checkpoint and treq.session_id and step.token_ids:
@@ -198,6 +198,10 @@ class TargetWorker(GrpcWorker):
         self.serve(service, server, port, health, [SERVICE], membership, s.grace_s,
                    model=lm.name, capacity=s.sessions_per_target)
         self.target = service
+        self.metrics_port = 0
+        if metrics is not None:
+            metrics.watch_target(service)
+            self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
         log.info("%s serving %s on port %d with local heads %s (loaded in %.1fs)", self.worker_id, lm.name, port,
                  sorted(heads), time.perf_counter() - t0)
 
@@ -206,7 +210,8 @@ class TargetWorker(GrpcWorker):
         return {"worker_id": self.worker_id, "address": self.membership.address,
                 "draft_rpcs": self.target.draft_rpcs, "active": self.target.active,
                 "steps": sched.steps, "last_batch": sched.last_batch,
-                "policy_nodes": self.target.policy.last if self.target.policy else None}
+                "policy_nodes": self.target.policy.last if self.target.policy else None,
+                "metrics_port": self.metrics_port}
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metric (requests reach us over gRPC, not through Serve handles)."""

@@ -25,13 +25,15 @@ def tree_to_proto(tree: DraftTree) -> pb.TokenTree:
     return msg
 
 
-def tree_from_proto(msg: pb.TokenTree, vocab_size: int) -> DraftTree:
-    """A DraftTree with dense [n, V] float32 probs (None when the message carries point masses)."""
+def tree_from_proto(msg: pb.TokenTree, vocab_size: int, max_nodes: int | None = None,
+                    max_depth: int | None = None) -> DraftTree:
+    """A DraftTree with dense [n, V] float32 probs (None when the message carries point masses), validated
+    here, once, against the budget it was asked for (no bound given: its structure only)."""
     n = len(msg.token_ids)
     if len(msg.probs) not in (0, n):
         raise ValueError(f"tree has {n} nodes but {len(msg.probs)} distributions")
     tree = DraftTree(list(msg.token_ids), list(msg.parents))
-    tree.validate(vocab_size, max_nodes=n)  # lengths, ids in range, parents topological
+    tree.validate(vocab_size, n if max_nodes is None else max_nodes, max_depth)  # ids in range, parents topological
     if len(msg.probs):
         probs = torch.zeros(n, vocab_size, dtype=torch.float32)
         for i, d in enumerate(msg.probs):

@@ -89,5 +89,5 @@ class GrpcWorker:
         try:
             if self.server is not None and self._drained is None:
                 self.drain()
-        except Exception:  # noqa: BLE001 - best effort at teardown
+        except Exception:
             log.warning("drain failed", exc_info=True)

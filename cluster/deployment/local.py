@@ -49,7 +49,7 @@ class Cluster:
             self.s = self.s.model_copy(update={"http_port": free_port()})
         try:
             serve.start(http_options={"host": self.s.host, "port": self.s.http_port})
-        except Exception as e:  # noqa: BLE001 - most often: the port is taken
+        except Exception as e:
             raise RuntimeError(f"Ray Serve's HTTP proxy did not start on {self.s.host}:{self.s.http_port} (port in "
                                f"use? set DRAFTHORSE_HTTP_PORT; 0 = a free port): {e}") from e
         serve.run(build_app(self.s), name=APP_NAME, route_prefix="/", blocking=False)

@@ -1,6 +1,6 @@
 """The Serve deployment bodies of the workers: each replica builds the infrastructure its worker is handed
-(membership in Redis, under the replica's id, at this node's address; the process's metrics) and serves
-/metrics. Serve calls check_health, drain (through __del__), info and record_autoscaling_stats on them."""
+(membership in Redis, under the replica's id, at this node's address; the process's metrics). Serve calls
+check_health, drain (through __del__), info and record_autoscaling_stats on them."""
 from __future__ import annotations
 
 import socket
@@ -43,23 +43,11 @@ class TargetReplica(TargetWorker):
     """Deployment "TargetWorker"."""
 
     def __init__(self, s: WorkerSettings):
-        metrics = Metrics()
-        super().__init__(s, membership(s, "target"), metrics)
-        metrics.watch_target(self.target)
-        self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
-
-    def info(self) -> dict:
-        return {**super().info(), "metrics_port": self.metrics_port}
+        super().__init__(s, membership(s, "target"), Metrics())
 
 
 class DraftReplica(DraftWorker):
     """Deployment "DraftWorker"."""
 
     def __init__(self, s: WorkerSettings):
-        metrics = Metrics()
-        super().__init__(s, membership(s, "draft"), metrics)
-        metrics.watch_draft(self.drafts)
-        self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
-
-    def info(self) -> dict:
-        return {**super().info(), "metrics_port": self.metrics_port}
+        super().__init__(s, membership(s, "draft"), Metrics())

@@ -208,7 +208,7 @@ class _Runner:
         """llama.cpp's greedy decoding of the model's GGUF, fed our prompt token ids (same tokenizer);
         its KV cache is reset first, so the prompt's prefill is timed as ours is."""
         if self._llama is None:
-            from llama_cpp import Llama as LlamaCpp
+            from llama_cpp import Llama as LlamaCpp  # deferred: an optional extra (drafthorse[llama-cpp])
 
             directory, gguf = resolve(self.lm.name)
             if gguf is None:
@@ -396,7 +396,7 @@ _TIMING = ("prefill_s", "draft_s", "verify_s", "draft_rpc_s", "server_total_s")
 def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: int,
                  question_ids: list, draft_depth, draft_branches) -> dict:
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "model": lm.name,
         "draft_model": draft_lm.name if draft_lm is not None else None,
         "draft_depth": draft_depth,
@@ -430,8 +430,8 @@ def _version(dist: str) -> str | None:
 
 def plot_speedup(results: dict, path: str | os.PathLike) -> None:
     """Grouped bars: speedup vs ar per category (and overall), one bar per non-ar method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # deferred: plots only
+    from matplotlib.figure import Figure  # deferred: plots only
 
     groups = results["categories"] + [OVERALL]
     others = [m for m in results["methods"] if m != BASELINE]

@@ -156,7 +156,7 @@ def percentile(xs: Iterable[float], q: float) -> float | None:
 
 
 def _dist(xs: list[float]) -> dict:
-    r = lambda v: None if v is None else round(v, 6)  # noqa: E731
+    r = lambda v: None if v is None else round(v, 6)
     return {"p50": r(percentile(xs, 50)), "p99": r(percentile(xs, 99)),
             "mean": r(statistics.fmean(xs)) if xs else None, "n": len(xs)}
 
@@ -204,7 +204,7 @@ async def run_level(stub, prompts: list[str], drafter: str, concurrency: int, re
     records: list[dict] = []
     t0 = time.perf_counter()
     deadline = t0 + max_seconds
-    budget = lambda: max(0.001, min(timeout_s, deadline - time.perf_counter() + 1.0))  # noqa: E731
+    budget = lambda: max(0.001, min(timeout_s, deadline - time.perf_counter() + 1.0))
 
     if rate is None:  # closed loop
         counter = iter(range(requests))
@@ -319,7 +319,7 @@ async def run_loadtest(server: str, prompts: list[str], drafters: list[str], con
                                         random.Random(seed))
                 levels.append(level)
                 say(_line(level))
-    return {"env": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"env": {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                     "server": server, "drafters": drafters, "concurrency": concurrency,
                     "mode": "open-loop" if rate else "closed-loop", "rate": rate,
                     "requests_per_level": requests, "max_seconds_per_level": max_seconds,
@@ -394,8 +394,8 @@ def format_table(results: dict) -> str:
 
 def plot(results: dict, path: str | os.PathLike) -> None:
     """Two panels against concurrency, one line per drafter: throughput, and TTFT p50."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # deferred: plots only
+    from matplotlib.figure import Figure  # deferred: plots only
 
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)

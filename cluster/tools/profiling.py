@@ -25,7 +25,7 @@ def profile(fn, forwards_of, top: int = 12):
     # time inside operators = the top-level ones' total (children are inside their parents)
     inside = sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1e6
     n = max(1, forwards_of(result))
-    per = lambda s: 1e3 * s / n   # noqa: E731  seconds -> ms per target forward
+    per = lambda s: 1e3 * s / n
     lines = [f"profile: {wall:.2f} s wall, {n} target forwards, {per(wall):.1f} ms per forward",
              f"  {'where':<44}{'ms/forward':>11}{'share':>8}"]
     for name, us in sorted(self_us.items(), key=lambda kv: -kv[1])[:top]:

@@ -180,7 +180,7 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
         cluster.stop()
     wall = minutes * 60
     per_10s = collections.Counter(int(t // 10) for t, _ in tally.done)
-    return {"env": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "model": s.model,
+    return {"env": {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "model": s.model,
                     "draft_model": s.draft_model, "minutes": minutes, "concurrency": concurrency,
                     "fault_every_s": fault_every_s, "max_new_tokens": max_new_tokens,
                     "targets": s.num_targets, "drafts": s.num_drafts},
@@ -237,9 +237,9 @@ def verdict(result: dict, max_slope_mb_per_min: float) -> list[str]:
 
 
 def write(result: dict, out: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: plots only
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plots only
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=1))
