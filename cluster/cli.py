@@ -211,6 +211,37 @@ def bench(
 
 
 @app.command()
+def throughput(
+    questions: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl (first turns are the prompts)"),
+    batch_sizes: str = typer.Option("1,4,16,32,64", help="comma list of batch sizes"),
+    max_new_tokens: int = typer.Option(64, min=1, help="tokens every sequence generates (EOS suppressed)"),
+    methods: str = typer.Option("ar,ngram,hf", help="comma list: ar, ngram, hf"),
+    model: str = typer.Option("smollm2"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8, ours and hf alike"),
+    threads: Optional[int] = typer.Option(None),
+    out: Path = typer.Option(Path("throughput_out"), help="writes OUT/throughput.json and OUT/throughput.png"),
+):
+    """Batched decoding throughput at each batch size: drafthorse's engine beside HF generate (a benchmark)."""
+    from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
+    from drafthorse.actors.models.loader import chat_prompt  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools import throughput as tp  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools.bench import load_questions  # deferred: heavy (see the module doc)
+
+    _threads(threads)
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+        wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        qs = load_questions(questions)
+        lm = loader.load(model, dtype)
+        prompts = [chat_prompt(lm.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in qs]
+        result = tp.run_throughput(lm, prompts, sizes, max_new_tokens, wanted, out)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(tp.format_table(result))
+    typer.echo(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")
+
+
+@app.command()
 def serve(
     model: Optional[str] = typer.Option(None, help="target model (default smollm2)"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM served by the draft workers"),

@@ -1,0 +1,164 @@
+"""`drafthorse throughput`: batched decoding speed, ours beside HF `generate`, at several batch sizes in one run.
+
+Every method decodes the same B prompts for exactly `max_new_tokens` each (EOS suppressed on both sides);
+tokens/s = the tokens generated (counted, = B x max_new_tokens) / the wall time from the first prefill to the
+last token:
+    ar     drafthorse's engine, plain decoding: one ragged target pass per step for the whole batch
+    ngram  the same with prompt-lookup trees sized per step by the adaptive policy (as a target worker runs)
+    hf     transformers `generate`, greedy, on a left-padded batch at the same dtype
+`step_ms_p50` is the median time of one decoding step (ours: `BatchEngine.step`; HF: one generated position).
+Writes DIR/throughput.json and DIR/throughput.png."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from drafthorse.actors.drafters import make_drafter
+from drafthorse.actors.engine import BatchEngine
+from drafthorse.actors.models.loader import LoadedModel
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec.adaptive import AdaptivePolicy
+from drafthorse.actors.spec.sampling import SamplingParams
+
+METHODS = ("ar", "ngram", "hf")
+MAX_TREE_NODES = 32   # a target worker's default (WorkerSettings.max_tree_nodes)
+
+
+def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
+                   methods: list[str], out_dir: str | os.PathLike | None = None) -> dict:
+    """{"env": ..., "methods": {method: {str(batch): {"tokens_per_s", "step_ms_p50", "seconds", "tokens"}}}};
+    the batch of size B is the first B prompts (repeated when there are fewer)."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"methods must be among {', '.join(METHODS)}, got {', '.join(unknown) or 'none'}")
+    if not prompts or any(b < 1 for b in batch_sizes) or max_new_tokens < 1:
+        raise ValueError("need prompts, batch sizes >= 1 and max_new_tokens >= 1")
+    result: dict = {"env": environment(lm, max_new_tokens, batch_sizes), "methods": {}}
+    for method in methods:
+        run = _hf if method == "hf" else _ours
+        run(lm, prompts[:1], 4, method)   # warm-up: first calls pay for lazy initialisation, not decoding
+        per_batch = result["methods"][method] = {}
+        for b in batch_sizes:
+            batch = [prompts[i % len(prompts)] for i in range(b)]
+            seconds, steps, tokens = run(lm, batch, max_new_tokens, method)
+            per_batch[str(b)] = {"tokens_per_s": round(tokens / seconds, 2),
+                                 "step_ms_p50": round(1000 * statistics.median(steps), 2),
+                                 "seconds": round(seconds, 4), "tokens": tokens}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "throughput.json").write_text(json.dumps(result, indent=2))
+        plot(result, out / "throughput.png")
+    return result
+
+
+def _ours(lm: LoadedModel, batch: list[list[int]], n: int, method: str) -> tuple[float, list[float], int]:
+    """(seconds, each step's seconds, tokens generated)"""
+    policy = AdaptivePolicy(MAX_TREE_NODES) if method == "ngram" else None
+    engine = BatchEngine(set(), None, max_tree_nodes=MAX_TREE_NODES, policy=policy)   # no EOS: exactly n tokens
+    max_len = max(map(len, batch)) + n + MAX_TREE_NODES + 1
+    params = SamplingParams(max_new_tokens=n)
+    steps: list[float] = []
+    t0 = time.perf_counter()
+    drafter = "none" if method == "ar" else method
+    started = [engine.start(ModelRunner(lm.model, max_len), p, params, make_drafter(drafter)) for p in batch]
+    tokens = sum(len(first.token_ids) for _, first in started)
+    seqs = [seq for seq, _ in started]
+    while seqs:
+        t = time.perf_counter()
+        tokens += sum(len(s.token_ids) for s in engine.step(seqs))
+        steps.append(time.perf_counter() - t)
+        seqs = [s for s in seqs if s.finish_reason is None]
+    return time.perf_counter() - t0, steps, tokens
+
+
+class _StepClock(LogitsProcessor):
+    """Times HF's decoding steps: called once per generated position, after that position's forward."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.marks.append(time.perf_counter())
+        return scores
+
+
+def _hf(lm: LoadedModel, batch: list[list[int]], n: int, method: str) -> tuple[float, list[float], int]:
+    width = max(map(len, batch))
+    pad = lm.hf.generation_config.pad_token_id
+    pad = next(iter(lm.eos_ids)) if pad is None else pad
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], dtype=torch.long)
+    clock = _StepClock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=pad, logits_processor=LogitsProcessorList([clock]))
+    seconds = time.perf_counter() - t0
+    steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])] or [seconds]   # the first mark ends the prefill
+    return seconds, steps, (out.shape[1] - width) * len(batch)
+
+
+def environment(lm: LoadedModel, max_new_tokens: int, batch_sizes: list[int]) -> dict:
+    flags = set()
+    try:
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+    except OSError:
+        pass
+    return {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": lm.name,
+        "dtype": lm.dtype,
+        "hf_dtype": str(next(lm.hf.parameters()).dtype).removeprefix("torch."),
+        "exact_rows": bool(lm.model.exact),   # decode and verify rows computed alike (models/exact.py)
+        "max_new_tokens": max_new_tokens,
+        "batch_sizes": batch_sizes,
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # deferred: plots only
+    from matplotlib.figure import Figure  # deferred: plots only
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for method, per_batch in result["methods"].items():
+        sizes = sorted(per_batch, key=int)
+        ax.plot([int(b) for b in sizes], [per_batch[b]["tokens_per_s"] for b in sizes], marker="o", label=method)
+    env = result["env"]
+    ax.set(xscale="log", xlabel="batch size", ylabel="tokens/s",
+           title=f"{env['model']} {env['dtype']}, {env['max_new_tokens']} new tokens, {env['threads']} threads")
+    ax.set_xticks([int(b) for b in env["batch_sizes"]], [str(b) for b in env["batch_sizes"]])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
+def format_table(result: dict) -> str:
+    methods = list(result["methods"])
+    lines = ["| batch | " + " | ".join(f"{m} tok/s" for m in methods) +
+             (" | ar / hf |" if {"ar", "hf"} <= set(methods) else " |"),
+             "|---" * (len(methods) + 1 + ({"ar", "hf"} <= set(methods))) + "|"]
+    for b in result["env"]["batch_sizes"]:
+        cells = [str(result["methods"][m][str(b)]["tokens_per_s"]) for m in methods]
+        if {"ar", "hf"} <= set(methods):
+            ar, hf = (result["methods"][m][str(b)]["tokens_per_s"] for m in ("ar", "hf"))
+            cells.append(f"{ar / hf:.2f}x")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
