@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Any, NoReturn, Optional, cast
 
 import psutil
 import typer
@@ -34,7 +34,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="drafthorse: lossless speculative decoding, in-process or as a cluster.")
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
 
@@ -112,13 +112,14 @@ def generate(
         _fail("--drafter draft-model needs --draft-model PATH")
     try:
         lm = loader.load(model, dtype)
-        dlm = loader.load(draft_model, dtype) if drafter == "draft-model" else None
+        dlm = loader.load(draft_model, dtype) if drafter == "draft-model" and draft_model else None
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     tok = lm.tokenizer
+    assert tok is not None   # loader.load attaches one
     ids = tok.encode(prompt, add_special_tokens=False) if raw else loader.chat_prompt(
         tok, [{"role": "user", "content": prompt}])
-    decode = lambda t: tok.decode(t, skip_special_tokens=True)
+    decode = lambda t: cast(str, tok.decode(t, skip_special_tokens=True))   # one sequence: a string, not a list
     engine = SpecEngine(ModelRunner(lm.model), lm.eos_ids, decode, policy=AdaptivePolicy(16) if adaptive else None)
     try:
         trained = load_head(drafter, lm, head) if kinds.kind(drafter).head else None
@@ -186,7 +187,6 @@ def bench(
         qs = b.load_questions(questions, per_category)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         if cluster and not server:
-
             running = Cluster(Settings(model=model, draft_model=draft_model, dtype=dtype, num_targets=1,
                                        num_drafts=1, gateway_port=free_port(), http_port=0,
                                        torch_threads=threads or torch.get_num_threads(),
@@ -266,10 +266,10 @@ def serve(
 
 
 
-    flags = dict(model=model, draft_model=draft_model, drafter=drafter, eagle_head=eagle_head, medusa_head=medusa_head,
-                 layerskip_head=layerskip_head, num_targets=num_targets,
-                 num_drafts=num_drafts, gateway_port=port, http_port=http_port, host=host, redis_url=redis_url,
-                 ray_address=ray_address, dtype=dtype)
+    flags: dict[str, Any] = dict(model=model, draft_model=draft_model, drafter=drafter, eagle_head=eagle_head,
+                                 medusa_head=medusa_head, layerskip_head=layerskip_head, num_targets=num_targets,
+                                 num_drafts=num_drafts, gateway_port=port, http_port=http_port, host=host,
+                                 redis_url=redis_url, ray_address=ray_address, dtype=dtype)
     try:
         s = Settings(**{k: v for k, v in flags.items() if v is not None})
         KeyRing.of(s)   # a malformed API key entry or an unreadable certificate stops the start here, named
@@ -382,11 +382,11 @@ def soak(
     or a growing process."""
     from drafthorse.cluster.tools.soak import run_soak, verdict, write  # deferred: heavy (see the module doc)
 
+    context: dict[str, Any] = {"max_len": 512} if model.startswith("tiny:") else {}   # the tiny models' context
     try:
         s = Settings(model=model, draft_model=draft_model or model, dtype=dtype, num_targets=targets,
                      num_drafts=drafts, gateway_port=free_port(), http_port=0,
-                     sessions_per_target=max(4, concurrency // targets + 1),
-                     **({"max_len": 512} if model.startswith("tiny:") else {}))   # the tiny models' context
+                     sessions_per_target=max(4, concurrency // targets + 1), **context)
     except ValidationError as e:
         _fail(str(e))
     _check_models(s.model, s.draft_model)

@@ -196,11 +196,11 @@ class Gateway(pb_grpc.GeneratorServicer):
             await abort(context, f"prompt is {len(prompt_ids)} tokens; the context is {self.s.max_len}: shorten it",
                         field="chat" if messages is not None else "prompt")
         kind = r.drafter or self.s.drafter
-        limited = self.limits is not None and owner not in ("", INTERNAL_OWNER)
-        if limited:   # before anything is written: a refused turn leaves its session as it was
+        limits = self.limits if owner not in ("", INTERNAL_OWNER) else None   # None: not limited
+        if limits is not None:   # before anything is written: a refused turn leaves its session as it was
             try:
-                await asyncio.to_thread(self.limits.check, owner, len(prompt_ids), max_new)
-                await asyncio.to_thread(self.limits.acquire, owner)
+                await asyncio.to_thread(limits.check, owner, len(prompt_ids), max_new)
+                await asyncio.to_thread(limits.acquire, owner)
             except LimitExceeded as e:
                 await _refuse(context, e)
         streamed = [0]   # tokens relayed so far: what the key's per-minute budget is charged
@@ -214,15 +214,17 @@ class Gateway(pb_grpc.GeneratorServicer):
                 async for msg in relay:
                     yield msg
         finally:
-            if limited:
-                await asyncio.to_thread(self.limits.release, owner)
-                await asyncio.to_thread(self.limits.spent, owner, streamed[0])
+            if limits is not None:
+                await asyncio.to_thread(limits.release, owner)
+                await asyncio.to_thread(limits.spent, owner, streamed[0])
 
     async def _stream(self, r, context, session, sid: str, prompt_ids: list[int], max_new: int, kind: str,
                       streamed: list[int]):
         """Route to a target (again, on a retryable failure) and relay its stream; streamed[0] counts
         the tokens relayed."""
-        seq, generated, tried = 0, [], set()
+        seq = 0
+        generated: list[int] = []
+        tried: set[str] = set()   # target worker ids that failed this request
         while True:
             with contextlib.ExitStack() as leases:
                 try:

@@ -92,25 +92,28 @@ class ErrorResponse(BaseModel):
     error: _ErrorDetail
 
 
-def _err(description: str) -> dict:
+def _err(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
 # the statuses a /v1 route answers, as its OpenAPI operation documents them
-RESPONSES = {400: _err("invalid request: not JSON, not an object, a missing or wrong field, an unsupported "
-                       "parameter, a value out of range (OpenAI's error format)"),
-             401: _err("missing or unknown API key (when keys are configured)"),
-             403: _err("permission denied"),
-             404: _err("unknown model, session or route"),
-             413: _err("the request body is too large (DRAFTHORSE_MAX_REQUEST_BYTES)"),
-             429: _err("no capacity or a key's limit reached (Retry-After)"),
-             500: _err("an unexpected gateway error"),
-             503: _err("the gateway or its workers are unavailable"),
-             504: _err("the request timed out")}
-GENERATE_RESPONSES = {200: {"description": "one JSON body, or with stream: true server-sent events (`data: {chunk}` "
-                                           "... `data: [DONE]`; an error after the first event comes as an "
-                                           "`error` event)",
-                            "content": {"text/event-stream": {}}}, **RESPONSES}
+Responses = dict[int | str, dict[str, Any]]   # FastAPI's `responses=`: status -> OpenAPI response object
+RESPONSES: Responses = {
+    400: _err("invalid request: not JSON, not an object, a missing or wrong field, an unsupported parameter, a value "
+              "out of range (OpenAI's error format)"),
+    401: _err("missing or unknown API key (when keys are configured)"),
+    403: _err("permission denied"),
+    404: _err("unknown model, session or route"),
+    413: _err("the request body is too large (DRAFTHORSE_MAX_REQUEST_BYTES)"),
+    429: _err("no capacity or a key's limit reached (Retry-After)"),
+    500: _err("an unexpected gateway error"),
+    503: _err("the gateway or its workers are unavailable"),
+    504: _err("the request timed out")}
+GENERATE_RESPONSES: Responses = {
+    200: {"description": "one JSON body, or with stream: true server-sent events (`data: {chunk}` ... `data: [DONE]`; "
+                         "an error after the first event comes as an `error` event)",
+          "content": {"text/event-stream": {}}},
+    **RESPONSES}
 
 
 def _text(s: str, param: str) -> str:
@@ -136,7 +139,7 @@ def from_grpc(e: grpc.aio.AioRpcError, input_param: str) -> APIError:
     status, type_ = STATUS.get(e.code(), (500, "server_error"))
     details = e.details() or e.code().name
     field = field_of(e)
-    param = input_param if field in ("prompt", "chat") else FIELD_PARAMS.get(field)
+    param = input_param if field in ("prompt", "chat") else FIELD_PARAMS.get(field) if field is not None else None
     code = "session_not_found" if e.code() == grpc.StatusCode.NOT_FOUND and param == "session_id" \
         else e.code().name.lower()
     retry = dict(e.trailing_metadata() or ()).get("retry-after")   # the gateway's hint on a 429
@@ -285,7 +288,7 @@ class _Generator:
     def __init__(self, gateway: str, timeout_s: float):
         self.gateway, self.timeout_s = gateway, timeout_s
         self._channel: grpc.aio.Channel | None = None
-        self._loop = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def stub(self) -> pb_grpc.GeneratorStub:
         loop = asyncio.get_running_loop()
@@ -377,18 +380,19 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
                   lifespan=lifespan)
     default_openapi = app.openapi
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         """The schema (not served: openapi_url=None; tests read it) without FastAPI's automatic 422:
         a validation error is a 400 in OpenAI's format here (_invalid)."""
-        if app.openapi_schema is None:
-            schema = default_openapi()
-            for item in schema.get("paths", {}).values():
-                for op in item.values():
-                    op.get("responses", {}).pop("422", None)
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
-        return app.openapi_schema
-    app.openapi = openapi
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = default_openapi()   # which keeps it as app.openapi_schema
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+    app.openapi = openapi   # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     created = int(time.time())
     app.state.generator = gen
@@ -411,9 +415,7 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
             err = APIError(400, "the request body must be a JSON object (and sent with Content-Type: "
                                 "application/json)", code="invalid_json")
             return JSONResponse(err.body(), status_code=400)
-        param = loc[0] if loc else None
-        for x in loc[1:]:
-            param += f"[{x}]" if x.isdigit() else f".{x}"
+        param = loc[0] + "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc[1:]) if loc else None
         msg = "; ".join(f"{'.'.join(_loc(er)[1:]) or 'body'}: {er.get('msg')}" for er in errors[:5])
         return JSONResponse(APIError(400, f"invalid request: {msg}", param=param,
                                      code="invalid_value").body(), status_code=400)
@@ -467,7 +469,7 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         finally:
             call.cancel()  # no-op when finished; stops the generation if this handler was cancelled
         reason = _finish(last.finish_reason if last is not None else "")
-        choice = {"index": 0, "logprobs": None, "finish_reason": reason}
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": "".join(text)}
         else:

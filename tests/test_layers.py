@@ -1,6 +1,6 @@
 """The code's shape, checked like its behaviour: one-way layers (import-linter contracts in pyproject.toml),
 no import cycle, imports at module top unless deferred on purpose, one distribution namespace, a linter and
-a type checker on the typed core, stubs that regenerate identically."""
+a type checker on every package, stubs that regenerate identically."""
 from __future__ import annotations
 
 import ast
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 FOLDERS = ("actors", "cluster", "runtime", "protos")   # installed as drafthorse.<folder>
 ROOTS = [f"drafthorse.{f}" for f in FOLDERS]
-TYPED = ["drafthorse.runtime", "drafthorse.actors"]    # mypy's packages: the shared runtime and the data plane
+TYPED = ROOTS   # mypy's packages: all of them (runtime, data plane, control plane, wire contract)
 
 
 def sources(*folders: str) -> list[Path]:
@@ -102,7 +102,7 @@ def test_ruff():
     assert out.returncode == 0, out.stdout[-4000:]
 
 
-def test_mypy_on_the_typed_core():
+def test_mypy_on_every_package():
     # the folders install under one namespace (package-dir mapping), which mypy cannot follow in the source
     # tree: give it the same names through links (in build/, ignored by git; a fixed place keeps its cache)
     links = ROOT / "build" / "typecheck"

@@ -26,21 +26,23 @@ def build_app(s: Settings):
     worker_settings, gateway_settings = s.worker(), s.gateway()
     # health checked every 2 s: Serve replaces a replica after 3 failed checks, so a drained or wedged
     # worker is back within seconds
-    target = serve.deployment(TargetReplica, name="TargetWorker", num_replicas=s.num_targets,
+    # serve.deployment(**options)(cls): the decorator form, the one Ray's annotations describe
+    target = serve.deployment(name="TargetWorker", num_replicas=s.num_targets,
                               ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.target_resources},
                               health_check_period_s=2, health_check_timeout_s=30,
-                              graceful_shutdown_timeout_s=s.grace_s + 5).bind(worker_settings)
+                              graceful_shutdown_timeout_s=s.grace_s + 5)(TargetReplica).bind(worker_settings)
     workers = [target]
     if s.num_drafts:
         workers.append(serve.deployment(
-            DraftReplica, name="DraftWorker", num_replicas=s.num_drafts,
+            name="DraftWorker", num_replicas=s.num_drafts,
             ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.draft_resources},
             health_check_period_s=2, health_check_timeout_s=30,
-            graceful_shutdown_timeout_s=s.grace_s + 5).bind(worker_settings))
-    return serve.deployment(serve.ingress()(GatewayServer), name="Gateway", num_replicas=1,
-                            max_ongoing_requests=1024,  # HTTP requests only wait on the gateway
-                            graceful_shutdown_timeout_s=s.grace_s + 5,
-                            ray_actor_options={"num_cpus": 0.1}).bind(gateway_settings, *workers)
+            graceful_shutdown_timeout_s=s.grace_s + 5)(DraftReplica).bind(worker_settings))
+    gateway = serve.deployment(name="Gateway", num_replicas=1,
+                               max_ongoing_requests=1024,  # HTTP requests only wait on the gateway
+                               graceful_shutdown_timeout_s=s.grace_s + 5,
+                               ray_actor_options={"num_cpus": 0.1})(serve.ingress()(GatewayServer))
+    return gateway.bind(gateway_settings, *workers)
 
 
 def app_builder(args: dict):
@@ -88,6 +90,7 @@ def _keep_redis() -> str:
             if self.server is not None:
                 self.server.stop()
 
-    keeper = RedisKeeper.options(name=REDIS_KEEPER, namespace="drafthorse", lifetime="detached",
+    # (ignore: ray types a @ray.remote class as the class itself, not its ActorClass)
+    keeper = RedisKeeper.options(name=REDIS_KEEPER, namespace="drafthorse", lifetime="detached",  # type: ignore[attr-defined]
                                  get_if_exists=True).remote()
     return ray.get(keeper.get_url.remote())

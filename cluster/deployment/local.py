@@ -13,7 +13,7 @@ from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
 from drafthorse.cluster.deployment.app import APP_NAME, build_app
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
-from drafthorse.runtime.redis_store import connect, ensure_redis, free_port
+from drafthorse.runtime.redis_store import EmbeddedRedis, connect, ensure_redis, free_port
 from drafthorse.runtime.registry import Registry
 from drafthorse.runtime.rpc import auth_metadata
 from drafthorse.runtime.settings import Settings
@@ -23,7 +23,8 @@ class Cluster:
     """Starts (and stops) everything `drafthorse serve` runs: Redis if needed, Ray, the Serve app."""
 
     def __init__(self, s: Settings):
-        self.s, self.embedded_redis = s, None
+        self.s = s
+        self.embedded_redis: EmbeddedRedis | None = None
         self.startup: dict[str, float] = {}   # seconds per start-up phase (`serve` prints them)
 
     def start(self, timeout_s: float = 300) -> Cluster:
@@ -43,7 +44,7 @@ class Cluster:
             # "local": a Ray of our own unless one is named; ray.init() would join any Ray found running
             # on this machine (another `drafthorse serve`, a `ray start`) and deploy into it
             ray.init(address=self.s.ray_address or "local", include_dashboard=False, log_to_driver=False,
-                     **({} if self.s.ray_address else {"num_cpus": max(4, _cpus())}))
+                     num_cpus=None if self.s.ray_address else max(4, _cpus()))
         lap("ray_s")
         if not self.s.http_port:  # 0: any free port
             self.s = self.s.model_copy(update={"http_port": free_port()})

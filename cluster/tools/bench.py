@@ -34,6 +34,7 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -42,6 +43,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 from drafthorse.actors.drafters import load_head, make_drafter
+from drafthorse.actors.drafters.base import Drafter
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
@@ -147,14 +149,14 @@ class _Runner:
         self.lm = lm
         self.server = server
         self.max_len = max_len
-        self._llama = None   # llama-cpp's model, loaded on first use
+        self._llama: Any = None   # llama-cpp's model (an optional extra), loaded on first use
         self.timing: dict = {}  # where the last engine generation's time went
         self.max_new_tokens = max_new_tokens
         # no decode: no stop strings, and no detokenising inside the timed call
         self.engine = SpecEngine(ModelRunner(lm.model, max_len), lm.eos_ids, None)
         # ngram-adaptive: the same drafter, tree size chosen per step by the adaptive policy
         self.adaptive = SpecEngine(self.engine.runner, lm.eos_ids, None, policy=AdaptivePolicy(16))
-        self.drafters = {"ar": None}
+        self.drafters: dict[str, Drafter | None] = {"ar": None}
         if "ngram" in methods:
             self.drafters["ngram"] = NgramDrafter()
         if "ngram-adaptive" in methods:
@@ -164,6 +166,7 @@ class _Runner:
         for m in methods:
             kind = _base(m)
             if kind == "draft-model":
+                assert draft_lm is not None   # resolve_methods asks for one
                 self.drafters[m] = DraftModelDrafter(ModelRunner(draft_lm.model, max_len), draft_depth, draft_branches)
             elif kind in HEAD_METHODS:
                 if kind not in loaded:
@@ -198,7 +201,8 @@ class _Runner:
         mask = torch.ones_like(ids)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.lm.hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
+            # (ignore: transformers' PreTrainedModel declares no generate; a causal LM mixes it in)
+            out = self.lm.hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)  # type: ignore[operator]
         dt = time.perf_counter() - t0
         tokens = _cut_after_eos(out[0, len(prompt_ids):].tolist(), self.lm.eos_ids)
         return tokens, dt, len(tokens), None

@@ -38,6 +38,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -78,7 +79,8 @@ def question_prompts(questions: list[dict]) -> list[str]:
     by_cat: dict[str, list[str]] = {}
     for q in questions:
         by_cat.setdefault(q["category"], []).append(q["turns"][0])
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while len(out) < len(questions):
         for texts in by_cat.values():
             if i < len(texts):
@@ -113,8 +115,8 @@ def long_context_prompts(questions: list[dict], context_tokens: int = DEFAULT_CO
     if context_tokens < 16:
         raise ValueError(f"context tokens must be >= 16, got {context_tokens}")
     sizes = [count_tokens(c) for c, _ in anchors]
-    tails = [(f"{c}\n\nAnswer using the documents above.\nQuestion: {q}", j) for j, (c, q) in enumerate(anchors)]
-    tails = [(t, j, count_tokens(t)) for t, j in tails]
+    texts = [f"{c}\n\nAnswer using the documents above.\nQuestion: {q}" for c, q in anchors]
+    tails = [(t, j, count_tokens(t)) for j, t in enumerate(texts)]   # (text, its anchor, tokens)
     fitting = [t for t in tails if t[2] <= context_tokens]
     if not fitting:
         raise ValueError(f"--context-tokens {context_tokens} is below every rag/summarization text "
@@ -173,8 +175,8 @@ def _request(prompt: str, drafter: str, max_new_tokens: int) -> pb.GenerateReque
 
 async def _one(stub, prompt: str, drafter: str, max_new_tokens: int, sent: float, timeout_s: float) -> dict:
     """One streamed generation; times are perf_counter seconds."""
-    rec = {"sent": sent, "first": None, "last": None, "end": None, "tokens": 0, "code": "OK",
-           "stats": None, "finish_reason": None}
+    rec: dict[str, Any] = {"sent": sent, "first": None, "last": None, "end": None, "tokens": 0, "code": "OK",
+                           "stats": None, "finish_reason": None}
     call = stub.Generate(_request(prompt, drafter, max_new_tokens), timeout=timeout_s)
     try:
         async for msg in call:

@@ -155,7 +155,8 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
     cluster = Cluster(s).start()
     s = cluster.s
     registry = Registry(connect(s.redis_url), s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
-    tally, samples, faults = Tally(), [], []
+    tally, samples = Tally(), []
+    faults: list[dict] = []   # filled by the fault thread (_faults)
     metadata = auth_metadata(s.token())   # as the cluster: API keys and per-key limits do not apply
     try:
         channel = grpc.insecure_channel(cluster.gateway)

@@ -101,8 +101,10 @@ def _hf(lm: LoadedModel, batch: list[list[int]], n: int, method: str) -> tuple[f
     clock = _StepClock()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = lm.hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=pad, logits_processor=LogitsProcessorList([clock]))
+        # (ignore: transformers' PreTrainedModel declares no generate; a causal LM mixes it in)
+        out = lm.hf.generate(  # type: ignore[operator]
+            ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad,
+            logits_processor=LogitsProcessorList([clock]))
     seconds = time.perf_counter() - t0
     steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])] or [seconds]   # the first mark ends the prefill
     return seconds, steps, (out.shape[1] - width) * len(batch)
