@@ -137,7 +137,7 @@ class Scheduler:
                 continue
             try:
                 steps = self.engine.step([seq for _, seq in self.running])
-            except Exception as e:
+            except Exception as e:  # a bug must not wedge every request
                 log.exception("batched step failed")
                 for r, seq in self.running:
                     r.out.put(e)

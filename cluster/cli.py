@@ -261,7 +261,6 @@ def serve(
 ):
     """Start the cluster (Ray, Redis, gateway, target and draft workers) and serve until Ctrl-C.
     Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""
-
     from drafthorse.cluster.deployment.local import Cluster  # deferred: heavy (see the module doc)
 
 

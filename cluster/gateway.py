@@ -271,7 +271,6 @@ async def drain_gateway(server: grpc.aio.Server, hs, grace_s: float) -> None:
 async def serve_gateway(s: GatewaySettings, tokenizer, ready: asyncio.Event | None = None,
                         handles: dict | None = None) -> None:
     """Serve until the server stops; `handles` (if given) receives the server and its health servicer."""
-
     gateway = Gateway(s, tokenizer)
     # clients' messages are bounded by max_request_bytes (gRPC answers RESOURCE_EXHAUSTED past it); the
     # 64 MiB of OPTIONS is for the internal messages that carry target features

@@ -53,7 +53,7 @@ class Membership:
             try:
                 if not self.registry.heartbeat(self.info.worker_id):
                     self.registry.register(self.info)  # pruned while we were slow: come back
-            except Exception:
+            except Exception:  # Redis away: keep trying, the router stops routing to us
                 log.warning("heartbeat of %s failed", self.info.worker_id, exc_info=True)
 
     def check(self) -> None:

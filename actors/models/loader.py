@@ -130,7 +130,6 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     reproducible). dtype: 'auto' (bfloat16 where the CPU has it natively, else float32), a name, or
     'int8' (weight-only int8 over float32, quant.py). The weights are cast once here; a GGUF's
     converted weights are cached (gguf_cache.py)."""
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     asked, dtype = dtype, resolve_dtype(dtype)
     if spec.startswith("tiny:"):
@@ -174,7 +173,6 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
 
 def vocab_size_of(spec: str) -> int:
     """The vocabulary size of a model without loading its weights."""
-
     directory, gguf = resolve(DEFAULT_MODEL if spec.startswith("tiny:") else spec)
     return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {})).vocab_size
 
@@ -191,7 +189,6 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, laye
                heads: int = 4, kv_heads: int = 2, dtype: torch.dtype = torch.float64,
                max_len: int = 512, eos_token_id: int | None = None) -> LoadedModel:
     """A randomly initialised Llama from a config: fast, deterministic per seed, no download."""
-
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=max_len, eos_token_id=eos_token_id, bos_token_id=None,

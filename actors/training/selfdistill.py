@@ -79,7 +79,6 @@ def _batched_generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens:
     Runs on drafthorse's own engine: `batch_size` sequences per target pass (continuous batching: a
     finished sequence's place goes to the next prompt), plain decoding: with many sequences per pass
     the target is compute-bound, and draft trees would only add rows."""
-
     engine = BatchEngine(set(stop_ids), None, max_tree_nodes=8, max_tree_depth=4)
     runners = [ModelRunner(lm.model, min(lm.model.max_len, max(map(len, prompts)) + max_new_tokens + 16))
                for _ in range(min(batch_size, len(prompts)))]

@@ -89,5 +89,5 @@ class GrpcWorker:
         try:
             if self.server is not None and self._drained is None:
                 self.drain()
-        except Exception:
+        except Exception:  # best effort at teardown
             log.warning("drain failed", exc_info=True)

@@ -58,7 +58,6 @@ def app_builder(args: dict):
     second RayCluster of a KubeRay zero-downtime upgrade, sharing one Redis) would refuse each other.
     Wherever that can happen, i.e. in Kubernetes, set DRAFTHORSE_AUTH_TOKEN from a Secret (the Helm
     chart does). Secrets never go in `args`: a Serve config is stored and shown in plain text."""
-
     unknown = sorted(set(args) - set(Settings.model_fields))
     if unknown:
         raise ValueError(f"unknown drafthorse settings in the Serve config args: {', '.join(unknown)}")

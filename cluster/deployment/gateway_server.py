@@ -60,7 +60,7 @@ class GatewayServer:
                 asyncio.run_coroutine_threadsafe(
                     drain_gateway(self.handles["server"], self.handles["health"], self.s.grace_s),
                     self.loop).result(self.s.grace_s + 2)
-        except Exception:
+        except Exception:  # best effort at teardown
             log.warning("gateway drain failed", exc_info=True)
 
     def __serve_build_asgi_app__(self):

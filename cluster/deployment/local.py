@@ -28,8 +28,6 @@ class Cluster:
         self.startup: dict[str, float] = {}   # seconds per start-up phase (`serve` prints them)
 
     def start(self, timeout_s: float = 300) -> Cluster:
-
-
         t0 = last = time.perf_counter()
 
         def lap(phase: str) -> None:   # seconds since the previous phase ended
@@ -50,7 +48,7 @@ class Cluster:
             self.s = self.s.model_copy(update={"http_port": free_port()})
         try:
             serve.start(http_options={"host": self.s.host, "port": self.s.http_port})
-        except Exception as e:
+        except Exception as e:  # most often: the port is taken
             raise RuntimeError(f"Ray Serve's HTTP proxy did not start on {self.s.host}:{self.s.http_port} (port in "
                                f"use? set DRAFTHORSE_HTTP_PORT; 0 = a free port): {e}") from e
         serve.run(build_app(self.s), name=APP_NAME, route_prefix="/", blocking=False)
@@ -73,8 +71,6 @@ class Cluster:
     def first_token(self, timeout_s: float = 120) -> float:
         """Seconds until the gateway streams the first token of a one-token generation (a real request
         through gateway, target and draft workers; it also warms them). Recorded in `startup`."""
-
-
         t0 = time.perf_counter()
         with grpc.insecure_channel(self.gateway) as channel:
             stream = pb_grpc.GeneratorStub(channel).Generate(   # as the cluster (API keys may be on)

@@ -232,8 +232,6 @@ class _Runner:
 
     def _cluster(self, drafter: str, question: str, n: int):
         """One generation through the gateway: the same chat prompt, rendered by the cluster."""
-
-
         drafter = "none" if drafter == "ar" else drafter
         with grpc.insecure_channel(self.server) as ch:
             t0 = time.perf_counter()

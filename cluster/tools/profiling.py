@@ -13,7 +13,6 @@ from torch.profiler import profile as torch_profile
 def profile(fn, forwards_of, top: int = 12):
     """Run fn() under the profiler; returns (fn's result, report text). forwards_of(result) -> the
     number of target forwards it ran (the report's unit)."""
-
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         result = fn()
@@ -25,7 +24,7 @@ def profile(fn, forwards_of, top: int = 12):
     # time inside operators = the top-level ones' total (children are inside their parents)
     inside = sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1e6
     n = max(1, forwards_of(result))
-    per = lambda s: 1e3 * s / n
+    per = lambda s: 1e3 * s / n   # seconds -> ms per target forward
     lines = [f"profile: {wall:.2f} s wall, {n} target forwards, {per(wall):.1f} ms per forward",
              f"  {'where':<44}{'ms/forward':>11}{'share':>8}"]
     for name, us in sorted(self_us.items(), key=lambda kv: -kv[1])[:top]:

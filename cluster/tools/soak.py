@@ -57,7 +57,6 @@ class Tally:
 
 
 def _client(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: random.Random, t0: float) -> None:
-
     while time.monotonic() < stop_at:
         prompt, drafter = rng.choice(PROMPTS), rng.choice(("ngram", "draft-model", "none"))
         with tally.lock:
@@ -135,7 +134,6 @@ def kill_replica(worker_id: str) -> None:
 
 def inject(kind: str, registry) -> dict:
     """One fault on the busiest worker of its kind; returns what was hit and its load then."""
-
     if kind == "drain-target":
         drained = serve.get_deployment_handle("TargetWorker", APP_NAME).drain.remote(0.0).result()
         return {"worker": drained["worker_id"], "streams_on_it": drained["in_flight"]}
@@ -149,8 +147,6 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
              sample_s: float = 2.0, say: Callable[[str], None] = lambda _m: None) -> dict:
     """Start a cluster from settings `s`, load it for `minutes` with a fault every `fault_every_s`
     (0: none), then stop it; returns the results dict."""
-
-
     say("starting the cluster ...")
     cluster = Cluster(s).start()
     s = cluster.s
