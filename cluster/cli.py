@@ -231,6 +231,7 @@ def throughput(
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        tp.check(wanted, sizes, max_new_tokens)
         qs = load_questions(questions)
         lm = loader.load(model, dtype)
         prompts = [chat_prompt(lm.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in qs]

@@ -109,8 +109,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         return pb_grpc.TargetStub(self._channels[address])
 
     def _validate(self, r: pb.GenerateRequest) -> tuple[list[dict] | None, str | None, int]:
-        """Everything checkable before touching a worker; the ValueError BadField names
-        the field at fault."""
+        """Everything checkable before touching a worker; BadField (a ValueError) names the field at fault."""
         which = r.WhichOneof("input")
         if which is None:
             raise BadField("prompt", "give a prompt or chat messages")

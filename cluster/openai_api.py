@@ -139,7 +139,7 @@ def from_grpc(e: grpc.aio.AioRpcError, input_param: str) -> APIError:
     status, type_ = STATUS.get(e.code(), (500, "server_error"))
     details = e.details() or e.code().name
     field = field_of(e)
-    param = input_param if field in ("prompt", "chat") else FIELD_PARAMS.get(field) if field is not None else None
+    param = input_param if field in ("prompt", "chat") else FIELD_PARAMS.get(field or "")
     code = "session_not_found" if e.code() == grpc.StatusCode.NOT_FOUND and param == "session_id" \
         else e.code().name.lower()
     retry = dict(e.trailing_metadata() or ()).get("retry-after")   # the gateway's hint on a 429

@@ -20,6 +20,7 @@ from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.workers.draft_service import SERVICE_NAME, DraftService
 from drafthorse.actors.workers.worker import GrpcWorker
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.kinds import KINDS
 from drafthorse.runtime.membership import Membership
 from drafthorse.runtime.metrics import Metrics
 from drafthorse.runtime.rpc import start_server
@@ -29,25 +30,27 @@ log = logging.getLogger(__name__)
 DRAFT_THREADS = 32   # Draft RPCs served at once: as many sessions' forwards can share one pass
 
 
-class DraftWorker(GrpcWorker):
+class DraftWorker(GrpcWorker[DraftService]):
     """Drafters for many sessions behind a gRPC server. The deployment layer hands it its settings, its
-    membership in the cluster and the process's metrics (gauges are read from `drafts`)."""
+    membership in the cluster and the process's metrics (gauges read its service)."""
 
     def __init__(self, s: WorkerSettings, membership: Membership, metrics: Metrics | None = None):
         torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
         dlm = loader.load(s.draft_model, s.dtype, s.max_len) if s.draft_model else None
-        kinds = ["ngram"] + (["draft-model"] if dlm else [])
         vocab = dlm.vocab_size if dlm else loader.vocab_size_of(s.model)
-        heads, dims = {}, {}
+        heads, hidden = {}, 0
         if s.eagle_head or s.drafter == "eagle":
             tlm = loader.load(s.model, s.dtype, s.max_len)
             try:
                 heads["eagle"] = load_head("eagle", tlm, s.eagle_head, s.max_len)
             except (FileNotFoundError, ValueError) as e:
                 raise RuntimeError(f"draft worker cannot serve eagle: {e} (set DRAFTHORSE_EAGLE_HEAD)") from None
-            kinds.append("eagle")
-            vocab, dims["eagle"] = tlm.vocab_size, tlm.model.embed.shape[1]
+            vocab, hidden = tlm.vocab_size, tlm.model.embed.shape[1]
+        # what this worker can draft: the draft-side kinds whose draft model / head it has loaded
+        kinds = [k.name for k in KINDS.values() if k.runs_on == "draft"
+                 and (dlm is not None or not k.needs_draft_model) and (k.name in heads or not k.head)]
+        dims = {name: hidden for name in kinds if KINDS[name].wants_features}   # they get the target's features
         # concurrent sessions' draft forwards share passes (one combiner per model)
         self.combiners: list[Combiner] = []
         new_runner = None
@@ -65,7 +68,6 @@ class DraftWorker(GrpcWorker):
             host=s.host, token=s.token(), max_workers=DRAFT_THREADS, tls=s.tls())
         self.serve(service, server, port, health, [SERVICE_NAME], membership, s.grace_s,
                    model=dlm.name if dlm else "", capacity=s.draft_sessions, drafters=kinds)
-        self.drafts = service
         self.metrics_port = 0
         if metrics is not None:
             metrics.watch_draft(service)
@@ -75,10 +77,10 @@ class DraftWorker(GrpcWorker):
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "address": self.membership.address,
-                "draft_calls": self.drafts.draft_calls, "metrics_port": self.metrics_port,
+                "draft_calls": self.service.draft_calls, "metrics_port": self.metrics_port,
                 "draft_passes": sum(c.passes for c in self.combiners),
                 "draft_forwards": sum(c.calls for c in self.combiners)}
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metric: the sessions being drafted for right now."""
-        return {"active_requests": self.drafts.session_count}
+        return {"active_requests": self.service.session_count}

@@ -177,7 +177,7 @@ def load_local_heads(s: WorkerSettings, lm: LoadedModel) -> dict:
     return heads
 
 
-class TargetWorker(GrpcWorker):
+class TargetWorker(GrpcWorker[TargetService]):
     """One target model behind a gRPC server. The deployment layer hands it its settings, its membership in
     the cluster and the process's metrics."""
 
@@ -197,7 +197,6 @@ class TargetWorker(GrpcWorker):
             host=s.host, token=s.token(), max_workers=s.sessions_per_target + 4, tls=tls)
         self.serve(service, server, port, health, [SERVICE], membership, s.grace_s,
                    model=lm.name, capacity=s.sessions_per_target)
-        self.target = service
         self.metrics_port = 0
         if metrics is not None:
             metrics.watch_target(service)
@@ -206,13 +205,13 @@ class TargetWorker(GrpcWorker):
                  sorted(heads), time.perf_counter() - t0)
 
     def info(self) -> dict:
-        sched = self.target.scheduler
+        sched = self.service.scheduler
         return {"worker_id": self.worker_id, "address": self.membership.address,
-                "draft_rpcs": self.target.draft_rpcs, "active": self.target.active,
+                "draft_rpcs": self.service.draft_rpcs, "active": self.service.active,
                 "steps": sched.steps, "last_batch": sched.last_batch,
-                "policy_nodes": self.target.policy.last if self.target.policy else None,
+                "policy_nodes": self.service.policy.last if self.service.policy else None,
                 "metrics_port": self.metrics_port}
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metric (requests reach us over gRPC, not through Serve handles)."""
-        return {"active_requests": self.target.active}
+        return {"active_requests": self.service.active}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health
@@ -34,10 +34,13 @@ class Streams(Protocol):
         ...
 
 
-class GrpcWorker:
+S = TypeVar("S", bound=Streams)
+
+
+class GrpcWorker(Generic[S]):
     """A servicer behind a gRPC server, registered in the cluster through `membership` (built by the
     deployment layer). Subclasses build the servicer and call `serve`."""
-    service: Streams
+    service: S
     membership: Membership
     server: grpc.Server | None = None
     health: health.HealthServicer
@@ -48,7 +51,7 @@ class GrpcWorker:
     # another instance's __del__ -> drain() on this thread while a drain holds the lock
     _drain_lock = threading.RLock()
 
-    def serve(self, service: Streams, server: grpc.Server, port: int, health_servicer: health.HealthServicer,
+    def serve(self, service: S, server: grpc.Server, port: int, health_servicer: health.HealthServicer,
               service_names: list[str], membership: Membership, grace_s: float, **info) -> None:
         """Take the running server and join the cluster (`info`: what Membership.start registers)."""
         self.service, self.server, self.health = service, server, health_servicer

@@ -37,11 +37,9 @@ def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[
                    methods: list[str], out_dir: str | os.PathLike | None = None) -> dict:
     """{"env": ..., "methods": {method: {str(batch): {"tokens_per_s", "step_ms_p50", "seconds", "tokens"}}}};
     the batch of size B is the first B prompts (repeated when there are fewer)."""
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise ValueError(f"methods must be among {', '.join(METHODS)}, got {', '.join(unknown) or 'none'}")
-    if not prompts or any(b < 1 for b in batch_sizes) or max_new_tokens < 1:
-        raise ValueError("need prompts, batch sizes >= 1 and max_new_tokens >= 1")
+    check(methods, batch_sizes, max_new_tokens)
+    if not prompts:
+        raise ValueError("no prompts to decode")
     result: dict = {"env": environment(lm, max_new_tokens, batch_sizes), "methods": {}}
     for method in methods:
         run = _hf if method == "hf" else _ours
@@ -59,6 +57,15 @@ def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[
         (out / "throughput.json").write_text(json.dumps(result, indent=2))
         plot(result, out / "throughput.png")
     return result
+
+
+def check(methods: list[str], batch_sizes: list[int], max_new_tokens: int) -> None:
+    """ValueError naming what is wrong with a run's arguments (before any model is loaded)."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"methods must be among {', '.join(METHODS)}, got {', '.join(unknown) or 'none'}")
+    if not batch_sizes or any(b < 1 for b in batch_sizes) or max_new_tokens < 1:
+        raise ValueError("need batch sizes >= 1 and max_new_tokens >= 1")
 
 
 def _ours(lm: LoadedModel, batch: list[list[int]], n: int, method: str) -> tuple[float, list[float], int]:
