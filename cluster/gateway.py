@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -102,6 +103,9 @@ class Gateway(pb_grpc.GeneratorServicer):
         self.metadata = auth_metadata(s.token())
         self.tls = s.tls()   # towards the target workers
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # target worker id -> until when (monotonic) this gateway avoids it: it just failed a call with
+        # UNAVAILABLE (killed: its registry entry outlives it by up to a heartbeat TTL)
+        self._suspects: dict[str, float] = {}
 
     def _stub(self, address: str) -> pb_grpc.TargetStub:
         if address not in self._channels:
@@ -142,10 +146,14 @@ class Gateway(pb_grpc.GeneratorServicer):
     def _claim(self, session, tried: set[str], kind: str, leases: contextlib.ExitStack):
         """Pick a target (affinity, then least load) and its draft worker, and count the request on
         both. Synchronous on purpose: on the event loop, pick-and-count is atomic for this gateway,
-        so a burst of requests spreads over the workers instead of all seeing the same loads."""
-        target = self.router.pick_target(session if not tried else None)
-        if target.worker_id in tried:  # affinity/least load gave back a worker that just failed
-            others = [w for w in self.registry.alive("target") if w.worker_id not in tried]
+        so a burst of requests spreads over the workers instead of all seeing the same loads.
+        Workers this request tried are never picked again; recent suspects only when nothing else is alive."""
+        now = time.monotonic()
+        self._suspects = {w: t for w, t in self._suspects.items() if t > now}
+        target = self.router.pick_target(session if not tried else None)   # NoWorkers: none alive
+        if target.worker_id in tried or target.worker_id in self._suspects:
+            alive = [w for w in self.registry.alive("target") if w.worker_id not in tried]
+            others = [w for w in alive if w.worker_id not in self._suspects] or alive
             if not others:
                 raise NoWorkers("no other target worker is alive")
             target = self.router.least_loaded(others)
@@ -153,6 +161,19 @@ class Gateway(pb_grpc.GeneratorServicer):
         draft = self.router.pick_draft(target, kind) if kind != "none" else None
         leases.enter_context(self.router.lease(draft))
         return target, draft
+
+    async def _claim_or_wait(self, session, tried: set[str], kind: str, leases: contextlib.ExitStack, context):
+        """`_claim`; a stream already failed over (tried) waits up to failover_wait_s (and its deadline) for
+        a target to come (a replacement starting, a heartbeat late on a loaded host) before UNAVAILABLE."""
+        give_up = time.monotonic() + (self.s.failover_wait_s if tried else 0.0)
+        while True:
+            try:
+                return self._claim(session, tried, kind, leases)
+            except NoWorkers as e:
+                left = min(give_up - time.monotonic(), context.time_remaining() or float("inf"))
+                if left <= 0:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}: retry later")
+                await asyncio.sleep(min(0.25, left))
 
     async def Generate(self, r: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         """`_generate`, counted: in flight while it runs, then by final status code."""
@@ -223,13 +244,11 @@ class Gateway(pb_grpc.GeneratorServicer):
         the tokens relayed."""
         seq = 0
         generated: list[int] = []
+        finished = False          # the message with finish_reason was relayed: the answer is whole
         tried: set[str] = set()   # target worker ids that failed this request
-        while True:
+        while not finished:
             with contextlib.ExitStack() as leases:
-                try:
-                    target, draft = self._claim(session, tried, kind, leases)
-                except NoWorkers as e:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}: retry later")
+                target, draft = await self._claim_or_wait(session, tried, kind, leases, context)
                 treq = pb.TargetRequest(request=r, prompt_ids=prompt_ids + generated, session_id=sid,
                                         draft_address=draft.address if draft else "",
                                         max_new_tokens=max_new - len(generated))
@@ -241,13 +260,19 @@ class Gateway(pb_grpc.GeneratorServicer):
                         generated += list(msg.token_ids)
                         streamed[0] = len(generated)
                         msg.seq, msg.session_id = seq, sid
+                        finished = bool(msg.finish_reason)
                         seq += 1
                         yield msg
-                    break
+                    finished = True
                 except grpc.aio.AioRpcError as e:
-                    if e.code() not in RETRYABLE or len(generated) >= max_new:
+                    if finished:   # died between its last message and its status: nothing is missing
+                        log.info("target %s failed (%s) after the last message", target.worker_id, e.code().name)
+                        break
+                    if e.code() not in RETRYABLE:
                         # the target's verdict as it gave it, the field at fault included
                         await abort(context, e.details() or e.code().name, e.code(), field_of(e))
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        self._suspects[target.worker_id] = time.monotonic() + self.registry.heartbeat_ttl_s
                     log.warning("target %s failed (%s); continuing on another worker after %d tokens",
                                 target.worker_id, e.code().name, len(generated))
                     tried.add(target.worker_id)

@@ -120,6 +120,9 @@ class GatewaySettings(Common):
     key_tokens_per_minute: int = Field(0, ge=0, description="generated tokens per API key per minute")
     key_max_prompt_tokens: int = Field(0, ge=0, description="prompt tokens per request of an API key")
     key_max_new_tokens: int = Field(0, ge=0, description="max new tokens per request of an API key")
+    failover_wait_s: float = Field(30.0, ge=0, description="a stream whose target failed waits up to this long "
+                                   "(and its deadline) for another target, e.g. a replacement starting, before "
+                                   "it ends with UNAVAILABLE")
     max_request_bytes: int = Field(4 << 20, ge=1024, le=64 << 20, description="largest public request: an HTTP "
                                    "body (larger: 413, refused before it is read whole) or a gRPC message to the "
                                    "gateway (larger: RESOURCE_EXHAUSTED)")
