@@ -206,9 +206,10 @@ class BatchEngine:
         return [steps[i] for i in range(len(seqs))]
 
     def _draft(self, seqs: list[Sequence]) -> list[DraftTree]:
-        """Each sequence's tree (concurrently when several: remote drafters wait on the network)."""
-        if len(seqs) == 1:
-            return [self._propose(seqs[0])]
+        """Each sequence's tree (concurrently when several draft: remote drafters wait on the network)."""
+        drafting = [s for s in seqs if not isinstance(s.drafter, NoDrafter)]
+        if len(drafting) <= 1:   # plain decoding proposes nothing: no thread hand-off for it
+            return [self._propose(s) for s in seqs]
         if self._pool is None:
             # one thread per sequence of a full batch: remote drafters wait on the network together,
             # and a draft worker can batch their forwards (models/combiner.py)

@@ -37,12 +37,14 @@ class Busy(Exception):
 
 
 class SlotPool:
-    """A fixed number of KV caches. A finished session keeps its slot (and prefix) until the slot is
+    """A fixed number of KV slots, one K/V tensor for all (allocated once: a step's sequences share
+    one attention pass per layer). A finished session keeps its slot (and prefix) until the slot is
     needed by someone else, least recently used first."""
 
     def __init__(self, model: Llama, capacity: int, max_len: int):
+        self.kv = model.new_pool(capacity, max_len)
         self.free: OrderedDict[str, ModelRunner] = OrderedDict(
-            (f"_{i}", ModelRunner(model, max_len)) for i in range(capacity))
+            (f"_{i}", ModelRunner(model, cache=self.kv.cache(i))) for i in range(capacity))
         self.lock = threading.Lock()
 
     def acquire(self, session_id: str) -> tuple[ModelRunner, bool]:

@@ -220,6 +220,8 @@ def throughput(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8, ours and hf alike"),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("throughput_out"), help="writes OUT/throughput.json and OUT/throughput.png"),
+    profile_batch: int = typer.Option(0, min=0, help="also profile plain decoding's steps at this batch size "
+                                      "(torch operators vs Python outside them; printed and in the JSON)"),
 ):
     """Batched decoding throughput at each batch size: drafthorse's engine beside HF generate (a benchmark)."""
     from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
@@ -235,10 +237,12 @@ def throughput(
         qs = load_questions(questions)
         lm = loader.load(model, dtype)
         prompts = [chat_prompt(lm.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in qs]
-        result = tp.run_throughput(lm, prompts, sizes, max_new_tokens, wanted, out)
+        result = tp.run_throughput(lm, prompts, sizes, max_new_tokens, wanted, out, profile_batch)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(tp.format_table(result))
+    if "profile" in result:
+        typer.echo(f"plain decoding at batch {profile_batch}, per step:\n{result['profile']['report']}")
     typer.echo(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")
 
 

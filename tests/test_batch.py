@@ -45,6 +45,7 @@ def test_batched_outputs_equal_outputs_alone(models, adaptive):
         alone.append(eng.generate(prompt, params, drafter(kind, draft)).token_ids)
 
     eng = BatchEngine(target.eos_ids, policy=AdaptivePolicy(16) if adaptive else None)
+    kv = target.model.new_pool(len(REQUESTS), 256)   # one K/V tensor: the batch attends in one pass per layer
     outs: dict[int, list[int]] = {}
     active: list[tuple[int, object]] = []
     step_no, waiting = 0, list(enumerate(REQUESTS))
@@ -52,7 +53,8 @@ def test_batched_outputs_equal_outputs_alone(models, adaptive):
     while waiting or active:
         for i, (prompt, kind, params, join) in list(waiting):  # requests join between steps
             if join <= step_no:
-                seq, first = eng.start(ModelRunner(target.model, 256), prompt, params, drafter(kind, draft))
+                seq, first = eng.start(ModelRunner(target.model, cache=kv.cache(i)), prompt, params,
+                                       drafter(kind, draft))
                 outs[i] = list(first.token_ids)
                 active.append((i, seq))
                 waiting.remove((i, (prompt, kind, params, join)))
@@ -74,18 +76,47 @@ def test_batched_outputs_equal_outputs_alone(models, adaptive):
         assert eng.policy.cost.n > 0 and eng.policy.last is not None
 
 
-def test_forward_batch_rows_equal_single_forward(models):
-    """The ragged batched pass gives each sequence exactly its own logits."""
+@pytest.mark.parametrize("shared", [True, False])
+def test_forward_batch_rows_equal_single_forward(models, shared):
+    """The ragged batched pass gives each sequence its own logits: a tree, a decode row and a prefill
+    chunk at contexts from 3 to 150 (several attention buckets), on slots of one pool or caches of their own."""
     target, _ = models
-    a, b = ModelRunner(target.model, 64), ModelRunner(target.model, 64)
-    a.extend([1, 2, 3, 4]), b.extend([7, 8])
+    kv = target.model.new_pool(4, 256)
+    runners = [ModelRunner(target.model, cache=kv.cache(3 - i)) if shared else ModelRunner(target.model, 256)
+               for i in range(4)]
+    for r, n in zip(runners, (4, 2, 140, 9)):
+        r.extend([(7 * j + n) % 100 for j in range(n)])
     from drafthorse.actors.models.runner import score_batch
-    batched = score_batch([a, b], [[5, 6, 7], [9]], [[-1, 0, 0], [-1]])
-    a.discard(), b.discard()
-    alone_a, _ = a.score([5, 6, 7], [-1, 0, 0])
-    alone_b, _ = b.score([9], [-1])
-    assert torch.allclose(batched[0][0], alone_a, rtol=0, atol=1e-12)
-    assert torch.allclose(batched[1][0], alone_b, rtol=0, atol=1e-12)
+    work = [([5, 6, 7], [-1, 0, 0]), ([9], [-1]), ([3, 4], [-1, 0]), ([11 + j for j in range(40)], list(range(-1, 39)))]
+    batched = score_batch(runners, [t for t, _ in work], [p for _, p in work])
+    for r, (toks, parents), (logits, _) in zip(runners, work, batched):
+        r.discard()
+        alone, _ = r.score(toks, parents)
+        assert torch.allclose(logits, alone, rtol=0, atol=1e-12)
+
+
+def test_a_sequences_rows_do_not_depend_on_its_batch(tiny):
+    """Exact forwards (bfloat16's default): a sequence's logits are the same bits alone and among any
+    companions (other lengths, trees, prefill chunks), so batching can never change a greedy answer."""
+    lm = tiny(0, hidden_size=64)
+    model = lm.model
+    import copy
+    model = copy.copy(model)
+    model.exact = True
+    kv = model.new_pool(5, 256)
+    runners = [ModelRunner(model, cache=kv.cache(i)) for i in range(5)]
+    for r, n in zip(runners, (30, 5, 90, 12, 64)):
+        r.extend([(5 * j + n) % 120 for j in range(n)])
+    from drafthorse.actors.models.runner import score_batch
+    me = ([8, 9, 10, 11], [-1, 0, 0, 1])
+    others = [([1], [-1]), ([2, 3, 4], [-1, 0, 1]), ([6, 7], [-1, -1]), ([50 + j for j in range(20)], list(range(-1, 19)))]
+    alone = score_batch(runners[:1], [me[0]], [me[1]])[0][0]
+    for k in range(1, 5):
+        runners[0].discard()
+        for r in runners[1:]:
+            r.discard()
+        got = score_batch(runners[:k + 1], [me[0]] + [t for t, _ in others[:k]], [me[1]] + [p for _, p in others[:k]])
+        assert torch.equal(got[0][0], alone), f"rows changed with {k} companions"
 
 
 def test_adaptive_policy_shrinks_trees_under_load():

@@ -124,8 +124,8 @@ def test_cli_generate_reports_the_chosen_dtype(tmp_path, monkeypatch):
 
 def _decode_rows(lm, prompt: list[int], n: int):
     """Plain greedy decoding through the runner's one-token forward: (runner, tokens, hidden rows,
-    logits rows, cache snapshot, prefix length)."""
-    r = ModelRunner(lm.model, 512)
+    logits rows, cache snapshot, prefix length). Its cache is slot 0 of a pool of four."""
+    r = ModelRunner(lm.model, cache=lm.model.new_pool(4, 512).cache(0))
     logits, _ = r.extend(prompt)
     toks, hid, log = [int(logits.argmax())], [], []
     for _ in range(n):
@@ -146,10 +146,17 @@ def _rewind(r, snap, length):
 
 def check_rows_bitwise(lm, prompt, offsets, sizes, decode_n):
     """Chains and trees (a decoy branch first, so the true branch sits at scattered cache slots)
-    scored in one forward give exactly the rows of one-token decoding; so does a batch of two."""
+    scored in one forward give exactly the rows of one-token decoding; so does a batch of two (the other
+    with a cache of its own), and a batch with companions on the same pool (a decode row, a tree, a
+    prefill chunk, at other context lengths): a sequence's rows never depend on what shares its pass."""
     r, toks, hid, log, snap, plen = _decode_rows(lm, prompt, decode_n)
     other = ModelRunner(lm.model, 512)
     other.extend(prompt[: len(prompt) // 2])
+    mates = [ModelRunner(lm.model, cache=r.cache.pool.cache(i)) for i in (1, 2, 3)]
+    for m, n in zip(mates, (3, len(prompt) + 40, 50)):
+        m.extend([(11 * j + n) % lm.vocab_size for j in range(n)])
+    mate_work = ([5], [-1]), ([6, 7, 8, 9], [-1, 0, 0, 2]), ([(3 * j) % lm.vocab_size for j in range(24)],
+                                                              list(range(-1, 23)))
     bad = []
     for off in offsets:
         for k in sizes:
@@ -165,11 +172,19 @@ def check_rows_bitwise(lm, prompt, offsets, sizes, decode_n):
             _rewind(r, snap, plen + off)
             other.discard()
             (lg3, h3), _ = score_batch([r, other], [seq, [5, 6, 7]], [[-1] + list(range(k - 1)), [-1, 0, 1]])
-            for name, L, H, rs in (("chain", lg, h, rows), ("tree", lg2, h2, rows2), ("batch", lg3, h3, rows)):
+            _rewind(r, snap, plen + off)
+            for m in mates:
+                m.discard()
+            (lg4, h4), *_ = score_batch([r, *mates], [seq] + [t for t, _ in mate_work],
+                                        [[-1] + list(range(k - 1))] + [p for _, p in mate_work])
+            for name, L, H, rs in (("chain", lg, h, rows), ("tree", lg2, h2, rows2), ("batch", lg3, h3, rows),
+                                   ("pool", lg4, h4, rows)):
                 for i, row in enumerate(rs):
                     if not (torch.equal(H[row], hid[off + i]) and torch.equal(L[row], log[off + i])):
                         bad.append((name, off, k, i))
     r.discard()
+    for m in mates:
+        m.discard()
     return bad
 
 

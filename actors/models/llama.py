@@ -2,7 +2,7 @@
 
 It takes the weights of a transformers `LlamaForCausalLM` (any HF dir, GGUF, or a random tiny
 config) and computes exactly what HF computes, but on arbitrary token sets: every call scores `n`
-new tokens at given positions, attending to the first `ctx` cache slots through an explicit mask.
+new tokens at given positions, attending to the first `ctx` cache positions through an explicit mask.
 That one primitive is prefill, one-token decode and whole-tree verification alike."""
 from __future__ import annotations
 
@@ -13,30 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention
 from . import exact as _exact
+from .kvcache import KVCache, KVPool
 from .quant import Int8Weight, Weight
-
-
-class KVCache:
-    """Keys and values of one sequence: [layers, kv_heads, max_len, head_dim] each."""
-
-    def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
-        # torch.empty: pages are only touched when written, so a long max_len costs nothing up front
-        self.k = torch.empty(layers, kv_heads, max_len, head_dim, dtype=dtype)
-        self.v = torch.empty(layers, kv_heads, max_len, head_dim, dtype=dtype)
-        self.max_len = max_len
-
-    def move(self, src: torch.Tensor, dst_start: int) -> None:
-        """Copy the slots `src` (ascending, src[i] >= dst_start + i) to dst_start.. : keeps an accepted
-        branch and drops its rejected siblings without touching the rest of the cache."""
-        n = src.numel()
-        self.k[:, :, dst_start:dst_start + n] = self.k[:, :, src]
-        self.v[:, :, dst_start:dst_start + n] = self.v[:, :, src]
 
 
 @dataclass(frozen=True, eq=False)   # eq=False: tensors do not compare to one bool
 class BatchItem:
-    """One sequence's share of a forward: tokens [n] at positions [n], their K/V to cache slots
+    """One sequence's share of a forward: tokens [n] at positions [n], their K/V to cache positions
     start..start+n-1; mask [n, start + n] bool (True = may attend), or None for plain causal attention."""
     ids: torch.Tensor
     positions: torch.Tensor
@@ -180,8 +165,14 @@ class Llama(nn.Module):
             return x @ w
         return (torch.cat([x, x.new_zeros(need - n, x.shape[1])]) @ w)[:n]
 
+    def new_pool(self, slots: int, max_len: int | None = None) -> KVPool:
+        """K/V for `slots` sequences of up to max_len tokens (the model's context at most)."""
+        return KVPool(self.n_layers, slots, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim,
+                      self.dtype)
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
-        return KVCache(self.n_layers, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim, self.dtype)
+        """A cache of its own (a pool of one slot)."""
+        return self.new_pool(1, max_len).cache(0)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
                 mask: torch.Tensor | None, exact: bool = False) -> torch.Tensor:
@@ -197,11 +188,11 @@ class Llama(nn.Module):
                       layers: int | None = None) -> list[torch.Tensor]:
         """Several sequences in one pass (ragged: each its own tokens, positions, cache and mask).
 
-        The projections and the MLP, which read every weight once per pass and dominate a step on a
-        bandwidth-bound machine, run on all rows together; attention runs per sequence against its
-        own cache. Returns each sequence's final hidden states. exact (default: the model's setting):
-        row-invariant, so a sequence's rows do not depend on how many rows share the pass.
-        embeds: the input rows instead of the tokens' embeddings (a draft head's own inputs);
+        Every product runs on all rows together; each layer writes all new K/V with one indexed copy
+        per pool and runs attention for all sequences in a few bucketed calls (attention.py). Returns
+        each sequence's final hidden states. exact (default: the model's setting): row-invariant, so a
+        sequence's rows do not depend on how many rows share the pass; its attention runs per sequence
+        (exact.py). embeds: the input rows instead of the tokens' embeddings (a draft head's own inputs);
         layers: run only the first `layers` layers and return the residual stream after them
         (layer-skip drafting; their K/V go to the cache like any other)."""
         sizes = [it.ids.numel() for it in items]
@@ -209,46 +200,61 @@ class Llama(nn.Module):
         pos = torch.cat([it.positions for it in items])
         exact = self.exact if exact is None else exact
         plans = [_exact.plan(it.positions, it.start, it.mask, self.dtype) for it in items] if exact else []
-        cos, sin = self.cos[pos][None], self.sin[pos][None]   # [1, N, d]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]   # [N, 1, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        masks = []
-        for it, n in zip(items, sizes):
-            mask = it.mask
-            if mask is None and n > 1 and not exact:  # causal over the new tokens, all before `start` visible
-                mask = torch.ones(n, it.start + n, dtype=torch.bool).tril(diagonal=it.start)
-            masks.append(None if mask is None else mask[None])
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        # the rows of each pool (a worker's sequences share one; a drafter's runner may have its own)
+        by_pool: dict[int, list[int]] = {}
+        for j, it in enumerate(items):
+            by_pool.setdefault(id(it.cache.pool), []).append(j)
+        groups = []
+        for js in by_pool.values():
+            rows = None if len(by_pool) == 1 else torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in js])
+            lay = attention.layout(items[js[0]].cache.pool, [items[j].cache.slot for j in js],
+                                   [items[j].start for j in js], [sizes[j] for j in js],
+                                   [items[j].mask for j in js], buckets=not exact,
+                                   per_kv=self.n_heads // self.n_kv)
+            groups.append((rows, js, lay))
         total = x.shape[0]
         for i, w in enumerate(self.layers[:layers]):
             h = _rms_norm(x, w.ln1, self.eps)
             q, k, v = self._linear(h, w.products["qkv"], exact).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(total, self.n_heads, self.head_dim).transpose(0, 1)
-            k = k.view(total, self.n_kv, self.head_dim).transpose(0, 1)
-            v = v.view(total, self.n_kv, self.head_dim).transpose(0, 1)
+            q = q.view(total, self.n_heads, self.head_dim)
+            k = k.view(total, self.n_kv, self.head_dim)
+            v = v.view(total, self.n_kv, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            outs, row = [], 0
-            for j, (it, n, attn_mask) in enumerate(zip(items, sizes, masks)):
-                cache, start = it.cache, it.start
-                ctx = start + n
-                cache.k[i, :, start:ctx] = k[:, row:row + n]
-                cache.v[i, :, start:ctx] = v[:, row:row + n]
-                if exact:
-                    rows = self.exact_rows
-                    outs.append(_exact.attend(q[:, row:row + n], cache.k[i], cache.v[i], plans[j],
-                                              self.head_dim ** -0.5, rows.attn_min, rows.attn_step))
-                else:
-                    outs.append(F.scaled_dot_product_attention(
-                        q[None, :, row:row + n], cache.k[i, :, :ctx][None], cache.v[i, :, :ctx][None],
-                        attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv)[0])
-                row += n
-            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-            x = x + self._linear(o.transpose(0, 1).reshape(total, q_size), w.products["o"], exact)
+            o = self._attend(i, q, k, v, groups, items, offsets, plans)
+            x = x + self._linear(o.reshape(total, q_size), w.products["o"], exact)
             h = _rms_norm(x, w.ln2, self.eps)
             gate, up = self._linear(h, w.products["gate_up"], exact).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, w.products["down"], exact)
         if layers is not None:
             return list(x.split(sizes))
         return list(_rms_norm(x, self.norm, self.eps).split(sizes))
+
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list, items: list[BatchItem],
+                offsets: list[int], plans: list) -> torch.Tensor:
+        """Layer i's attention: the rows' K/V into their slots (one indexed copy per pool), then every
+        sequence's rows in a few bucketed calls (attention.py), or per sequence when exact (plans)."""
+        if len(groups) == 1 and not plans:
+            rows, _, lay = groups[0]
+            attention.write(lay, i, k, v)
+            return attention.attend(lay, i, q)
+        o = torch.empty_like(q)
+        for rows, js, lay in groups:
+            attention.write(lay, i, k if rows is None else k[rows], v if rows is None else v[rows])
+            if not plans:
+                o[rows] = attention.attend(lay, i, q[rows])
+                continue
+            rs = self.exact_rows
+            for j in js:
+                a, b = offsets[j], offsets[j + 1]
+                o[a:b] = _exact.attend(q[a:b].transpose(0, 1), items[j].cache.k[i], items[j].cache.v[i], plans[j],
+                                       self.head_dim ** -0.5, rs.attn_min, rs.attn_step).transpose(0, 1)
+        return o
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from drafthorse.actors.spec.tree import ROOT, ancestor_mask
 
 from .combiner import Combiner
+from .kvcache import KVCache
 from .llama import BatchItem, Llama
 
 
@@ -24,12 +25,14 @@ class ContextFull(Exception):
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, max_len: int | None = None, combiner: Combiner | None = None):
+    def __init__(self, model: Llama, max_len: int | None = None, combiner: Combiner | None = None,
+                 cache: KVCache | None = None):
         """combiner: a Combiner over `model` that this runner's forwards go through (draft workers:
-        concurrent sessions share a pass), or None to run them alone."""
+        concurrent sessions share a pass), or None to run them alone. cache: a slot of a pool shared
+        with other runners (a worker's batch: one attention pass for all), else a cache of its own."""
         self.model = model
         self.combiner = combiner
-        self.cache = model.new_cache(max_len)
+        self.cache = cache if cache is not None else model.new_cache(max_len)
         self.max_len = self.cache.max_len
         self.vocab_size = model.vocab_size
         self.reset()

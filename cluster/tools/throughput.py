@@ -7,7 +7,8 @@ last token:
     ngram  the same with prompt-lookup trees sized per step by the adaptive policy (as a target worker runs)
     hf     transformers `generate`, greedy, on a left-padded batch at the same dtype
 `step_ms_p50` is the median time of one decoding step (ours: `BatchEngine.step`; HF: one generated position).
-Writes DIR/throughput.json and DIR/throughput.png."""
+Writes DIR/throughput.json and DIR/throughput.png; with a profile batch size, also where a plain decoding
+step's time goes at that batch (torch operators vs Python outside them, profiling.py) in "profile"."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -28,15 +29,17 @@ from drafthorse.actors.models.loader import LoadedModel
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
 from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.tools.profiling import profile
 
 METHODS = ("ar", "ngram", "hf")
 MAX_TREE_NODES = 32   # a target worker's default (WorkerSettings.max_tree_nodes)
 
 
 def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
-                   methods: list[str], out_dir: str | os.PathLike | None = None) -> dict:
+                   methods: list[str], out_dir: str | os.PathLike | None = None, profile_batch: int = 0) -> dict:
     """{"env": ..., "methods": {method: {str(batch): {"tokens_per_s", "step_ms_p50", "seconds", "tokens"}}}};
-    the batch of size B is the first B prompts (repeated when there are fewer)."""
+    the batch of size B is the first B prompts (repeated when there are fewer). profile_batch > 0 adds
+    "profile": the report of plain decoding's steps at that batch size under torch.profiler."""
     check(methods, batch_sizes, max_new_tokens)
     if not prompts:
         raise ValueError("no prompts to decode")
@@ -51,6 +54,11 @@ def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[
             per_batch[str(b)] = {"tokens_per_s": round(tokens / seconds, 2),
                                  "step_ms_p50": round(1000 * statistics.median(steps), 2),
                                  "seconds": round(seconds, 4), "tokens": tokens}
+    if profile_batch:
+        batch = [prompts[i % len(prompts)] for i in range(profile_batch)]
+        timed: list[float] = []
+        _, report = profile(lambda: _ours(lm, batch, max_new_tokens, "ar", timed), lambda _: len(timed))
+        result["profile"] = {"batch": profile_batch, "report": report}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -68,16 +76,19 @@ def check(methods: list[str], batch_sizes: list[int], max_new_tokens: int) -> No
         raise ValueError("need batch sizes >= 1 and max_new_tokens >= 1")
 
 
-def _ours(lm: LoadedModel, batch: list[list[int]], n: int, method: str) -> tuple[float, list[float], int]:
-    """(seconds, each step's seconds, tokens generated)"""
+def _ours(lm: LoadedModel, batch: list[list[int]], n: int, method: str, steps: list[float] | None = None,
+          ) -> tuple[float, list[float], int]:
+    """(seconds, each step's seconds (also appended to `steps`), tokens generated)"""
     policy = AdaptivePolicy(MAX_TREE_NODES) if method == "ngram" else None
     engine = BatchEngine(set(), None, max_tree_nodes=MAX_TREE_NODES, policy=policy)   # no EOS: exactly n tokens
     max_len = max(map(len, batch)) + n + MAX_TREE_NODES + 1
     params = SamplingParams(max_new_tokens=n)
-    steps: list[float] = []
+    steps = [] if steps is None else steps
     t0 = time.perf_counter()
     drafter = "none" if method == "ar" else method
-    started = [engine.start(ModelRunner(lm.model, max_len), p, params, make_drafter(drafter)) for p in batch]
+    kv = lm.model.new_pool(len(batch), max_len)   # one K/V tensor for the batch, as a target worker's
+    started = [engine.start(ModelRunner(lm.model, cache=kv.cache(i)), p, params, make_drafter(drafter))
+               for i, p in enumerate(batch)]
     tokens = sum(len(first.token_ids) for _, first in started)
     seqs = [seq for seq, _ in started]
     while seqs:

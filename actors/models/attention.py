@@ -1,0 +1,127 @@
+"""Attention of a ragged batch over the KV pool: every sequence of a step in a few calls per layer.
+
+A step mixes decode rows (1 token), verify trees (1 + nodes) and prefill chunks (up to 256 tokens) of
+sequences at very different context lengths. `Layout` (built once per forward, not per layer) sorts
+the sequences by context length and cuts them into buckets where padding to the bucket's longest
+context and most rows costs at most SLACK more than the real work; a lone prefill chunk gets its own.
+Per layer and bucket: one indexed read of the bucket's keys and values from their slots (a view when
+the slots are consecutive), one `scaled_dot_product_attention` with the tree/causal mask and the
+context lengths as one additive mask, one indexed copy of the real rows back.
+
+Padded rows attend to their sequence's first key (a softmax over nothing is NaN) and are dropped."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kvcache import KVPool
+
+SLACK = 0.5   # a bucket's padded work may exceed its real work by this fraction
+
+
+@dataclass
+class Bucket:
+    slots: torch.Tensor | slice   # the sequences' pool slots, or a slice of consecutive ones
+    length: int                   # keys read per sequence: the longest context in the bucket
+    q_index: torch.Tensor         # [B * n_max] batch row of each padded query row
+    n_max: int
+    mask: torch.Tensor            # [B, 1, groups * n_max, length] additive: 0 = may attend, -inf = not
+    real: torch.Tensor            # [rows] padded rows (of B * n_max) that are real, in batch row order
+    rows: torch.Tensor | None     # [rows] their rows in the batch (None: all rows, in order)
+
+
+@dataclass
+class Layout:
+    """Where a forward's rows go in the pool and which keys each reads; the same for every layer."""
+    pool: KVPool
+    row_slot: torch.Tensor        # [N] pool slot of each row
+    row_pos: torch.Tensor         # [N] cache position each row's K/V are written to
+    buckets: list[Bucket]
+
+
+def _cut(ns: list[int], ctxs: list[int]) -> list[list[int]]:
+    """Sequences (indices) in buckets: by context length, a new bucket when padding would cost more
+    than SLACK over the real work (rows x keys)."""
+    order = sorted(range(len(ns)), key=lambda j: (ctxs[j], ns[j], j))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    real = n_max = 0
+    for j in order:
+        work = ns[j] * ctxs[j]
+        m = max(n_max, ns[j])
+        if cur and (len(cur) + 1) * m * ctxs[j] > (1 + SLACK) * (real + work):
+            out.append(cur)
+            cur, real, m = [], 0, ns[j]
+        cur.append(j)
+        real, n_max = real + work, m
+    out.append(cur)
+    return out
+
+
+def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
+           masks: list[torch.Tensor | None], buckets: bool = True, per_kv: int = 1) -> Layout:
+    """Sequence j: slot slots[j], ns[j] new rows written at cache positions starts[j].., attending
+    through masks[j] ([n, start + n] bool) or causally (None: every earlier position and itself).
+    buckets=False: only where the rows go (exact forwards attend per sequence, exact.py); per_kv: query
+    heads per K/V head (the masks are laid out for them once here, not per layer)."""
+    n_t, start_t = torch.tensor(ns), torch.tensor(starts)
+    row_slot = torch.repeat_interleave(torch.tensor(slots), n_t)
+    first = torch.cumsum(n_t, 0) - n_t                   # each sequence's first row in the batch
+    row_pos = torch.arange(int(n_t.sum())) - torch.repeat_interleave(first - start_t, n_t)
+    ctxs = [s + n for s, n in zip(starts, ns)]
+    groups = _cut(ns, ctxs) if buckets else []
+    out = []
+    for g in groups:
+        b, n_max, length = len(g), max(ns[j] for j in g), max(ctxs[j] for j in g)
+        gi = torch.tensor(g)
+        n, st = n_t[gi, None], start_t[gi, None]
+        r = torch.arange(n_max)[None]                    # [1, n_max]
+        live = r < n                                     # [b, n_max]: real rows
+        q_index = first[gi, None] + torch.where(live, r, 0)   # a padded row repeats its sequence's first
+        # causal by default: row r sees positions 0 .. start + r; a padded row sees position 0 alone
+        key = torch.arange(length)[None, None]
+        mask = torch.where(live[..., None], key <= (st + r)[..., None], key == 0)
+        for i, j in enumerate(g):
+            if masks[j] is not None:                     # a tree: its own mask
+                mask[i, :ns[j]] = False
+                mask[i, :ns[j], :ctxs[j]] = masks[j]
+        # additive, in the pool's dtype, one row per (query group, row): see `attend`
+        bias = torch.zeros(b, 1, n_max, length, dtype=pool.k.dtype).masked_fill_(~mask[:, None], float("-inf"))
+        bias = bias.expand(b, per_kv, n_max, length).reshape(b, 1, per_kv * n_max, length)
+        ordered = [slots[j] for j in g]
+        consecutive = ordered == list(range(ordered[0], ordered[0] + b))
+        in_order = len(groups) == 1 and g == sorted(g)
+        rows = None if in_order else (q_index[live])
+        out.append(Bucket(slice(ordered[0], ordered[0] + b) if consecutive else torch.tensor(ordered),
+                          length, q_index.view(-1), n_max, bias, live.view(-1).nonzero().view(-1), rows))
+    return Layout(pool, row_slot, row_pos, out)
+
+
+def write(lay: Layout, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The rows' K/V ([N, kv_heads, d]) into their slots and positions: one indexed copy each."""
+    lay.pool.k[layer][lay.row_slot, :, lay.row_pos] = k
+    lay.pool.v[layer][lay.row_slot, :, lay.row_pos] = v
+
+
+def attend(lay: Layout, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """q: [N, heads, d] (RoPE applied; the rows' own K/V written) -> [N, heads, d]. Grouped-query heads
+    ride as extra query rows of their K/V head (keys and values are read once, not repeated per group)."""
+    kl, vl = lay.pool.k[layer], lay.pool.v[layer]
+    n_rows, heads, d = q.shape
+    kv = kl.shape[1]
+    grp = heads // kv
+    out = None if len(lay.buckets) == 1 and lay.buckets[0].rows is None else torch.empty_like(q)
+    for b in lay.buckets:
+        keys, vals = kl[b.slots, :, :b.length], vl[b.slots, :, :b.length]
+        batch = keys.shape[0]
+        qb = (q[b.q_index].view(batch, b.n_max, kv, grp, d).permute(0, 2, 3, 1, 4)
+              .reshape(batch, kv, grp * b.n_max, d))
+        o = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=b.mask)
+        o = o.view(batch, kv, grp, b.n_max, d).permute(0, 3, 1, 2, 4).reshape(batch * b.n_max, heads, d)[b.real]
+        if out is None:
+            return o
+        out[b.rows if b.rows is not None else slice(None)] = o
+    assert out is not None
+    return out

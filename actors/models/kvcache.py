@@ -1,0 +1,49 @@
+"""The K/V cache: one preallocated tensor pair for all of a worker's sequences, slot-major.
+
+    pool.k, pool.v: [layers, slots, kv_heads, max_len, head_dim]
+    KVCache(pool, slot): one sequence's view, [layers, kv_heads, max_len, head_dim]
+
+A batched forward (llama.py) writes every new K/V row of a step with one indexed copy per layer and
+reads each sequence's keys from its slot, so a token's K/V sit in the same place and are read the same
+way whatever else shares the pass. Slot-major (not paged): a worker serves a few dozen sessions of up
+to max_len tokens each, and a slot's keys are one strided view that attention reads without a copy.
+Allocated with torch.empty: pages are committed when first written, so a long max_len costs only
+what sequences actually fill (slots x max_len is the bound, reported at start-up)."""
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
+        if slots < 1 or max_len < 1:
+            raise ValueError(f"a KV pool needs at least one slot and one position, got {slots} x {max_len}")
+        self.k = torch.empty(layers, slots, kv_heads, max_len, head_dim, dtype=dtype)
+        self.v = torch.empty(layers, slots, kv_heads, max_len, head_dim, dtype=dtype)
+        self.slots, self.max_len = slots, max_len
+
+    @property
+    def nbytes(self) -> int:
+        """The most memory the pool can hold (every slot full)."""
+        return self.k.numel() * self.k.element_size() * 2
+
+    def cache(self, slot: int) -> KVCache:
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is outside the pool's {self.slots}")
+        return KVCache(self, slot)
+
+
+class KVCache:
+    """One sequence's slot of a pool: k, v are views [layers, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, pool: KVPool, slot: int):
+        self.pool, self.slot = pool, slot
+        self.k, self.v = pool.k[:, slot], pool.v[:, slot]
+        self.max_len = pool.max_len
+
+    def move(self, src: torch.Tensor, dst_start: int) -> None:
+        """Copy the slots `src` (ascending, src[i] >= dst_start + i) to dst_start.. : keeps an accepted
+        branch and drops its rejected siblings without touching the rest of the cache."""
+        n = src.numel()
+        self.k[:, :, dst_start:dst_start + n] = self.k[:, :, src]
+        self.v[:, :, dst_start:dst_start + n] = self.v[:, :, src]
