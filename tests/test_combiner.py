@@ -31,6 +31,7 @@ def run_sessions(model, combiner: Combiner | None = None, steps: int = 4, concur
             tree = d.propose(Budget(9, 3), SamplingParams(), make_generator(0))
             results[i].append((tree.tokens, tree.parents))
             d.extend([tree.tokens[0]])
+        d.close()
     if concurrent:
         threads = [threading.Thread(target=session, args=(i,), daemon=True) for i in range(len(PROMPTS))]
         for t in threads:
@@ -48,11 +49,15 @@ def draft_model():
     return tiny_llama(5, vocab_size=100).model
 
 
-def test_concurrent_sessions_share_passes_and_draft_the_same_trees(draft_model):
+@pytest.mark.parametrize("slots", [0, 6])
+def test_concurrent_sessions_share_passes_and_draft_the_same_trees(draft_model, slots):
+    """slots: the sessions' caches are slots of the combiner's pool (6 for 8 sessions: two run on caches of
+    their own, in the same passes), given back when their drafters close."""
     alone = run_sessions(draft_model, concurrent=False)
-    comb = Combiner(draft_model)
+    comb = Combiner(draft_model, draft_model.new_pool(slots, 256) if slots else None)
     shared = run_sessions(draft_model, comb)
     assert shared == alone
+    assert comb.kv is None or comb.kv.free == slots
     # 8 sessions x (1 catch-up + 2 tree levels) x 4 steps forwards, in fewer passes
     assert comb.calls == 8 * 3 * 4
     assert comb.passes < comb.calls * 0.75, (comb.passes, comb.calls)

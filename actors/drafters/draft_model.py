@@ -31,6 +31,9 @@ class DraftModelDrafter(Drafter):
     def extend(self, token_ids: list[int], features=None) -> None:
         self.pending.extend(token_ids)
 
+    def close(self) -> None:
+        self.runner.close()
+
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
         depth = min(self.depth, budget.max_depth)
         branches = min(self.branches, budget.max_nodes)

@@ -38,10 +38,10 @@ class EagleModel:
         self.defaults = dict(ckpt.info.get("defaults", {}))
         self.combiner: Combiner | None = None   # see share_passes
 
-    def share_passes(self) -> Combiner:
+    def share_passes(self, slots: int = 0) -> Combiner:
         """Run the forwards of every drafter on this head through one Combiner from now on (draft
-        workers: concurrent sessions share passes); returns it."""
-        self.combiner = Combiner(self.head)
+        workers: concurrent sessions share passes), their caches `slots` slots of one pool; returns it."""
+        self.combiner = Combiner(self.head, self.head.new_pool(slots) if slots else None)
         return self.combiner
 
     def inputs(self, tokens: list[int], feats: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,9 @@ class EagleDrafter(Drafter):
     def begin(self, prompt_ids: list[int], features: torch.Tensor | None = None) -> None:
         self.runner.reset()
         self.tokens, self.feats = list(prompt_ids[1:]), [] if features is None else [features]
+
+    def close(self) -> None:
+        self.runner.close()
 
     def extend(self, token_ids: list[int], features: torch.Tensor | None = None) -> None:
         if features is None or len(features) != len(token_ids):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kvcache import KVPool
 from .llama import BatchItem, Llama
 
 
@@ -34,6 +35,7 @@ class _Call:
 @dataclass
 class Combiner:
     model: Llama
+    kv: KVPool | None = None             # slots for the callers' runners: a pass then attends in one go too
     max_rows: int = 4096                 # rows per pass at most (bounds the activations)
     passes: int = 0                      # forward passes run
     calls: int = 0                       # forwards served

@@ -11,6 +11,8 @@ Allocated with torch.empty: pages are committed when first written, so a long ma
 what sequences actually fill (slots x max_len is the bound, reported at start-up)."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
@@ -21,6 +23,8 @@ class KVPool:
         self.k = torch.empty(layers, slots, kv_heads, max_len, head_dim, dtype=dtype)
         self.v = torch.empty(layers, slots, kv_heads, max_len, head_dim, dtype=dtype)
         self.slots, self.max_len = slots, max_len
+        self._free = list(range(slots - 1, -1, -1))   # for take(): lowest slot first
+        self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
@@ -28,18 +32,39 @@ class KVPool:
         return self.k.numel() * self.k.element_size() * 2
 
     def cache(self, slot: int) -> KVCache:
+        """Slot `slot`, managed by the caller (a target worker's SlotPool hands out all of them)."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is outside the pool's {self.slots}")
         return KVCache(self, slot)
+
+    @property
+    def free(self) -> int:
+        """Slots `take` can still hand out."""
+        return len(self._free)
+
+    def take(self) -> KVCache | None:
+        """A free slot, until its release(); None when every slot is taken."""
+        with self._lock:
+            return KVCache(self, self._free.pop(), taken=True) if self._free else None
+
+    def _give_back(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
 
 
 class KVCache:
     """One sequence's slot of a pool: k, v are views [layers, kv_heads, max_len, head_dim]."""
 
-    def __init__(self, pool: KVPool, slot: int):
-        self.pool, self.slot = pool, slot
+    def __init__(self, pool: KVPool, slot: int, taken: bool = False):
+        self.pool, self.slot, self._taken = pool, slot, taken
         self.k, self.v = pool.k[:, slot], pool.v[:, slot]
         self.max_len = pool.max_len
+
+    def release(self) -> None:
+        """Give a slot from `take` back to its pool (once; a no-op otherwise)."""
+        if self._taken:
+            self._taken = False
+            self.pool._give_back(self.slot)
 
     def move(self, src: torch.Tensor, dst_start: int) -> None:
         """Copy the slots `src` (ascending, src[i] >= dst_start + i) to dst_start.. : keeps an accepted

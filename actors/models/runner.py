@@ -29,13 +29,21 @@ class ModelRunner:
                  cache: KVCache | None = None):
         """combiner: a Combiner over `model` that this runner's forwards go through (draft workers:
         concurrent sessions share a pass), or None to run them alone. cache: a slot of a pool shared
-        with other runners (a worker's batch: one attention pass for all), else a cache of its own."""
+        with other runners (a worker's batch: one attention pass for all); else a slot taken from the
+        combiner's pool (given back by close()) while one is free; else a cache of its own."""
         self.model = model
         self.combiner = combiner
+        if cache is None and combiner is not None and combiner.kv is not None:
+            cache = combiner.kv.take()
         self.cache = cache if cache is not None else model.new_cache(max_len)
         self.max_len = self.cache.max_len
         self.vocab_size = model.vocab_size
         self.reset()
+
+    def close(self) -> None:
+        """Done with this runner: a slot taken from a combiner's pool goes back to it."""
+        self.reset()
+        self.cache.release()
 
     def reset(self) -> None:
         self.length = 0

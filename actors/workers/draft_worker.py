@@ -51,15 +51,16 @@ class DraftWorker(GrpcWorker[DraftService]):
         kinds = [k.name for k in KINDS.values() if k.runs_on == "draft"
                  and (dlm is not None or not k.needs_draft_model) and (k.name in heads or not k.head)]
         dims = {name: hidden for name in kinds if KINDS[name].wants_features}   # they get the target's features
-        # concurrent sessions' draft forwards share passes (one combiner per model)
+        # concurrent sessions' draft forwards share passes (one combiner per model), their K/V one pool
+        # of draft_sessions slots (a session's drafter gives its slot back when it is closed)
         self.combiners: list[Combiner] = []
         new_runner = None
         if dlm:
-            draft_passes = Combiner(dlm.model)
+            draft_passes = Combiner(dlm.model, dlm.model.new_pool(s.draft_sessions, s.max_len))
             self.combiners.append(draft_passes)
             new_runner = lambda: ModelRunner(draft_passes.model, s.max_len, draft_passes)
         if heads:
-            self.combiners.append(heads["eagle"].share_passes())
+            self.combiners.append(heads["eagle"].share_passes(s.draft_sessions))
         service = DraftService(lambda kind: make_drafter(kind, new_runner, head=heads.get(kind)), vocab,
                                max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds,
                                feature_dims=dims, max_context=s.max_len)
