@@ -84,9 +84,10 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
         key = torch.arange(length)[None, None]
         mask = torch.where(live[..., None], key <= (st + r)[..., None], key == 0)
         for i, j in enumerate(g):
-            if masks[j] is not None:                     # a tree: its own mask
+            tree = masks[j]
+            if tree is not None:                         # a tree: its own mask
                 mask[i, :ns[j]] = False
-                mask[i, :ns[j], :ctxs[j]] = masks[j]
+                mask[i, :ns[j], :ctxs[j]] = tree
         # additive, in the pool's dtype, one row per (query group, row): see `attend`
         bias = torch.zeros(b, 1, n_max, length, dtype=pool.k.dtype).masked_fill_(~mask[:, None], float("-inf"))
         bias = bias.expand(b, per_kv, n_max, length).reshape(b, 1, per_kv * n_max, length)
