@@ -157,3 +157,15 @@ def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
     assert adaptive.drafted_tokens <= adaptive.budget_nodes and fixed.drafted_tokens > adaptive.drafted_tokens
     assert adaptive.mean_batch_size > 1 and fixed.to_dict()["mean_batch_size"] > 1
     assert seqs[3].stats.budget_nodes == 0       # nothing to hand a sequence that cannot draft
+
+
+def test_a_new_pool_reads_zeros_where_nothing_was_written(models):
+    """Padded attention rows read past their sequence's context, with weight 0: the pool must hold finite
+    values there (0 x NaN is NaN), even where the heap just freed NaN-filled memory of the same size."""
+    target, _ = models
+    for _ in range(3):
+        junk = torch.full((target.model.n_layers, 4, target.model.n_kv, 300, target.model.head_dim), float("nan"),
+                          dtype=target.model.dtype)
+        del junk
+        kv = target.model.new_pool(4, 300)
+        assert not kv.k.isnan().any() and not kv.v.isnan().any() and kv.k.abs().sum() == 0

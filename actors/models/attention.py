@@ -3,7 +3,8 @@
 A step mixes decode rows (1 token), verify trees (1 + nodes) and prefill chunks (up to 256 tokens) of
 sequences at very different context lengths. `Layout` (built once per forward, not per layer) sorts
 the sequences by context length and cuts them into buckets where padding to the bucket's longest
-context and most rows costs at most SLACK more than the real work; a lone prefill chunk gets its own.
+context and most rows costs at most SLACK more than the real work (so a prefill chunk of 256 rows does
+not pad the decode rows beside it to 256).
 Per layer and bucket: one indexed read of the bucket's keys and values from their slots (a view when
 the slots are consecutive), one `scaled_dot_product_attention` with the tree/causal mask and the
 context lengths as one additive mask, one indexed copy of the real rows back.
@@ -27,7 +28,7 @@ class Bucket:
     length: int                   # keys read per sequence: the longest context in the bucket
     q_index: torch.Tensor         # [B * n_max] batch row of each padded query row
     n_max: int
-    mask: torch.Tensor            # [B, 1, groups * n_max, length] additive: 0 = may attend, -inf = not
+    mask: torch.Tensor            # [B, 1, per_kv * n_max, length] additive: 0 = may attend, -inf = not
     real: torch.Tensor            # [rows] padded rows (of B * n_max) that are real, in batch row order
     rows: torch.Tensor | None     # [rows] their rows in the batch (None: all rows, in order)
 
@@ -110,7 +111,7 @@ def attend(lay: Layout, layer: int, q: torch.Tensor) -> torch.Tensor:
     """q: [N, heads, d] (RoPE applied; the rows' own K/V written) -> [N, heads, d]. Grouped-query heads
     ride as extra query rows of their K/V head (keys and values are read once, not repeated per group)."""
     kl, vl = lay.pool.k[layer], lay.pool.v[layer]
-    n_rows, heads, d = q.shape
+    _, heads, d = q.shape
     kv = kl.shape[1]
     grp = heads // kv
     out = None if len(lay.buckets) == 1 and lay.buckets[0].rows is None else torch.empty_like(q)

@@ -7,10 +7,14 @@ A batched forward (llama.py) writes every new K/V row of a step with one indexed
 reads each sequence's keys from its slot, so a token's K/V sit in the same place and are read the same
 way whatever else shares the pass. Slot-major (not paged): a worker serves a few dozen sessions of up
 to max_len tokens each, and a slot's keys are one strided view that attention reads without a copy.
-Allocated with torch.empty: pages are committed when first written, so a long max_len costs only
-what sequences actually fill (slots x max_len is the bound, reported at start-up)."""
+Allocated as anonymous memory pages: they read as zeros and are committed when first written, so a long
+max_len costs only what sequences fill (slots x max_len is the bound, reported at start-up), and a padded
+attention row that reads past its sequence's context (attention.py) reads finite values, never the
+garbage (possibly NaN, which a zero weight does not cancel) of reused heap memory."""
 from __future__ import annotations
 
+import math
+import mmap
 import threading
 
 import torch
@@ -20,8 +24,8 @@ class KVPool:
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
         if slots < 1 or max_len < 1:
             raise ValueError(f"a KV pool needs at least one slot and one position, got {slots} x {max_len}")
-        self.k = torch.empty(layers, slots, kv_heads, max_len, head_dim, dtype=dtype)
-        self.v = torch.empty(layers, slots, kv_heads, max_len, head_dim, dtype=dtype)
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.k, self.v = _zero_pages(shape, dtype), _zero_pages(shape, dtype)
         self.slots, self.max_len = slots, max_len
         self._free = list(range(slots - 1, -1, -1))   # for take(): lowest slot first
         self._lock = threading.Lock()
@@ -50,6 +54,13 @@ class KVPool:
     def _give_back(self, slot: int) -> None:
         with self._lock:
             self._free.append(slot)
+
+
+def _zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor on fresh anonymous pages (the tensor keeps the mapping alive)."""
+    count = math.prod(shape)
+    mem = mmap.mmap(-1, max(1, count * torch.empty(0, dtype=dtype).element_size()))
+    return torch.frombuffer(mem, dtype=dtype, count=count).view(shape)
 
 
 class KVCache:
