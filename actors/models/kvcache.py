@@ -59,7 +59,7 @@ class KVPool:
 def _zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor on fresh anonymous pages (the tensor keeps the mapping alive)."""
     count = math.prod(shape)
-    mem = mmap.mmap(-1, max(1, count * torch.empty(0, dtype=dtype).element_size()))
+    mem = mmap.mmap(-1, max(1, count * dtype.itemsize))
     return torch.frombuffer(mem, dtype=dtype, count=count).view(shape)
 
 

@@ -6,6 +6,7 @@ new tokens at given positions, attending to the first `ctx` cache positions thro
 That one primitive is prefill, one-token decode and whole-tree verification alike."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,9 +203,7 @@ class Llama(nn.Module):
         plans = [_exact.plan(it.positions, it.start, it.mask, self.dtype) for it in items] if exact else []
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]   # [N, 1, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        offsets = [0]
-        for n in sizes:
-            offsets.append(offsets[-1] + n)
+        offsets = list(itertools.accumulate(sizes, initial=0))   # each sequence's first row
         # the rows of each pool (a worker's sequences share one; a drafter's runner may have its own)
         by_pool: dict[int, list[int]] = {}
         for j, it in enumerate(items):
