@@ -16,8 +16,10 @@ from torch import nn
 
 from . import attention
 from . import exact as _exact
+from . import products as _products
 from .kvcache import KVCache, KVPool
-from .quant import Int8Weight, Weight
+from .products import OutIn, Weight
+from .quant import Int8Weight
 
 
 @dataclass(frozen=True, eq=False)   # eq=False: tensors do not compare to one bool
@@ -93,11 +95,12 @@ class Llama(nn.Module):
         self.lm_head: torch.Tensor = hf_model.lm_head.weight.detach()
         self.norm: torch.Tensor = m.norm.weight.detach()
         # weights of each layer, q/k/v and gate/up fused (one matmul instead of three, two), stored
-        # transposed ([in, out], contiguous): for the few rows of a decode or verify, x @ W^T with W^T
-        # laid out this way runs 2-6x faster on CPU than F.linear's [out, in] (measured, 8-32 rows)
+        # transposed ([in, out], contiguous) for `x @ w`, the product exact forwards run; where another
+        # layout is faster on this machine, forwards that need not be exact use it (products.py, `tune`)
         self.layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                              {key: _t(_fused(layer, key)) for key in PRODUCTS}) for layer in m.layers]
         self.lm_head_t: Weight = _t(self.lm_head)
+        self.head_cut: int | None = None     # rows from which the LM head runs as lm_head @ x.T
         # RoPE tables computed as HF does (float32 outer product, then cast)
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
         freqs = torch.arange(self.max_len).float()[:, None] * inv_freq[None, :]
@@ -106,9 +109,43 @@ class Llama(nn.Module):
         self.sin = emb.sin().to(self.dtype)
         # row-invariant decode/verify (exact.py): on by default below float32
         self.quantized = False
-        self.exact = self.exact_by_default
+        self._exact = False
         self._exact_rows: _exact.ExactRows | None = None
         self._hf_layers = m.layers               # dense weights, for `dense` once quantised
+        self.exact = self.exact_by_default
+        if not self.exact:
+            self.tune()
+
+    def tune(self) -> None:
+        """Each product in the layouts its non-exact forwards run fastest with here (products.py): where
+        the transposed product wins from some row count on, the layer keeps an [out, in] copy too."""
+        for key in PRODUCTS:
+            ws = [w for layer in self.layers if isinstance(w := layer.products[key], torch.Tensor)]
+            if len(ws) < len(self.layers):
+                continue
+            tuned = [OutIn(w, 0) for w in ws]
+            at = _products.cut(ws, [t.w for t in tuned])
+            if at is not None:
+                for layer, t in zip(self.layers, tuned):
+                    t.cut = at
+                    layer.products[key] = t
+        if isinstance(self.lm_head_t, torch.Tensor):
+            self.head_cut = _products.cut([self.lm_head_t], [self.lm_head])
+
+    @property
+    def exact(self) -> bool:
+        """Forwards compute each row as any row count would (exact.py)."""
+        return self._exact
+
+    @exact.setter
+    def exact(self, on: bool) -> None:
+        self._exact = on
+        if on:   # exact forwards run x @ w [in, out], the product exact.py probes
+            for layer in self.layers:
+                for key, w in layer.products.items():
+                    if isinstance(w, OutIn):
+                        layer.products[key] = w.dense()
+            self.head_cut = None
 
     def quantize_int8(self) -> None:
         """Weight-only int8 for every layer product and the LM head (quant.py); the embedding stays
@@ -120,6 +157,7 @@ class Llama(nn.Module):
             for key in PRODUCTS:
                 layer.products[key] = Int8Weight(self.dense(i, key))
         self.lm_head_t = Int8Weight(self.lm_head.t())
+        self.head_cut = None
         self.quantized = True
         self.exact = self.exact_by_default
         self._exact_rows = None
@@ -146,14 +184,17 @@ class Llama(nn.Module):
     def dense(self, i: int, key: str) -> torch.Tensor:
         """Layer i's weight `key` ([in, out], as stored) as the source model has it, quantised or not."""
         w = self.layers[i].products[key]
+        if isinstance(w, OutIn):
+            return w.dense()
         return w if isinstance(w, torch.Tensor) else _t(_fused(self._hf_layers[i], key))
 
     def _linear(self, x: torch.Tensor, w: Weight, exact: bool) -> torch.Tensor:
         """x @ w (w: [in, out]); in exact forwards on a row count from which w's products round alike
         (at least the probed minimum, a multiple of the probed step; dummy zero rows, dropped again),
         in calls of at most the probed maximum where the kernel has one."""
-        if isinstance(w, Int8Weight):
-            return w.mm(x)            # row-invariant at every row count (quant.py): no padding
+        if isinstance(w, (Int8Weight, OutIn)):
+            # int8: row-invariant at every row count (quant.py), no padding; OutIn: never exact
+            return w.mm(x)
         n = x.shape[0]
         if not exact:
             return x @ w
@@ -258,5 +299,8 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # in at least float32, as HF's generate takes them: argmax over bfloat16 is 5x slower
-        out = self._linear(hidden, self.lm_head_t, self.exact)
+        if self.head_cut is not None and hidden.shape[0] >= self.head_cut:
+            out = (self.lm_head @ hidden.t()).t().contiguous()   # (never exact: head_cut is None then)
+        else:
+            out = self._linear(hidden, self.lm_head_t, self.exact)
         return out if out.dtype in (torch.float32, torch.float64) else out.float()

@@ -41,9 +41,6 @@ class Int8Weight:
         return self.q.numel() + 2 * self.scale.numel()
 
 
-Weight = torch.Tensor | Int8Weight   # a product's weight [in, out]: dense, or int8
-
-
 def supported() -> bool:
     """Whether this torch build has the int8 weight-pack kernel for the CPU."""
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
