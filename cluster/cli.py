@@ -222,6 +222,8 @@ def throughput(
     out: Path = typer.Option(Path("throughput_out"), help="writes OUT/throughput.json and OUT/throughput.png"),
     profile_batch: int = typer.Option(0, min=0, help="also profile plain decoding's steps at this batch size "
                                       "(torch operators vs Python outside them; printed and in the JSON)"),
+    prefill_tokens: int = typer.Option(0, min=0, help="also time the first token of one prompt this long, "
+                                       "ours beside HF's prefill (printed and in the JSON)"),
 ):
     """Batched decoding throughput at each batch size: drafthorse's engine beside HF generate (a benchmark)."""
     from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
@@ -237,10 +239,14 @@ def throughput(
         qs = load_questions(questions)
         lm = loader.load(model, dtype)
         prompts = [chat_prompt(lm.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in qs]
-        result = tp.run_throughput(lm, prompts, sizes, max_new_tokens, wanted, out, profile_batch)
+        result = tp.run_throughput(lm, prompts, sizes, max_new_tokens, wanted, out, profile_batch, prefill_tokens)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(tp.format_table(result))
+    if "prefill" in result:
+        p = result["prefill"]
+        typer.echo(f"time to first token of a {p['tokens']}-token prompt: ours {p['ours_s']} s, "
+                   f"HF prefill {p['hf_s']} s ({p['ratio']}x)")
     if "profile" in result:
         typer.echo(f"plain decoding at batch {profile_batch}, per step:\n{result['profile']['report']}")
     typer.echo(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")

@@ -76,22 +76,44 @@ def test_batched_outputs_equal_outputs_alone(models, adaptive):
         assert eng.policy.cost.n > 0 and eng.policy.last is not None
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_forward_batch_rows_equal_single_forward(models, shared):
+@pytest.mark.parametrize("slots", [None, (3, 2, 1, 0), (0, 2, 5, 7), (0, 5, 11, 15)],
+                         ids=["own-caches", "reversed", "gaps", "spread"])
+def test_forward_batch_rows_equal_single_forward(models, slots):
     """The ragged batched pass gives each sequence its own logits: a tree, a decode row and a prefill
-    chunk at contexts from 3 to 150 (several attention buckets), on slots of one pool or caches of their own."""
+    chunk at contexts from 3 to 150 (several attention buckets), on caches of their own or on slots of
+    one pool, consecutive or not."""
+    from drafthorse.actors.models.runner import score_batch
     target, _ = models
-    kv = target.model.new_pool(4, 256)
-    runners = [ModelRunner(target.model, cache=kv.cache(3 - i)) if shared else ModelRunner(target.model, 256)
-               for i in range(4)]
+    kv = target.model.new_pool(16, 256)
+    runners = [ModelRunner(target.model, 256) if slots is None else ModelRunner(target.model, cache=kv.cache(s))
+               for s in (slots or range(4))]
     for r, n in zip(runners, (4, 2, 140, 9)):
         r.extend([(7 * j + n) % 100 for j in range(n)])
-    from drafthorse.actors.models.runner import score_batch
     work = [([5, 6, 7], [-1, 0, 0]), ([9], [-1]), ([3, 4], [-1, 0]), ([11 + j for j in range(40)], list(range(-1, 39)))]
     batched = score_batch(runners, [t for t, _ in work], [p for _, p in work])
     for r, (toks, parents), (logits, _) in zip(runners, work, batched):
         r.discard()
         alone, _ = r.score(toks, parents)
+        assert torch.allclose(logits, alone, rtol=0, atol=1e-12)
+
+
+def test_a_bucket_reads_a_view_of_the_pool_across_idle_slots(models):
+    """Decode rows on slots 0, 2 and 5 share a bucket that reads slots 0-5 as one view of the pool
+    (slots 1 and 4 idle, slot 3 another bucket's): each still gets its own logits."""
+    from drafthorse.actors.models import attention
+    from drafthorse.actors.models.runner import score_batch
+    target, _ = models
+    kv = target.model.new_pool(8, 256)
+    slots, lengths = (0, 2, 3, 5), (6, 2, 60, 8)
+    runners = [ModelRunner(target.model, cache=kv.cache(s)) for s in slots]
+    for r, n in zip(runners, lengths):
+        r.extend([(3 * j + n) % 100 for j in range(n)])
+    lay = attention.layout(kv, list(slots), list(lengths), [1] * 4, [None] * 4)
+    assert any(isinstance(b.slots, slice) and {1, 4} <= set(range(b.slots.start, b.slots.stop)) for b in lay.buckets)
+    batched = score_batch(runners, [[9]] * 4, [[-1]] * 4)
+    for r, (logits, _) in zip(runners, batched):
+        r.discard()
+        alone, _ = r.score([9], [-1])
         assert torch.allclose(logits, alone, rtol=0, atol=1e-12)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from drafthorse.actors.models import loader
-from drafthorse.cluster.tools.throughput import format_table, run_throughput
+from drafthorse.cluster.tools.throughput import format_table, long_prompt, run_throughput
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,13 @@ def test_bad_arguments_are_named(tiny):
     out = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "throughput", "--batch-sizes", "1,x",
                           "--model", "tiny:0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "error:" in out.stderr, out.stderr[-500:]
+
+
+def test_prefill_times_the_first_token_of_a_long_prompt(tiny):
+    assert long_prompt([[1, 2, 3], [4]], 10) == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    result = run_throughput(tiny, [[5, 6, 7, 8, 9], [11, 12]], [1], 2, ["ar"], prefill_tokens=200)
+    p = result["prefill"]
+    assert p["tokens"] == 200 and p["ours_s"] > 0 and p["hf_s"] > 0 and p["same_first_token"] is True
+    assert p["ratio"] > 0
+    with pytest.raises(ValueError, match="does not fit the model's context of 256"):
+        run_throughput(tiny, [[5, 6]], [1], 2, ["ar"], prefill_tokens=400)

@@ -7,6 +7,7 @@ That one primitive is prefill, one-token decode and whole-tree verification alik
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from . import products as _products
 from .kvcache import KVCache, KVPool
 from .products import OutIn, Weight
 from .quant import Int8Weight
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)   # eq=False: tensors do not compare to one bool
@@ -118,7 +121,8 @@ class Llama(nn.Module):
 
     def tune(self) -> None:
         """Each product in the layouts its non-exact forwards run fastest with here (products.py): where
-        the transposed product wins from some row count on, the layer keeps an [out, in] copy too."""
+        the transposed product wins from some row count on, the layers keep an [out, in] copy too."""
+        cuts, extra = {}, 0
         for key in PRODUCTS:
             ws = [w for layer in self.layers if isinstance(w := layer.products[key], torch.Tensor)]
             if len(ws) < len(self.layers):
@@ -129,8 +133,14 @@ class Llama(nn.Module):
                 for layer, t in zip(self.layers, tuned):
                     t.cut = at
                     layer.products[key] = t
+                cuts[key], extra = at, extra + sum(w.nbytes for w in ws)
         if isinstance(self.lm_head_t, torch.Tensor):
             self.head_cut = _products.cut([self.lm_head_t], [self.lm_head])
+            if self.head_cut is not None:
+                cuts["lm_head"] = self.head_cut
+        if cuts:
+            log.info("transposed products (rows from which): %s; their second layout takes %.2f GiB",
+                     ", ".join(f"{k} {m}" for k, m in cuts.items()), extra / 2 ** 30)
 
     @property
     def exact(self) -> bool:

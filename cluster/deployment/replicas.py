@@ -3,7 +3,9 @@
 check_health, drain (through __del__), info and record_autoscaling_stats on them."""
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import uuid
 
 import ray
@@ -39,10 +41,24 @@ def membership(s: WorkerSettings, kind: str) -> Membership:
                       advertise_host=advertise_host(s.host))
 
 
+def info_logs() -> None:
+    """drafthorse's INFO lines (a worker's start-up line: model, dtype, KV pool size, product layouts) on
+    the replica's stderr, which Ray keeps in the worker's log and forwards to the driver where it is
+    asked to: a Ray worker leaves other loggers than its own at WARNING."""
+    ours = logging.getLogger("drafthorse")
+    ours.setLevel(logging.INFO)
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        ours.addHandler(handler)
+        ours.propagate = False   # once: not again through a root handler Ray may have set
+
+
 class TargetReplica(TargetWorker):
     """Deployment "TargetWorker"."""
 
     def __init__(self, s: WorkerSettings):
+        info_logs()
         super().__init__(s, membership(s, "target"), Metrics())
 
 
@@ -50,4 +66,5 @@ class DraftReplica(DraftWorker):
     """Deployment "DraftWorker"."""
 
     def __init__(self, s: WorkerSettings):
+        info_logs()
         super().__init__(s, membership(s, "draft"), Metrics())

@@ -8,7 +8,9 @@ last token:
     hf     transformers `generate`, greedy, on a left-padded batch at the same dtype
 `step_ms_p50` is the median time of one decoding step (ours: `BatchEngine.step`; HF: one generated position).
 Writes DIR/throughput.json and DIR/throughput.png; with a profile batch size, also where a plain decoding
-step's time goes at that batch (torch operators vs Python outside them, profiling.py) in "profile"."""
+step's time goes at that batch (torch operators vs Python outside them, profiling.py) in "profile"; with
+prefill tokens N, the time to first token of one N-token prompt in "prefill": ours in the chunks a target
+worker prefills in, HF's one forward over the whole prompt (the best of a few runs each)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -36,10 +38,13 @@ MAX_TREE_NODES = 32   # a target worker's default (WorkerSettings.max_tree_nodes
 
 
 def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
-                   methods: list[str], out_dir: str | os.PathLike | None = None, profile_batch: int = 0) -> dict:
+                   methods: list[str], out_dir: str | os.PathLike | None = None, profile_batch: int = 0,
+                   prefill_tokens: int = 0) -> dict:
     """{"env": ..., "methods": {method: {str(batch): {"tokens_per_s", "step_ms_p50", "seconds", "tokens"}}}};
     the batch of size B is the first B prompts (repeated when there are fewer). profile_batch > 0 adds
-    "profile": the report of plain decoding's steps at that batch size under torch.profiler."""
+    "profile": the report of plain decoding's steps at that batch size under torch.profiler;
+    prefill_tokens > 0 adds "prefill": {"tokens", "ours_s", "hf_s", "ratio", "same_first_token"} (time
+    to first token of a prompt that long, the prompts' tokens concatenated)."""
     check(methods, batch_sizes, max_new_tokens)
     if not prompts:
         raise ValueError("no prompts to decode")
@@ -59,6 +64,8 @@ def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[
         timed: list[float] = []
         _, report = profile(lambda: _ours(lm, batch, max_new_tokens, "ar", timed), lambda _: len(timed))
         result["profile"] = {"batch": profile_batch, "report": report}
+    if prefill_tokens:
+        result["prefill"] = prefill(lm, long_prompt(prompts, prefill_tokens))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +104,39 @@ def _ours(lm: LoadedModel, batch: list[list[int]], n: int, method: str, steps: l
         steps.append(time.perf_counter() - t)
         seqs = [s for s in seqs if s.finish_reason is None]
     return time.perf_counter() - t0, steps, tokens
+
+
+def long_prompt(prompts: list[list[int]], n: int) -> list[int]:
+    """The first n tokens of the prompts one after another (repeated while they are too few)."""
+    ids = [t for p in prompts for t in p]
+    if not ids:
+        raise ValueError("no prompt tokens to build a long prompt from")
+    return (ids * -(-n // len(ids)))[:n]
+
+
+def prefill(lm: LoadedModel, prompt: list[int], runs: int = 3) -> dict:
+    """Time to first token of `prompt`: ours through `BatchEngine.start` (prefill in the engine's chunks,
+    as a target worker), HF as one forward over the whole prompt; the best of `runs` each."""
+    if len(prompt) + 1 > lm.model.max_len:
+        raise ValueError(f"a {len(prompt)}-token prompt does not fit the model's context of {lm.model.max_len}")
+    engine = BatchEngine(set(), None)
+    params = SamplingParams(max_new_tokens=1)
+    kv = lm.model.new_pool(1, len(prompt) + 1)
+    ids = torch.tensor([prompt])
+    ours, hf, firsts = [], [], set()
+    for _ in range(runs):
+        runner = ModelRunner(lm.model, cache=kv.cache(0))
+        t = time.perf_counter()
+        _, step = engine.start(runner, prompt, params, make_drafter("none"))
+        ours.append(time.perf_counter() - t)
+        runner.reset()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            first = int(lm.hf(ids, use_cache=True, logits_to_keep=1).logits[0, -1].argmax())
+        hf.append(time.perf_counter() - t)
+        firsts |= {(step.token_ids[0], first)}
+    return {"tokens": len(prompt), "ours_s": round(min(ours), 3), "hf_s": round(min(hf), 3),
+            "ratio": round(min(ours) / min(hf), 3), "same_first_token": all(a == b for a, b in firsts)}
 
 
 class _StepClock(LogitsProcessor):
