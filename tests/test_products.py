@@ -66,6 +66,9 @@ def test_speculation_on_both_layouts_equals_plain_decoding(kind):
 def test_exact_forwards_go_back_to_the_probed_product():
     lm = both_layouts(tiny_llama(0), cut=3)
     before, _ = ModelRunner(lm.model, 256).extend(list(range(10, 30)))
+    x = torch.randn(5, lm.model.layers[0].products["o"].shape[0], dtype=torch.float64)
+    w = lm.model.layers[0].products["o"]
+    assert torch.equal(lm.model._linear(x, w, True), lm.model._linear(x, w.dense(), True))   # one exact call
     lm.model.exact = True
     assert all(isinstance(layer.products[key], torch.Tensor) for layer in lm.model.layers for key in PRODUCTS)
     assert lm.model.head_cut is None and lm.model.exact_rows.ok

@@ -202,9 +202,12 @@ class Llama(nn.Module):
         """x @ w (w: [in, out]); in exact forwards on a row count from which w's products round alike
         (at least the probed minimum, a multiple of the probed step; dummy zero rows, dropped again),
         in calls of at most the probed maximum where the kernel has one."""
-        if isinstance(w, (Int8Weight, OutIn)):
-            # int8: row-invariant at every row count (quant.py), no padding; OutIn: never exact
-            return w.mm(x)
+        if isinstance(w, OutIn):
+            if not exact:
+                return w.mm(x)
+            w = w.dense()             # an exact forward on a non-exact model: the probed x @ w
+        if isinstance(w, Int8Weight):
+            return w.mm(x)            # row-invariant at every row count (quant.py): no padding
         n = x.shape[0]
         if not exact:
             return x @ w
