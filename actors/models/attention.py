@@ -99,10 +99,10 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
         key = torch.arange(length)[None, None]
         mask = torch.where(live[..., None], key <= (st + r)[..., None], key == 0)
         for i, seq in enumerate(members):
-            tree = masks[seq] if seq is not None else None
-            if seq is not None and tree is not None:     # a tree: its own mask
-                mask[i, :ns[seq]] = False
-                mask[i, :ns[seq], :ctxs[seq]] = tree
+            if seq is None or (tree := masks[seq]) is None:
+                continue                                 # an idle slot, or causal
+            mask[i, :ns[seq]] = False                    # a tree: its own mask
+            mask[i, :ns[seq], :ctxs[seq]] = tree
         # additive, in the pool's dtype, one row per (query group, row): see `attend`
         bias = torch.zeros(b, 1, n_max, length, dtype=pool.k.dtype).masked_fill_(~mask[:, None], float("-inf"))
         bias = bias.expand(b, per_kv, n_max, length).reshape(b, 1, per_kv * n_max, length)

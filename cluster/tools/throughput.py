@@ -48,6 +48,9 @@ def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[
     check(methods, batch_sizes, max_new_tokens)
     if not prompts:
         raise ValueError("no prompts to decode")
+    long = long_prompt(prompts, prefill_tokens) if prefill_tokens else []
+    if len(long) + 1 > lm.model.max_len:   # said before the batches run, not after
+        raise ValueError(f"a {len(long)}-token prompt does not fit the model's context of {lm.model.max_len}")
     result: dict = {"env": environment(lm, max_new_tokens, batch_sizes), "methods": {}}
     for method in methods:
         run = _hf if method == "hf" else _ours
@@ -65,7 +68,7 @@ def run_throughput(lm: LoadedModel, prompts: list[list[int]], batch_sizes: list[
         _, report = profile(lambda: _ours(lm, batch, max_new_tokens, "ar", timed), lambda _: len(timed))
         result["profile"] = {"batch": profile_batch, "report": report}
     if prefill_tokens:
-        result["prefill"] = prefill(lm, long_prompt(prompts, prefill_tokens))
+        result["prefill"] = prefill(lm, long)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +120,6 @@ def long_prompt(prompts: list[list[int]], n: int) -> list[int]:
 def prefill(lm: LoadedModel, prompt: list[int], runs: int = 3) -> dict:
     """Time to first token of `prompt`: ours through `BatchEngine.start` (prefill in the engine's chunks,
     as a target worker), HF as one forward over the whole prompt; the best of `runs` each."""
-    if len(prompt) + 1 > lm.model.max_len:
-        raise ValueError(f"a {len(prompt)}-token prompt does not fit the model's context of {lm.model.max_len}")
     engine = BatchEngine(set(), None)
     params = SamplingParams(max_new_tokens=1)
     kv = lm.model.new_pool(1, len(prompt) + 1)
