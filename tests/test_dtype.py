@@ -243,6 +243,44 @@ def test_exact_probe_data_shows_any_change_of_summation_order():
     assert (fwd != rev).sum() >= 30
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_exact_attention_scores_like_plain_attention(batched):
+    """The exact path's split, window and blocked sums are a reordering of plain attention: at float64
+    a batch of decode rows, a tree and a prefill chunk on one pool (several buckets, padded groups, or
+    one group a call) scores as the plain forward does."""
+    lm = loader.tiny_llama(3, hidden_size=64, heads=4, kv_heads=2)
+    model = lm.model
+    model.exact_rows = exact.ExactRows(True, 1, {}, 2, 2, batched)
+    pool = model.new_pool(4, 400)
+    runners = [ModelRunner(model, cache=pool.cache(i)) for i in range(4)]
+    for r, n in zip(runners, (10, 150, 70, 300)):
+        r.extend([(7 * j + n) % 120 for j in range(n)])
+    work = [([5], [-1]), ([6, 7, 8, 9, 10], [-1, 0, 0, 2, 1]), ([(3 * j) % 120 for j in range(70)], list(range(-1, 69))),
+            ([4], [-1])]
+    got = {}
+    for on in (True, False):
+        model.exact = on
+        got[on] = score_batch(runners, [t for t, _ in work], [p for _, p in work])
+        for r in runners:
+            r.discard()
+    for (a, _), (b, _) in zip(got[True], got[False]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_the_batch_probe_notices_rows_that_change_with_padding(monkeypatch):
+    """`probe` batches groups only where a bucket gives each row the bits of its group alone: a bucket
+    whose rows depended on its padding (here, on its longest split) is caught."""
+    real = exact.attend
+
+    def padded(bks, k, v, q, scale):
+        out = real(bks, k, v, q, scale)
+        for b in bks:
+            out[b.rows] *= 1 + 1e-2 * b.heads
+        return out
+    monkeypatch.setattr(exact, "attend", padded)
+    assert not exact._batches_alike(torch.bfloat16, 4, 2, 16, 1, 1, torch.Generator().manual_seed(0))
+
+
 def test_exact_forward_refuses_a_too_deep_tree():
     lm = tiny_at(0, "bfloat16", None)
     r = ModelRunner(lm.model, 512)

@@ -42,9 +42,10 @@ class Layout:
     row_slot: torch.Tensor        # [N] pool slot of each row
     row_pos: torch.Tensor         # [N] cache position each row's K/V are written to
     buckets: list[Bucket]
+    exact: list | None = None     # exact forwards: exact.py's buckets instead
 
 
-def _cut(ns: list[int], ctxs: list[int]) -> list[list[int]]:
+def cut(ns: list[int], ctxs: list[int]) -> list[list[int]]:
     """Sequences (indices) in buckets: by context length, a new bucket when padding would cost more
     than SLACK over the real work (rows x keys)."""
     order = sorted(range(len(ns)), key=lambda j: (ctxs[j], ns[j], j))
@@ -67,14 +68,14 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
            masks: list[torch.Tensor | None], buckets: bool = True, per_kv: int = 1) -> Layout:
     """Sequence j: slot slots[j], ns[j] new rows written at cache positions starts[j].., attending
     through masks[j] ([n, start + n] bool) or causally (None: every earlier position and itself).
-    buckets=False: only where the rows go (exact forwards attend per sequence, exact.py); per_kv: query
+    buckets=False: only where the rows go (exact forwards attend through exact.py's buckets); per_kv: query
     heads per K/V head (the masks are laid out for them once here, not per layer)."""
     n_t, start_t = torch.tensor(ns), torch.tensor(starts)
     row_slot = torch.repeat_interleave(torch.tensor(slots), n_t)
     first = torch.cumsum(n_t, 0) - n_t                   # each sequence's first row in the batch
     row_pos = torch.arange(int(n_t.sum())) - torch.repeat_interleave(first - start_t, n_t)
     ctxs = [s + n for s, n in zip(starts, ns)]
-    groups = _cut(ns, ctxs) if buckets else []
+    groups = cut(ns, ctxs) if buckets else []
     out = []
     for g in groups:
         n_max, length = max(ns[j] for j in g), max(ctxs[j] for j in g)

@@ -3,7 +3,8 @@
 
 Why it is needed: at bfloat16 a 1-token decode and a k-token verify take different kernel paths and
 round differently (measured on SmolLM2: every verify row differed from its decode row, by up to 0.9
-in a hidden state), so greedy speculation would drift away from plain decoding. Two things differ:
+in a hidden state), so greedy speculation would drift away from plain decoding. Two things differ, and batching
+sequences must not add a third:
 
 1. Matrix products with few rows, or the wrong number of rows. BLAS kernels pick a different code
    path (and summation order) for one row than for many (bf16 here: the MLP down projection; float32
@@ -24,10 +25,17 @@ in a hidden state), so greedy speculation would drift away from plain decoding. 
        they are the same contiguous cache slice in decode and verify;
      - keys of logical positions [s(p), p] (at most WINDOW = DEPTH + CHUNK of them: the row's
        own ancestors in the tree, in order) are gathered into a fixed-length window, masked after p.
-   Scores of both parts are concatenated, soft-maxed in float32 and applied to both parts' values.
-   Every product has the same shape in decode and verify, the row count aside, and the row count
-   (of queries per group; for the batched window products, the batch) is padded as in 1; so each row
-   comes out the same.
+   Scores of both parts are concatenated, soft-maxed in float32 and applied to both parts' values,
+   the committed ones in blocks of CHUNK keys summed block after block. Every product has the same
+   shape in decode and verify, the row count aside, and the row count (of queries per group; for the
+   batched window products, the batch) is padded as in 1; so each row comes out the same.
+
+3. Batching. The groups of rows of all sequences in a forward (a group: a sequence's rows that share a
+   split point) are attended in a few calls (`buckets`), each group padded to its bucket's row count and
+   longest split. The padding adds masked keys at the end (zero terms in the same softmax lanes) and
+   unread blocks after a group's last (the running sum is read at that block), so it leaves every sum
+   as it was; `probe` checks on this machine that the products do not change with the batch, and
+   falls back to one group a call where they do.
 
 Everything else (embedding, RMSNorm, RoPE, SiLU, residuals) works row by row already. The prefill
 is shared by plain and speculative decoding, so it keeps the fast path."""
@@ -41,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import cut as _cut
 from .products import OutIn, Weight
 from .quant import Int8Weight
 
@@ -72,7 +81,7 @@ class Group:
     rows: torch.Tensor | None   # row indices within the sequence (None = all of them)
     split: int                  # keys [0, split) come straight from the cache
     idx: torch.Tensor           # [g, WINDOW] cache slots of logical positions split .. split+WINDOW-1
-    bias: torch.Tensor          # [1, g, 1, split + WINDOW]: 0 (visible) or -inf, in the model's dtype
+    valid: torch.Tensor         # [g, WINDOW] bool: the row sees that window key
 
 
 @dataclass(frozen=True)
@@ -80,12 +89,14 @@ class ExactRows:
     """What `probe` measured on this machine: the row counts at which a kernel computes every row alike.
     An exact forward runs a product with weight shape S on at least products[S][0] rows, a multiple of
     `step`, in calls of at most products[S][1] rows (None: any); each attention group on at least
-    `attn_min` rows, a multiple of `attn_step`."""
+    `attn_min` rows, a multiple of `attn_step`; groups of several sequences in one call where `batched`
+    (their rows come out as each group's alone would), else one group a call."""
     ok: bool                                                   # False: none found, rows may differ here
     step: int
     products: dict[tuple[int, ...], tuple[int, int | None]]   # weight shape -> (min rows, max rows)
     attn_min: int
     attn_step: int
+    batched: bool = True
 
     def window(self, shape: tuple[int, ...]) -> tuple[int, int | None]:
         """(min rows, max rows per call or None) of exact products with a weight of `shape`; for a shape
@@ -98,10 +109,9 @@ def split_point(positions: torch.Tensor) -> torch.Tensor:
     return (torch.div(positions - DEPTH, CHUNK, rounding_mode="floor") * CHUNK).clamp_min(0)
 
 
-def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None,
-         dtype: torch.dtype = torch.float32) -> list[Group]:
+def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None) -> list[Group]:
     """Per forward (not per layer): which cache slots each row reads. mask: [n, start + n] bool or
-    None (a chain: row r sees slots [0, start + r]); dtype: the scores' (the model's)."""
+    None (a chain: row r sees slots [0, start + r])."""
     n = positions.numel()
     ctx = start + n
     if mask is None:
@@ -124,61 +134,106 @@ def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None,
     idx[r_i, t_i] = s_i
     valid = torch.zeros(n, WINDOW, dtype=torch.bool)
     valid[r_i, t_i] = True
-    groups = []
     values = split.unique().tolist()
+    if len(values) == 1:
+        return [Group(None, int(values[0]), idx, valid)]
+    groups = []
     for s in values:
-        rows = None if len(values) == 1 else (split == s).nonzero(as_tuple=True)[0]
-        v = valid if rows is None else valid[rows]
-        bias = torch.zeros(v.shape[0], s + WINDOW, dtype=dtype)
-        bias[:, s:].masked_fill_(~v, float("-inf"))
-        groups.append(Group(rows, int(s), idx if rows is None else idx[rows], bias[None, :, None, :]))
+        rows = (split == s).nonzero(as_tuple=True)[0]
+        groups.append(Group(rows, int(s), idx[rows], valid[rows]))
     return groups
 
 
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: list[Group],
-           scale: float, min_rows: int = 1, step: int = 1) -> torch.Tensor:
-    """q: [heads, n, d] (RoPE applied); k_cache, v_cache: [kv_heads, max_len, d] of one layer, the
-    rows' own keys already written. Every product runs on `rows(g, min_rows, step)` rows for a group
-    of g rows (copies of the group's first row pad it). Returns [heads, n, d]."""
-    heads, n, d = q.shape
-    kv = k_cache.shape[0]
-    grp = heads // kv
-    qk = q.view(kv, grp, n, d).transpose(1, 2)            # [kv, n, grp, d]: query heads by kv head
-    if len(groups) == 1:
-        out = _attend_group(qk, k_cache, v_cache, groups[0], scale, min_rows, step)
-    else:
-        out = q.new_empty(kv, n, grp, d)
+@dataclass
+class Bucket:
+    """Groups (of any sequences of one pool) attended in one call: each padded to `m` rows (copies of
+    its first row) and to `heads` committed keys (masked), which leave every real row's sums as they
+    are (see `attend`)."""
+    slots: torch.Tensor       # [U] each group's pool slot
+    heads: int                # committed keys read per group: the longest split among them
+    m: int                    # rows per group
+    q_index: torch.Tensor     # [U * m] batch row of each padded row
+    win_slot: torch.Tensor    # [U, 1, 1] = slots, for the window gather
+    win_pos: torch.Tensor     # [U, m, WINDOW] cache position of each window key
+    bias: torch.Tensor        # [U, 1, m, 1, WINDOW + heads] additive: 0 = may attend, -inf = not
+    last: torch.Tensor        # [U] each group's last committed block (split / CHUNK - 1; -1: none)
+    real: torch.Tensor        # [rows] padded rows (of U * m) that are real
+    rows: torch.Tensor        # [rows] their rows in the batch
+
+
+def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int],
+            dtype: torch.dtype, min_rows: int = 1, step: int = 1, batched: bool = True) -> list[Bucket]:
+    """Per forward: sequence j (pool slot slots[j], batch rows offsets[j] ..) with its groups plans[j];
+    the groups cut into buckets by split (attention.cut: padding costs at most SLACK over the real work),
+    or one group a bucket when batching would change rows here (`ExactRows.batched`)."""
+    units = []   # (slot, batch rows, group)
+    for slot, first, groups, n in zip(slots, offsets, plans, sizes):
         for g in groups:
-            out[:, g.rows] = _attend_group(qk[:, g.rows], k_cache, v_cache, g, scale, min_rows, step)
-    return out.transpose(1, 2).reshape(heads, n, d)
+            units.append((slot, first + (torch.arange(n) if g.rows is None else g.rows), g))
+    if batched:
+        cuts = _cut([len(rows) for _, rows, _ in units], [g.split + WINDOW for _, _, g in units])
+    else:
+        cuts = [[u] for u in range(len(units))]
+    return [_bucket([units[u] for u in c], dtype, min_rows, step) for c in cuts]
 
 
-def _attend_group(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: Group, scale: float,
-                  min_rows: int, step: int) -> torch.Tensor:
-    """`attend` for the rows of one group, qg: [kv, g, grp, d] -> [kv, g, grp, d]."""
-    kv, real, grp, d = qg.shape
-    acc = torch.promote_types(qg.dtype, torch.float32)   # softmax in at least float32
-    idx, bias = g.idx, g.bias
-    need = rows(real, min_rows, step)
-    if real < need:
-        extra = [0] * (need - real)
-        qg = torch.cat([qg, qg[:, extra]], dim=1)
-        idx, bias = torch.cat([idx, idx[extra]]), torch.cat([bias, bias[:, extra]], dim=1)
-    qg = qg.contiguous()
-    m, s = qg.shape[1], g.split
-    flat = idx.reshape(-1)                             # (index_select: ~8x faster than k_cache[:, idx])
-    kt = k_cache.index_select(1, flat).view(kv, m, WINDOW, d)
-    vt = v_cache.index_select(1, flat).view(kv, m, WINDOW, d)
-    scores = qg @ kt.transpose(-1, -2)                # [kv, m, grp, WINDOW]
-    if s:
-        head = qg.view(kv, m * grp, d) @ k_cache[:, :s].transpose(-1, -2)
-        scores = torch.cat([head.view(kv, m, grp, s), scores], dim=-1)
-    # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale)
-    w = torch.softmax(scores.mul_(scale).add_(bias), dim=-1, dtype=acc).to(qg.dtype)
-    o = w[..., s:] @ vt                               # [kv, m, grp, d]
-    if s:
-        o = o + (w[..., :s].reshape(kv, m * grp, s) @ v_cache[:, :s]).view(kv, m, grp, d)
-    return o[:, :real]
+def _bucket(us: list[tuple[int, torch.Tensor, Group]], dtype: torch.dtype, min_rows: int, step: int) -> Bucket:
+    """One bucket of groups: (pool slot, batch rows, group) each."""
+    m = rows(max(len(r) for _, r, _ in us), min_rows, step)
+    heads = max(g.split for _, _, g in us)
+    pad = lambda t, k: torch.cat([t, t[[0] * (m - k)]]) if k < m else t   # repeat the first row
+    q_index = torch.stack([pad(r, len(r)) for _, r, _ in us])
+    win_pos = torch.stack([pad(g.idx, len(r)) for _, r, g in us])
+    valid = torch.stack([pad(g.valid, len(r)) for _, r, g in us])                         # [U, m, W]
+    committed = torch.arange(heads)[None] < torch.tensor([g.split for _, _, g in us])[:, None]   # [U, S]
+    see = torch.cat([valid, committed[:, None].expand(-1, m, -1)], -1)
+    bias = torch.zeros(see.shape, dtype=dtype).masked_fill_(~see, float("-inf"))
+    slot_t = torch.tensor([s for s, _, _ in us])
+    real = torch.cat([u * m + torch.arange(len(r)) for u, (_, r, _) in enumerate(us)])
+    return Bucket(slot_t, heads, m, q_index.view(-1), slot_t[:, None, None], win_pos, bias[:, None, :, None],
+                  torch.tensor([g.split // CHUNK - 1 for _, _, g in us]), real, torch.cat([r for _, r, _ in us]))
+
+
+def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """q: [N, heads, d] (RoPE applied); k_pool, v_pool: [slots, kv_heads, max_len, d] of one layer, the
+    rows' own keys already written. Returns [N, heads, d].
+
+    Per bucket: a row's scores over its window (its own WINDOW keys) and over the committed keys
+    [0, heads) of its slot, masked past its split; softmax in float32 over [window, committed] (masked
+    keys past the real ones add exp(-inf) = 0 to the same lanes: the sums do not change); values: the
+    window's in one product, the committed ones in blocks of CHUNK keys, summed block after block (in
+    float32) by a running sum read at the group's last block, so that a row's sum has the same terms in
+    the same order whatever the padding. Every product's shape depends on the padding only through its
+    row and batch counts, which `probe` checks."""
+    n, nh, d = q.shape
+    kv = k_pool.shape[1]
+    grp = nh // kv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty_like(q)
+    for b in bks:
+        u, m, s = b.slots.numel(), b.m, b.heads
+        qb = q[b.q_index].view(u, m, kv, grp, d).transpose(1, 2).contiguous()     # [U, kv, m, grp, d]
+        kw = k_pool[b.win_slot, :, b.win_pos].permute(0, 3, 1, 4, 2)               # [U, kv, m, d, W]
+        vw = v_pool[b.win_slot, :, b.win_pos].permute(0, 3, 1, 2, 4)               # [U, kv, m, W, d]
+        scores = qb @ kw                                                             # [U, kv, m, grp, W]
+        if s:
+            kh = k_pool[:, :, :s].index_select(0, b.slots)                          # [U, kv, S, d]
+            head = qb.view(u, kv, m * grp, d) @ kh.transpose(-1, -2)
+            scores = torch.cat([scores, head.view(u, kv, m, grp, s)], -1)
+        # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale)
+        w = torch.softmax(scores.mul_(scale).add_(b.bias), dim=-1, dtype=acc)
+        o = w[..., :WINDOW].to(q.dtype) @ vw                                        # [U, kv, m, grp, d]
+        if s:
+            blocks = s // CHUNK
+            vh = v_pool[:, :, :s].index_select(0, b.slots).view(u, kv, blocks, CHUNK, d)
+            wh = w[..., WINDOW:].to(q.dtype).reshape(u, kv, m * grp, blocks, CHUNK).transpose(2, 3)
+            run = (wh @ vh).to(acc).cumsum(2)                                        # [U, kv, blocks, m*grp, d]
+            head = run[torch.arange(u), :, b.last.clamp_min(0)]                      # [U, kv, m*grp, d]
+            head = head.masked_fill((b.last < 0)[:, None, None, None], 0)
+            o = (o.to(acc) + head.view(u, kv, m, grp, d)).to(q.dtype)
+        out[b.rows] = o.transpose(1, 2).reshape(u * m, nh, d)[b.real]
+    return out
 
 
 # ---------------------------------------------------------------- probing the machine's kernels
@@ -298,8 +353,8 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
         x = _cancelling(top, w.shape[0], hot, dtype, gen)
         unstable.append(_unstable(lambda x, w=wp: x @ w, x, _COUNTS))
     linear = _choose(unstable, _COUNTS, chunked=True)
-    # attention (`attend`), in rows of queries: the shared-prefix products [kv, m * grp, d] @ [kv, d, T]
-    # and [kv, m * grp, T] @ [kv, T, d] over slices of a [kv, max_len, d] cache, and the per-row window
+    # attention (`attend`), in rows of queries: the committed keys' products [kv, m * grp, d] @ [kv, d, T]
+    # and, per block of CHUNK keys, [kv, m * grp, CHUNK] @ [kv, CHUNK, d], and the per-row window
     # products [1, m, grp, d] @ [1, m, d, W] and [1, m, grp, W] @ [1, m, W, d] (each row its own keys)
     grp = heads // kv
     t = 3 * CHUNK
@@ -310,9 +365,11 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
     vals[:, hot_t] = 1
     counts = [c for c in _COUNTS if c * grp <= top]
     q_rows = _cancelling(top, d, hot_d, dtype, gen)          # one query head per row of the probe
-    w_rows = _cancelling(top, t, hot_t, dtype, gen)
+    w_rows = _cancelling(top, CHUNK, _hot(CHUNK), dtype, gen)
+    block = vals[:, :CHUNK].clone()
+    block[:, _hot(CHUNK)] = 1
     head_k = lambda x: (x.expand(kv, -1, -1).contiguous() @ keys.transpose(-1, -2)).transpose(0, 1)
-    head_v = lambda x: (x.expand(kv, -1, -1).contiguous() @ vals).transpose(0, 1)
+    head_v = lambda x: (x.expand(kv, -1, -1).contiguous() @ block).transpose(0, 1)
     attn_bad = [{m // grp for m in _unstable(op, x, [c * grp for c in counts])}
                 for op, x in ((head_k, q_rows), (head_v, w_rows))]
 
@@ -332,12 +389,42 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
     attn_bad.append(_unstable(lambda x: windowed(x, grp, WINDOW, d, False),
                               torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
     attn = _choose(attn_bad, counts)
+    batched = attn is not None and _batches_alike(dtype, heads, kv, d, max(attn[1]), attn[0], gen)
     if linear is None or attn is None:
         log.warning("exact decoding: this machine's %s matrix kernels round rows differently at every "
                     "row count probed; speculative output may differ from plain decoding", dtype)
         return ExactRows(False, 1, {shape: (1, None) for shape in shapes}, 1, 1)
     log.info("exact decoding (%s, %d threads): matmul rows padded to %s and to a multiple of %d (chunked: "
-             "%s), attention rows to %d and to a multiple of %d (probed in %.2f s)",
+             "%s), attention rows to %d and to a multiple of %d, %s (probed in %.2f s)",
              str(dtype).removeprefix("torch."), torch.get_num_threads(), sorted(set(linear[1])), linear[0],
-             sorted({m for m in linear[2] if m}) or "none", max(attn[1]), attn[0], time.perf_counter() - t0)
-    return ExactRows(True, linear[0], dict(zip(shapes, zip(linear[1], linear[2]))), max(attn[1]), attn[0])
+             sorted({m for m in linear[2] if m}) or "none", max(attn[1]), attn[0],
+             "sequences batched" if batched else "one group of rows a call (batched calls round differently here)",
+             time.perf_counter() - t0)
+    return ExactRows(True, linear[0], dict(zip(shapes, zip(linear[1], linear[2]))), max(attn[1]), attn[0], batched)
+
+
+def _batches_alike(dtype: torch.dtype, heads: int, kv: int, d: int, min_rows: int, step: int,
+                   gen: torch.Generator) -> bool:
+    """Whether `attend` gives every row the same bits in one bucket of many groups (other slots,
+    splits, row counts: padded in rows and committed keys) as in a bucket of its group alone."""
+    n_pos = 4 * CHUNK + WINDOW
+    k_pool = torch.randn(4, kv, n_pos, d, generator=gen).to(dtype)
+    v_pool = torch.randn(4, kv, n_pos, d, generator=gen).to(dtype)
+    k_pool[..., _hot(d)] = 2.0 ** 8      # large products: an ordering change shows in most rows
+    # a decode row early and late, a tree of five rows, a 40-row chain (a prefill chunk: three splits)
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 0, 0, 1]],
+                        dtype=torch.bool)
+    seqs = [(torch.tensor([20]), 20, None), (torch.tensor([3 * CHUNK + 7]), 3 * CHUNK + 7, None),
+            (torch.tensor([0, 1, 1, 2, 2]) + 2 * CHUNK + 3, 2 * CHUNK + 3,
+             torch.cat([torch.ones(5, 2 * CHUNK + 3, dtype=torch.bool), tree], 1)),
+            (torch.arange(CHUNK + 5, 2 * CHUNK + 45), CHUNK + 5, None)]
+    plans = [plan(pos, start, mask) for pos, start, mask in seqs]
+    sizes = [pos.numel() for pos, _, _ in seqs]
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    q = torch.randn(sum(sizes), heads, d, generator=gen).to(dtype)
+    units = [(j, off + (torch.arange(n) if g.rows is None else g.rows), g)
+             for j, (off, gs, n) in enumerate(zip(offsets, plans, sizes)) for g in gs]
+    alone = attend(buckets(list(range(4)), offsets, plans, sizes, dtype, min_rows, step, batched=False),
+                   k_pool, v_pool, q, d ** -0.5)
+    together = attend([_bucket(units, dtype, min_rows, step)], k_pool, v_pool, q, d ** -0.5)
+    return torch.equal(alone, together)

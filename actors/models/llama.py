@@ -254,7 +254,7 @@ class Llama(nn.Module):
         x = F.embedding(torch.cat([it.ids for it in items]), self.embed) if embeds is None else embeds
         pos = torch.cat([it.positions for it in items])
         exact = self.exact if exact is None else exact
-        plans = [_exact.plan(it.positions, it.start, it.mask, self.dtype) for it in items] if exact else []
+        plans = [_exact.plan(it.positions, it.start, it.mask) for it in items] if exact else []
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]   # [N, 1, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         offsets = list(itertools.accumulate(sizes, initial=0))   # each sequence's first row
@@ -269,7 +269,13 @@ class Llama(nn.Module):
                                    [items[j].start for j in js], [sizes[j] for j in js],
                                    [items[j].mask for j in js], buckets=not exact,
                                    per_kv=self.n_heads // self.n_kv)
-            groups.append((rows, js, lay))
+            if exact:   # where each group of rows reads its keys (exact.py): once per forward, not per layer
+                rs = self.exact_rows
+                firsts = list(itertools.accumulate([sizes[j] for j in js], initial=0))   # rows within the pool's
+                lay.exact = _exact.buckets([items[j].cache.slot for j in js], firsts,
+                                           [plans[j] for j in js], [sizes[j] for j in js], self.dtype,
+                                           rs.attn_min, rs.attn_step, rs.batched)
+            groups.append((rows, lay))
         total = x.shape[0]
         for i, w in enumerate(self.layers[:layers]):
             h = _rms_norm(x, w.ln1, self.eps)
@@ -279,7 +285,7 @@ class Llama(nn.Module):
             v = v.view(total, self.n_kv, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            o = self._attend(i, q, k, v, groups, items, offsets, plans)
+            o = self._attend(i, q, k, v, groups)
             x = x + self._linear(o.reshape(total, q_size), w.products["o"], exact)
             h = _rms_norm(x, w.ln2, self.eps)
             gate, up = self._linear(h, w.products["gate_up"], exact).chunk(2, dim=-1)
@@ -288,26 +294,23 @@ class Llama(nn.Module):
             return list(x.split(sizes))
         return list(_rms_norm(x, self.norm, self.eps).split(sizes))
 
-    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list, items: list[BatchItem],
-                offsets: list[int], plans: list) -> torch.Tensor:
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list) -> torch.Tensor:
         """Layer i's attention: the rows' K/V into their slots (one indexed copy per pool), then every
-        sequence's rows in a few bucketed calls (attention.py), or per sequence when exact (plans)."""
-        if len(groups) == 1 and not plans:
-            rows, _, lay = groups[0]
+        sequence's rows in a few bucketed calls (attention.py; exact.py's buckets when exact)."""
+        if len(groups) == 1:
+            _, lay = groups[0]
             attention.write(lay, i, k, v)
-            return attention.attend(lay, i, q)
+            return self._attend_pool(i, lay, q)
         o = torch.empty_like(q)
-        for rows, js, lay in groups:
-            attention.write(lay, i, k if rows is None else k[rows], v if rows is None else v[rows])
-            if not plans:
-                o[rows] = attention.attend(lay, i, q[rows])
-                continue
-            rs = self.exact_rows
-            for j in js:
-                a, b = offsets[j], offsets[j + 1]
-                o[a:b] = _exact.attend(q[a:b].transpose(0, 1), items[j].cache.k[i], items[j].cache.v[i], plans[j],
-                                       self.head_dim ** -0.5, rs.attn_min, rs.attn_step).transpose(0, 1)
+        for rows, lay in groups:
+            attention.write(lay, i, k[rows], v[rows])
+            o[rows] = self._attend_pool(i, lay, q[rows])
         return o
+
+    def _attend_pool(self, i: int, lay: attention.Layout, q: torch.Tensor) -> torch.Tensor:
+        if lay.exact is None:
+            return attention.attend(lay, i, q)
+        return _exact.attend(lay.exact, lay.pool.k[i], lay.pool.v[i], q, self.head_dim ** -0.5)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
