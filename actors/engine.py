@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafthorse.actors.drafters.base import Budget, Drafter, NoDrafter
-from drafthorse.actors.models.runner import ModelRunner, score_batch
+from drafthorse.actors.models.runner import ModelRunner, extend_batch, score_batch
 from drafthorse.actors.spec.adaptive import Acceptance, AdaptivePolicy
 from drafthorse.actors.spec.sampling import SamplingParams, make_generator, probs_from_logits
 from drafthorse.actors.spec.stats import GenerationStats
@@ -43,6 +43,17 @@ class Generation:
     text: str = ""
     finish_reason: str = ""
     stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class Prompt:
+    """A prompt to start on a runner (`BatchEngine.start_many`)."""
+    runner: ModelRunner
+    ids: list[int]
+    params: SamplingParams
+    drafter: Drafter | None = None
+    stats: GenerationStats | None = None
+    reuse_prefix: bool = False           # keep the K/V of the runner's common prefix with `ids`
 
 
 @dataclass
@@ -115,41 +126,55 @@ class BatchEngine:
               ) -> tuple[Sequence, Step]:
         """Prefill `runner` and commit the first token. reuse_prefix keeps the K/V of the longest
         common prefix of the runner's tokens and this prompt (a session's next turn)."""
-        self.check_request(runner, prompt_ids, params)
-        seq = Sequence(runner=runner, drafter=drafter or NoDrafter(), params=params,
-                       stats=stats if stats is not None else GenerationStats(),
-                       stopper=StopChecker(params.max_new_tokens, self.eos_ids, params.stop, self.decode),
-                       verify_rng=make_generator(params.seed),
-                       draft_rng=make_generator(params.seed, salt=1))  # the drafter's randomness is its own
-        seq.stats.prompt_tokens = len(prompt_ids)
-        feats = seq.drafter.wants_features
-        keep = reusable_prefix(runner, prompt_ids, seq.drafter) if reuse_prefix else 0
-        runner.truncate(keep)
-        seq.stats.reused_prefix_tokens = keep
-        seq.t0 = time.perf_counter()
-        logits, hidden = self._prefill(runner, prompt_ids[keep:], feats)
-        seq.root = self._pick(logits, params, seq.verify_rng)
-        seq.stats.prefill_s = time.perf_counter() - seq.t0
-        seq.stats.record_step(0, 0)
-        step = self._emit(seq, [seq.root], 0, 0)
-        seq.drafter.bind(runner)
-        if feats:   # (drafters without features keep the two-argument calls)
-            seq.drafter.begin(prompt_ids, hidden[:-1])
-        else:
-            seq.drafter.begin(prompt_ids)
-        seq.new = [seq.root]
-        seq.new_features = hidden[-1:] if feats else None
-        return seq, step
+        return self.start_many([Prompt(runner, prompt_ids, params, drafter, stats, reuse_prefix)])[0]
 
-    def _prefill(self, runner: ModelRunner, ids: list[int], all_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """runner.extend in `prefill_chunk` pieces: (logits at the last token, hidden: the last
-        token's, or every token's with all_hidden)."""
-        step = self.prefill_chunk or len(ids)
-        hs = []
-        for a in range(0, len(ids), step):
-            logits, h = runner.extend(ids[a:a + step], all_hidden=all_hidden)
-            hs.append(h)
-        return logits, torch.cat(hs) if all_hidden else hs[-1]
+    def start_many(self, prompts: list[Prompt]) -> list[tuple[Sequence, Step]]:
+        """`start` several prompts (each on its own runner of one model) with one forward per round of
+        prefill pieces: every prompt's next piece of `prefill_chunk` tokens, aligned from its reused
+        prefix as when alone, so each prompt's K/V and first token are those of its start alone."""
+        for p in prompts:
+            self.check_request(p.runner, p.ids, p.params)
+        seqs, todo = [], []
+        for p in prompts:
+            drafter = p.drafter or NoDrafter()
+            seq = Sequence(runner=p.runner, drafter=drafter, params=p.params,
+                           stats=p.stats if p.stats is not None else GenerationStats(),
+                           stopper=StopChecker(p.params.max_new_tokens, self.eos_ids, p.params.stop, self.decode),
+                           verify_rng=make_generator(p.params.seed),
+                           draft_rng=make_generator(p.params.seed, salt=1))  # the drafter's randomness is its own
+            seq.stats.prompt_tokens = len(p.ids)
+            keep = reusable_prefix(p.runner, p.ids, drafter) if p.reuse_prefix else 0
+            p.runner.truncate(keep)
+            seq.stats.reused_prefix_tokens = keep
+            seq.t0 = time.perf_counter()
+            seqs.append(seq)
+            todo.append(p.ids[keep:])
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        hidden: list[list[torch.Tensor]] = [[] for _ in prompts]
+        done = [0] * len(prompts)
+        step = self.prefill_chunk or max(map(len, todo))
+        while live := [i for i in range(len(prompts)) if done[i] < len(todo[i])]:
+            pieces = [todo[i][done[i]:done[i] + step] for i in live]
+            for i, piece, (lg, h) in zip(live, pieces, extend_batch([prompts[i].runner for i in live], pieces)):
+                logits[i] = lg
+                hidden[i].append(h if seqs[i].drafter.wants_features else h[-1:])
+                done[i] += len(piece)
+        out = []
+        for p, seq, lg, hs in zip(prompts, seqs, logits, hidden):
+            h = torch.cat(hs)
+            seq.root = self._pick(lg, p.params, seq.verify_rng)
+            seq.stats.prefill_s = time.perf_counter() - seq.t0
+            seq.stats.record_step(0, 0)
+            first = self._emit(seq, [seq.root], 0, 0)
+            seq.drafter.bind(p.runner)
+            if seq.drafter.wants_features:   # (drafters without features keep the two-argument calls)
+                seq.drafter.begin(p.ids, h[:-1])
+            else:
+                seq.drafter.begin(p.ids)
+            seq.new = [seq.root]
+            seq.new_features = h[-1:] if seq.drafter.wants_features else None
+            out.append((seq, first))
+        return out
 
     # ------------------------------------------------------------------ many sequences
 

@@ -2,11 +2,12 @@
 step verifies the trees of all running requests in one target pass.
 
     submit(request) -> waiting (bounded: RESOURCE_EXHAUSTED beyond) -> prefilling -> running
-    loop: admit while slots are free -> one prefill chunk -> engine.step(running) -> hand out steps
+    loop: admit while slots are free -> one prefill round -> engine.step(running) -> hand out steps
 
 Chunked prefill: a long prompt enters its KV cache `prefill_chunk` tokens per loop iteration, between
-the running requests' steps, so it delays them by one chunk at a time instead of its whole prefill;
-its last piece goes through `engine.start` with prefix reuse, which scores only what is not cached.
+the running requests' steps, so it delays them by a round at a time instead of its whole prefill;
+its last piece goes through `engine.start_many` with prefix reuse, which scores only what is not
+cached. A round prefills the pieces of several requests in one pass (up to `prefill_tokens`).
 Each request's handler thread reads its own queue, so slow clients never stall the batch; a
 cancelled request leaves at the next step boundary and frees its slot."""
 from __future__ import annotations
@@ -19,9 +20,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from drafthorse.actors.drafters.base import Drafter
-from drafthorse.actors.engine import BatchEngine, Sequence, reusable_prefix
+from drafthorse.actors.engine import BatchEngine, Prompt, Sequence, reusable_prefix
 from drafthorse.actors.models.llama import Llama
-from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.models.runner import ModelRunner, extend_batch
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.actors.spec.stats import GenerationStats
 
@@ -90,8 +91,9 @@ class _Admitted:
 
 
 class Scheduler:
-    def __init__(self, engine: BatchEngine, pool: SlotPool, max_waiting: int):
+    def __init__(self, engine: BatchEngine, pool: SlotPool, max_waiting: int, prefill_tokens: int = 1024):
         self.engine, self.pool, self.max_waiting = engine, pool, max_waiting
+        self.prefill_tokens = prefill_tokens   # prompt tokens prefilled per loop iteration (at least one request)
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[_Admitted] = deque()
         self.running: list[tuple[Request, Sequence]] = []
@@ -152,16 +154,20 @@ class Scheduler:
                 r.out.put(step)
 
     def _prefill(self) -> None:
-        """Start the admitted requests whose uncached prompt fits in one chunk; give the first longer
-        one its next chunk (at most one per loop iteration). Chunks are the engine's own
-        (`SpecEngine.prefill_chunk`, aligned from the reused prefix), so a prompt is prefilled in the
-        same pieces whether it was alone or not."""
+        """One round of prefill for the admitted requests, in at most two passes: those whose uncached
+        prompt fits in one chunk start together (`engine.start_many`; so does a feature drafter's,
+        which needs every prompt state from one engine call), every longer one gets its next chunk
+        (`extend_batch`); up to `prefill_tokens` a round (at least one request), the rest wait for the
+        next. Chunks are the engine's own (`prefill_chunk`, aligned from the reused prefix), and a
+        prefill pass computes each prompt as alone, so its K/V never depend on what shares the pass."""
         chunk = self.engine.prefill_chunk
-        while self.prefilling:
-            a = self.prefilling[0]
+        starts: list[_Admitted] = []
+        pieces: list[_Admitted] = []
+        later: deque[_Admitted] = deque()
+        budget = self.prefill_tokens
+        for a in list(self.prefilling):
             req, r = a.req, a.runner
             if req.cancelled.is_set():
-                self.prefilling.popleft()
                 self._finish(req, r)
                 continue
             if not a.checked:   # checked once; the slot's cache cut to what start() would keep
@@ -169,37 +175,64 @@ class Scheduler:
                 try:
                     self.engine.check_request(r, req.prompt_ids, req.params)
                 except ValueError as e:
-                    self.prefilling.popleft()
                     self._fail(req, r, e)
                     continue
                 r.truncate(reusable_prefix(r, req.prompt_ids, req.drafter) if a.cached else 0)
             todo = len(req.prompt_ids) - r.length
-            if not chunk or todo <= chunk or req.drafter.wants_features:
-                # one piece left (or a feature drafter, which needs every prompt state from one
-                # engine call): start, reusing what is cached
-                self.prefilling.popleft()
-                self._start(req, r, a.cached or r.length > 0)
+            final = not chunk or todo <= chunk or req.drafter.wants_features
+            cost = todo if final else chunk
+            if (starts or pieces) and cost > budget:
+                later.append(a)
                 continue
-            try:
-                r.extend(req.prompt_ids[r.length:r.length + chunk])
-            except Exception as e:  # noqa: BLE001 - a prefill failure must not wedge the loop
-                self.prefilling.popleft()
-                self._fail(req, r, e)
-            return
+            budget -= cost
+            if final:
+                starts.append(a)
+            else:
+                pieces.append(a)
+                later.append(a)
+        self.prefilling = later
+        if pieces:
+            self._extend(pieces, chunk)
+        if starts:
+            self._start(starts)
 
-    def _start(self, req: Request, runner: ModelRunner, cached: bool) -> None:
-        if req.cancelled.is_set():
-            self._finish(req, runner)
-            return
+    def _extend(self, pieces: list[_Admitted], chunk: int) -> None:
+        """The next chunk of each of these prompts, in one pass; alone where that fails, so that only
+        a failing request ends."""
         try:
-            seq, step = self.engine.start(runner, req.prompt_ids, req.params, req.drafter, req.stats,
-                                          reuse_prefix=cached)
-            seq.adaptive = req.adaptive
-        except Exception as e:  # noqa: BLE001 - bad input (ValueError) or a prefill failure
-            self._fail(req, runner, e)
+            extend_batch([a.runner for a in pieces], [a.req.prompt_ids[a.runner.length:a.runner.length + chunk]
+                                                      for a in pieces])
+        except Exception as e:  # noqa: BLE001 - a prefill failure must not wedge the loop
+            if len(pieces) > 1:
+                for a in pieces:
+                    self._extend([a], chunk)
+                return
+            self.prefilling.remove(pieces[0])
+            self._fail(pieces[0].req, pieces[0].runner, e)
+
+    def _start(self, admitted: list[_Admitted]) -> None:
+        """Start these requests (their last prefill piece and first token) in one pass; alone where
+        that fails, so that only a failing request ends."""
+        for a in [a for a in admitted if a.req.cancelled.is_set()]:
+            admitted.remove(a)
+            self._finish(a.req, a.runner)
+        if not admitted:
             return
-        req.out.put(step)
-        self.running.append((req, seq))
+        prompts = [Prompt(a.runner, a.req.prompt_ids, a.req.params, a.req.drafter, a.req.stats,
+                          reuse_prefix=a.cached or a.runner.length > 0) for a in admitted]
+        try:
+            started = self.engine.start_many(prompts)
+        except Exception as e:  # noqa: BLE001 - bad input (ValueError) or a prefill failure
+            if len(admitted) > 1:
+                for a in admitted:
+                    self._start([a])
+                return
+            self._fail(admitted[0].req, admitted[0].runner, e)
+            return
+        for a, (seq, step) in zip(admitted, started):
+            seq.adaptive = a.req.adaptive
+            a.req.out.put(step)
+            self.running.append((a.req, seq))
 
     def _fail(self, req: Request, runner: ModelRunner, e: Exception) -> None:
         """The request ends with `e` (its handler turns it into a status); its slot is emptied."""

@@ -6,7 +6,7 @@ import torch
 
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
-from drafthorse.actors.engine import BatchEngine, SpecEngine
+from drafthorse.actors.engine import BatchEngine, Prompt, SpecEngine
 from drafthorse.actors.models.loader import tiny_llama
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
@@ -191,3 +191,34 @@ def test_a_new_pool_reads_zeros_where_nothing_was_written(models):
         del junk
         kv = target.model.new_pool(4, 300)
         assert not kv.k.isnan().any() and not kv.v.isnan().any() and kv.k.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_prompts_started_together_are_started_alone(dtype):
+    """`start_many` prefills several prompts (short, several chunks long, one reusing a cached prefix)
+    in one pass per round of chunks: each prompt's K/V and first token are the same bits as its start
+    alone (at bfloat16 too: exact products, each prompt's attention a call of its own)."""
+    lm = tiny_llama(2, dtype=getattr(torch, dtype))
+    model = lm.model
+    engine = BatchEngine(set(), prefill_chunk=16)
+    prompts = [[(5 * j + 1) % 120 for j in range(n)] for n in (3, 40, 17, 70)]
+    reuse = prompts[1][:25] + [7, 8, 9]            # a next turn: 25 tokens cached, then new ones
+    params = SamplingParams(max_new_tokens=4)
+
+    def run(together: bool):
+        pool = model.new_pool(5, 128)
+        runners = [ModelRunner(model, cache=pool.cache(i)) for i in range(5)]
+        runners[4].extend(prompts[1][:30])
+        todo = [Prompt(r, p, params) for r, p in zip(runners, prompts)] + [Prompt(runners[4], reuse, params,
+                                                                                   reuse_prefix=True)]
+        started = engine.start_many(todo) if together else [engine.start_many([t])[0] for t in todo]
+        firsts = [step.token_ids for _, step in started]
+        return firsts, [(r.length, pool.k[:, i, :, :r.length].clone(), pool.v[:, i, :, :r.length].clone())
+                        for i, r in enumerate(runners)]
+
+    firsts, caches = run(True)
+    firsts_alone, caches_alone = run(False)
+    assert firsts == firsts_alone
+    for (n, k, v), (n2, k2, v2) in zip(caches, caches_alone):
+        assert n == n2 and torch.equal(k, k2) and torch.equal(v, v2)
+    assert caches[4][0] == len(reuse)

@@ -3,6 +3,7 @@ equal to each request decoding alone, session prefixes, cancellation mid-prefill
 from __future__ import annotations
 
 import queue
+import threading
 import time
 
 import pytest
@@ -123,3 +124,32 @@ def test_bad_long_prompt_fails_cleanly(sched):
     ok = Request([1, 2, 3], SamplingParams(max_new_tokens=3), NoDrafter())
     s.submit(ok)
     assert len(drain(ok)) == 3
+
+
+def test_waiting_prompts_are_prefilled_in_one_pass(tiny):
+    """Requests that arrive together start with one prefill pass for all (not one each), and each
+    output is its output alone."""
+    lm = tiny(0)
+    engine = BatchEngine(lm.eos_ids, prefill_chunk=CHUNK)
+    model = lm.model
+    passes = []
+    forward = model.forward_batch
+    model.forward_batch = lambda items, **kw: passes.append((len(items), kw.get("prefill"))) or forward(items, **kw)
+    try:
+        s = Scheduler(engine, SlotPool(model, 3, 512), max_waiting=8)
+        s.stop()                     # hold the loop: all three must be waiting when it runs
+        s.thread.join()
+        prompts = [[5, 6, 7, 8], [(3 * i) % 120 for i in range(12)], [9, 1, 9, 2, 9]]
+        reqs = [Request(p, SamplingParams(max_new_tokens=6), NoDrafter()) for p in prompts]
+        for r in reqs:
+            s.submit(r)
+        s._stop = False
+        s.thread = threading.Thread(target=s._loop, daemon=True)
+        s.thread.start()
+        got = [drain(r) for r in reqs]
+        s.stop()
+    finally:
+        del model.forward_batch
+    assert passes[0] == (3, True), passes[:3]
+    assert sum(1 for _, prefill in passes if prefill) == 1
+    assert got == [alone(lm, p, SamplingParams(max_new_tokens=6)) for p in prompts]

@@ -65,17 +65,19 @@ def cut(ns: list[int], ctxs: list[int]) -> list[list[int]]:
 
 
 def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
-           masks: list[torch.Tensor | None], buckets: bool = True, per_kv: int = 1) -> Layout:
+           masks: list[torch.Tensor | None], buckets: bool = True, per_kv: int = 1, alone: bool = False) -> Layout:
     """Sequence j: slot slots[j], ns[j] new rows written at cache positions starts[j].., attending
     through masks[j] ([n, start + n] bool) or causally (None: every earlier position and itself).
     buckets=False: only where the rows go (exact forwards attend through exact.py's buckets); per_kv: query
-    heads per K/V head (the masks are laid out for them once here, not per layer)."""
+    heads per K/V head (the masks are laid out for them once here, not per layer); alone: every sequence
+    in a bucket of its own (the one it has in a forward by itself: prefill chunks, whose K/V must not
+    depend on what shares the pass)."""
     n_t, start_t = torch.tensor(ns), torch.tensor(starts)
     row_slot = torch.repeat_interleave(torch.tensor(slots), n_t)
     first = torch.cumsum(n_t, 0) - n_t                   # each sequence's first row in the batch
     row_pos = torch.arange(int(n_t.sum())) - torch.repeat_interleave(first - start_t, n_t)
     ctxs = [s + n for s, n in zip(starts, ns)]
-    groups = cut(ns, ctxs) if buckets else []
+    groups = ([[j] for j in range(len(ns))] if alone else cut(ns, ctxs)) if buckets else []
     out = []
     for g in groups:
         n_max, length = max(ns[j] for j in g), max(ctxs[j] for j in g)

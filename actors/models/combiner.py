@@ -23,7 +23,8 @@ from .llama import BatchItem, Llama
 @dataclass(eq=False)   # compared by identity (queue removal), never by tensor contents
 class _Call:
     item: BatchItem
-    key: tuple[bool, int | None, bool]   # forwards that can share a pass: (exact, layers, with embeds)
+    key: tuple[bool | None, int | None, bool]   # forwards that can share a pass: (exact, None: prefill;
+                                                #  layers, with embeds)
     embeds: torch.Tensor | None
     logit_rows: slice | None             # rows whose logits the caller wants
     done: bool = False
@@ -43,7 +44,7 @@ class Combiner:
     _queue: list[_Call] = field(default_factory=list)
     _busy: bool = False
 
-    def forward(self, item: BatchItem, exact: bool, embeds: torch.Tensor | None, layers: int | None,
+    def forward(self, item: BatchItem, exact: bool | None, embeds: torch.Tensor | None, layers: int | None,
                 logit_rows: slice | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden [n, H], logits of `logit_rows` or None) of one sequence's forward."""
         call = _Call(item, (exact, layers, embeds is not None), embeds, logit_rows)
@@ -76,7 +77,8 @@ class Combiner:
         exact, layers, with_embeds = batch[0].key
         try:
             embeds = torch.cat([c.embeds for c in batch if c.embeds is not None]) if with_embeds else None
-            hidden = self.model.forward_batch([c.item for c in batch], exact=exact, embeds=embeds, layers=layers)
+            hidden = self.model.forward_batch([c.item for c in batch], exact=bool(exact), embeds=embeds,
+                                              layers=layers, prefill=exact is None)
             want = [h[c.logit_rows] for c, h in zip(batch, hidden) if c.logit_rows is not None]
             logits = iter(self.model.logits(torch.cat(want)).split([w.shape[0] for w in want]) if want else ())
             for c, h in zip(batch, hidden):

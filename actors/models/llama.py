@@ -240,7 +240,7 @@ class Llama(nn.Module):
 
     @torch.inference_mode()
     def forward_batch(self, items: list[BatchItem], exact: bool | None = None, embeds: torch.Tensor | None = None,
-                      layers: int | None = None) -> list[torch.Tensor]:
+                      layers: int | None = None, prefill: bool = False) -> list[torch.Tensor]:
         """Several sequences in one pass (ragged: each its own tokens, positions, cache and mask).
 
         Every product runs on all rows together; each layer writes all new K/V with one indexed copy
@@ -249,11 +249,14 @@ class Llama(nn.Module):
         sequence's rows do not depend on how many rows share the pass; its attention runs per sequence
         (exact.py). embeds: the input rows instead of the tokens' embeddings (a draft head's own inputs);
         layers: run only the first `layers` layers and return the residual stream after them
-        (layer-skip drafting; their K/V go to the cache like any other)."""
+        (layer-skip drafting; their K/V go to the cache like any other). prefill: chains entering the
+        cache (prompts): products as the model's exact setting has them and each sequence's attention in
+        a call of its own, so its rows are those of its prefill alone whatever shares the pass."""
         sizes = [it.ids.numel() for it in items]
         x = F.embedding(torch.cat([it.ids for it in items]), self.embed) if embeds is None else embeds
         pos = torch.cat([it.positions for it in items])
-        exact = self.exact if exact is None else exact
+        exact = False if prefill else self.exact if exact is None else exact
+        mm_exact = self.exact if prefill else exact      # the products' (row-invariant where exact)
         plans = [_exact.plan(it.positions, it.start, it.mask) for it in items] if exact else []
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]   # [N, 1, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -268,7 +271,7 @@ class Llama(nn.Module):
             lay = attention.layout(items[js[0]].cache.pool, [items[j].cache.slot for j in js],
                                    [items[j].start for j in js], [sizes[j] for j in js],
                                    [items[j].mask for j in js], buckets=not exact,
-                                   per_kv=self.n_heads // self.n_kv)
+                                   per_kv=self.n_heads // self.n_kv, alone=prefill)
             if exact:   # where each group of rows reads its keys (exact.py): once per forward, not per layer
                 rs = self.exact_rows
                 firsts = list(itertools.accumulate([sizes[j] for j in js], initial=0))   # rows within the pool's
@@ -279,17 +282,17 @@ class Llama(nn.Module):
         total = x.shape[0]
         for i, w in enumerate(self.layers[:layers]):
             h = _rms_norm(x, w.ln1, self.eps)
-            q, k, v = self._linear(h, w.products["qkv"], exact).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = self._linear(h, w.products["qkv"], mm_exact).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(total, self.n_heads, self.head_dim)
             k = k.view(total, self.n_kv, self.head_dim)
             v = v.view(total, self.n_kv, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = self._attend(i, q, k, v, groups)
-            x = x + self._linear(o.reshape(total, q_size), w.products["o"], exact)
+            x = x + self._linear(o.reshape(total, q_size), w.products["o"], mm_exact)
             h = _rms_norm(x, w.ln2, self.eps)
-            gate, up = self._linear(h, w.products["gate_up"], exact).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, w.products["down"], exact)
+            gate, up = self._linear(h, w.products["gate_up"], mm_exact).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, w.products["down"], mm_exact)
         if layers is not None:
             return list(x.split(sizes))
         return list(_rms_norm(x, self.norm, self.eps).split(sizes))

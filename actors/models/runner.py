@@ -75,27 +75,33 @@ class ModelRunner:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append a chain to the committed prefix; returns (logits, hidden) at its last token (hidden
         at every token with all_hidden). embeds: input rows instead of the tokens' embeddings."""
+        hidden, logits = self._forward(self._add_chain(tokens), None, embeds, logit_rows=slice(-1, None))
+        assert logits is not None
+        self._keep_chain(tokens)
+        return logits[0], hidden if all_hidden else hidden[-1]
+
+    def _add_chain(self, tokens: list[int]) -> BatchItem:
+        """The forward's inputs for a chain after the committed prefix."""
         if not tokens:
             raise ValueError("extend needs at least one token")
         if self.length + len(tokens) > self.max_len:
             raise ContextFull(f"{self.length + len(tokens)} tokens exceed the context of {self.max_len}")
         self._clear_scratch()
-        ids = torch.tensor(tokens, dtype=torch.long)
         pos = torch.arange(self.length, self.length + len(tokens))
-        hidden, logits = self._forward(BatchItem(ids, pos, self.cache, self.length, None), False, embeds,
-                                       logit_rows=slice(-1, None))
-        assert logits is not None
+        return BatchItem(torch.tensor(tokens, dtype=torch.long), pos, self.cache, self.length, None)
+
+    def _keep_chain(self, tokens: list[int]) -> None:
         self.length += len(tokens)
         self.tokens += tokens
-        return logits[0], hidden if all_hidden else hidden[-1]
 
-    def _forward(self, item: BatchItem, exact: bool, embeds: torch.Tensor | None, layers: int | None = None,
+    def _forward(self, item: BatchItem, exact: bool | None, embeds: torch.Tensor | None, layers: int | None = None,
                  logit_rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward of this sequence: (hidden, logits of logit_rows, None without). Through the
-        combiner when this runner has one."""
+        combiner when this runner has one. exact None: a prefill (Llama.forward_batch)."""
         if self.combiner is not None:
             return self.combiner.forward(item, exact, embeds, layers, logit_rows)
-        hidden = self.model.forward_batch([item], exact=exact, embeds=embeds, layers=layers)[0]
+        hidden = self.model.forward_batch([item], exact=bool(exact), embeds=embeds, layers=layers,
+                                          prefill=exact is None)[0]
         return hidden, None if logit_rows is None else self.model.logits(hidden[logit_rows])
 
     def score(self, tokens: list[int], parents: list[int], embeds: torch.Tensor | None = None,
@@ -156,4 +162,16 @@ def score_batch(runners: list[ModelRunner], tokens: list[list[int]], parents: li
     items = [r._add_scratch(t, p) for r, t, p in zip(runners, tokens, parents)]
     hidden = model.forward_batch(items, embeds=embeds)
     logits = model.logits(torch.cat(hidden)).split([h.shape[0] for h in hidden])
+    return list(zip(logits, hidden))
+
+
+def extend_batch(runners: list[ModelRunner], tokens: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`extend` several runners (same model) by a chain each in one forward pass: (logits at the chain's
+    last token, hidden at every token) each. The rows of each come out as from its own `extend`."""
+    model = runners[0].model
+    items = [r._add_chain(t) for r, t in zip(runners, tokens)]
+    hidden = model.forward_batch(items, prefill=True)
+    logits = model.logits(torch.stack([h[-1] for h in hidden]))
+    for r, t in zip(runners, tokens):
+        r._keep_chain(t)
     return list(zip(logits, hidden))

@@ -26,7 +26,7 @@ import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from drafthorse.actors.drafters import make_drafter
-from drafthorse.actors.engine import BatchEngine
+from drafthorse.actors.engine import BatchEngine, Prompt
 from drafthorse.actors.models.loader import LoadedModel
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
@@ -97,8 +97,8 @@ def _ours(lm: LoadedModel, batch: list[list[int]], n: int, method: str, steps: l
     t0 = time.perf_counter()
     drafter = "none" if method == "ar" else method
     kv = lm.model.new_pool(len(batch), max_len)   # one K/V tensor for the batch, as a target worker's
-    started = [engine.start(ModelRunner(lm.model, cache=kv.cache(i)), p, params, make_drafter(drafter))
-               for i, p in enumerate(batch)]
+    started = engine.start_many([Prompt(ModelRunner(lm.model, cache=kv.cache(i)), p, params, make_drafter(drafter))
+                                 for i, p in enumerate(batch)])   # the prompts prefilled together, as HF's
     tokens = sum(len(first.token_ids) for _, first in started)
     seqs = [seq for seq, _ in started]
     while seqs:
