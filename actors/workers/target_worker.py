@@ -28,7 +28,7 @@ from drafthorse.actors.spec.stats import GenerationStats
 from drafthorse.actors.spec.textstream import TextStream
 from drafthorse.actors.workers.remote_drafter import RemoteDrafter
 from drafthorse.actors.workers.wire import sampling_from_proto
-from drafthorse.actors.workers.worker import GrpcWorker
+from drafthorse.actors.workers.worker import GrpcWorker, in_passing_thread
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime import kinds
@@ -185,8 +185,12 @@ class TargetWorker(GrpcWorker[TargetService]):
         tls = s.tls()   # read once: the server and the channels to draft workers share it
         torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
-        lm = loader.load(s.model, s.dtype, s.max_len)
-        heads = load_local_heads(s, lm)
+        # loaded (and probed, at the thread count it serves with) on a thread that then ends: the
+        # scheduler's thread is the only one left running torch work (in_passing_thread)
+        def load() -> tuple[LoadedModel, dict]:
+            lm = loader.load(s.model, s.dtype, s.max_len)
+            return lm, load_local_heads(s, lm)
+        lm, heads = in_passing_thread(load)
         service = TargetService(lm, membership.worker_id, s.sessions_per_target, s.max_len, s.token(),
                                 checkpoint=membership.checkpoint_tokens,
                                 max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
