@@ -246,8 +246,8 @@ class Llama(nn.Module):
         Every product runs on all rows together; each layer writes all new K/V with one indexed copy
         per pool and runs attention for all sequences in a few bucketed calls (attention.py). Returns
         each sequence's final hidden states. exact (default: the model's setting): row-invariant, so a
-        sequence's rows do not depend on how many rows share the pass; its attention runs per sequence
-        (exact.py). embeds: the input rows instead of the tokens' embeddings (a draft head's own inputs);
+        sequence's rows do not depend on how many rows share the pass; its attention runs in exact.py's
+        buckets. embeds: the input rows instead of the tokens' embeddings (a draft head's own inputs);
         layers: run only the first `layers` layers and return the residual stream after them
         (layer-skip drafting; their K/V go to the cache like any other). prefill: chains entering the
         cache (prompts): products as the model's exact setting has them and each sequence's attention in
