@@ -153,8 +153,8 @@ class Bucket:
     heads: int                # committed keys read per group: the longest split among them
     m: int                    # rows per group
     q_index: torch.Tensor     # [U * m] batch row of each padded row
-    win_slot: torch.Tensor    # [U, 1, 1] = slots, for the window gather
-    win_pos: torch.Tensor     # [U, m, WINDOW] cache position of each window key
+    window: torch.Tensor      # [U * m * WINDOW * kv_heads] row of each window key and head in a layer's
+                              # K/V viewed as [slots * kv_heads * max_len, d] (index_select: contiguous rows)
     bias: torch.Tensor        # [U, 1, m, 1, WINDOW + heads] additive: 0 = may attend, -inf = not
     last: torch.Tensor        # [U] each group's last committed block (split / CHUNK - 1; -1: none)
     real: torch.Tensor        # [rows] padded rows (of U * m) that are real
@@ -162,8 +162,10 @@ class Bucket:
 
 
 def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int],
-            dtype: torch.dtype, min_rows: int = 1, step: int = 1, batched: bool = True) -> list[Bucket]:
-    """Per forward: sequence j (pool slot slots[j], batch rows offsets[j] ..) with its groups plans[j];
+            pool: tuple[int, int], dtype: torch.dtype, min_rows: int = 1, step: int = 1,
+            batched: bool = True) -> list[Bucket]:
+    """Per forward: sequence j (pool slot slots[j], batch rows offsets[j] ..) with its groups plans[j],
+    in a pool of (kv_heads, max_len);
     the groups cut into buckets by split (attention.cut: padding costs at most SLACK over the real work),
     or one group a bucket when batching would change rows here (`ExactRows.batched`)."""
     units = []   # (slot, batch rows, group)
@@ -174,10 +176,11 @@ def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], size
         cuts = _cut([len(rows) for _, rows, _ in units], [g.split + WINDOW for _, _, g in units])
     else:
         cuts = [[u] for u in range(len(units))]
-    return [_bucket([units[u] for u in c], dtype, min_rows, step) for c in cuts]
+    return [_bucket([units[u] for u in c], pool, dtype, min_rows, step) for c in cuts]
 
 
-def _bucket(us: list[tuple[int, torch.Tensor, Group]], dtype: torch.dtype, min_rows: int, step: int) -> Bucket:
+def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dtype: torch.dtype, min_rows: int,
+            step: int) -> Bucket:
     """One bucket of groups: (pool slot, batch rows, group) each."""
     m = rows(max(len(r) for _, r, _ in us), min_rows, step)
     heads = max(g.split for _, _, g in us)
@@ -189,8 +192,10 @@ def _bucket(us: list[tuple[int, torch.Tensor, Group]], dtype: torch.dtype, min_r
     see = torch.cat([valid, committed[:, None].expand(-1, m, -1)], -1)
     bias = torch.zeros(see.shape, dtype=dtype).masked_fill_(~see, float("-inf"))
     slot_t = torch.tensor([s for s, _, _ in us])
+    kv, max_len = pool
+    window = ((slot_t[:, None, None, None] * kv + torch.arange(kv)) * max_len + win_pos[..., None]).view(-1)
     real = torch.cat([u * m + torch.arange(len(r)) for u, (_, r, _) in enumerate(us)])
-    return Bucket(slot_t, heads, m, q_index.view(-1), slot_t[:, None, None], win_pos, bias[:, None, :, None],
+    return Bucket(slot_t, heads, m, q_index.view(-1), window, bias[:, None, :, None],
                   torch.tensor([g.split // CHUNK - 1 for _, _, g in us]), real, torch.cat([r for _, r, _ in us]))
 
 
@@ -214,8 +219,8 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
     for b in bks:
         u, m, s = b.slots.numel(), b.m, b.heads
         qb = q[b.q_index].view(u, m, kv, grp, d).transpose(1, 2).contiguous()     # [U, kv, m, grp, d]
-        kw = k_pool[b.win_slot, :, b.win_pos].permute(0, 3, 1, 4, 2)               # [U, kv, m, d, W]
-        vw = v_pool[b.win_slot, :, b.win_pos].permute(0, 3, 1, 2, 4)               # [U, kv, m, W, d]
+        kw = k_pool.view(-1, d).index_select(0, b.window).view(u, m, WINDOW, kv, d).permute(0, 3, 1, 4, 2)
+        vw = v_pool.view(-1, d).index_select(0, b.window).view(u, m, WINDOW, kv, d).permute(0, 3, 1, 2, 4)
         scores = qb @ kw                                                             # [U, kv, m, grp, W]
         if s:
             kh = k_pool[:, :, :s].index_select(0, b.slots)                          # [U, kv, S, d]
@@ -424,7 +429,7 @@ def _batches_alike(dtype: torch.dtype, heads: int, kv: int, d: int, min_rows: in
     q = torch.randn(sum(sizes), heads, d, generator=gen).to(dtype)
     units = [(j, off + (torch.arange(n) if g.rows is None else g.rows), g)
              for j, (off, gs, n) in enumerate(zip(offsets, plans, sizes)) for g in gs]
-    alone = attend(buckets(list(range(4)), offsets, plans, sizes, dtype, min_rows, step, batched=False),
+    alone = attend(buckets(list(range(4)), offsets, plans, sizes, (kv, n_pos), dtype, min_rows, step, batched=False),
                    k_pool, v_pool, q, d ** -0.5)
-    together = attend([_bucket(units, dtype, min_rows, step)], k_pool, v_pool, q, d ** -0.5)
+    together = attend([_bucket(units, (kv, n_pos), dtype, min_rows, step)], k_pool, v_pool, q, d ** -0.5)
     return torch.equal(alone, together)

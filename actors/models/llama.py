@@ -275,8 +275,9 @@ class Llama(nn.Module):
             if exact:   # where each group of rows reads its keys (exact.py): once per forward, not per layer
                 rs = self.exact_rows
                 firsts = list(itertools.accumulate([sizes[j] for j in js], initial=0))   # rows within the pool's
-                lay.exact = _exact.buckets([items[j].cache.slot for j in js], firsts,
-                                           [plans[j] for j in js], [sizes[j] for j in js], self.dtype,
+                pool = items[js[0]].cache.pool
+                lay.exact = _exact.buckets([items[j].cache.slot for j in js], firsts, [plans[j] for j in js],
+                                           [sizes[j] for j in js], (self.n_kv, pool.max_len), self.dtype,
                                            rs.attn_min, rs.attn_step, rs.batched)
             groups.append((rows, lay))
         total = x.shape[0]
