@@ -102,6 +102,8 @@ class WorkerSettings(Common):
     adaptive: bool = Field(True, description="size each request's tree per step from its acceptance and the load")
     prefill_chunk: int = Field(256, ge=0, le=1 << 16, description="prompt tokens a target worker prefills between two "
                                "decoding steps of its batch (0: whole prompts, stalling the batch meanwhile)")
+    prefill_tokens: int = Field(1024, ge=1, le=1 << 20, description="prompt tokens a target worker prefills in "
+                                "one pass between two steps, its waiting requests' pieces together (at least one)")
     draft_timeout_s: float = Field(2.0, gt=0, description="per-step deadline for a Draft RPC")
     torch_threads: int = Field(1, ge=1, description="torch threads per worker process")
 

@@ -126,17 +126,18 @@ def test_bad_long_prompt_fails_cleanly(sched):
     assert len(drain(ok)) == 3
 
 
-def test_waiting_prompts_are_prefilled_in_one_pass(tiny):
-    """Requests that arrive together start with one prefill pass for all (not one each), and each
-    output is its output alone."""
+@pytest.mark.parametrize("budget,passes", [(1024, 1), (5, 3)])
+def test_waiting_prompts_are_prefilled_in_one_pass(tiny, budget, passes):
+    """Requests that arrive together start with one prefill pass for all (not one each), up to the
+    scheduler's prefill_tokens a pass (at least one request), and each output is its output alone."""
     lm = tiny(0)
     engine = BatchEngine(lm.eos_ids, prefill_chunk=CHUNK)
     model = lm.model
-    passes = []
+    calls = []
     forward = model.forward_batch
-    model.forward_batch = lambda items, **kw: passes.append((len(items), kw.get("prefill"))) or forward(items, **kw)
+    model.forward_batch = lambda items, **kw: calls.append((len(items), kw.get("prefill"))) or forward(items, **kw)
     try:
-        s = Scheduler(engine, SlotPool(model, 3, 512), max_waiting=8)
+        s = Scheduler(engine, SlotPool(model, 3, 512), max_waiting=8, prefill_tokens=budget)
         s.stop()                     # hold the loop: all three must be waiting when it runs
         s.thread.join()
         prompts = [[5, 6, 7, 8], [(3 * i) % 120 for i in range(12)], [9, 1, 9, 2, 9]]
@@ -150,6 +151,6 @@ def test_waiting_prompts_are_prefilled_in_one_pass(tiny):
         s.stop()
     finally:
         del model.forward_batch
-    assert passes[0] == (3, True), passes[:3]
-    assert sum(1 for _, prefill in passes if prefill) == 1
+    prefills = [n for n, prefill in calls if prefill]
+    assert prefills == ([3] if passes == 1 else [1, 1, 1]), calls[:6]
     assert got == [alone(lm, p, SamplingParams(max_new_tokens=6)) for p in prompts]

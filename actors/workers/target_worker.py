@@ -56,7 +56,8 @@ class TargetService(pb_grpc.TargetServicer):
     def __init__(self, lm, worker_id: str, capacity: int, max_len: int, token: str = "",
                  checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
                  adaptive: bool = True, max_waiting: int | None = None, heads: dict | None = None,
-                 prefill_chunk: int = 256, tls: MutualTls | None = None, metrics: Metrics | None = None):
+                 prefill_chunk: int = 256, prefill_tokens: int = 1024, tls: MutualTls | None = None,
+                 metrics: Metrics | None = None):
         self.lm, self.worker_id, self.token, self.tls, self.metrics = lm, worker_id, token, tls, metrics
         self.heads = dict(heads or {})        # kinds.LOCAL_KINDS kind -> its loaded head (load_head), shared
         self.pool = SlotPool(lm.model, capacity, max_len)
@@ -66,7 +67,7 @@ class TargetService(pb_grpc.TargetServicer):
         self.policy = AdaptivePolicy(max_tree_nodes) if adaptive else None
         self.engine = BatchEngine(lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy,
                                   prefill_chunk=prefill_chunk)
-        self.scheduler = Scheduler(self.engine, self.pool, max_waiting or 4 * capacity)
+        self.scheduler = Scheduler(self.engine, self.pool, max_waiting or 4 * capacity, prefill_tokens)
         self.draining = False                 # set by GrpcWorker.drain: refuse new streams
         self._live: dict[int, Request] = {}    # id -> request being streamed (handover ends them)
         self._live_lock = threading.Lock()
@@ -194,7 +195,8 @@ class TargetWorker(GrpcWorker[TargetService]):
         service = TargetService(lm, membership.worker_id, s.sessions_per_target, s.max_len, s.token(),
                                 checkpoint=membership.checkpoint_tokens,
                                 max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
-                                adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk, tls=tls,
+                                adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk,
+                                prefill_tokens=s.prefill_tokens, tls=tls,
                                 metrics=metrics)
         server, port, health = start_server(
             lambda srv: pb_grpc.add_TargetServicer_to_server(service, srv), [SERVICE],
