@@ -3,17 +3,22 @@ fault every 15 s; then the memory-trend and verdict rules on their own, so the c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 
 from drafthorse.cluster.tools.soak import FAULTS, trends, verdict
 
 
 def test_short_soak_loses_nothing_and_does_not_grow(tmp_path):
+    # a key prefix of its own: workers another test's cluster left registered on the shared Redis (until
+    # their heartbeats expire) are not this cluster's, and faults must hit this one's
+    env = {**os.environ, "DRAFTHORSE_KEY_PREFIX": f"dh-soak-{uuid.uuid4().hex[:8]}:"}
     out = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "soak", "--minutes", "1.5", "--model", "tiny:0",
                           "--draft-model", "tiny:1", "--dtype", "float64", "--concurrency", "8",
                           "--fault-every", "15", "--max-new-tokens", "32", "--max-growth", "30",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads((tmp_path / "soak.json").read_text())
     assert (tmp_path / "soak_memory.png").stat().st_size > 0
