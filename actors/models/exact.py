@@ -168,15 +168,19 @@ def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], size
     in a pool of (kv_heads, max_len);
     the groups cut into buckets by split (attention.cut: padding costs at most SLACK over the real work),
     or one group a bucket when batching would change rows here (`ExactRows.batched`)."""
-    units = []   # (slot, batch rows, group)
-    for slot, first, groups, n in zip(slots, offsets, plans, sizes):
-        for g in groups:
-            units.append((slot, first + (torch.arange(n) if g.rows is None else g.rows), g))
+    units = _units(slots, offsets, plans, sizes)
     if batched:
         cuts = _cut([len(rows) for _, rows, _ in units], [g.split + WINDOW for _, _, g in units])
     else:
         cuts = [[u] for u in range(len(units))]
     return [_bucket([units[u] for u in c], pool, dtype, min_rows, step) for c in cuts]
+
+
+def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int],
+           ) -> list[tuple[int, torch.Tensor, Group]]:
+    """Every group of the sequences: (pool slot, batch rows, group)."""
+    return [(slot, first + (torch.arange(n) if g.rows is None else g.rows), g)
+            for slot, first, groups, n in zip(slots, offsets, plans, sizes) for g in groups]
 
 
 def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dtype: torch.dtype, min_rows: int,
@@ -427,9 +431,9 @@ def _batches_alike(dtype: torch.dtype, heads: int, kv: int, d: int, min_rows: in
     sizes = [pos.numel() for pos, _, _ in seqs]
     offsets = [sum(sizes[:j]) for j in range(len(sizes))]
     q = torch.randn(sum(sizes), heads, d, generator=gen).to(dtype)
-    units = [(j, off + (torch.arange(n) if g.rows is None else g.rows), g)
-             for j, (off, gs, n) in enumerate(zip(offsets, plans, sizes)) for g in gs]
-    alone = attend(buckets(list(range(4)), offsets, plans, sizes, (kv, n_pos), dtype, min_rows, step, batched=False),
+    slots = list(range(len(seqs)))
+    alone = attend(buckets(slots, offsets, plans, sizes, (kv, n_pos), dtype, min_rows, step, batched=False),
                    k_pool, v_pool, q, d ** -0.5)
-    together = attend([_bucket(units, (kv, n_pos), dtype, min_rows, step)], k_pool, v_pool, q, d ** -0.5)
+    together = attend([_bucket(_units(slots, offsets, plans, sizes), (kv, n_pos), dtype, min_rows, step)],
+                      k_pool, v_pool, q, d ** -0.5)
     return torch.equal(alone, together)
