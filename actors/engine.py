@@ -231,29 +231,40 @@ class BatchEngine:
         return [steps[i] for i in range(len(seqs))]
 
     def _draft(self, seqs: list[Sequence]) -> list[DraftTree]:
-        """Each sequence's tree (concurrently when several draft: remote drafters wait on the network)."""
-        drafting = [s for s in seqs if not isinstance(s.drafter, NoDrafter)]
-        if len(drafting) <= 1:   # plain decoding proposes nothing: no thread hand-off for it
-            return [self._propose(s) for s in seqs]
-        if self._pool is None:
-            # one thread per sequence of a full batch: remote drafters wait on the network together,
-            # and a draft worker can batch their forwards (models/combiner.py)
-            self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="draft")
-        return list(self._pool.map(self._propose, seqs))
+        """Each sequence's tree. Calls to remote drafters overlap on threads: they wait on the network,
+        and a draft worker batches the forwards of calls that arrive together (models/combiner.py).
+        Everything else runs on this thread, where the target's torch work runs: torch work on a second
+        thread keeps an OpenMP team there, and then libgomp's idle threads sleep instead of spinning
+        between parallel regions, doubling a decoding step (workers/worker.in_passing_thread)."""
+        budgets = [self._budget(s) for s in seqs]
+        remote = [i for i, (s, b) in enumerate(zip(seqs, budgets)) if s.drafter.waits_on_network and b]
+        trees: dict[int, DraftTree] = {}
+        if len(remote) > 1:
+            if self._pool is None:   # one thread per sequence of a full batch
+                self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="draft")
+            trees = dict(zip(remote, self._pool.map(lambda i: self._propose(seqs[i], budgets[i]), remote)))
+        return [trees[i] if i in trees else self._propose(s, b) for i, (s, b) in enumerate(zip(seqs, budgets))]
 
-    def _propose(self, seq: Sequence) -> DraftTree:
+    def _budget(self, seq: Sequence) -> Budget | None:
+        """This step's tree bound for seq, None when it drafts nothing (plain decoding, no room, a zero
+        policy budget, the last token)."""
+        if isinstance(seq.drafter, NoDrafter):
+            return None
+        left = seq.params.max_new_tokens - len(seq.stopper.tokens)  # the bonus token is free
+        cap = self.max_tree_nodes if seq.max_nodes is None else min(seq.max_nodes, self.max_tree_nodes)
+        budget = Budget(max_nodes=min(cap, seq.runner.room - 1),
+                        max_depth=min(self.max_tree_depth, left - 1, seq.runner.room - 1))
+        return budget if budget.max_depth > 0 and budget.max_nodes > 0 else None
+
+    def _propose(self, seq: Sequence, budget: Budget | None) -> DraftTree:
         t = time.perf_counter()
         if seq.drafter.wants_features:
             seq.drafter.extend(seq.new, seq.new_features)
         else:
             seq.drafter.extend(seq.new)
         seq.new, seq.new_features = [], None
-        left = seq.params.max_new_tokens - len(seq.stopper.tokens)  # the bonus token is free
-        cap = self.max_tree_nodes if seq.max_nodes is None else min(seq.max_nodes, self.max_tree_nodes)
-        budget = Budget(max_nodes=min(cap, seq.runner.room - 1),
-                        max_depth=min(self.max_tree_depth, left - 1, seq.runner.room - 1))
         tree = DraftTree()
-        if budget.max_depth > 0 and budget.max_nodes > 0:
+        if budget is not None:
             tree = seq.drafter.propose(budget, seq.params, seq.draft_rng)
             if not seq.drafter.checked_trees:
                 tree.validate(seq.runner.vocab_size, budget.max_nodes, budget.max_depth)

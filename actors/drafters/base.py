@@ -28,6 +28,9 @@ class Drafter(ABC):
     # propose() returns trees already validated against the budget (a remote drafter's, where they come off
     # the wire): the engine checks every other drafter's, so each tree is checked once
     checked_trees: bool = False
+    # propose() mostly waits on another process: the engine overlaps such calls on threads and runs
+    # every other drafter on its own thread
+    waits_on_network: bool = False
 
     def bind(self, runner) -> None:  # noqa: B027 - an optional hook: most drafters need no runner
         """The target's ModelRunner for this sequence (self-speculative drafters share its weights and

@@ -36,6 +36,7 @@ FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 
 class RemoteDrafter(Drafter):
     checked_trees = True   # by tree_from_proto, against the budget asked for
+    waits_on_network = True
 
     def __init__(self, target: str | grpc.Channel, kind: str, vocab_size: int, session_id: str | None = None,
                  auth_token: str | None = None, timeout_s: float = 5.0, retry_after_s: float = 1.0,
