@@ -197,31 +197,35 @@ def test_verify_rows_are_bitwise_decode_rows(dtype, exact_on):
     assert not bad, f"{len(bad)} rows differ, first {bad[:5]}"
 
 
-def test_exact_row_counts_skip_the_unstable_ones():
-    """The probe's choice: a minimum and a step from which every probed row count rounds alike. oneDNN's
-    bf16 GEMM on 2 threads without native bf16 computes rows of M = 1..3, and the middle row of each odd
-    M, like a lone row: there M is padded to an even count of at least 4."""
-    counts = exact._COUNTS
-    odd = {m for m in counts if m < 4 or m % 2}
-    step, mins, maxes = exact._choose([odd, {1}], counts)
-    assert (step, mins, maxes) == (2, [4, 2], [None, None])
-    assert [exact.rows(n, 4, 2) for n in (1, 2, 4, 5, 9, 10)] == [4, 4, 4, 6, 10, 10]
-    assert exact._choose([{1, 2, 3}], counts) == (1, [4], [None])    # no step needed: pad to 4 only
-    assert exact._choose([set(counts)], counts) is None              # nothing is stable: not exact
-    # AMX bf16 kernels (SmolLM2's attention output projection, 2 threads): stable up to 32 rows, not at
-    # 40 or 48. Chunked, that product runs in calls of at most 32 rows; a window too small to hold a
-    # tree's rows is no use
-    assert exact._choose([{40, 48}], counts) is None
-    assert exact._choose([{40, 48}, {1, 2, 3}], counts, chunked=True) == (1, [1, 4], [32, None])
-    assert exact._choose([set(range(9, 49))], counts, chunked=True) is None
+def test_exact_row_counts_keep_to_one_class():
+    """The probe groups the row counts by the bits they give and keeps each product's calls to one group.
+    AMX bf16 kernels (SmolLM2's MLP up projection, 2 threads) round one way at M = 1-27, 29, 31, 33-39,
+    49-52 and another at 28, 30, 32, 40-48, 53-64: a probe that sampled 1-24, 28, 32, 40, 48 took every
+    count from 28 on as one class, and a 38-row call rounded unlike a 28-row one."""
+    a = {*range(1, 28), 29, 31, *range(33, 40), *range(49, 53)}
+    b = set(range(1, exact.PROBE_ROWS + 1)) - a
+    up = [a, b]
+    # on the classes: calls as they come up to 27 rows (no padding) beat padding every call to 28
+    assert exact._pick([up]) == tuple(sorted(a))
+    assert [exact.rows(n, tuple(sorted(a))) for n in (1, 27, 28, 30, 32, 40, 52)] == [1, 27, 29, 31, 33, 49, 52]
+    # several ops (attention's products): one class of each, the counts they share, fewest calls too
+    assert exact._pick([up, [{1, 2, 3, 4}, set(range(5, 65))]]) == tuple(sorted(a - {1, 2, 3, 4}))
+    assert exact._pick([up, [{1, 2, 3, 4, 64}, set(range(5, 64))]]) == tuple(sorted(a - {1, 2, 3, 4}))
+    assert exact._pick([[{1, 2}], [{3, 4}]]) is None                  # nothing in common: not exact
+    # the grouping, on an op whose rounding depends on the row count: rows of calls of one or two rows
+    # alike, of longer calls alike (another order of summation)
+    gen = torch.Generator().manual_seed(0)
+    x = exact._cancelling(3 * 8, 64, exact._hot(64), torch.float32, gen)
+    op = lambda rows: rows.sum(-1) if len(rows) <= 2 else rows.flip(-1).cumsum(-1)[:, -1]
+    assert exact._classes(op, x, list(range(1, 9))) == [{1, 2}, set(range(3, 9))]
 
 
 def test_exact_products_past_their_window_run_in_chunks():
-    """More rows than a product's probed maximum: calls of that many rows, the last padded like any
-    short call, so every row is computed by a call shape the probe found stable."""
+    """More rows than a product's largest probed count: calls of that many rows, the last padded like any
+    short call to the next count of its class, so every row is computed by a call the probe saw."""
     m = loader.tiny_llama(0, dtype=torch.float32, max_len=64).model   # its own: the probe result is set here
     w = m.layers[0].products["o"]
-    m.exact_rows = exact.ExactRows(True, 2, {tuple(w.shape): (2, 4)}, 1, 1)
+    m.exact_rows = exact.ExactRows(True, {tuple(w.shape): (2, 4)}, (1,))
     x = torch.randn(11, w.shape[0], dtype=w.dtype)
     pad = lambda rows, n: torch.cat([rows, rows.new_zeros(n - len(rows), rows.shape[1])])
     want = torch.cat([x[0:4] @ w, x[4:8] @ w, (pad(x[8:11], 4) @ w)[:3]])
@@ -250,7 +254,10 @@ def test_exact_attention_scores_like_plain_attention(batched):
     one group a call) scores as the plain forward does."""
     lm = loader.tiny_llama(3, hidden_size=64, heads=4, kv_heads=2)
     model = lm.model
-    model.exact_rows = exact.ExactRows(True, 1, {}, 2, 2, batched)
+    every = tuple(range(1, exact.PROBE_ROWS + 1))
+    weights = [*model.layers[0].products.values(), model.lm_head_t]
+    model.exact_rows = exact.ExactRows(True, {tuple(getattr(w, "dense", lambda w=w: w)().shape): every for w in weights},
+                                       tuple(range(2, exact.PROBE_ROWS + 1, 2)), batched)
     pool = model.new_pool(4, 400)
     runners = [ModelRunner(model, cache=pool.cache(i)) for i in range(4)]
     for r, n in zip(runners, (10, 150, 70, 300)):
@@ -278,7 +285,7 @@ def test_the_batch_probe_notices_rows_that_change_with_padding(monkeypatch):
             out[b.rows] *= 1 + 1e-2 * b.heads
         return out
     monkeypatch.setattr(exact, "attend", padded)
-    assert not exact._batches_alike(torch.bfloat16, 4, 2, 16, 1, 1, torch.Generator().manual_seed(0))
+    assert not exact._batches_alike(torch.bfloat16, 4, 2, 16, (1, 2, 3, 4), torch.Generator().manual_seed(0))
 
 
 def test_exact_forward_refuses_a_too_deep_tree():
@@ -325,7 +332,7 @@ def test_greedy_speculation_equals_plain_at_each_dtype(dtype, exact_on, seed):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_products_are_row_invariant_at_every_row_count(threads):
     """Why int8 needs no row padding (quant.py): on SmolLM2's product shapes, every row of the int8
-    kernel comes out bit for bit the same at every row count 1-48, with data on which any change of
+    kernel comes out bit for bit the same at every row count 1-32, with data on which any change of
     summation order shows (exact._cancelling)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -335,8 +342,8 @@ def test_int8_products_are_row_invariant_at_every_row_count(threads):
             w = quant.Int8Weight(torch.randn(k, n, generator=gen))
             hot = exact._hot(k)
             w.q[:, hot] = 1
-            x = exact._cancelling(96, k, hot, torch.float32, gen)
-            assert not exact._unstable(w.mm, x, exact._COUNTS), (k, n)
+            x = exact._cancelling(96, k, hot, torch.float32, gen)   # 3 x 32 rows
+            assert len(exact._classes(w.mm, x, list(range(1, 33)))) == 1, (k, n)
     finally:
         torch.set_num_threads(before)
 
@@ -485,7 +492,7 @@ def test_auto_never_picks_a_dtype_the_exact_probe_rejects(monkeypatch):
     float32 rather than serve bfloat16 whose speculative output could drift from plain decoding."""
     from drafthorse.actors.models import exact
     monkeypatch.setenv(loader.NATIVE_BF16_ENV, "1")
-    monkeypatch.setattr(exact, "_choose", lambda *a, **k: None)      # a machine that defeats the probe
+    monkeypatch.setattr(exact, "_pick", lambda *a, **k: None)        # a machine that defeats the probe
     try:
         lm = loader.load("smollm2", "auto")
     except FileNotFoundError as e:

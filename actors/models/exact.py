@@ -10,11 +10,14 @@ sequences must not add a third:
    path (and summation order) for one row than for many (bf16 here: the MLP down projection; float32
    here: every GEMM below four rows), and a multithreaded kernel may split the rows among its threads
    so that at some row counts one row is computed apart, like a lone row (oneDNN's bf16 GEMM on 2
-   threads of a CPU without native bf16: rows of M = 2 and 3, and the middle row of every odd M).
-   `probe` measures, on this machine at its thread count and for the model's own product
-   shapes, a minimum row count and a step from which every row of every M rounds alike, and exact
-   forwards pad their rows up to such an M (`rows`) with dummy rows that are neither attended to nor
-   cached.
+   threads of a CPU without native bf16: rows of M = 2 and 3, and the middle row of every odd M). The
+   paths need not follow the row count in order (AMX bf16, 576 x 3072: one rounding at M = 1-27, 29,
+   31, 33-39, 49-52, another at 28, 30, 32, 40-48, 53-64). `probe` runs, on this machine at its thread
+   count and for the model's own product shapes, every row count up to PROBE_ROWS, groups the counts
+   that give every row the same bits (`_classes`) and picks one class per product (`_pick`); exact
+   forwards run each product in calls of a count of its class (`rows`; dummy rows pad a call, and more
+   rows than the class's largest count go in several calls), so no call ever runs at a row count the
+   probe did not see round alike.
 
 2. Attention. A decode row attends to a contiguous prefix of length p + 1; the same position in a
    verify attends through a mask to a longer, partly masked context whose accepted branch may sit
@@ -26,7 +29,8 @@ sequences must not add a third:
      - keys of logical positions [s(p), p] (at most WINDOW = DEPTH + CHUNK of them: the row's
        own ancestors in the tree, in order) are gathered into a fixed-length window, masked after p.
    Scores of both parts are concatenated, soft-maxed in float32 and applied to both parts' values,
-   the committed ones in blocks of CHUNK keys summed block after block. Every product has the same
+   the committed ones in blocks of VBLOCK keys summed block after block (a row's last block padded
+   with zero weights: every block product has VBLOCK keys). Every product has the same
    shape in decode and verify, the row count aside, and the row count (of queries per group; for the
    batched window products, the batch) is padded as in 1; so each row comes out the same.
 
@@ -41,6 +45,8 @@ Everything else (embedding, RMSNorm, RoPE, SiLU, residuals) works row by row alr
 is shared by plain and speculative decoding, so it keeps the fast path."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 import os
@@ -58,10 +64,11 @@ log = logging.getLogger(__name__)
 DEPTH = 32                 # deepest scratch node (below the committed prefix) an exact forward takes
 CHUNK = 32                 # granularity of the split point s(p)
 WINDOW = DEPTH + CHUNK     # keys gathered per row
-_PROBE_TOP = 96                                         # rows of probe data
-_COUNTS = list(range(1, 25)) + [28, 32, 40, 48]         # row counts probed
-_STEPS = (1, 2, 4, 8)                                   # row-count granularities tried
-MIN_CHUNK = 16                                          # fewest rows a chunked product may run in one call
+VBLOCK = 128               # committed keys per value product (a multiple of CHUNK): fewer, larger products
+                           # and a shorter running sum than CHUNK-key blocks (a 3.6k prompt's exact prefill
+                           # on 2 AMX cores: 19.8 s with 32-key blocks, most of it the running sum)
+PROBE_ROWS = 64            # every row count up to this is probed; no exact call runs more rows
+CALL_ROWS = 8              # a call's fixed cost, in rows, when choosing among row counts
 
 
 def default_on(dtype: torch.dtype) -> bool:
@@ -87,22 +94,20 @@ class Group:
 @dataclass(frozen=True)
 class ExactRows:
     """What `probe` measured on this machine: the row counts at which a kernel computes every row alike.
-    An exact forward runs a product with weight shape S on at least products[S][0] rows, a multiple of
-    `step`, in calls of at most products[S][1] rows (None: any); each attention group on at least
-    `attn_min` rows, a multiple of `attn_step`; groups of several sequences in one call where `batched`
+    An exact forward runs a product with weight shape S in calls of a row count in products[S] (padded
+    up to the next one; calls of the largest while more rows are left); each attention group on a row
+    count in `attn` (a larger group in pieces); groups of several sequences in one call where `batched`
     (their rows come out as each group's alone would), else one group a call."""
-    ok: bool                                                   # False: none found, rows may differ here
-    step: int
-    products: dict[tuple[int, ...], tuple[int, int | None]]   # weight shape -> (min rows, max rows)
-    attn_min: int
-    attn_step: int
+    ok: bool                                         # False: none found, rows may differ here
+    products: dict[tuple[int, ...], tuple[int, ...]]  # weight shape -> row counts its calls may run on
+    attn: tuple[int, ...]
     batched: bool = True
 
-    def window(self, shape: tuple[int, ...]) -> tuple[int, int | None]:
-        """(min rows, max rows per call or None) of exact products with a weight of `shape`; for a shape
-        the probe did not see, the most any weight needs."""
-        widest = (max((lo for lo, _ in self.products.values()), default=1), None)
-        return self.products.get(shape, widest)
+    def counts(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The row counts exact products with a weight of `shape` run on."""
+        if shape not in self.products:   # a model's layers share their shapes: all were probed
+            raise ValueError(f"exact forward: no probed row counts for a product with a {shape} weight")
+        return self.products[shape]
 
 
 def split_point(positions: torch.Tensor) -> torch.Tensor:
@@ -156,38 +161,45 @@ class Bucket:
     window: torch.Tensor      # [U * m * WINDOW * kv_heads] row of each window key and head in a layer's
                               # K/V viewed as [slots * kv_heads * max_len, d] (index_select: contiguous rows)
     bias: torch.Tensor        # [U, 1, m, 1, WINDOW + heads] additive: 0 = may attend, -inf = not
-    last: torch.Tensor        # [U] each group's last committed block (split / CHUNK - 1; -1: none)
+    last: torch.Tensor        # [U] each group's last committed block (ceil(split / VBLOCK) - 1; -1: none)
     real: torch.Tensor        # [rows] padded rows (of U * m) that are real
     rows: torch.Tensor        # [rows] their rows in the batch
 
 
 def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int],
-            pool: tuple[int, int], dtype: torch.dtype, min_rows: int = 1, step: int = 1,
+            pool: tuple[int, int], dtype: torch.dtype, counts: tuple[int, ...] = (1,),
             batched: bool = True) -> list[Bucket]:
     """Per forward: sequence j (pool slot slots[j], batch rows offsets[j] ..) with its groups plans[j],
-    in a pool of (kv_heads, max_len);
+    in a pool of (kv_heads, length); a group's rows padded to a row count in `counts` (`ExactRows.attn`);
     the groups cut into buckets by split (attention.cut: padding costs at most SLACK over the real work),
     or one group a bucket when batching would change rows here (`ExactRows.batched`)."""
-    units = _units(slots, offsets, plans, sizes)
+    units = _units(slots, offsets, plans, sizes, max(counts))
     if batched:
         cuts = _cut([len(rows) for _, rows, _ in units], [g.split + WINDOW for _, _, g in units])
     else:
         cuts = [[u] for u in range(len(units))]
-    return [_bucket([units[u] for u in c], pool, dtype, min_rows, step) for c in cuts]
+    return [_bucket([units[u] for u in c], pool, dtype, counts) for c in cuts]
 
 
-def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int],
+def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int], top: int,
            ) -> list[tuple[int, torch.Tensor, Group]]:
-    """Every group of the sequences: (pool slot, batch rows, group)."""
-    return [(slot, first + (torch.arange(n) if g.rows is None else g.rows), g)
-            for slot, first, groups, n in zip(slots, offsets, plans, sizes) for g in groups]
+    """Every group of the sequences, in pieces of at most `top` rows (a group's rows are independent
+    queries over the same keys): (pool slot, batch rows, group)."""
+    out = []
+    for slot, first, groups, n in zip(slots, offsets, plans, sizes):
+        for g in groups:
+            rs = torch.arange(n) if g.rows is None else g.rows
+            for a in range(0, len(rs), top):
+                part = Group(rs[a:a + top], g.split, g.idx[a:a + top], g.valid[a:a + top])
+                out.append((slot, first + part.rows, part))
+    return out
 
 
-def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dtype: torch.dtype, min_rows: int,
-            step: int) -> Bucket:
+def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dtype: torch.dtype,
+            counts: tuple[int, ...]) -> Bucket:
     """One bucket of groups: (pool slot, batch rows, group) each."""
-    m = rows(max(len(r) for _, r, _ in us), min_rows, step)
-    heads = max(g.split for _, _, g in us)
+    m = rows(max(len(r) for _, r, _ in us), counts)
+    heads = _up(max(g.split for _, _, g in us), VBLOCK)   # (the pool's length is a multiple of VBLOCK)
     pad = lambda t, k: torch.cat([t, t[[0] * (m - k)]]) if k < m else t   # repeat the first row
     q_index = torch.stack([pad(r, len(r)) for _, r, _ in us])
     win_pos = torch.stack([pad(g.idx, len(r)) for _, r, g in us])
@@ -200,7 +212,12 @@ def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dt
     window = ((slot_t[:, None, None, None] * kv + torch.arange(kv)) * max_len + win_pos[..., None]).view(-1)
     real = torch.cat([u * m + torch.arange(len(r)) for u, (_, r, _) in enumerate(us)])
     return Bucket(slot_t, heads, m, q_index.view(-1), window, bias[:, None, :, None],
-                  torch.tensor([g.split // CHUNK - 1 for _, _, g in us]), real, torch.cat([r for _, r, _ in us]))
+                  torch.tensor([_up(g.split, VBLOCK) // VBLOCK - 1 for _, _, g in us]), real,
+                  torch.cat([r for _, r, _ in us]))
+
+
+def _up(n: int, k: int) -> int:
+    return -(-n // k) * k
 
 
 def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: torch.Tensor,
@@ -211,7 +228,7 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
     Per bucket: a row's scores over its window (its own WINDOW keys) and over the committed keys
     [0, heads) of its slot, masked past its split; softmax in float32 over [window, committed] (masked
     keys past the real ones add exp(-inf) = 0 to the same lanes: the sums do not change); values: the
-    window's in one product, the committed ones in blocks of CHUNK keys, summed block after block (in
+    window's in one product, the committed ones in blocks of VBLOCK keys, summed block after block (in
     float32) by a running sum read at the group's last block, so that a row's sum has the same terms in
     the same order whatever the padding. Every product's shape depends on the padding only through its
     row and batch counts, which `probe` checks."""
@@ -234,9 +251,9 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
         w = torch.softmax(scores.mul_(scale).add_(b.bias), dim=-1, dtype=acc)
         o = w[..., :WINDOW].to(q.dtype) @ vw                                        # [U, kv, m, grp, d]
         if s:
-            blocks = s // CHUNK
-            vh = v_pool[:, :, :s].index_select(0, b.slots).view(u, kv, blocks, CHUNK, d)
-            wh = w[..., WINDOW:].to(q.dtype).reshape(u, kv, m * grp, blocks, CHUNK).transpose(2, 3)
+            blocks = s // VBLOCK
+            vh = v_pool[:, :, :s].index_select(0, b.slots).view(u, kv, blocks, VBLOCK, d)
+            wh = w[..., WINDOW:].to(q.dtype).reshape(u, kv, m * grp, blocks, VBLOCK).transpose(2, 3)
             run = (wh @ vh).to(acc).cumsum(2)                                        # [U, kv, blocks, m*grp, d]
             head = run[torch.arange(u), :, b.last.clamp_min(0)]                      # [U, kv, m*grp, d]
             head = head.masked_fill((b.last < 0)[:, None, None, None], 0)
@@ -266,90 +283,72 @@ def _hot(k: int) -> list[int]:
     return sorted({round(i * (k - 1) / 7) for i in range(8)})
 
 
-def _unstable(op, x: torch.Tensor, counts) -> set[int]:
-    """Row counts M at which op, run on M rows at a time (two blocks of them), does not give bit for bit
-    the rows of one call on all of x's rows. op maps rows [M, ...] to results with rows in dim 0."""
-    ref = op(x)
-    bad = set()
-    for m in counts:
-        n = min(len(x) - len(x) % m, 2 * m)
-        got = torch.cat([op(x[a:a + m].clone()) for a in range(0, n, m)])
-        if not torch.equal(got, ref[:n]):
-            bad.add(m)
-    return bad
+def _classes(op, x: torch.Tensor, counts: list[int], unit: int = 1) -> list[set[int]]:
+    """The counts grouped by the bits they give: op (rows [M, ...] -> results with rows in dim 0) run on
+    x's rows in calls of c * unit rows, for each c in counts, compared on the first 2 * max(counts) * unit
+    rows (x holds 3 * max(counts) * unit); every count of a class gives every one of them the same bits."""
+    span = 2 * max(counts) * unit
+    refs: list[tuple[torch.Tensor, set[int]]] = []
+    for c in counts:
+        m = c * unit
+        got = torch.cat([op(x[a:a + m].clone()) for a in range(0, span, m)])[:span]
+        for ref, members in refs:
+            if torch.equal(got, ref):
+                members.add(c)
+                break
+        else:
+            refs.append((got, {c}))
+    return [members for _, members in refs]
 
 
-def _choose(unstable: list[set[int]], counts: list[int], chunked: bool = False) \
-        -> tuple[int, list[int], list[int | None]] | None:
-    """(step, [min rows per product], [max rows per product or None]): pad n rows to max(min rows, n
-    rounded up to a multiple of step), the step common to all products, each product's min rows the
-    smallest multiple of step from which every probed multiple of step is stable (max None). chunked:
-    a product with no such tail may use a run of stable multiples [min, max] instead, max >= MIN_CHUNK,
-    and run more than max rows as calls of max rows (AMX bf16 kernels here: stable up to 32 rows, not at
-    40 or 48). Chosen for the fewest rows over n = 1..16; None if no step works."""
-    best: tuple[int, int, list[int], list[int | None]] | None = None
-    for step in _STEPS:
-        mults = sorted(c for c in counts if c % step == 0)
-        mins: list[int] = []
-        maxes: list[int | None] = []
-        for bad in unstable:
-            runs: list[tuple[int, int]] = []         # maximal runs of stable multiples: (first, last)
-            start: int | None = None
-            for i, m in enumerate(mults):
-                if m in bad:
-                    start = None
-                    continue
-                start = m if start is None else start
-                if i + 1 == len(mults) or mults[i + 1] in bad:
-                    runs.append((start, m))
-            tail = [r for r in runs if r[1] == mults[-1]]
-            if tail:
-                mins.append(tail[0][0])
-                maxes.append(None)
-                continue
-            window = [r for r in runs if r[1] >= MIN_CHUNK] if chunked else []
-            if not window:
-                break                                # this product has no stable rows at this step
-            lo, hi = max(window, key=lambda r: (r[1], -r[0]))
-            mins.append(lo)
-            maxes.append(hi)
-        if len(mins) < len(unstable):
-            continue
-        cost = sum(rows(n, m0, step) for m0 in mins for n in range(1, 17))
-        if best is None or cost < best[0]:
-            best = (cost, step, mins, maxes)
-    return None if best is None else best[1:]
+def _pick(per_op: list[list[set[int]]]) -> tuple[int, ...] | None:
+    """One class of each op's (`_classes`) whose common counts cost the fewest rows over n = 1 ..
+    PROBE_ROWS (`_cost`); None when no choice has a count in common."""
+    best: tuple[int, tuple[int, ...]] | None = None
+    for choice in itertools.product(*per_op):
+        common = tuple(sorted(set.intersection(*choice)))
+        if common and (best is None or _cost(common) < best[0]):
+            best = (_cost(common), common)
+    return None if best is None else best[1]
 
 
-def rows(n: int, min_rows: int, step: int = 1) -> int:
-    """Rows an exact product of n real rows runs on: at least min_rows, a multiple of step."""
-    return max(min_rows, -(-n // step) * step)
+def _cost(counts: tuple[int, ...]) -> int:
+    """What n = 1 .. PROBE_ROWS real rows cost on these counts: the rows computed (calls of the largest
+    count while more are left, the rest padded to the next count) and CALL_ROWS a call."""
+    top, total = counts[-1], 0
+    for n in range(1, PROBE_ROWS + 1):
+        full, rest = divmod(n, top)
+        total += full * (top + CALL_ROWS) + (rows(rest, counts) + CALL_ROWS if rest else 0)
+    return total
+
+
+def rows(n: int, counts: tuple[int, ...]) -> int:
+    """Rows a call of n real rows (n <= max(counts)) runs on: the smallest count that holds them."""
+    return counts[bisect.bisect_left(counts, n)]
 
 
 def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d: int) -> ExactRows:
-    """The row counts from which (and up to which, past which a product runs in chunks) every row of
-    a model's products and attention comes out the same whatever the row count, at multiples of a
-    step: of products with `weights` (a layer's and the LM head's, "lm_head") and of attention of
-    `heads` query heads over `kv` key/value heads of size `d`, in `dtype`. Every row count up to 48 is
-    probed: some kernels round a row differently only at some counts (2 threads, oneDNN bf16 GEMM
-    without native bf16: one row of any odd count is computed like a lone row). Measured once per
-    model, at the current thread count, which the result holds for (about a second for SmolLM2);
-    warns when no such counts exist on this machine."""
+    """The row counts at which every row of a model's products and attention comes out the same
+    whatever the row count: of products with `weights` (a layer's and the LM head's, "lm_head") and of
+    attention of `heads` query heads over `kv` key/value heads of size `d`, in `dtype`. Every row count
+    up to PROBE_ROWS is run (kernels switch paths at counts in no order; see the module doc), and exact
+    calls keep to the counts of one class. Measured once per model, at the current thread count, which
+    the result holds for (about a second for SmolLM2); warns when no such counts exist on this machine."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
-    top = _PROBE_TOP
+    counts = list(range(1, PROBE_ROWS + 1))
+    top = 3 * PROBE_ROWS
     # products with weights, as `Llama._linear` runs them: x [M, in] @ w [in, out], w contiguous
     # (the LM head through its first columns, a view with the head's own leading dimension: its row
     # count decides the cost, not the kernel path)
-    shapes: list[tuple[int, ...]] = []
-    unstable: list[set[int]] = []
+    linear: dict[tuple[int, ...], tuple[int, ...] | None] = {}
     for key, w in weights.items():
         if isinstance(w, Int8Weight):
             continue      # int8 products are row-invariant at every row count (quant.py)
         if isinstance(w, OutIn):
             w = w.dense()   # what an exact forward multiplies by
         shape = tuple(w.shape)
-        if shape in shapes:
+        if shape in linear:
             continue
         hot = _hot(w.shape[0])
         if key == "lm_head":
@@ -358,29 +357,25 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
         else:
             wp = w.clone()
         wp[hot] = 1                                   # (a copy: the model's weights stay as they are)
-        shapes.append(shape)
         x = _cancelling(top, w.shape[0], hot, dtype, gen)
-        unstable.append(_unstable(lambda x, w=wp: x @ w, x, _COUNTS))
-    linear = _choose(unstable, _COUNTS, chunked=True)
+        linear[shape] = _pick([_classes(lambda x, w=wp: x @ w, x, counts)])
     # attention (`attend`), in rows of queries: the committed keys' products [kv, m * grp, d] @ [kv, d, T]
-    # and, per block of CHUNK keys, [kv, m * grp, CHUNK] @ [kv, CHUNK, d], and the per-row window
+    # and, per block of VBLOCK keys, [kv, m * grp, VBLOCK] @ [kv, VBLOCK, d], and the per-row window
     # products [1, m, grp, d] @ [1, m, d, W] and [1, m, grp, W] @ [1, m, W, d] (each row its own keys)
     grp = heads // kv
-    t = 3 * CHUNK
+    t = max(3 * CHUNK, VBLOCK)
     hot_d, hot_t, hot_w = _hot(d), _hot(t), _hot(WINDOW)
     keys = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
     keys[:, :, hot_d] = 1
     vals = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
     vals[:, hot_t] = 1
-    counts = [c for c in _COUNTS if c * grp <= top]
-    q_rows = _cancelling(top, d, hot_d, dtype, gen)          # one query head per row of the probe
-    w_rows = _cancelling(top, CHUNK, _hot(CHUNK), dtype, gen)
-    block = vals[:, :CHUNK].clone()
-    block[:, _hot(CHUNK)] = 1
+    q_rows = _cancelling(top * grp, d, hot_d, dtype, gen)          # one query head per row of the probe
+    w_rows = _cancelling(top * grp, VBLOCK, _hot(VBLOCK), dtype, gen)
+    block = vals[:, :VBLOCK].clone()
+    block[:, _hot(VBLOCK)] = 1
     head_k = lambda x: (x.expand(kv, -1, -1).contiguous() @ keys.transpose(-1, -2)).transpose(0, 1)
     head_v = lambda x: (x.expand(kv, -1, -1).contiguous() @ block).transpose(0, 1)
-    attn_bad = [{m // grp for m in _unstable(op, x, [c * grp for c in counts])}
-                for op, x in ((head_k, q_rows), (head_v, w_rows))]
+    per_op = [_classes(op, x, counts, grp) for op, x in ((head_k, q_rows), (head_v, w_rows))]
 
     # per-row window products: a probe row holds a query group and its window's keys (values)
     def windowed(x, a, b, c, keys):
@@ -390,40 +385,53 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
     lhs = _cancelling(top * grp, d, hot_d, dtype, gen).view(top, grp * d)
     rhs = torch.randn(top, WINDOW, d, generator=gen)
     rhs[:, :, hot_d] = 1
-    attn_bad.append(_unstable(lambda x: windowed(x, grp, d, WINDOW, True),
-                              torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
+    per_op.append(_classes(lambda x: windowed(x, grp, d, WINDOW, True),
+                           torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
     lhs = _cancelling(top * grp, WINDOW, hot_w, dtype, gen).view(top, grp * WINDOW)
     rhs = torch.randn(top, WINDOW, d, generator=gen)
     rhs[:, hot_w] = 1
-    attn_bad.append(_unstable(lambda x: windowed(x, grp, WINDOW, d, False),
-                              torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
-    attn = _choose(attn_bad, counts)
-    batched = attn is not None and _batches_alike(dtype, heads, kv, d, max(attn[1]), attn[0], gen)
-    if linear is None or attn is None:
+    per_op.append(_classes(lambda x: windowed(x, grp, WINDOW, d, False),
+                           torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
+    attn = _pick(per_op)
+    batched = attn is not None and _batches_alike(dtype, heads, kv, d, attn, gen)
+    if attn is None or any(c is None for c in linear.values()):
         log.warning("exact decoding: this machine's %s matrix kernels round rows differently at every "
                     "row count probed; speculative output may differ from plain decoding", dtype)
-        return ExactRows(False, 1, {shape: (1, None) for shape in shapes}, 1, 1)
-    log.info("exact decoding (%s, %d threads): matmul rows padded to %s and to a multiple of %d (chunked: "
-             "%s), attention rows to %d and to a multiple of %d, %s (probed in %.2f s)",
-             str(dtype).removeprefix("torch."), torch.get_num_threads(), sorted(set(linear[1])), linear[0],
-             sorted({m for m in linear[2] if m}) or "none", max(attn[1]), attn[0],
+        every = tuple(counts)   # (rows may differ anyway: calls as they come, PROBE_ROWS at most)
+        return ExactRows(False, {shape: every for shape in linear}, every)
+    products = {shape: c for shape, c in linear.items() if c is not None}
+    log.info("exact decoding (%s, %d threads): each product's calls on %s rows, attention groups on %s rows, "
+             "%s (probed in %.2f s)", str(dtype).removeprefix("torch."), torch.get_num_threads(),
+             "; ".join(_spans(c) for c in products.values()), _spans(attn),
              "sequences batched" if batched else "one group of rows a call (batched calls round differently here)",
              time.perf_counter() - t0)
-    return ExactRows(True, linear[0], dict(zip(shapes, zip(linear[1], linear[2]))), max(attn[1]), attn[0], batched)
+    return ExactRows(True, products, attn, batched)
 
 
-def _batches_alike(dtype: torch.dtype, heads: int, kv: int, d: int, min_rows: int, step: int,
+def _spans(counts: tuple[int, ...]) -> str:
+    """1-4,6,8-9: a class of row counts for the start-up line."""
+    runs: list[list[int]] = []
+    for c in counts:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _batches_alike(dtype: torch.dtype, heads: int, kv: int, d: int, counts: tuple[int, ...],
                    gen: torch.Generator) -> bool:
     """Whether `attend` gives every row the same bits in one bucket of many groups (other slots,
     splits, row counts: padded in rows and committed keys) as in a bucket of its group alone."""
-    n_pos = 4 * CHUNK + WINDOW
+    late = VBLOCK + 2 * CHUNK + 7    # a decode row whose committed keys take two value blocks
+    n_pos = _up(late + WINDOW, VBLOCK)
     k_pool = torch.randn(4, kv, n_pos, d, generator=gen).to(dtype)
     v_pool = torch.randn(4, kv, n_pos, d, generator=gen).to(dtype)
     k_pool[..., _hot(d)] = 2.0 ** 8      # large products: an ordering change shows in most rows
     # a decode row early and late, a tree of five rows, a 40-row chain (a prefill chunk: three splits)
     tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 0, 0, 1]],
                         dtype=torch.bool)
-    seqs = [(torch.tensor([20]), 20, None), (torch.tensor([3 * CHUNK + 7]), 3 * CHUNK + 7, None),
+    seqs = [(torch.tensor([20]), 20, None), (torch.tensor([late]), late, None),
             (torch.tensor([0, 1, 1, 2, 2]) + 2 * CHUNK + 3, 2 * CHUNK + 3,
              torch.cat([torch.ones(5, 2 * CHUNK + 3, dtype=torch.bool), tree], 1)),
             (torch.arange(CHUNK + 5, 2 * CHUNK + 45), CHUNK + 5, None)]
@@ -432,8 +440,8 @@ def _batches_alike(dtype: torch.dtype, heads: int, kv: int, d: int, min_rows: in
     offsets = [sum(sizes[:j]) for j in range(len(sizes))]
     q = torch.randn(sum(sizes), heads, d, generator=gen).to(dtype)
     slots = list(range(len(seqs)))
-    alone = attend(buckets(slots, offsets, plans, sizes, (kv, n_pos), dtype, min_rows, step, batched=False),
+    alone = attend(buckets(slots, offsets, plans, sizes, (kv, n_pos), dtype, counts, batched=False),
                    k_pool, v_pool, q, d ** -0.5)
-    together = attend([_bucket(_units(slots, offsets, plans, sizes), (kv, n_pos), dtype, min_rows, step)],
+    together = attend([_bucket(_units(slots, offsets, plans, sizes, max(counts)), (kv, n_pos), dtype, counts)],
                       k_pool, v_pool, q, d ** -0.5)
     return torch.equal(alone, together)

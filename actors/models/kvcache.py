@@ -1,6 +1,6 @@
 """The K/V cache: one preallocated tensor pair for all of a worker's sequences, slot-major.
 
-    pool.k, pool.v: [layers, slots, kv_heads, max_len, head_dim]
+    pool.k, pool.v: [layers, slots, kv_heads, length, head_dim]   (length: max_len rounded up to `align`)
     KVCache(pool, slot): one sequence's view, [layers, kv_heads, max_len, head_dim]
 
 A batched forward (llama.py) writes every new K/V row of a step with one indexed copy per layer and
@@ -21,10 +21,12 @@ import torch
 
 
 class KVPool:
-    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 align: int = 1):
         if slots < 1 or max_len < 1:
             raise ValueError(f"a KV pool needs at least one slot and one position, got {slots} x {max_len}")
-        shape = (layers, slots, kv_heads, max_len, head_dim)
+        # align: exact attention reads committed keys in whole blocks (exact.VBLOCK), up to past max_len
+        shape = (layers, slots, kv_heads, -(-max_len // align) * align, head_dim)
         self.k, self.v = _zero_pages(shape, dtype), _zero_pages(shape, dtype)
         self.slots, self.max_len = slots, max_len
         self._free = list(range(slots - 1, -1, -1))   # for take(): lowest slot first
@@ -64,7 +66,7 @@ def _zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class KVCache:
-    """One sequence's slot of a pool: k, v are views [layers, kv_heads, max_len, head_dim]."""
+    """One sequence's slot of a pool: k, v are views [layers, kv_heads, length, head_dim]."""
 
     def __init__(self, pool: KVPool, slot: int, taken: bool = False):
         self.pool, self.slot, self._taken = pool, slot, taken

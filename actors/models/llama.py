@@ -199,9 +199,9 @@ class Llama(nn.Module):
         return w if isinstance(w, torch.Tensor) else _t(_fused(self._hf_layers[i], key))
 
     def _linear(self, x: torch.Tensor, w: Weight, exact: bool) -> torch.Tensor:
-        """x @ w (w: [in, out]); in exact forwards on a row count from which w's products round alike
-        (at least the probed minimum, a multiple of the probed step; dummy zero rows, dropped again),
-        in calls of at most the probed maximum where the kernel has one."""
+        """x @ w (w: [in, out]); in exact forwards in calls on row counts at which w's products round
+        every row alike (exact.probe): padded with dummy zero rows (dropped again) up to the next such
+        count, and in several calls of the largest while more rows are left."""
         if isinstance(w, OutIn):
             if not exact:
                 return w.mm(x)
@@ -211,11 +211,11 @@ class Llama(nn.Module):
         n = x.shape[0]
         if not exact:
             return x @ w
-        rows = self.exact_rows
-        lo, hi = rows.window(tuple(w.shape))
-        if hi is not None and n > hi:   # more rows than this kernel rounds alike in one call
-            return torch.cat([self._linear(x[i:i + hi], w, True) for i in range(0, n, hi)])
-        need = _exact.rows(n, lo, rows.step)
+        counts = self.exact_rows.counts(tuple(w.shape))
+        top = counts[-1]
+        if n > top:   # more rows than a probed call holds
+            return torch.cat([self._linear(x[i:i + top], w, True) for i in range(0, n, top)])
+        need = _exact.rows(n, counts)
         if n == need:
             return x @ w
         return (torch.cat([x, x.new_zeros(need - n, x.shape[1])]) @ w)[:n]
@@ -223,7 +223,7 @@ class Llama(nn.Module):
     def new_pool(self, slots: int, max_len: int | None = None) -> KVPool:
         """K/V for `slots` sequences of up to max_len tokens (the model's context at most)."""
         return KVPool(self.n_layers, slots, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim,
-                      self.dtype)
+                      self.dtype, align=_exact.VBLOCK)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """A cache of its own (a pool of one slot)."""
@@ -277,8 +277,8 @@ class Llama(nn.Module):
                 firsts = list(itertools.accumulate([sizes[j] for j in js], initial=0))   # rows within the pool's
                 pool = items[js[0]].cache.pool
                 lay.exact = _exact.buckets([items[j].cache.slot for j in js], firsts, [plans[j] for j in js],
-                                           [sizes[j] for j in js], (self.n_kv, pool.max_len), self.dtype,
-                                           rs.attn_min, rs.attn_step, rs.batched)
+                                           [sizes[j] for j in js], (self.n_kv, pool.k.shape[3]), self.dtype,
+                                           rs.attn, rs.batched)
             groups.append((rows, lay))
         total = x.shape[0]
         for i, w in enumerate(self.layers[:layers]):
