@@ -82,6 +82,16 @@ def default_on(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
+def prefill_on() -> bool:
+    """Whether exact forwards compute prompt rows exactly too (default), so that a token's K/V are the
+    same whether it entered the cache in a prompt, a decode step or a verify: a request resumed on
+    another worker after a failover, or a session's next turn (whose prompt holds the last answer),
+    then continues as it would have. DRAFTHORSE_EXACT_PREFILL=0 prefills with the library kernels
+    instead: faster first tokens on long prompts, but a resumed request may then differ from an
+    undisturbed one where two tokens nearly tie."""
+    return os.environ.get("DRAFTHORSE_EXACT_PREFILL", "").strip().lower() not in ("0", "false", "no", "off")
+
+
 @dataclass
 class Group:
     """Rows of one sequence that share the split point."""
@@ -242,27 +252,39 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
         qb = q[b.q_index].view(u, m, kv, grp, d).transpose(1, 2).contiguous()     # [U, kv, m, grp, d]
         kw = k_pool.view(-1, d).index_select(0, b.window).view(u, m, WINDOW, kv, d).permute(0, 3, 1, 4, 2)
         vw = v_pool.view(-1, d).index_select(0, b.window).view(u, m, WINDOW, kv, d).permute(0, 3, 1, 2, 4)
-        scores = qb @ kw                                                             # [U, kv, m, grp, W]
+        # both parts' scores written in place into one [window, committed] row (no concatenation)
+        scores = q.new_empty(u, kv, m, grp, WINDOW + s)
+        torch.matmul(qb, kw, out=scores[..., :WINDOW])                               # [U, kv, m, grp, W]
         if s:
             kh = k_pool[:, :, :s].index_select(0, b.slots)                          # [U, kv, S, d]
-            head = qb.view(u, kv, m * grp, d) @ kh.transpose(-1, -2)
-            scores = torch.cat([scores, head.view(u, kv, m, grp, s)], -1)
-        # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale)
-        w = torch.softmax(scores.mul_(scale).add_(b.bias), dim=-1, dtype=acc)
-        o = w[..., :WINDOW].to(q.dtype) @ vw                                        # [U, kv, m, grp, d]
+            torch.matmul(qb.view(u, kv, m * grp, d), kh.transpose(-1, -2),
+                         out=scores.view(u, kv, m * grp, WINDOW + s)[..., WINDOW:])
+        # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale);
+        # the softmax computes in float32 and rounds its weights to the model's dtype, which the value
+        # products take (one pass less than a float32 result cast afterwards)
+        w = torch.softmax(scores.mul_(scale).add_(b.bias), dim=-1)
+        o = w[..., :WINDOW] @ vw                                                    # [U, kv, m, grp, d]
         if s:
             blocks = s // VBLOCK
             vh = v_pool[:, :, :s].index_select(0, b.slots).view(u, kv, blocks, VBLOCK, d)
-            wh = w[..., WINDOW:].to(q.dtype).reshape(u, kv, m * grp, blocks, VBLOCK).transpose(2, 3)
-            run = (wh @ vh).to(acc).cumsum(2)                                        # [U, kv, blocks, m*grp, d]
-            head = run[torch.arange(u), :, b.last.clamp_min(0)]                      # [U, kv, m*grp, d]
-            head = head.masked_fill((b.last < 0)[:, None, None, None], 0)
+            wh = w[..., WINDOW:].reshape(u, kv, m * grp, blocks, VBLOCK).transpose(2, 3)
+            parts = wh @ vh                                                          # [U, kv, blocks, m*grp, d]
+            # summed block after block in float32; a group's sum stops at its own last block
+            head = parts[:, :, 0].to(acc).masked_fill_((b.last < 0)[:, None, None, None], 0)
+            for j in range(1, blocks):
+                head = torch.where((b.last >= j)[:, None, None, None], head + parts[:, :, j], head)
             o = (o.to(acc) + head.view(u, kv, m, grp, d)).to(q.dtype)
         out[b.rows] = o.transpose(1, 2).reshape(u * m, nh, d)[b.real]
     return out
 
 
 # ---------------------------------------------------------------- probing the machine's kernels
+
+def _after_window(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b written after WINDOW columns of a wider result, as `attend` writes committed keys' scores."""
+    out = a.new_empty(*a.shape[:-1], WINDOW + b.shape[-1])[..., WINDOW:]
+    return torch.matmul(a, b, out=out)
+
 
 def _cancelling(rows: int, k: int, hot: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """[rows, k] random values, each row with +B and -B at two of the positions `hot` (where the other
@@ -373,15 +395,17 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
     w_rows = _cancelling(top * grp, VBLOCK, _hot(VBLOCK), dtype, gen)
     block = vals[:, :VBLOCK].clone()
     block[:, _hot(VBLOCK)] = 1
-    head_k = lambda x: (x.expand(kv, -1, -1).contiguous() @ keys.transpose(-1, -2)).transpose(0, 1)
+    head_k = lambda x: _after_window(x.expand(kv, -1, -1).contiguous(), keys.transpose(-1, -2)).transpose(0, 1)
     head_v = lambda x: (x.expand(kv, -1, -1).contiguous() @ block).transpose(0, 1)
     per_op = [_classes(op, x, counts, grp) for op, x in ((head_k, q_rows), (head_v, w_rows))]
 
     # per-row window products: a probe row holds a query group and its window's keys (values)
     def windowed(x, a, b, c, keys):
         lhs = x[:, :a * b].view(1, -1, a, b)
-        rhs = x[:, a * b:].view(1, -1, c, b).transpose(-1, -2) if keys else x[:, a * b:].view(1, -1, b, c)
-        return (lhs @ rhs)[0]
+        if keys:   # (into the first columns of a row of scores, as `attend` writes them)
+            out = x.new_empty(1, lhs.shape[1], a, c + t)[..., :c]
+            return torch.matmul(lhs, x[:, a * b:].view(1, -1, c, b).transpose(-1, -2), out=out)[0]
+        return (lhs @ x[:, a * b:].view(1, -1, b, c))[0]
     lhs = _cancelling(top * grp, d, hot_d, dtype, gen).view(top, grp * d)
     rhs = torch.randn(top, WINDOW, d, generator=gen)
     rhs[:, :, hot_d] = 1

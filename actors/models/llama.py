@@ -114,6 +114,7 @@ class Llama(nn.Module):
         self.quantized = False
         self._exact = False
         self._exact_rows: _exact.ExactRows | None = None
+        self.exact_prefill = _exact.prefill_on()  # prompts' rows exact too (where exact): see exact.prefill_on
         self._hf_layers = m.layers               # dense weights, for `dense` once quantised
         self.exact = self.exact_by_default
         if not self.exact:
@@ -234,7 +235,7 @@ class Llama(nn.Module):
         """Score tokens [n] at positions [n]; their K/V go to cache slots start..start+n-1.
 
         mask: [n, start + n] bool (True = may attend), or None for plain causal attention.
-        exact: compute each row as any other row count would (exact.py); prefill does not need it.
+        exact: compute each row as any other row count would (exact.py).
         Returns the final hidden states [n, hidden] (before the LM head)."""
         return self.forward_batch([BatchItem(tokens, positions, cache, start, mask)], exact=exact)[0]
 
@@ -250,13 +251,17 @@ class Llama(nn.Module):
         buckets. embeds: the input rows instead of the tokens' embeddings (a draft head's own inputs);
         layers: run only the first `layers` layers and return the residual stream after them
         (layer-skip drafting; their K/V go to the cache like any other). prefill: chains entering the
-        cache (prompts): products as the model's exact setting has them and each sequence's attention in
-        a call of its own, so its rows are those of its prefill alone whatever shares the pass."""
+        cache (prompts): products as the model's exact setting has them, and attention too (exact
+        buckets, so a prompt token's K/V are those a decode or verify row would give it) unless
+        `exact_prefill` is off; then each sequence's attention runs in an SDPA call of its own, so its
+        rows are still those of its prefill alone whatever shares the pass."""
         sizes = [it.ids.numel() for it in items]
         x = F.embedding(torch.cat([it.ids for it in items]), self.embed) if embeds is None else embeds
         pos = torch.cat([it.positions for it in items])
-        exact = False if prefill else self.exact if exact is None else exact
-        mm_exact = self.exact if prefill else exact      # the products' (row-invariant where exact)
+        if prefill:   # products as the model's exact setting has them; attention too, unless opted out
+            exact, mm_exact = self.exact and self.exact_prefill, self.exact
+        else:
+            exact = mm_exact = self.exact if exact is None else exact
         plans = [_exact.plan(it.positions, it.start, it.mask) for it in items] if exact else []
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]   # [N, 1, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
