@@ -113,6 +113,20 @@ def test_max_new_tokens_exact(tiny, make_engine, n):
         assert g.stats.target_forwards == 1 and g.stats.drafted_tokens == 0
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 1e-6])
+def test_a_tiny_temperature_decodes_greedily(make_engine, temperature):
+    """float32 logits divided by a subnormal temperature overflowed to inf, the softmax gave NaN and the
+    request failed (an HTTP 500 on SmolLM2); temperatures below GREEDY_BELOW are greedy decoding, what
+    sampling tends to as the temperature goes to 0, with every drafter."""
+    from drafthorse.actors.models import loader
+    lm = loader.tiny_llama(5, dtype=torch.float32)
+    engine = make_engine(lm)
+    plain = engine.generate(PROMPT, SamplingParams(max_new_tokens=16)).token_ids
+    for name, make in drafters(lm).items():
+        g = engine.generate(PROMPT, SamplingParams(temperature=temperature, seed=1, max_new_tokens=16), make())
+        assert g.token_ids == plain, name
+
+
 # ====================================================================== stop strings (real tokenizer)
 
 @pytest.fixture(scope="module")

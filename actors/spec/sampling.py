@@ -10,10 +10,12 @@ import torch
 
 from drafthorse.runtime.errors import BadField
 
+GREEDY_BELOW = 1e-5   # the common serving convention (vLLM's too)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0          # 0 = greedy
+    temperature: float = 0.0          # 0 (below GREEDY_BELOW) = greedy
     top_k: int = 0                    # 0 = off
     top_p: float = 1.0                # 1 = off
     seed: int | None = None
@@ -44,7 +46,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below GREEDY_BELOW decode greedily (the limit of sampling as the temperature goes
+        to 0): dividing logits by a subnormal one overflows to inf and the softmax to NaN."""
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None, salt: int = 0) -> torch.Generator:
