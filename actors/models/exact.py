@@ -94,10 +94,11 @@ def prefill_on() -> bool:
 
 @dataclass
 class Group:
-    """Rows of one sequence that share the split point."""
+    """Rows of one sequence that share the split point and their window's cache slots (a chain's rows
+    all do; a tree's branches go to groups of their own)."""
     rows: torch.Tensor | None   # row indices within the sequence (None = all of them)
     split: int                  # keys [0, split) come straight from the cache
-    idx: torch.Tensor           # [g, WINDOW] cache slots of logical positions split .. split+WINDOW-1
+    idx: torch.Tensor           # [WINDOW] cache slots of logical positions split .. split+WINDOW-1
     valid: torch.Tensor         # [g, WINDOW] bool: the row sees that window key
 
 
@@ -150,13 +151,34 @@ def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None) -> list
     valid = torch.zeros(n, WINDOW, dtype=torch.bool)
     valid[r_i, t_i] = True
     values = split.unique().tolist()
-    if len(values) == 1:
-        return [Group(None, int(values[0]), idx, valid)]
     groups = []
     for s in values:
-        rows = (split == s).nonzero(as_tuple=True)[0]
-        groups.append(Group(rows, int(s), idx[rows], valid[rows]))
+        rows = None if len(values) == 1 else (split == s).nonzero(as_tuple=True)[0]
+        r = torch.arange(n) if rows is None else rows
+        shared = idx[r].amax(0)   # (where rows agree on every key both see: a chain's rows always do)
+        if bool(((idx[r] == shared) | ~valid[r]).all()):
+            groups.append(Group(rows, int(s), shared, valid[r]))
+            continue
+        for sub in _consistent(idx[r], valid[r]):   # tree branches: rows whose windows differ apart
+            groups.append(Group(r[sub], int(s), idx[r][sub].amax(0), valid[r][sub]))
     return groups
+
+
+def _consistent(idx: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
+    """Rows [g, WINDOW] cut into sets that agree on the slot of every window key two of them see (a row
+    joins the first set it agrees with)."""
+    sets: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []   # (rows, slots, seen)
+    for i in range(len(idx)):
+        for rows, slots, seen in sets:
+            both = seen & valid[i]
+            if bool((slots[both] == idx[i][both]).all()):
+                rows.append(i)
+                slots[valid[i]] = idx[i][valid[i]]
+                seen |= valid[i]
+                break
+        else:
+            sets.append(([i], idx[i].clone(), valid[i].clone()))
+    return [torch.tensor(rows) for rows, _, _ in sets]
 
 
 @dataclass
@@ -168,7 +190,7 @@ class Bucket:
     heads: int                # committed keys read per group: the longest split among them
     m: int                    # rows per group
     q_index: torch.Tensor     # [U * m] batch row of each padded row
-    window: torch.Tensor      # [U * m * WINDOW * kv_heads] row of each window key and head in a layer's
+    window: torch.Tensor      # [U * WINDOW * kv_heads] row of each group's window key and head in a layer's
                               # K/V viewed as [slots * kv_heads * max_len, d] (index_select: contiguous rows)
     bias: torch.Tensor        # [U, 1, m, 1, WINDOW + heads] additive: 0 = may attend, -inf = not
     last: torch.Tensor        # [U] each group's last committed block (ceil(split / VBLOCK) - 1; -1: none)
@@ -200,7 +222,7 @@ def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes
         for g in groups:
             rs = torch.arange(n) if g.rows is None else g.rows
             for a in range(0, len(rs), top):
-                part = Group(rs[a:a + top], g.split, g.idx[a:a + top], g.valid[a:a + top])
+                part = Group(rs[a:a + top], g.split, g.idx, g.valid[a:a + top])
                 out.append((slot, first + part.rows, part))
     return out
 
@@ -212,14 +234,14 @@ def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dt
     heads = _up(max(g.split for _, _, g in us), VBLOCK)   # (the pool's length is a multiple of VBLOCK)
     pad = lambda t, k: torch.cat([t, t[[0] * (m - k)]]) if k < m else t   # repeat the first row
     q_index = torch.stack([pad(r, len(r)) for _, r, _ in us])
-    win_pos = torch.stack([pad(g.idx, len(r)) for _, r, g in us])
+    win_pos = torch.stack([g.idx for _, _, g in us])                                     # [U, W]
     valid = torch.stack([pad(g.valid, len(r)) for _, r, g in us])                         # [U, m, W]
     committed = torch.arange(heads)[None] < torch.tensor([g.split for _, _, g in us])[:, None]   # [U, S]
     see = torch.cat([valid, committed[:, None].expand(-1, m, -1)], -1)
     bias = torch.zeros(see.shape, dtype=dtype).masked_fill_(~see, float("-inf"))
     slot_t = torch.tensor([s for s, _, _ in us])
     kv, max_len = pool
-    window = ((slot_t[:, None, None, None] * kv + torch.arange(kv)) * max_len + win_pos[..., None]).view(-1)
+    window = ((slot_t[:, None, None] * kv + torch.arange(kv)) * max_len + win_pos[..., None]).view(-1)
     real = torch.cat([u * m + torch.arange(len(r)) for u, (_, r, _) in enumerate(us)])
     return Bucket(slot_t, heads, m, q_index.view(-1), window, bias[:, None, :, None],
                   torch.tensor([_up(g.split, VBLOCK) // VBLOCK - 1 for _, _, g in us]), real,
@@ -249,21 +271,20 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
     out = torch.empty_like(q)
     for b in bks:
         u, m, s = b.slots.numel(), b.m, b.heads
-        qb = q[b.q_index].view(u, m, kv, grp, d).transpose(1, 2).contiguous()     # [U, kv, m, grp, d]
-        kw = k_pool.view(-1, d).index_select(0, b.window).view(u, m, WINDOW, kv, d).permute(0, 3, 1, 4, 2)
-        vw = v_pool.view(-1, d).index_select(0, b.window).view(u, m, WINDOW, kv, d).permute(0, 3, 1, 2, 4)
+        qb = q[b.q_index].view(u, m, kv, grp, d).transpose(1, 2).reshape(u, kv, m * grp, d)
+        kw = k_pool.view(-1, d).index_select(0, b.window).view(u, WINDOW, kv, d).transpose(1, 2)  # [U, kv, W, d]
+        vw = v_pool.view(-1, d).index_select(0, b.window).view(u, WINDOW, kv, d).transpose(1, 2)
         # both parts' scores written in place into one [window, committed] row (no concatenation)
-        scores = q.new_empty(u, kv, m, grp, WINDOW + s)
-        torch.matmul(qb, kw, out=scores[..., :WINDOW])                               # [U, kv, m, grp, W]
+        scores = q.new_empty(u, kv, m * grp, WINDOW + s)
+        torch.matmul(qb, kw.transpose(-1, -2), out=scores[..., :WINDOW])
         if s:
             kh = k_pool[:, :, :s].index_select(0, b.slots)                          # [U, kv, S, d]
-            torch.matmul(qb.view(u, kv, m * grp, d), kh.transpose(-1, -2),
-                         out=scores.view(u, kv, m * grp, WINDOW + s)[..., WINDOW:])
+            torch.matmul(qb, kh.transpose(-1, -2), out=scores[..., WINDOW:])
         # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale);
         # the softmax computes in float32 and rounds its weights to the model's dtype, which the value
         # products take (one pass less than a float32 result cast afterwards)
-        w = torch.softmax(scores.mul_(scale).add_(b.bias), dim=-1)
-        o = w[..., :WINDOW] @ vw                                                    # [U, kv, m, grp, d]
+        w = torch.softmax(scores.mul_(scale).view(u, kv, m, grp, -1).add_(b.bias), dim=-1).view(u, kv, m * grp, -1)
+        o = w[..., :WINDOW] @ vw                                                    # [U, kv, m*grp, d]
         if s:
             blocks = s // VBLOCK
             vh = v_pool[:, :, :s].index_select(0, b.slots).view(u, kv, blocks, VBLOCK, d)
@@ -273,12 +294,19 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
             head = parts[:, :, 0].to(acc).masked_fill_((b.last < 0)[:, None, None, None], 0)
             for j in range(1, blocks):
                 head = torch.where((b.last >= j)[:, None, None, None], head + parts[:, :, j], head)
-            o = (o.to(acc) + head.view(u, kv, m, grp, d)).to(q.dtype)
-        out[b.rows] = o.transpose(1, 2).reshape(u * m, nh, d)[b.real]
+            o = (o.to(acc) + head).to(q.dtype)
+        out[b.rows] = o.view(u, kv, m, grp, d).transpose(1, 2).reshape(u * m, nh, d)[b.real]
     return out
 
 
 # ---------------------------------------------------------------- probing the machine's kernels
+
+def _before(a: torch.Tensor, b: torch.Tensor, more: int) -> torch.Tensor:
+    """a @ b written into the first columns of a result `more` columns wider, as `attend` writes a
+    window's scores."""
+    out = a.new_empty(*a.shape[:-1], b.shape[-1] + more)[..., :b.shape[-1]]
+    return torch.matmul(a, b, out=out)
+
 
 def _after_window(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b written after WINDOW columns of a wider result, as `attend` writes committed keys' scores."""
@@ -381,41 +409,27 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
         wp[hot] = 1                                   # (a copy: the model's weights stay as they are)
         x = _cancelling(top, w.shape[0], hot, dtype, gen)
         linear[shape] = _pick([_classes(lambda x, w=wp: x @ w, x, counts)])
-    # attention (`attend`), in rows of queries: the committed keys' products [kv, m * grp, d] @ [kv, d, T]
-    # and, per block of VBLOCK keys, [kv, m * grp, VBLOCK] @ [kv, VBLOCK, d], and the per-row window
-    # products [1, m, grp, d] @ [1, m, d, W] and [1, m, grp, W] @ [1, m, W, d] (each row its own keys)
+    # attention (`attend`), in rows of queries m * grp: the products of a group's window keys, written
+    # into the first columns of its scores, [kv, m * grp, d] @ [kv, d, W], and of the committed keys after
+    # them, [kv, m * grp, d] @ [kv, d, T]; of the window's weights [kv, m * grp, W] @ [kv, W, d], and per
+    # block of VBLOCK committed keys [kv, m * grp, VBLOCK] @ [kv, VBLOCK, d]
     grp = heads // kv
     t = max(3 * CHUNK, VBLOCK)
-    hot_d, hot_t, hot_w = _hot(d), _hot(t), _hot(WINDOW)
+    hot_d, hot_t = _hot(d), _hot(t)
     keys = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
     keys[:, :, hot_d] = 1
     vals = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
     vals[:, hot_t] = 1
     q_rows = _cancelling(top * grp, d, hot_d, dtype, gen)          # one query head per row of the probe
-    w_rows = _cancelling(top * grp, VBLOCK, _hot(VBLOCK), dtype, gen)
-    block = vals[:, :VBLOCK].clone()
-    block[:, _hot(VBLOCK)] = 1
-    head_k = lambda x: _after_window(x.expand(kv, -1, -1).contiguous(), keys.transpose(-1, -2)).transpose(0, 1)
-    head_v = lambda x: (x.expand(kv, -1, -1).contiguous() @ block).transpose(0, 1)
-    per_op = [_classes(op, x, counts, grp) for op, x in ((head_k, q_rows), (head_v, w_rows))]
-
-    # per-row window products: a probe row holds a query group and its window's keys (values)
-    def windowed(x, a, b, c, keys):
-        lhs = x[:, :a * b].view(1, -1, a, b)
-        if keys:   # (into the first columns of a row of scores, as `attend` writes them)
-            out = x.new_empty(1, lhs.shape[1], a, c + t)[..., :c]
-            return torch.matmul(lhs, x[:, a * b:].view(1, -1, c, b).transpose(-1, -2), out=out)[0]
-        return (lhs @ x[:, a * b:].view(1, -1, b, c))[0]
-    lhs = _cancelling(top * grp, d, hot_d, dtype, gen).view(top, grp * d)
-    rhs = torch.randn(top, WINDOW, d, generator=gen)
-    rhs[:, :, hot_d] = 1
-    per_op.append(_classes(lambda x: windowed(x, grp, d, WINDOW, True),
-                           torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
-    lhs = _cancelling(top * grp, WINDOW, hot_w, dtype, gen).view(top, grp * WINDOW)
-    rhs = torch.randn(top, WINDOW, d, generator=gen)
-    rhs[:, hot_w] = 1
-    per_op.append(_classes(lambda x: windowed(x, grp, WINDOW, d, False),
-                           torch.cat([lhs, rhs.to(dtype).view(top, -1)], 1), counts))
+    by_head = lambda x: x.expand(kv, -1, -1).contiguous()
+    win_k = lambda x: _before(by_head(x), keys[:, :WINDOW].transpose(-1, -2), t).transpose(0, 1)
+    head_k = lambda x: _after_window(by_head(x), keys.transpose(-1, -2)).transpose(0, 1)
+    per_op = [_classes(op, q_rows, counts, grp) for op in (win_k, head_k)]
+    for k in (WINDOW, VBLOCK):
+        block = vals[:, :k].clone()
+        block[:, _hot(k)] = 1
+        per_op.append(_classes(lambda x, v=block: (by_head(x) @ v).transpose(0, 1),
+                               _cancelling(top * grp, k, _hot(k), dtype, gen), counts, grp))
     attn = _pick(per_op)
     batched = attn is not None and _batches_alike(dtype, heads, kv, d, attn, gen)
     if attn is None or any(c is None for c in linear.values()):
