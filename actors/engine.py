@@ -12,6 +12,7 @@ its own with `generate` / `stream`. Tokens are emitted as they are committed; st
 token."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from drafthorse.actors.spec.stops import Decode, StopChecker
 from drafthorse.actors.spec.tree import ROOT, DraftTree
 from drafthorse.actors.spec.verify import verify_greedy, verify_sampling
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Step:
@@ -35,6 +38,7 @@ class Step:
     finish_reason: str | None = None     # "stop" | "length" | None
     drafted: int = 0
     accepted: int = 0
+    error: Exception | None = None       # this sequence failed (the others of its step did not)
 
 
 @dataclass
@@ -215,10 +219,18 @@ class BatchEngine:
         for i, tree, (logits, hidden) in zip(live, trees, scored):
             seq = seqs[i]
             t1 = time.perf_counter()
-            if seq.params.greedy:
-                path, bonus = verify_greedy(tree, logits)
-            else:
-                path, bonus = verify_sampling(tree, probs_from_logits(logits, seq.params), seq.verify_rng)
+            try:   # a sequence whose numbers went bad fails alone, not the step's other sequences
+                if not bool(torch.isfinite(logits).all()):
+                    raise FloatingPointError("the target's logits are not finite")
+                if seq.params.greedy:
+                    path, bonus = verify_greedy(tree, logits)
+                else:
+                    path, bonus = verify_sampling(tree, probs_from_logits(logits, seq.params), seq.verify_rng)
+            except (FloatingPointError, RuntimeError) as e:
+                seq.runner.discard()
+                seq.stopper.finish_reason = "error"
+                steps[i] = Step([], "error", error=e)
+                continue
             seq.runner.commit([0] + [n + 1 for n in path])
             seq.stats.verify_s += forward_s + time.perf_counter() - t1  # the pass is shared: each waits for it
             new = [tree.tokens[n] for n in path] + [bonus]
@@ -257,17 +269,25 @@ class BatchEngine:
         return budget if budget.max_depth > 0 and budget.max_nodes > 0 else None
 
     def _propose(self, seq: Sequence, budget: Budget | None) -> DraftTree:
+        """seq's tree; a drafter that fails (a bad tree, a draft worker that refuses us) is dropped for the
+        rest of the sequence, which goes on as plain decoding: still exact, and nothing else fails."""
         t = time.perf_counter()
-        if seq.drafter.wants_features:
-            seq.drafter.extend(seq.new, seq.new_features)
-        else:
-            seq.drafter.extend(seq.new)
-        seq.new, seq.new_features = [], None
         tree = DraftTree()
-        if budget is not None:
-            tree = seq.drafter.propose(budget, seq.params, seq.draft_rng)
-            if not seq.drafter.checked_trees:
-                tree.validate(seq.runner.vocab_size, budget.max_nodes, budget.max_depth)
+        try:
+            if seq.drafter.wants_features:
+                seq.drafter.extend(seq.new, seq.new_features)
+            else:
+                seq.drafter.extend(seq.new)
+            if budget is not None:
+                tree = seq.drafter.propose(budget, seq.params, seq.draft_rng)
+                if not seq.drafter.checked_trees:
+                    tree.validate(seq.runner.vocab_size, budget.max_nodes, budget.max_depth)
+        except Exception as e:  # noqa: BLE001 - any drafter fault: this sequence decodes alone from here
+            log.warning("drafter %s failed (%s: %s); the sequence continues without it",
+                        seq.drafter.name, type(e).__name__, e)
+            seq.drafter.close()
+            seq.drafter, tree = NoDrafter(), DraftTree()
+        seq.new, seq.new_features = [], None
         seq.stats.draft_s += time.perf_counter() - t
         return tree
 
@@ -301,7 +321,10 @@ class SpecEngine(BatchEngine):
         try:
             yield step
             while seq.finish_reason is None:
-                yield self.step([seq])[0]
+                step = self.step([seq])[0]
+                if step.error is not None:
+                    raise step.error
+                yield step
         finally:
             seq.drafter.close()
 

@@ -151,7 +151,7 @@ class Scheduler:
             self.steps += 1
             self.last_batch = len(self.running)
             for (r, _), step in zip(self.running, steps):
-                r.out.put(step)
+                r.out.put(step if step.error is None else step.error)   # (a failed one is finished next round)
 
     def _prefill(self) -> None:
         """One round of prefill for the admitted requests, in at most two passes: those whose uncached

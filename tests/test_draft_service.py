@@ -351,7 +351,7 @@ def test_wire_tree_round_trips():
     probs = torch.softmax(torch.randn(4, V, dtype=torch.float64), -1).float()
     probs[1, :100] = 0.0  # sparse rows go over the wire as their non-zero entries only
     probs[1] /= probs[1].sum()
-    tree = DraftTree([5, 9, 6, 7], [-1, -1, 0, 2], probs)
+    tree = DraftTree([5, 109, 6, 7], [-1, -1, 0, 2], probs)
     msg = tree_to_proto(tree)
     assert len(msg.probs[1].ids) == V - 100 and len(msg.probs[0].ids) == V
     back = tree_from_proto(pb.TokenTree.FromString(msg.SerializeToString()), V)
@@ -375,7 +375,13 @@ def test_wire_rejects_malformed_trees():
            pb.TokenTree(token_ids=[1], parents=[-1], probs=[dist([1, 1], [0.5, 0.5])]),
            pb.TokenTree(token_ids=[1], parents=[-1], probs=[dist([1, 2], [1.5, -0.5])]),
            pb.TokenTree(token_ids=[1], parents=[-1], probs=[dist([1], [math.nan])]),
-           pb.TokenTree(token_ids=[1], parents=[-1], probs=[dist([1], [math.inf])])]
+           pb.TokenTree(token_ids=[1], parents=[-1], probs=[dist([1], [math.inf])]),
+           # distributions the node could not have been drawn from: q(x) = 0 for its own token x would be
+           # accepted whenever p(x) > 0 (the rule divides by q(x)); mass that does not sum to 1
+           pb.TokenTree(token_ids=[1], parents=[-1], probs=[dist([2], [1.0])]),
+           pb.TokenTree(token_ids=[1, 3], parents=[-1, 0], probs=[dist([1], [1.0]), dist([2, 3], [1.0, 0.0])]),
+           pb.TokenTree(token_ids=[1], parents=[-1], probs=[dist([1, 2], [0.5, 0.3])]),
+           pb.TokenTree(token_ids=[1], parents=[-1], probs=[dist([1, 2], [0.9, 0.9])])]
     for msg in bad:
         with pytest.raises(ValueError):
             tree_from_proto(msg, V)

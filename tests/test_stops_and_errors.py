@@ -303,8 +303,50 @@ class BadDrafter(Drafter):
     (DraftTree([5, 6], [-1, 1]), "parent"),
     (DraftTree(list(range(100)), [-1] * 100), "budget"),
     (DraftTree([5, 6], [-1, 0], torch.full((2, 7), 0.1)), "probs"),
+    (DraftTree([5], [-1], torch.zeros(1, 128).index_fill_(1, torch.tensor([6]), 1.0)), "probability 0"),
 ])
-def test_malformed_draft_tree_is_refused(tiny, make_engine, tree, match):
-    engine = make_engine(tiny(0))
-    with pytest.raises(ValueError, match=match):
-        engine.generate(PROMPT, SamplingParams(max_new_tokens=10), BadDrafter(tree))
+def test_a_malformed_draft_tree_drops_the_drafter_for_that_sequence_alone(tiny, make_engine, tree, match, caplog):
+    """A drafter that returns a bad tree (as a broken or hostile draft worker might) is dropped: its
+    sequence goes on as plain decoding, and the other sequences of the step are untouched."""
+    from drafthorse.actors.engine import BatchEngine
+    lm = tiny(0)
+    params = SamplingParams(max_new_tokens=10)
+    plain = make_engine(lm).generate(PROMPT, params).token_ids
+    assert make_engine(lm).generate(PROMPT, params, BadDrafter(tree)).token_ids == plain
+    assert match in caplog.text
+    engine = BatchEngine(set())
+    runners = [ModelRunner(lm.model, 64) for _ in range(2)]
+    (bad, _), (good, _) = [engine.start(r, PROMPT, params, d) for r, d in zip(runners, (BadDrafter(tree), NgramDrafter()))]
+    out = {0: [], 1: []}
+    while bad.finish_reason is None or good.finish_reason is None:
+        for i, step in enumerate(engine.step([bad, good])):
+            assert step.error is None
+            out[i] += step.token_ids
+    assert out[0] == out[1] == plain[1:]
+
+
+def test_non_finite_logits_fail_their_sequence_alone(tiny, monkeypatch):
+    """A sequence whose logits come out NaN or inf ends with an error; the others of its step go on."""
+    import drafthorse.actors.engine as engine_mod
+    from drafthorse.actors.engine import BatchEngine
+    lm = tiny(0)
+    params = SamplingParams(max_new_tokens=10)
+    engine = BatchEngine(set())
+    seqs = [engine.start(ModelRunner(lm.model, 64), PROMPT, params)[0] for _ in range(3)]
+    real = engine_mod.score_batch
+
+    def poisoned(runners, tokens, parents):   # the second sequence's logits turn NaN on the third step
+        out = real(runners, tokens, parents)
+        if len(runners) == 3 and len(seqs[1].stopper.tokens) == 3:
+            out[1] = (torch.full_like(out[1][0], float("nan")), out[1][1])
+        return out
+    monkeypatch.setattr(engine_mod, "score_batch", poisoned)
+    done = {0: [], 1: [], 2: []}
+    errors = []
+    while any(s.finish_reason is None for s in seqs):
+        for i, step in enumerate(engine.step(seqs)):
+            done[i] += step.token_ids
+            if step.error is not None:
+                errors.append((i, step.error))
+    assert [(i, type(e)) for i, e in errors] == [(1, FloatingPointError)] and seqs[1].finish_reason == "error"
+    assert len(done[0]) == len(done[2]) == 9 and done[0] == done[2]

@@ -36,9 +36,28 @@ class DraftTree:
                 raise ValueError(f"tree node {i}: parent {p} must be {ROOT} (root) or an earlier node")
         if max_depth is not None and n and max(self.depths()) > max_depth:
             raise ValueError(f"tree is deeper than {max_depth}")
-        if self.probs is not None and tuple(self.probs.shape) != (n, vocab_size):
-            raise ValueError(f"tree probs have shape {tuple(self.probs.shape)}, expected ({n}, {vocab_size})")
+        if self.probs is not None:
+            if tuple(self.probs.shape) != (n, vocab_size):
+                raise ValueError(f"tree probs have shape {tuple(self.probs.shape)}, expected ({n}, {vocab_size})")
+            self.check_probs()
         return self
+
+    def check_probs(self, tolerance: float = 1e-3) -> None:
+        """Each node's distribution is one it could have been drawn from: finite, >= 0, summing to 1, and
+        giving its own token a positive probability. The acceptance rule divides by q(x): a node with
+        q(x) = 0 would be accepted whenever p(x) > 0, and the output would no longer follow the target."""
+        q = self.probs
+        if q is None or not len(q):
+            return
+        if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
+            raise ValueError("tree probs must be finite and >= 0")
+        bad = ((q.sum(-1, dtype=torch.float64) - 1).abs() > tolerance).nonzero()
+        if len(bad):
+            raise ValueError(f"tree node {int(bad[0])}: its distribution sums to {float(q[bad[0]].sum()):.6g}, not 1")
+        own = q[torch.arange(len(q)), torch.tensor(self.tokens)]
+        if bool((own <= 0).any()):
+            i = int((own <= 0).nonzero()[0])
+            raise ValueError(f"tree node {i}: token {self.tokens[i]} has probability 0 in its own distribution")
 
     def depths(self) -> list[int]:
         """Depth of each node; children of the root have depth 1."""

@@ -48,6 +48,7 @@ def tree_from_proto(msg: pb.TokenTree, vocab_size: int, max_nodes: int | None = 
             if len(d.ids):
                 probs[i, torch.tensor(list(d.ids), dtype=torch.long)] = torch.tensor(list(d.probs), dtype=torch.float32)
         tree.probs = probs
+        tree.check_probs()
     return tree
 
 
