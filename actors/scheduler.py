@@ -58,7 +58,14 @@ class SlotPool:
             return self.free.popitem(last=False)[1], False
 
     def release(self, session_id: str, runner: ModelRunner) -> None:
+        """The slot is free again, holding session_id's prefix. Two turns of one session that ran at once
+        both release under its id: the one released last keeps the name, the other stays a free slot
+        (emptied), never dropped."""
         with self.lock:
+            if session_id and session_id in self.free:
+                older = self.free.pop(session_id)
+                older.reset()
+                self.free[f"_{uuid.uuid4().hex}"] = older
             self.free[session_id or f"_{uuid.uuid4().hex}"] = runner
 
     def forget(self, session_id: str) -> None:

@@ -154,3 +154,21 @@ def test_waiting_prompts_are_prefilled_in_one_pass(tiny, budget, passes):
     prefills = [n for n, prefill in calls if prefill]
     assert prefills == ([3] if passes == 1 else [1, 1, 1]), calls[:6]
     assert got == [alone(lm, p, SamplingParams(max_new_tokens=6)) for p in prompts]
+
+
+def test_two_turns_of_one_session_at_once_lose_no_slot(tiny):
+    """Both turns release their slot under the session's id: the second used to overwrite the first in the
+    free list, and that slot was gone for good (a few such pairs emptied a worker)."""
+    pool = SlotPool(tiny(0).model, 2, 64)
+    a, cached_a = pool.acquire("s")
+    b, cached_b = pool.acquire("s")       # the session's prefix is in use: another slot
+    assert a is not b and not cached_a and not cached_b and not pool.free
+    a.extend([1, 2, 3])
+    b.extend([1, 2, 3, 4])
+    pool.release("s", a)
+    pool.release("s", b)
+    assert len(pool.free) == 2
+    again, cached = pool.acquire("s")
+    assert again is b and cached and again.length == 4      # the last released holds the session
+    other, cached = pool.acquire("")
+    assert other is a and not cached and other.length == 0
