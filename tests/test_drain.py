@@ -107,3 +107,14 @@ def test_a_drain_inside_a_drain_does_not_deadlock(worker):
     t.start()
     t.join(10)
     assert done.is_set(), "drain deadlocked on its own lock"
+
+
+def test_health_check_fails_once_the_scheduler_thread_is_gone(worker):
+    """Every step runs on the target's scheduler thread: a worker without it accepts streams it will never
+    serve, so Serve's health check must fail (and replace it)."""
+    w, _ = worker
+    w.check_health()
+    w.service.scheduler.stop()
+    w.service.scheduler.thread.join(10)
+    with pytest.raises(RuntimeError, match="scheduler thread"):
+        w.check_health()

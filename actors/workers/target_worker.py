@@ -75,6 +75,11 @@ class TargetService(pb_grpc.TargetServicer):
         self._channels: dict[str, grpc.Channel] = {}   # one channel per draft worker, reused
         self._channels_lock = threading.Lock()
 
+    def check(self) -> None:
+        """Raises when this worker can no longer serve: its scheduler thread (every step runs there) died."""
+        if not self.scheduler.thread.is_alive():
+            raise RuntimeError(f"target worker {self.worker_id}: its scheduler thread is not running")
+
     def _channel(self, address: str) -> grpc.Channel:
         with self._channels_lock:
             if address not in self._channels:

@@ -89,8 +89,12 @@ class GrpcWorker(Generic[S]):
         return self.membership.worker_id
 
     def check_health(self) -> None:
-        """Serve calls this periodically: a worker whose heartbeat stopped is replaced."""
+        """Serve calls this periodically: a worker whose heartbeat stopped, or whose service says it is
+        broken (a target's scheduler thread died), is replaced."""
         self.membership.check()
+        check = getattr(self.service, "check", None)
+        if check is not None:
+            check()
 
     def drain(self, grace_s: float | None = None) -> dict:
         """Leave the cluster without failing a client (see the module doc); idempotent. Returns what
