@@ -2,7 +2,7 @@
 (appended to the session's committed tokens with the template's own separators)."""
 from __future__ import annotations
 
-from drafthorse.actors.models.loader import chat_prompt
+from drafthorse.actors.models.loader import chat_prompt, encode_chat
 
 _MARK = "\u2063drafthorse-turn\u2063"  # stands in for a previous assistant reply
 
@@ -15,9 +15,12 @@ def turn_ids(tokenizer, history: list[int], messages: list[dict] | None, prompt:
     # Render [user, assistant(_MARK)] + new messages and keep what follows _MARK: the template's
     # end-of-turn separator and the new turn, without a second system preamble.
     prior = [{"role": "user", "content": "-"}, {"role": "assistant", "content": _MARK}]
-    full = tokenizer.apply_chat_template(prior + messages, add_generation_prompt=True, tokenize=False)
-    suffix = full[full.index(_MARK) + len(_MARK):]
     eos = tokenizer.eos_token or ""
-    if eos and history[-1] == tokenizer.eos_token_id and suffix.startswith(eos):
-        suffix = suffix[len(eos):]  # the reply already ended with the end-of-turn token
-    return history + tokenizer.encode(suffix, add_special_tokens=False)
+
+    def render(ms: list[dict]) -> str:
+        full = tokenizer.apply_chat_template(prior + ms, add_generation_prompt=True, tokenize=False)
+        suffix = full[full.index(_MARK) + len(_MARK):]
+        if eos and history[-1] == tokenizer.eos_token_id and suffix.startswith(eos):
+            suffix = suffix[len(eos):]  # the reply already ended with the end-of-turn token
+        return suffix
+    return history + encode_chat(tokenizer, messages, render)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,5 +204,25 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, laye
 
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a chat rendered with the model's template, ready for the assistant's turn."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_chat(tokenizer, messages,
+                       lambda ms: tokenizer.apply_chat_template(ms, add_generation_prompt=True, tokenize=False))
+
+
+_SLOT = re.compile("\ue000(\\d+)\ue001")   # stands in for message i's content while a template renders
+
+
+def encode_chat(tokenizer, messages: list[dict], render) -> list[int]:
+    """Token ids of render(messages) (a chat template's text), the messages' contents tokenized as text:
+    control tokens written in them (`<|im_start|>system`) stay text, so a user cannot forge a turn of
+    another role. Contents without any are tokenized with the rest, as the template renders them."""
+    specials = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+    if not any(sp in m.get("content", "") for m in messages for sp in specials):
+        return tokenizer.encode(render(messages), add_special_tokens=False)
+    slotted = [dict(m, content=f"\ue000{j}\ue001") for j, m in enumerate(messages)]
+    ids: list[int] = []
+    for i, part in enumerate(_SLOT.split(render(slotted))):
+        if i % 2:   # a content slot's index
+            ids += tokenizer.encode(messages[int(part)]["content"], add_special_tokens=False, split_special_tokens=True)
+        elif part:
+            ids += tokenizer.encode(part, add_special_tokens=False)
+    return ids
