@@ -23,7 +23,7 @@ from drafthorse.cluster.router import NoWorkers, Router
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime import kinds, metrics
-from drafthorse.runtime.errors import BadField
+from drafthorse.runtime.errors import BadField, shown
 from drafthorse.runtime.redis_store import connect
 from drafthorse.runtime.registry import Registry
 from drafthorse.runtime.rpc import (
@@ -42,6 +42,7 @@ from drafthorse.runtime.settings import GatewaySettings
 log = logging.getLogger(__name__)
 SERVICE = "drafthorse.v1.Generator"
 MAX_PROMPT_CHARS = 1_000_000
+MAX_CHAT_MESSAGES = 1024   # (the template renders each: hundreds of thousands of empty ones cost seconds)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
@@ -126,6 +127,8 @@ class Gateway(pb_grpc.GeneratorServicer):
             prompt = r.prompt
         else:
             messages = [{"role": m.role, "content": m.content} for m in r.chat.messages]
+            if len(messages) > MAX_CHAT_MESSAGES:
+                raise BadField("chat", f"chat has {len(messages)} messages, at most {MAX_CHAT_MESSAGES} are served")
             if not messages or not any(m["content"].strip() for m in messages):
                 raise BadField("chat", "chat has no message with content")
             if any(m["role"] not in ("system", "user", "assistant") for m in messages):
@@ -205,7 +208,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         if r.session_id:
             session = await asyncio.to_thread(self.sessions.get, r.session_id, owner)
             if session is None:
-                await abort(context, f"session {r.session_id!r} not found (expired?)", grpc.StatusCode.NOT_FOUND,
+                await abort(context, f"session {shown(r.session_id)} not found (expired?)", grpc.StatusCode.NOT_FOUND,
                             "session_id")
         elif r.new_session:
             session = await asyncio.to_thread(self.sessions.create, owner)

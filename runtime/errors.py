@@ -10,3 +10,11 @@ class BadField(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A client's value as an error message quotes it: at most `limit` characters of it (the rest counted,
+    not echoed back)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

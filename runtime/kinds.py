@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from drafthorse.runtime.errors import BadField
+from drafthorse.runtime.errors import BadField, shown
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ LOCAL_KINDS = tuple(k.name for k in KINDS.values() if k.runs_on == "target")   #
 def kind(name: str) -> DrafterKind:
     """The kind called `name`; BadField (a ValueError) lists the choices."""
     if name not in KINDS:
-        raise BadField("drafter", f"unknown drafter {name!r}: choose one of {', '.join(NAMES)}")
+        raise BadField("drafter", f"unknown drafter {shown(name)}: choose one of {', '.join(NAMES)}")
     return KINDS[name]
 
 

@@ -238,6 +238,8 @@ def test_multi_turn_affinity_and_failover(cluster, stub, local):
     (lambda r: setattr(r, "max_new_tokens", -1), "max_new_tokens"),
     (lambda r: setattr(r, "drafter", "nope"), "drafter"),
     (lambda r: setattr(r, "prompt", "word " * 2000), "prompt"),
+    (lambda r: setattr(r, "drafter", "x" * 100_000), "drafter"),      # named, not echoed back whole
+    (lambda r: r.chat.messages.extend([pb.ChatMessage(role="user", content="")] * 5000), "at most 1024"),
 ])
 def test_invalid_argument(stub, mutate, needle):
     r = request("hi", SamplingParams(max_new_tokens=4), raw=True)
@@ -245,13 +247,16 @@ def test_invalid_argument(stub, mutate, needle):
     with pytest.raises(grpc.RpcError) as e:
         run(stub, r)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert needle in e.value.details()
+    assert needle in e.value.details() and len(e.value.details()) < 500
 
 
 def test_unknown_session_is_not_found(stub):
     with pytest.raises(grpc.RpcError) as e:
         run(stub, request("hi", SamplingParams(max_new_tokens=4), session=uuid.uuid4().hex))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:   # a huge id is quoted in part, not echoed back whole
+        run(stub, request("hi", SamplingParams(max_new_tokens=4), session="s" * 100_000))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) < 500
 
 
 def test_internal_calls_need_the_certificate_and_the_token(cluster):

@@ -25,6 +25,7 @@ from drafthorse.actors.spec.tree import DraftTree
 from drafthorse.actors.workers.wire import features_from_proto, sampling_from_proto, tree_to_proto
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.errors import shown
 from drafthorse.runtime.rpc import start_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "drafthorse.v1.Drafter"
@@ -124,7 +125,7 @@ class DraftService(pb_grpc.DrafterServicer):
         if not r.session_id or len(r.session_id) > 256:
             raise bad("session_id must be 1..256 characters")
         if r.drafter not in self.kinds:
-            raise bad(f"unknown drafter {r.drafter!r}; this worker serves {sorted(self.kinds)}")
+            raise bad(f"unknown drafter {shown(r.drafter)}; this worker serves {sorted(self.kinds)}")
         if not 0 <= r.max_nodes <= LIMIT or not 0 <= r.max_depth <= LIMIT:
             raise bad(f"max_nodes and max_depth must be in [0, {LIMIT}]")
         if any(not 0 <= t < self.vocab_size for t in r.new_token_ids):
