@@ -42,6 +42,7 @@ from drafthorse.runtime.settings import GatewaySettings
 log = logging.getLogger(__name__)
 SERVICE = "drafthorse.v1.Generator"
 MAX_PROMPT_CHARS = 1_000_000
+TURN_LEASE_S = 60.0        # a session's turn lease, renewed while the turn streams (sessions.begin_turn)
 MAX_CHAT_MESSAGES = 1024   # (the template renders each: hundreds of thousands of empty ones cost seconds)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -213,6 +214,29 @@ class Gateway(pb_grpc.GeneratorServicer):
         elif r.new_session:
             session = await asyncio.to_thread(self.sessions.create, owner)
         sid = session.session_id if session else ""
+        lease = None
+        if session is not None:   # one turn of a session at a time, else two would interleave their tokens
+            lease = await asyncio.to_thread(self.sessions.begin_turn, sid, TURN_LEASE_S)
+            if lease is None:
+                await abort(context, f"session {shown(sid)} has a turn in progress: send the next turn once it "
+                            "has finished", grpc.StatusCode.ABORTED, "session_id")
+        try:
+            if r.session_id:   # read again under the lease: a turn that just ended may have added to it
+                session = await asyncio.to_thread(self.sessions.get, sid, owner)
+                if session is None:
+                    await abort(context, f"session {shown(sid)} not found (expired?)", grpc.StatusCode.NOT_FOUND,
+                                "session_id")
+            async with contextlib.aclosing(self._turn(r, context, session, sid, owner, messages, prompt, max_new,
+                                                      lease)) as turn:
+                async for msg in turn:
+                    yield msg
+        finally:
+            if lease is not None:
+                await asyncio.to_thread(self.sessions.end_turn, sid, lease)
+
+    async def _turn(self, r, context, session, sid: str, owner: str, messages, prompt, max_new: int,
+                    lease: str | None):
+        """One request's turn, its session (if any) leased to it: prompt, limits, checkpoint, relay."""
         history = session.token_ids if session else []
         prompt_ids = turn_ids(self.tok, history, messages, prompt)
         if len(prompt_ids) >= self.s.max_len:
@@ -234,7 +258,11 @@ class Gateway(pb_grpc.GeneratorServicer):
             # aclosing: a client that goes away closes the relay too (its worker leases, the target call)
             async with contextlib.aclosing(self._stream(r, context, session, sid, prompt_ids, max_new, kind,
                                                         streamed)) as relay:
+                renewed = time.monotonic()
                 async for msg in relay:
+                    if lease is not None and time.monotonic() - renewed > TURN_LEASE_S / 3:
+                        renewed = time.monotonic()
+                        await asyncio.to_thread(self.sessions.renew_turn, sid, lease, TURN_LEASE_S)
                     yield msg
         finally:
             if limits is not None:

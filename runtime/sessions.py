@@ -4,6 +4,7 @@ Keys (under `prefix`), both expiring `ttl_s` after the last write:
     session:<id>          hash    owner, target_worker, turns, created_at, updated_at, last_op, stat:<name>
     session:<id>:tokens   string  token ids packed as little-endian uint32: a turn's checkpoint is one
                                   APPEND (O(new tokens)), a read is one GET and one unpack
+    session:<id>:turn     string  the lease of the turn in progress (one at a time), expiring unless renewed
 
 Writes are Lua scripts, so each is atomic and checks that the session still exists (a write to an
 expired session must not resurrect half of it). Each write carries a fresh nonce stored in `last_op`:
@@ -75,6 +76,16 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
+# the turn lease: renewed or released only by its holder (ARGV[1], its token)
+_RENEW_TURN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_END_TURN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # ARGV[1] == '1': delete only if the owner is ARGV[2].
 _DELETE = """
 if ARGV[1] == '1' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
@@ -101,6 +112,8 @@ class SessionStore:
         self._finish_turn = self.r.register_script(_FINISH_TURN)
         self._set_affinity = self.r.register_script(_SET_AFFINITY)
         self._delete = self.r.register_script(_DELETE)
+        self._renew_turn = self.r.register_script(_RENEW_TURN)
+        self._end_turn = self.r.register_script(_END_TURN)
 
     def _keys(self, session_id: str) -> list[str]:
         if not isinstance(session_id, str) or not _ID.fullmatch(session_id):
@@ -158,6 +171,23 @@ class SessionStore:
     def set_affinity(self, session_id: str, target_worker: str) -> None:
         if not self._set_affinity(keys=self._keys(session_id), args=[target_worker, repr(time.time()), self._ttl_ms]):
             raise SessionNotFound(session_id)
+
+    def begin_turn(self, session_id: str, lease_s: float) -> str | None:
+        """The lease on the session's turn (a token for renew_turn / end_turn), or None while another turn
+        holds it: one turn at a time, so two turns never interleave their tokens in the conversation. It
+        lapses lease_s after its last renewal: a gateway that died mid-turn frees the session by then."""
+        token = uuid.uuid4().hex
+        ok = self.r.set(self._keys(session_id)[0] + ":turn", token, nx=True, px=max(1, int(lease_s * 1000)))
+        return token if ok else None
+
+    def renew_turn(self, session_id: str, token: str, lease_s: float) -> bool:
+        """Extend the lease `token` holds; False when it lapsed (another turn may have begun)."""
+        return bool(self._renew_turn(keys=[self._keys(session_id)[0] + ":turn"],
+                                     args=[token, max(1, int(lease_s * 1000))]))
+
+    def end_turn(self, session_id: str, token: str) -> None:
+        """Release the lease `token` holds (no-op once it lapsed or was taken over)."""
+        self._end_turn(keys=[self._keys(session_id)[0] + ":turn"], args=[token])
 
     def finish_turn(self, session_id: str, stats: dict[str, int | float] | None = None) -> None:
         """Count a turn and add its numeric stats (tokens drafted/accepted, seconds, ...) to the totals."""

@@ -25,7 +25,7 @@ from drafthorse.cluster.tools.soak import kill_replica
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.redis_store import free_port
-from drafthorse.runtime.rpc import auth_metadata
+from drafthorse.runtime.rpc import auth_metadata, field_of
 from drafthorse.runtime.settings import Settings
 
 PROMPTS = ["the cat sat on the mat, the cat sat on the", "one two three one two three one two",
@@ -227,6 +227,24 @@ def test_multi_turn_affinity_and_failover(cluster, stub, local):
     history = first + a1
     assert a2 == reference(local, turn_ids(tok, history, [{"role": "user", "content": "and then what?"}], None),
                            "none")
+
+
+def test_a_second_turn_of_a_session_while_one_runs_is_aborted(stub):
+    """Two turns of one session at once would interleave their tokens in its conversation (and used to lose
+    a KV slot): while a turn streams, the next is ABORTED, naming session_id; once it ends, the next runs."""
+    sampling = SamplingParams(max_new_tokens=N)
+    _, msgs = run(stub, request("hello there", sampling, "none", new_session=True))
+    sid = msgs[-1].session_id
+    long = stub.Generate(request("tell me more", SamplingParams(max_new_tokens=200), "none", session=sid), timeout=120)
+    first = next(long)                                    # the turn is running
+    with pytest.raises(grpc.RpcError) as e:
+        run(stub, request("and then?", sampling, "none", session=sid))
+    assert e.value.code() == grpc.StatusCode.ABORTED and "in progress" in e.value.details()
+    assert field_of(e.value) == "session_id"
+    rest = [t for m in long for t in m.token_ids]
+    assert len(first.token_ids) + len(rest) > 0
+    ids, msgs = run(stub, request("and then?", sampling, "none", session=sid))   # its turn now
+    assert ids and msgs[-1].session_id == sid
 
 
 @pytest.mark.parametrize("mutate,needle", [

@@ -186,6 +186,27 @@ def test_session_create_get_checkpoint_turns(r, prefix):
     assert store.get(s.session_id, "alice").token_ids == [1, 2, 3, 4, 2**32 - 1]
 
 
+def test_session_turn_lease_one_at_a_time(r, prefix):
+    """One turn of a session at a time: a second lease is refused while the first is held; only its holder
+    renews or releases it; an abandoned one lapses (a gateway that died mid-turn)."""
+    store = SessionStore(r, prefix)
+    s = store.create("")
+    first = store.begin_turn(s.session_id, 10)
+    assert first and store.begin_turn(s.session_id, 10) is None
+    assert not store.renew_turn(s.session_id, "not-the-holder", 10)
+    store.end_turn(s.session_id, "not-the-holder")        # a stranger's release is a no-op
+    assert store.begin_turn(s.session_id, 10) is None
+    assert store.renew_turn(s.session_id, first, 0.3)
+    store.end_turn(s.session_id, first)
+    second = store.begin_turn(s.session_id, 0.2)
+    assert second and second != first
+    time.sleep(0.35)                                      # lapsed: the session is free again
+    assert not store.renew_turn(s.session_id, second, 10)
+    assert store.begin_turn(s.session_id, 10)
+    with pytest.raises(SessionNotFound):
+        store.begin_turn("not-an-id", 10)
+
+
 def test_session_ttl_refresh_and_expiry(r, prefix):
     store = SessionStore(r, prefix, ttl_s=1.0)
     s = store.create("")
