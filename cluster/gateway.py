@@ -36,7 +36,7 @@ from drafthorse.runtime.rpc import (
     is_loopback,
     token_ok,
 )
-from drafthorse.runtime.sessions import SessionStore
+from drafthorse.runtime.sessions import SessionConflict, SessionNotFound, SessionStore
 from drafthorse.runtime.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,9 @@ class Gateway(pb_grpc.GeneratorServicer):
     async def _stream(self, r, context, session, sid: str, prompt_ids: list[int], max_new: int, kind: str,
                       streamed: list[int]):
         """Route to a target (again, on a retryable failure) and relay its stream; streamed[0] counts
-        the tokens relayed."""
+        the tokens relayed. A session's conversation gets exactly the tokens relayed, each message's
+        written before it is sent on (this is its only writer: a target that dies after computing tokens
+        it never delivered leaves nothing behind for the next one to repeat)."""
         seq = 0
         generated: list[int] = []
         finished = False          # the message with finish_reason was relayed: the answer is whole
@@ -288,6 +290,9 @@ class Gateway(pb_grpc.GeneratorServicer):
                                                            timeout=context.time_remaining())
                 try:
                     async for msg in call:
+                        if session is not None and msg.token_ids:
+                            await self._checkpoint(context, sid, list(msg.token_ids), target.worker_id,
+                                                   len(prompt_ids) + len(generated))
                         generated += list(msg.token_ids)
                         streamed[0] = len(generated)
                         msg.seq, msg.session_id = seq, sid
@@ -313,6 +318,18 @@ class Gateway(pb_grpc.GeneratorServicer):
                     call.cancel()
         if session is not None:
             await asyncio.to_thread(self.sessions.finish_turn, sid, {"generated_tokens": len(generated)})
+
+
+    async def _checkpoint(self, context, sid: str, ids: list[int], worker_id: str, at: int) -> None:
+        """Append a relayed message's tokens to the session at offset `at` (setting its affinity)."""
+        try:
+            await asyncio.to_thread(self.sessions.checkpoint, sid, ids, worker_id, at)
+        except SessionConflict as e:   # the turn's lease lapsed and another turn wrote: stop this one
+            await abort(context, f"{e}: another turn wrote to it; this one stops", grpc.StatusCode.ABORTED,
+                        "session_id")
+        except SessionNotFound:
+            await abort(context, f"session {shown(sid)} expired during the turn", grpc.StatusCode.NOT_FOUND,
+                        "session_id")
 
 
 async def drain_gateway(server: grpc.aio.Server, hs, grace_s: float) -> None:

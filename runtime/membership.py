@@ -9,7 +9,6 @@ from dataclasses import replace
 
 from drafthorse.runtime.redis_store import connect
 from drafthorse.runtime.registry import Registry, WorkerInfo
-from drafthorse.runtime.sessions import SessionStore
 from drafthorse.runtime.settings import Common
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,6 @@ class Membership:
         self.s = s
         self.redis = connect(s.redis_url)
         self.registry = Registry(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
-        self.sessions = SessionStore(self.redis, s.key_prefix, ttl_s=s.session_ttl_s)
         self.host = advertise_host or s.host
         self.info = WorkerInfo(worker_id=worker_id, kind=kind, address="", node_id=node_id)
         self._stop = threading.Event()
@@ -36,9 +34,6 @@ class Membership:
     @property
     def address(self) -> str:
         return self.info.address
-
-    def checkpoint_tokens(self, session_id: str, token_ids: list[int]) -> None:
-        self.sessions.checkpoint(session_id, token_ids, self.info.worker_id)
 
     def start(self, port: int, model: str = "", capacity: int = 1, drafters: list[str] | None = None) -> None:
         """Register (what the worker serves, at host:port) and keep the registration alive."""

@@ -30,6 +30,10 @@ class SessionNotFound(KeyError):
     """No such session (never created, expired, deleted, or malformed id). Gateway: NOT_FOUND."""
 
 
+class SessionConflict(RuntimeError):
+    """The conversation is not as long as its writer expected: another turn wrote to it (its lease lapsed)."""
+
+
 @dataclass
 class Session:
     session_id: str
@@ -42,9 +46,11 @@ class Session:
     updated_at: float = 0.0
 
 
+# ARGV: packed tokens, max bytes, target worker, now, ttl_ms, nonce, expected length in bytes (-1: any)
 _CHECKPOINT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'last_op') == ARGV[6] then return redis.call('STRLEN', KEYS[2]) end
+if tonumber(ARGV[7]) >= 0 and redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[7]) then return -3 end
 local n = redis.call('STRLEN', KEYS[2]) + string.len(ARGV[1])
 if n > tonumber(ARGV[2]) then return -2 end
 if string.len(ARGV[1]) > 0 then redis.call('APPEND', KEYS[2], ARGV[1]) end
@@ -152,18 +158,22 @@ class SessionStore:
             stats={k[5:].decode(): _num(v) for k, v in h.items() if k.startswith(b"stat:")},
             created_at=float(h.get(b"created_at", 0)), updated_at=float(h.get(b"updated_at", 0)))
 
-    def checkpoint(self, session_id: str, token_ids_appended: list[int], target_worker: str = "") -> int:
+    def checkpoint(self, session_id: str, token_ids_appended: list[int], target_worker: str = "",
+                   at: int | None = None) -> int:
         """Append committed tokens (and set affinity unless target_worker is ""); refresh the TTL.
-        Returns the conversation length. ValueError, with nothing appended, past max_tokens."""
+        Returns the conversation length. ValueError, with nothing appended, past max_tokens; with `at`,
+        SessionConflict, with nothing appended, unless the conversation is `at` tokens long."""
         keys = self._keys(session_id)
         try:
             packed = struct.pack(f"<{len(token_ids_appended)}I", *token_ids_appended)
         except struct.error as e:
             raise ValueError(f"token ids must be integers in [0, 2**32): {e}") from None
         n = int(self._checkpoint(keys=keys, args=[packed, self.max_tokens * 4, target_worker, repr(time.time()),
-                                                  self._ttl_ms, uuid.uuid4().hex]))
+                                                  self._ttl_ms, uuid.uuid4().hex, -1 if at is None else 4 * at]))
         if n == -1:
             raise SessionNotFound(session_id)
+        if n == -3:
+            raise SessionConflict(f"session {session_id}: the conversation is not {at} tokens long")
         if n == -2:
             raise ValueError(f"conversation would exceed {self.max_tokens} tokens: start a new session")
         return n // 4

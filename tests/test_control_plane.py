@@ -14,7 +14,7 @@ import redis
 from drafthorse.cluster.router import NoWorkers, Router
 from drafthorse.runtime.redis_store import connect, ensure_redis, start_embedded_redis
 from drafthorse.runtime.registry import Registry, WorkerInfo
-from drafthorse.runtime.sessions import SessionNotFound, SessionStore
+from drafthorse.runtime.sessions import SessionConflict, SessionNotFound, SessionStore
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,17 @@ def test_session_create_get_checkpoint_turns(r, prefix):
     with pytest.raises(TypeError):
         store.finish_turn(s.session_id, {"note": "hi"})
     assert store.get(s.session_id, "alice").token_ids == [1, 2, 3, 4, 2**32 - 1]
+
+
+def test_session_checkpoint_at_an_expected_offset(r, prefix):
+    """A writer that says where its tokens go is refused, with nothing written, when another wrote first."""
+    store = SessionStore(r, prefix)
+    s = store.create("")
+    assert store.checkpoint(s.session_id, [1, 2], at=0) == 2
+    assert store.checkpoint(s.session_id, [3], at=2) == 3
+    with pytest.raises(SessionConflict):
+        store.checkpoint(s.session_id, [9], at=2)
+    assert store.get(s.session_id, "").token_ids == [1, 2, 3]
 
 
 def test_session_turn_lease_one_at_a_time(r, prefix):

@@ -18,10 +18,12 @@ from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.actors.workers.target_worker import SERVICE, TargetService
 from drafthorse.actors.workers.worker import GrpcWorker
 from drafthorse.cluster.client import request
+from drafthorse.cluster.prompts import turn_ids
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.membership import Membership
 from drafthorse.runtime.redis_store import connect, free_port
 from drafthorse.runtime.rpc import auth_metadata, start_server
+from drafthorse.runtime.sessions import SessionStore
 from drafthorse.runtime.settings import Settings
 from tests.conftest import start_gateway
 
@@ -70,7 +72,7 @@ def workers(lm, settings):
     for i in range(2):
         wid = f"bf16-{i}-{uuid.uuid4().hex[:6]}"
         membership = Membership(settings, "target", wid)
-        service = TargetService(lm, wid, 2, settings.max_len, settings.token(), checkpoint=membership.checkpoint_tokens)
+        service = TargetService(lm, wid, 2, settings.max_len, settings.token())
         server, port, health = start_server(lambda srv, s=service: pb_grpc.add_TargetServicer_to_server(s, srv),
                                             [SERVICE])
         w = GrpcWorker()
@@ -124,3 +126,23 @@ def test_a_session_turn_on_another_worker_equals_the_undisturbed_one(settings, w
     a2, b2, owner2, second2 = two_turns(move=True)
     assert second2 != owner2
     assert (a2, b2) == (a1, b1)
+
+
+def test_a_session_turn_handed_over_mid_way_records_what_the_client_received(settings, workers, lm):
+    """The gateway is the only writer of a session's conversation: a turn handed over mid-way (the first
+    target computed tokens it may never have delivered; the second regenerates from what was relayed)
+    leaves exactly the prompt and the tokens the client received, once each."""
+    params = SamplingParams(max_new_tokens=N // 2)
+    a, msgs = stream(settings, request(SESSION, params, "none", new_session=True))
+    sid = msgs[-1].session_id
+    handed = {}
+
+    def drain_its_worker(got):
+        if not handed and sum(len(m.token_ids) for m in got) >= 5:
+            handed.update(next(w for w in workers if w.service.active).drain(0))
+    b, _ = stream(settings, request("Make it shorter.", params, "none", session=sid), drain_its_worker)
+    assert handed["handed_over"] == 1
+    first = loader.chat_prompt(lm.tokenizer, [{"role": "user", "content": SESSION}])
+    history = turn_ids(lm.tokenizer, first + a, [{"role": "user", "content": "Make it shorter."}], None) + b
+    session = SessionStore(connect(settings.redis_url), settings.key_prefix).get(sid, "")
+    assert session.token_ids == history and session.turns == 2

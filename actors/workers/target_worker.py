@@ -1,9 +1,10 @@
 """The target worker: owns the large model and drives the speculative loop for its sessions.
 
 Per request: take a KV-cache slot (the session's own if it still holds one: its prefix is reused),
-ask the paired draft worker for a tree over gRPC, verify, commit, stream the tokens back and
-checkpoint them to Redis as they are committed. Served as a Ray Serve deployment (`TargetWorker`)
-whose replica runs the gRPC `Target` service on its own port and registers itself in Redis.
+ask the paired draft worker for a tree over gRPC, verify, commit and stream the tokens back (the
+gateway, which knows what reached the client, is the only writer of a session's conversation).
+Served as a Ray Serve deployment (`TargetWorker`) whose replica runs the gRPC `Target` service on its
+own port and registers itself in Redis.
 
 Medusa and layer-skip draft here, in the target worker: they read the target's features and share its
 weights and KV cache, which no network hop could carry cheaply. EAGLE drafts on a draft worker, which
@@ -54,14 +55,13 @@ def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
 
 class TargetService(pb_grpc.TargetServicer):
     def __init__(self, lm, worker_id: str, capacity: int, max_len: int, token: str = "",
-                 checkpoint=None, max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
+                 max_tree_nodes: int = 32, draft_timeout_s: float = 2.0,
                  adaptive: bool = True, max_waiting: int | None = None, heads: dict | None = None,
                  prefill_chunk: int = 256, prefill_tokens: int = 1024, tls: MutualTls | None = None,
                  metrics: Metrics | None = None):
         self.lm, self.worker_id, self.token, self.tls, self.metrics = lm, worker_id, token, tls, metrics
         self.heads = dict(heads or {})        # kinds.LOCAL_KINDS kind -> its loaded head (load_head), shared
         self.pool = SlotPool(lm.model, capacity, max_len)
-        self.checkpoint = checkpoint          # callable(session_id, token_ids) or None
         self.draft_timeout_s = draft_timeout_s
         self.decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)
         self.policy = AdaptivePolicy(max_tree_nodes) if adaptive else None
@@ -124,8 +124,6 @@ class TargetService(pb_grpc.TargetServicer):
                     abort(context, step)
                 if isinstance(step, Exception):
                     context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(step).__name__}")
-                if self.checkpoint and treq.session_id and step.token_ids:
-                    self.checkpoint(treq.session_id, step.token_ids)
                 msg = pb.GenerateResponse(token_ids=step.token_ids,
                                           text_delta=text.push(step.token_ids, step.finish_reason is not None))
                 if step.finish_reason:
@@ -198,7 +196,6 @@ class TargetWorker(GrpcWorker[TargetService]):
             return lm, load_local_heads(s, lm)
         lm, heads = in_passing_thread(load)
         service = TargetService(lm, membership.worker_id, s.sessions_per_target, s.max_len, s.token(),
-                                checkpoint=membership.checkpoint_tokens,
                                 max_tree_nodes=s.max_tree_nodes, draft_timeout_s=s.draft_timeout_s,
                                 adaptive=s.adaptive, heads=heads, prefill_chunk=s.prefill_chunk,
                                 prefill_tokens=s.prefill_tokens, tls=tls,
