@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from drafthorse.runtime.rpc import is_loopback
 from drafthorse.runtime.settings import GatewaySettings
 
 PREFIX = "sha256:"
@@ -65,8 +66,14 @@ class KeyRing:
 
     @classmethod
     def of(cls, s: GatewaySettings) -> KeyRing:
-        """The public API keys the settings configure; ValueError names a malformed entry."""
-        return cls.load(s.api_key_hashes, s.api_keys_file)
+        """The public API keys the settings configure; ValueError names a malformed entry, and refuses
+        public APIs open to anyone beyond this host unless the settings say so (allow_anonymous)."""
+        ring = cls.load(s.api_key_hashes, s.api_keys_file)
+        if not ring.enabled and not s.allow_anonymous and not is_loopback(s.host):
+            raise ValueError(f"the public APIs would listen on {s.host} with no API keys: add keys "
+                             "(DRAFTHORSE_API_KEY_HASHES or DRAFTHORSE_API_KEYS_FILE; `drafthorse api-key` makes "
+                             "one) or serve them open explicitly (--allow-anonymous, DRAFTHORSE_ALLOW_ANONYMOUS=1)")
+        return ring
 
     @classmethod
     def load(cls, hashes: list[str] | None = None, file: str | None = None) -> KeyRing:

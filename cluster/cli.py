@@ -266,6 +266,8 @@ def serve(
     port: Optional[int] = typer.Option(None, help="gateway gRPC port (default 50051)"),
     http_port: Optional[int] = typer.Option(None, help="OpenAI-compatible HTTP port (default 8000)"),
     host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
+    allow_anonymous: bool = typer.Option(False, "--allow-anonymous",
+                                         help="serve the public APIs with no API keys on a non-loopback --host"),
     redis_url: Optional[str] = typer.Option(None, help="default: 127.0.0.1:6379 if up, else an embedded redis"),
     ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
     dtype: Optional[str] = typer.Option(None, help="auto (default) | float32 | bfloat16 | float16 | int8"),
@@ -279,7 +281,8 @@ def serve(
     flags: dict[str, Any] = dict(model=model, draft_model=draft_model, drafter=drafter, eagle_head=eagle_head,
                                  medusa_head=medusa_head, layerskip_head=layerskip_head, num_targets=num_targets,
                                  num_drafts=num_drafts, gateway_port=port, http_port=http_port, host=host,
-                                 redis_url=redis_url, ray_address=ray_address, dtype=dtype)
+                                 redis_url=redis_url, ray_address=ray_address, dtype=dtype,
+                                 allow_anonymous=allow_anonymous or None)
     try:
         s = Settings(**{k: v for k, v in flags.items() if v is not None})
         KeyRing.of(s)   # a malformed API key entry or an unreadable certificate stops the start here, named

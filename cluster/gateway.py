@@ -351,8 +351,8 @@ async def serve_gateway(s: GatewaySettings, tokenizer, ready: asyncio.Event | No
     server = grpc.aio.server(options=public, interceptors=[ApiKeyAuth(gateway.keys, s.token())]
                              if gateway.keys.enabled else [])
     if not gateway.keys.enabled and not is_loopback(s.host):
-        log.warning("the public API on %s has no API keys: anyone who reaches it can generate "
-                    "(set DRAFTHORSE_API_KEY_HASHES or DRAFTHORSE_API_KEYS_FILE)", s.host)
+        log.warning("the public API on %s has no API keys, as asked (allow_anonymous): anyone who reaches "
+                    "it can generate", s.host)
     pb_grpc.add_GeneratorServicer_to_server(gateway, server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)

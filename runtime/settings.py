@@ -117,6 +117,8 @@ class GatewaySettings(Common):
                                       "(JSON list; `drafthorse api-key` makes one); none here or in the file = "
                                       "open APIs")
     api_keys_file: str | None = Field(None, description="file of sha256:<hex>[:name] lines, one key each")
+    allow_anonymous: bool = Field(False, description="serve the public APIs with no API keys on a non-loopback "
+                                  "address (refused otherwise)")
     # per-key limits (with API keys; 0 = unlimited): RESOURCE_EXHAUSTED / HTTP 429 with a retry hint
     key_max_streams: int = Field(0, ge=0, description="concurrent streams per API key")
     key_tokens_per_minute: int = Field(0, ge=0, description="generated tokens per API key per minute")

@@ -52,6 +52,26 @@ def test_api_key_command_prints_a_key_and_its_digest():
     assert CliRunner().invoke(app, ["api-key", "--name", "a b"]).exit_code == 2
 
 
+def test_open_public_apis_beyond_loopback_are_refused_unless_asked_for(monkeypatch):
+    """Public APIs on a non-loopback address with no API keys: `drafthorse serve` exits 2 before starting
+    anything, saying how to add keys or opt in; the gateway's own start refuses the same settings."""
+    from typer.testing import CliRunner
+
+    from drafthorse.cluster.cli import app
+    for name in ("DRAFTHORSE_API_KEY_HASHES", "DRAFTHORSE_API_KEYS_FILE", "DRAFTHORSE_ALLOW_ANONYMOUS"):
+        monkeypatch.delenv(name, raising=False)
+    res = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert res.exit_code == 2 and "no API keys" in res.output and "--allow-anonymous" in res.output
+    with pytest.raises(ValueError, match="no API keys"):
+        KeyRing.of(Settings(host="10.1.2.3"))
+    with pytest.raises(ValueError, match="no API keys"):
+        KeyRing.of(Settings(host="gateway.example.com"))
+    for ok in (Settings(host="127.0.0.1"), Settings(host="::1"), Settings(host="localhost"),
+               Settings(host="0.0.0.0", allow_anonymous=True),
+               Settings(host="0.0.0.0", api_key_hashes=[digest_line("k", "ci")])):
+        KeyRing.of(ok)
+
+
 @pytest.fixture(scope="module")
 def gateway():
     """A gateway with two keys and no workers; yields (address, settings)."""

@@ -23,7 +23,11 @@ CORE_KINDS = {"Secret", "Service", "StatefulSet", "PodDisruptionBudget", "Networ
 
 
 def render(values: dict | None = None, values_file: str | None = None, name: str = "dh") -> list[dict]:
+    """The chart rendered with `values_file` and `values` on top; where neither says anything of API keys,
+    with apiKeys.allowAnonymous (the chart refuses to render open public APIs by default)."""
     merged = helm.values_from_yaml((CHART / values_file).read_text()) if values_file else {}
+    if "apiKeys" not in merged and "apiKeys" not in (values or {}):
+        merged["apiKeys"] = {"allowAnonymous": True}
     for key, value in (values or {}).items():  # one level of overrides on top of the file
         merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
     with helm.Chart.load(CHART) as chart:
@@ -456,6 +460,7 @@ def test_schema_rejects_bad_values(values, needle):
     ({"internalTls": {"enabled": True}}, "internalTls.enabled is true: set internalTls.existingSecret"),
     ({"settings": {"tls_cert_file": "/x.pem"}}, "settings.tls_cert_file: the internal mTLS is configured with internalTls"),
     ({"gracefulShutdownSeconds": 12}, "gracefulShutdownSeconds (12) must exceed settings.grace_s + 10 (15)"),
+    ({"apiKeys": {}}, "apiKeys.existingSecret is empty: the public APIs would be open"),   # the chart's defaults
     ({"settings": {"grace_s": 25}}, "gracefulShutdownSeconds (30) must exceed settings.grace_s + 10 (35)"),
 ])
 def test_cross_field_checks_fail_with_a_clear_message(values, needle):
@@ -579,3 +584,13 @@ def test_pods_outlive_the_drain_of_their_replicas(values, values_file):
         assert cmd[:2] == ["drafthorse", "drain-node"], (name, cmd)
         deadline = float(cmd[cmd.index("--deadline-s") + 1])
         assert max(timeouts.values()) < deadline < period, (name, deadline, period)
+
+
+def test_anonymous_public_apis_only_when_asked_for():
+    """allowAnonymous reaches the gateway's settings (which refuse open APIs on a non-loopback address
+    otherwise); with API keys it is not set."""
+    def args(values):
+        app = yaml.safe_load(one(render(values), "RayService")["spec"]["serveConfigV2"])["applications"][0]
+        return app["args"]
+    assert args({"apiKeys": {"allowAnonymous": True}})["allow_anonymous"] is True
+    assert "allow_anonymous" not in args({"apiKeys": {"existingSecret": "dh-api-keys"}})

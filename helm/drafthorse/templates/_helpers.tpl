@@ -103,6 +103,7 @@ matchExpressions:
     "num_targets" (int $v.target.autoscaling.min_replicas)
     "num_drafts" (ternary (int $v.draft.autoscaling.min_replicas) 0 $v.draft.enabled) }}
 {{- if $v.model.draft }}{{ $_ := set $args "draft_model" $v.model.draft }}{{ end }}
+{{- if $v.apiKeys.allowAnonymous }}{{ $_ := set $args "allow_anonymous" true }}{{ end }}
 {{- toJson (mergeOverwrite $args (deepCopy $v.settings)) }}
 {{- end }}
 
@@ -289,5 +290,8 @@ lifecycle:
 {{- end }}
 {{- if and (eq .Values.model.drafter "draft-model") (not .Values.draft.enabled) }}
 {{- fail "model.drafter is draft-model: draft.enabled must be true" }}
+{{- end }}
+{{- if and (not .Values.apiKeys.existingSecret) (not .Values.apiKeys.allowAnonymous) }}
+{{- fail "apiKeys.existingSecret is empty: the public APIs would be open to whoever reaches the Services. Set it (a Secret holding a JSON list of sha256 digests; `drafthorse api-key` makes one) or set apiKeys.allowAnonymous=true explicitly" }}
 {{- end }}
 {{- end }}
