@@ -217,13 +217,12 @@ def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes
            ) -> list[tuple[int, torch.Tensor, Group]]:
     """Every group of the sequences, in pieces of at most `top` rows (a group's rows are independent
     queries over the same keys): (pool slot, batch rows, group)."""
-    out = []
+    out: list[tuple[int, torch.Tensor, Group]] = []
     for slot, first, groups, n in zip(slots, offsets, plans, sizes):
         for g in groups:
             rs = torch.arange(n) if g.rows is None else g.rows
             for a in range(0, len(rs), top):
-                part = Group(rs[a:a + top], g.split, g.idx, g.valid[a:a + top])
-                out.append((slot, first + part.rows, part))
+                out.append((slot, first + rs[a:a + top], Group(rs[a:a + top], g.split, g.idx, g.valid[a:a + top])))
     return out
 
 
