@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 SERVICE = "drafthorse.v1.Generator"
 MAX_PROMPT_CHARS = 1_000_000
 TURN_LEASE_S = 60.0        # a session's turn lease, renewed while the turn streams (sessions.begin_turn)
+TOKENIZE_THREADS = 2
 MAX_CHAT_MESSAGES = 1024   # (the template renders each: hundreds of thousands of empty ones cost seconds)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -108,6 +110,9 @@ class Gateway(pb_grpc.GeneratorServicer):
         # target worker id -> until when (monotonic) this gateway avoids it: it just failed a call with
         # UNAVAILABLE (killed: its registry entry outlives it by up to a heartbeat TTL)
         self._suspects: dict[str, float] = {}
+        # chat templating and tokenization (up to MAX_PROMPT_CHARS each) off the event loop, where they
+        # stalled every stream and the health probe: a few threads (the tokenizer releases the GIL)
+        self._tokenize = ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="tokenize")
 
     def _stub(self, address: str) -> pb_grpc.TargetStub:
         if address not in self._channels:
@@ -238,7 +243,8 @@ class Gateway(pb_grpc.GeneratorServicer):
                     lease: str | None):
         """One request's turn, its session (if any) leased to it: prompt, limits, checkpoint, relay."""
         history = session.token_ids if session else []
-        prompt_ids = turn_ids(self.tok, history, messages, prompt)
+        prompt_ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, turn_ids, self.tok, history,
+                                                                      messages, prompt)
         if len(prompt_ids) >= self.s.max_len:
             await abort(context, f"prompt is {len(prompt_ids)} tokens; the context is {self.s.max_len}: shorten it",
                         field="chat" if messages is not None else "prompt")

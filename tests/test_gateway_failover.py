@@ -30,13 +30,15 @@ class ScriptedTarget(pb_grpc.TargetServicer):
     """Streams `chunks` (lists of token ids; the last one carries `finish`), then ends with `fail_with`
     (None: OK). `cut` ends the stream after that many chunks instead."""
 
-    def __init__(self, chunks, finish="length", fail_with=None, cut=None):
+    def __init__(self, chunks, finish="length", fail_with=None, cut=None, delay_s=0.0):
         self.chunks, self.finish, self.fail_with, self.cut = chunks, finish, fail_with, cut
+        self.delay_s = delay_s   # between two messages
         self.calls: list[pb.TargetRequest] = []
 
     def Generate(self, treq, context):
         self.calls.append(treq)
         for i, ids in enumerate(self.chunks[:self.cut]):
+            time.sleep(self.delay_s)
             last = i == len(self.chunks) - 1
             yield pb.GenerateResponse(token_ids=ids, finish_reason=self.finish if last else "")
         if self.fail_with is not None:
@@ -158,3 +160,53 @@ def test_a_non_retryable_failure_is_passed_on_not_retried(gateway, targets):
     targets("b", b)
     msgs, code, _ = generate(s, max_new=2)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and msgs == [] and b.calls == []
+
+
+def test_huge_prompts_being_tokenized_stall_no_stream_and_no_health_probe(gateway, targets):
+    """Templating and tokenizing a near-limit prompt takes ~0.4 s here; on the gateway's event loop, 8 of
+    them stalled every other stream and the health probe for seconds. Off the loop, an unrelated stream
+    keeps its pace and health answers within 0.5 s while they are tokenized and refused."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    s, _ = gateway
+    targets("paced", ScriptedTarget([[7]] * 60, delay_s=0.05))
+    arrivals: list[float] = []
+    checks: list[float] = []
+    codes: list[grpc.StatusCode] = []
+
+    def stream():
+        with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
+            for _ in pb_grpc.GeneratorStub(ch).Generate(request("hi", SamplingParams(max_new_tokens=60), "none"),
+                                                        metadata=auth_metadata(s.token()), timeout=60):
+                arrivals.append(time.monotonic())
+
+    def huge():
+        with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
+            try:
+                list(pb_grpc.GeneratorStub(ch).Generate(request("word " * 190_000, SamplingParams(max_new_tokens=4),
+                                                                "none", raw=True),
+                                                        metadata=auth_metadata(s.token()), timeout=60))
+            except grpc.RpcError as e:
+                codes.append(e.code())
+
+    def probe(until: float):
+        with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < until:
+                t = time.monotonic()
+                stub.Check(health_pb2.HealthCheckRequest(service="drafthorse.v1.Generator"), timeout=5)
+                checks.append(time.monotonic() - t)
+                time.sleep(0.05)
+    runner = threading.Thread(target=stream)
+    runner.start()
+    while not arrivals:
+        time.sleep(0.01)
+    prober = threading.Thread(target=probe, args=(time.monotonic() + 2.0,))
+    prober.start()
+    hostile = [threading.Thread(target=huge) for _ in range(8)]
+    for t in hostile:
+        t.start()
+    for t in [*hostile, runner, prober]:
+        t.join(60)
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 8      # longer than the context, once tokenized
+    assert len(arrivals) == 60 and max(b - a for a, b in zip(arrivals, arrivals[1:])) < 0.5
+    assert checks and max(checks) < 0.5
