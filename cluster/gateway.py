@@ -284,6 +284,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         seq = 0
         generated: list[int] = []
         finished = False          # the message with finish_reason was relayed: the answer is whole
+        ends = time.monotonic() + self.s.max_stream_s   # with no client deadline too
         tried: set[str] = set()   # target worker ids that failed this request
         while not finished:
             with contextlib.ExitStack() as leases:
@@ -292,8 +293,9 @@ class Gateway(pb_grpc.GeneratorServicer):
                                         draft_address=draft.address if draft else "",
                                         max_new_tokens=max_new - len(generated))
                 treq.request.drafter = kind
+                left = ends - time.monotonic()
                 call = self._stub(target.address).Generate(treq, metadata=self.metadata,
-                                                           timeout=context.time_remaining())
+                                                           timeout=min(context.time_remaining() or left, left))
                 try:
                     async for msg in call:
                         if session is not None and msg.token_ids:
@@ -310,6 +312,9 @@ class Gateway(pb_grpc.GeneratorServicer):
                     if finished:   # died between its last message and its status: nothing is missing
                         log.info("target %s failed (%s) after the last message", target.worker_id, e.code().name)
                         break
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() >= ends:
+                        await abort(context, f"the stream ran for max_stream_s ({self.s.max_stream_s:g} s) and was "
+                                    "ended: ask for fewer tokens or raise the setting", e.code())
                     if e.code() not in RETRYABLE:
                         # the target's verdict as it gave it, the field at fault included
                         await abort(context, e.details() or e.code().name, e.code(), field_of(e))

@@ -210,3 +210,21 @@ def test_huge_prompts_being_tokenized_stall_no_stream_and_no_health_probe(gatewa
     assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 8      # longer than the context, once tokenized
     assert len(arrivals) == 60 and max(b - a for a, b in zip(arrivals, arrivals[1:])) < 0.5
     assert checks and max(checks) < 0.5
+
+
+def test_a_stream_without_a_deadline_ends_after_max_stream_s(gateway, targets):
+    """A client that sets no deadline cannot hold a target forever: past max_stream_s the stream ends with
+    DEADLINE_EXCEEDED, saying so."""
+    s0, _ = gateway
+    s = s0.model_copy(update={"gateway_port": free_port(), "max_stream_s": 1.0})
+    start_gateway(s, loader.load("tiny:0").tokenizer)
+    targets("endless", ScriptedTarget([[7]] * 200, delay_s=0.05))
+    got = 0
+    t0 = time.monotonic()
+    with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            for m in pb_grpc.GeneratorStub(ch).Generate(request("hi", SamplingParams(max_new_tokens=200), "none"),
+                                                        metadata=auth_metadata(s.token())):
+                got += len(m.token_ids)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "max_stream_s" in e.value.details()
+    assert 0 < got < 200 and time.monotonic() - t0 < 5
