@@ -360,14 +360,15 @@ async def serve_gateway(s: GatewaySettings, tokenizer, ready: asyncio.Event | No
     public = [o for o in OPTIONS if o[0] != "grpc.max_receive_message_length"] + \
         [("grpc.max_receive_message_length", s.max_request_bytes)]
     server = grpc.aio.server(options=public, interceptors=[ApiKeyAuth(gateway.keys, s.token())]
-                             if gateway.keys.enabled else [])
+                             if gateway.keys.enabled else [], maximum_concurrent_rpcs=s.max_concurrent_rpcs)
     if not gateway.keys.enabled and not is_loopback(s.host):
         log.warning("the public API on %s has no API keys, as asked (allow_anonymous): anyone who reaches "
                     "it can generate", s.host)
     pb_grpc.add_GeneratorServicer_to_server(gateway, server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if s.reflection:
+        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if server.add_insecure_port(f"{s.host}:{s.gateway_port}") == 0:
         raise OSError(f"cannot bind the gateway to {s.host}:{s.gateway_port}")
     await server.start()

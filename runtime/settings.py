@@ -124,6 +124,10 @@ class GatewaySettings(Common):
     key_tokens_per_minute: int = Field(0, ge=0, description="generated tokens per API key per minute")
     key_max_prompt_tokens: int = Field(0, ge=0, description="prompt tokens per request of an API key")
     key_max_new_tokens: int = Field(0, ge=0, description="max new tokens per request of an API key")
+    max_concurrent_rpcs: int = Field(1024, ge=1, description="public RPCs one gateway serves at once "
+                                     "(streams and health checks; more: RESOURCE_EXHAUSTED)")
+    reflection: bool = Field(True, description="gRPC server reflection on the public port (grpcurl without "
+                             "the .proto files)")
     max_stream_s: float = Field(1800.0, gt=0, description="longest a stream runs, client deadline or not: "
                                 "then it ends with DEADLINE_EXCEEDED")
     failover_wait_s: float = Field(30.0, ge=0, description="a stream whose target failed waits up to this long "

@@ -228,3 +228,28 @@ def test_a_stream_without_a_deadline_ends_after_max_stream_s(gateway, targets):
                 got += len(m.token_ids)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "max_stream_s" in e.value.details()
     assert 0 < got < 200 and time.monotonic() - t0 < 5
+
+
+def test_the_gateway_caps_concurrent_rpcs_and_can_hide_reflection(gateway, targets):
+    """Past max_concurrent_rpcs a call is refused with RESOURCE_EXHAUSTED (the streams in flight go on);
+    with reflection off the public port does not describe its services."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    s0, _ = gateway
+    s = s0.model_copy(update={"gateway_port": free_port(), "max_concurrent_rpcs": 2, "reflection": False})
+    start_gateway(s, loader.load("tiny:0").tokenizer)
+    targets("slow", ScriptedTarget([[7]] * 40, delay_s=0.05))
+    with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
+        stub = pb_grpc.GeneratorStub(ch)
+        calls = [stub.Generate(request("hi", SamplingParams(max_new_tokens=40), "none"),
+                               metadata=auth_metadata(s.token()), timeout=30) for _ in range(2)]
+        firsts = [next(c) for c in calls]               # both streaming
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(request("hi", SamplingParams(max_new_tokens=4), "none"),
+                               metadata=auth_metadata(s.token()), timeout=30))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert all(len(f.token_ids) + len(tokens(list(c))) == 40 for f, c in zip(firsts, calls))
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                           timeout=5))
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
