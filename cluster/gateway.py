@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from drafthorse.actors.workers.wire import sampling_from_proto
 from drafthorse.cluster.apikeys import KeyRing, bearer
-from drafthorse.cluster.limits import KeyLimits, LimitExceeded, Limits
+from drafthorse.cluster.limits import LEASE_MARGIN_S, KeyLimits, LimitExceeded, Limits
 from drafthorse.cluster.prompts import turn_ids
 from drafthorse.cluster.router import NoWorkers, Router
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
@@ -103,7 +104,8 @@ class Gateway(pb_grpc.GeneratorServicer):
         self.sessions = SessionStore(self.redis, s.key_prefix, ttl_s=s.session_ttl_s)
         # per-key limits apply to callers identified by an API key (not to the cluster itself)
         limits = Limits.of(s)
-        self.limits = KeyLimits(self.redis, s.key_prefix, limits) if self.keys.enabled and limits.any else None
+        self.limits = KeyLimits(self.redis, s.key_prefix, limits, lease_s=s.max_stream_s + LEASE_MARGIN_S) \
+            if self.keys.enabled and limits.any else None
         self.metadata = auth_metadata(s.token())
         self.tls = s.tls()   # towards the target workers
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -250,14 +252,15 @@ class Gateway(pb_grpc.GeneratorServicer):
                         field="chat" if messages is not None else "prompt")
         kind = r.drafter or self.s.drafter
         limits = self.limits if owner not in ("", INTERNAL_OWNER) else None   # None: not limited
-        if limits is not None:   # before anything is written: a refused turn leaves its session as it was
-            try:
-                await asyncio.to_thread(limits.check, owner, len(prompt_ids), max_new)
-                await asyncio.to_thread(limits.acquire, owner)
-            except LimitExceeded as e:
-                await _refuse(context, e)
         streamed = [0]   # tokens relayed so far: what the key's per-minute budget is charged
+        slot = uuid.uuid4().hex   # this request's stream lease: released by id, so never twice or leaked
         try:
+            if limits is not None:   # before anything is written: a refused turn leaves its session as it was
+                try:
+                    await asyncio.to_thread(limits.check, owner, len(prompt_ids), max_new)
+                    await asyncio.to_thread(limits.acquire, owner, slot)
+                except LimitExceeded as e:
+                    await _refuse(context, e)
             if session is not None and len(prompt_ids) > len(history):
                 # the new turn's prompt is committed conversation: checkpoint it before generating
                 await asyncio.to_thread(self.sessions.checkpoint, sid, prompt_ids[len(history):])
@@ -272,7 +275,7 @@ class Gateway(pb_grpc.GeneratorServicer):
                     yield msg
         finally:
             if limits is not None:
-                await asyncio.to_thread(limits.release, owner)
+                await asyncio.to_thread(limits.release, owner, slot)
                 await asyncio.to_thread(limits.spent, owner, streamed[0])
 
     async def _stream(self, r, context, session, sid: str, prompt_ids: list[int], max_new: int, kind: str,

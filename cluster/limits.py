@@ -5,7 +5,9 @@ with a retry hint in seconds (gRPC trailing metadata `retry-after`, HTTP `Retry-
 
 Tokens per minute are counted in fixed one-minute windows when a generation ends (its generated
 tokens), so one request can overshoot the budget it started within; the next is refused until the
-window turns. A stream slot has a safety TTL so a crashed gateway cannot leak it forever."""
+window turns. Each open stream holds a lease of its own (a member of the key's sorted set, scored by
+its expiry: the longest a stream may run, plus a minute), so a gateway that crashed, or a request
+cancelled at the wrong moment, frees its slot by then however busy the key is."""
 from __future__ import annotations
 
 import math
@@ -16,7 +18,18 @@ import redis
 
 from drafthorse.runtime.settings import GatewaySettings
 
-STREAM_TTL_S = 3600
+LEASE_MARGIN_S = 60   # a stream lease outlives the longest stream (max_stream_s) by this much
+
+# KEYS[1]: the key's leases; ARGV: now, expiry, limit, lease id, lease seconds. Expired leases go first;
+# the set itself lapses a lease after its last acquire.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[3]) then return -n end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return n + 1
+"""
 
 
 @dataclass(frozen=True)
@@ -47,9 +60,10 @@ def now() -> float:
 
 
 class KeyLimits:
-    def __init__(self, r: redis.Redis, prefix: str, limits: Limits, clock=None):
-        self.r, self.prefix, self.limits = r, prefix, limits
+    def __init__(self, r: redis.Redis, prefix: str, limits: Limits, clock=None, lease_s: float = 1800 + LEASE_MARGIN_S):
+        self.r, self.prefix, self.limits, self.lease_s = r, prefix, limits, lease_s
         self.clock = clock or (lambda: now())
+        self._acquire = r.register_script(_ACQUIRE)
 
     def _key(self, owner: str, what: str) -> str:
         return f"{self.prefix}limit:{owner}:{what}"
@@ -84,20 +98,18 @@ class KeyLimits:
             p.expire(key, 120)
             p.execute()
 
-    def acquire(self, owner: str) -> None:
-        """Take one of the key's concurrent-stream slots (release it with `release`)."""
+    def acquire(self, owner: str, lease: str) -> None:
+        """Take one of the key's concurrent-stream slots as `lease` (an id unique to the request; release
+        it with `release`, which is harmless for a lease never taken)."""
         if not self.limits.streams:
             return
-        key = self._key(owner, "streams")
-        p = self.r.pipeline()
-        p.incr(key)
-        p.expire(key, STREAM_TTL_S)
-        n, _ = p.execute()
-        if n > self.limits.streams:
-            self.r.decr(key)
-            raise LimitExceeded(f"this key has {n - 1} streams open, its limit is {self.limits.streams}: "
+        t = self.clock()
+        n = int(self._acquire(keys=[self._key(owner, "streams")],
+                              args=[t, t + self.lease_s, self.limits.streams, lease, math.ceil(self.lease_s)]))
+        if n < 0:
+            raise LimitExceeded(f"this key has {-n} streams open, its limit is {self.limits.streams}: "
                                 "retry when one ends", 1)
 
-    def release(self, owner: str) -> None:
+    def release(self, owner: str, lease: str) -> None:
         if self.limits.streams:
-            self.r.decr(self._key(owner, "streams"))
+            self.r.zrem(self._key(owner, "streams"), lease)

@@ -173,6 +173,24 @@ def test_every_http_route_needs_a_key(gateway):
 
 # ---------------------------------------------------------------- per-key limits
 
+def test_a_leaked_stream_lease_lapses_however_busy_the_key():
+    """A lease whose release never came (a gateway crashed, a request cancelled between taking it and
+    guarding it) frees its slot at its expiry, even while the key keeps acquiring: the old counter's TTL
+    was pushed back by every acquire, so a busy key locked itself out with 429s for good."""
+    from drafthorse.cluster.limits import KeyLimits, LimitExceeded, Limits
+    from drafthorse.runtime.redis_store import connect
+    now = [1000.0]
+    lim = KeyLimits(connect("redis://127.0.0.1:6379/0"), f"dh-lim-{uuid.uuid4().hex[:8]}:", Limits(streams=1),
+                    clock=lambda: now[0], lease_s=100)
+    lim.acquire("alice", "leaked")                      # never released
+    for t in (1010.0, 1050.0, 1099.0):                  # the key keeps trying
+        now[0] = t
+        with pytest.raises(LimitExceeded):
+            lim.acquire("alice", f"try-{t}")
+    now[0] = 1101.0
+    lim.acquire("alice", "fresh")                       # the leaked lease lapsed
+
+
 def test_key_limits_unit():
     """Counters in a real Redis under a private prefix; a fake clock moves the minute window."""
     from drafthorse.cluster.limits import KeyLimits, LimitExceeded, Limits
@@ -185,13 +203,17 @@ def test_key_limits_unit():
         lim.check("alice", 51, 1)
     with pytest.raises(LimitExceeded, match="max_new_tokens 21"):
         lim.check("alice", 1, 21)
-    lim.acquire("alice"), lim.acquire("alice")
+    lim.acquire("alice", "a1"), lim.acquire("alice", "a2")
     with pytest.raises(LimitExceeded, match="2 streams open") as e:
-        lim.acquire("alice")
+        lim.acquire("alice", "a3")
     assert e.value.retry_after_s == 1
-    lim.acquire("bob")                                  # other keys are not affected
-    lim.release("alice")
-    lim.acquire("alice")                                # a slot came back
+    lim.acquire("bob", "b1")                            # other keys are not affected
+    lim.release("alice", "a1")
+    lim.release("alice", "a1")                          # twice, or a lease never taken: harmless
+    lim.release("alice", "a3")
+    lim.acquire("alice", "a4")                          # a slot came back, one only
+    with pytest.raises(LimitExceeded):
+        lim.acquire("alice", "a5")
     lim.spent("alice", 60), lim.spent("alice", 45)      # 105 >= 100 this minute
     now[0] = 615.0
     with pytest.raises(LimitExceeded, match="105 tokens this minute") as e:
@@ -237,11 +259,11 @@ def test_per_key_limits_refuse_with_a_retry_hint(limited):
     # alice's stream slot is taken (another gateway replica holds it) / her minute is spent: refused
     # with a retry hint; bob is not affected
     lim = KeyLimits(connect(s.redis_url), s.key_prefix, Limits.of(s))
-    lim.acquire("alice")
+    lim.acquire("alice", "elsewhere")
     code, details, meta = call_meta(addr, ALICE)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams open" in details and meta["retry-after"] == "1"
     assert call_meta(addr, BOB)[0] == grpc.StatusCode.UNAVAILABLE
-    lim.release("alice")
+    lim.release("alice", "elsewhere")
     assert call_meta(addr, ALICE)[0] == grpc.StatusCode.UNAVAILABLE      # failed calls released theirs
     lim.spent("alice", 1000)
     code, details, meta = call_meta(addr, ALICE)
