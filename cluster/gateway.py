@@ -14,6 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -206,6 +207,8 @@ class Gateway(pb_grpc.GeneratorServicer):
             metrics.REQUESTS.labels(code).inc()
 
     async def _generate(self, r: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if isinstance(r, Unparsable):
+            await abort(context, str(r))
         try:
             messages, prompt, max_new = self._validate(r)
         except ValueError as e:
@@ -346,6 +349,17 @@ class Gateway(pb_grpc.GeneratorServicer):
                         "session_id")
 
 
+class Unparsable(ValueError):
+    """A request's bytes that are no GenerateRequest."""
+
+
+def _parse_request(data: bytes) -> pb.GenerateRequest | Unparsable:
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError as e:
+        return Unparsable(f"the request is not a valid GenerateRequest ({e}): string fields must be UTF-8")
+
+
 async def drain_gateway(server: grpc.aio.Server, hs, grace_s: float) -> None:
     """Health NOT_SERVING first (load balancers stop sending), then refuse new calls and give the streams
     in flight `grace_s` to finish."""
@@ -367,7 +381,13 @@ async def serve_gateway(s: GatewaySettings, tokenizer, ready: asyncio.Event | No
     if not gateway.keys.enabled and not is_loopback(s.host):
         log.warning("the public API on %s has no API keys, as asked (allow_anonymous): anyone who reaches "
                     "it can generate", s.host)
-    pb_grpc.add_GeneratorServicer_to_server(gateway, server)
+    # Generate as pb_grpc registers it, but a request that does not parse (invalid UTF-8 in a string field)
+    # reaches the handler as Unparsable, for INVALID_ARGUMENT (gRPC's own answer would be INTERNAL)
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        gateway.Generate, request_deserializer=_parse_request,
+        response_serializer=pb.GenerateResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     if s.reflection:

@@ -253,3 +253,18 @@ def test_the_gateway_caps_concurrent_rpcs_and_can_hide_reflection(gateway, targe
             list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                            timeout=5))
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_invalid_utf8_in_a_string_field_is_invalid_argument(gateway):
+    """Protobuf refuses to parse a string field that is not UTF-8; gRPC answered that with INTERNAL. The
+    gateway answers INVALID_ARGUMENT, saying what is wrong, and keeps serving."""
+    s, _ = gateway
+    good = request("X", SamplingParams(max_new_tokens=2), "none", raw=True).SerializeToString()
+    bad = good.replace(b"\x0a\x01X", b"\x0a\x01\xff")           # field 1 (prompt), one byte long
+    assert bad != good
+    with grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") as ch:
+        call = ch.unary_stream("/drafthorse.v1.Generator/Generate", request_serializer=lambda b: b,
+                               response_deserializer=pb.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            list(call(bad, metadata=auth_metadata(s.token()), timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in e.value.details()
