@@ -594,3 +594,13 @@ def test_anonymous_public_apis_only_when_asked_for():
         return app["args"]
     assert args({"apiKeys": {"allowAnonymous": True}})["allow_anonymous"] is True
     assert "allow_anonymous" not in args({"apiKeys": {"existingSecret": "dh-api-keys"}})
+
+
+def test_redis_has_a_memory_bound_that_drops_nothing(default_docs):
+    """The in-chart Redis stops at maxmemory under its container limit, refusing writes (noeviction) rather
+    than evicting sessions or stream leases; both are values, checked by the schema."""
+    (c,) = one(default_docs, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    args = " ".join(c["args"])
+    assert "--maxmemory 400mb" in args and "--maxmemory-policy noeviction" in args
+    with pytest.raises(helm.HelmValuesError):
+        render({"redis": {"maxmemoryPolicy": "drop-everything"}})
