@@ -24,10 +24,13 @@ CORE_KINDS = {"Secret", "Service", "StatefulSet", "PodDisruptionBudget", "Networ
 
 def render(values: dict | None = None, values_file: str | None = None, name: str = "dh") -> list[dict]:
     """The chart rendered with `values_file` and `values` on top; where neither says anything of API keys,
-    with apiKeys.allowAnonymous (the chart refuses to render open public APIs by default)."""
+    with apiKeys.allowAnonymous (the chart refuses to render open public APIs by default); where neither
+    names the KubeRay operator's namespace (required), kuberay-system."""
     merged = helm.values_from_yaml((CHART / values_file).read_text()) if values_file else {}
     if "apiKeys" not in merged and "apiKeys" not in (values or {}):
         merged["apiKeys"] = {"allowAnonymous": True}
+    if "operatorNamespace" not in {**merged.get("networkPolicy", {}), **(values or {}).get("networkPolicy", {})}:
+        merged["networkPolicy"] = {**merged.get("networkPolicy", {}), "operatorNamespace": "kuberay-system"}
     for key, value in (values or {}).items():  # one level of overrides on top of the file
         merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
     with helm.Chart.load(CHART) as chart:
@@ -247,7 +250,7 @@ def test_disruption_budgets_select_the_worker_pods(default_docs):
 # ---------------------------------------------------------------- Ray's own ports fenced
 
 ANYONE = "anyone"
-OPERATOR = {"namespaceSelector": {},
+OPERATOR = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
             "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}}
 PROMETHEUS = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
 
@@ -461,6 +464,7 @@ def test_schema_rejects_bad_values(values, needle):
     ({"settings": {"tls_cert_file": "/x.pem"}}, "settings.tls_cert_file: the internal mTLS is configured with internalTls"),
     ({"gracefulShutdownSeconds": 12}, "gracefulShutdownSeconds (12) must exceed settings.grace_s + 10 (15)"),
     ({"apiKeys": {}}, "apiKeys.existingSecret is empty: the public APIs would be open"),   # the chart's defaults
+    ({"networkPolicy": {"operatorNamespace": ""}}, "networkPolicy.operatorNamespace is empty"),
     ({"settings": {"grace_s": 25}}, "gracefulShutdownSeconds (30) must exceed settings.grace_s + 10 (35)"),
 ])
 def test_cross_field_checks_fail_with_a_clear_message(values, needle):

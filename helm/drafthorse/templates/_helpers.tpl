@@ -291,6 +291,9 @@ lifecycle:
 {{- if and (eq .Values.model.drafter "draft-model") (not .Values.draft.enabled) }}
 {{- fail "model.drafter is draft-model: draft.enabled must be true" }}
 {{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.operatorNamespace) }}
+{{- fail "networkPolicy.operatorNamespace is empty: set the namespace the KubeRay operator runs in (the only peer admitted to the Ray dashboard, which runs code; pod labels alone can be carried by any pod in any namespace)" }}
+{{- end }}
 {{- if and (not .Values.apiKeys.existingSecret) (not .Values.apiKeys.allowAnonymous) }}
 {{- fail "apiKeys.existingSecret is empty: the public APIs would be open to whoever reaches the Services. Set it (a Secret holding a JSON list of sha256 digests; `drafthorse api-key` makes one) or set apiKeys.allowAnonymous=true explicitly" }}
 {{- end }}
