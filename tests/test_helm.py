@@ -608,3 +608,15 @@ def test_redis_has_a_memory_bound_that_drops_nothing(default_docs):
     assert "--maxmemory 400mb" in args and "--maxmemory-policy noeviction" in args
     with pytest.raises(helm.HelmValuesError):
         render({"redis": {"maxmemoryPolicy": "drop-everything"}})
+
+
+def test_rays_own_token_auth_is_on(default_docs, crd_validator):
+    """Ray's dashboard runs code and its RPCs trust their callers: the RayService asks KubeRay for Ray's
+    token auth (a Secret of its own, or one named), valid against the CRD; it can be turned off."""
+    rs = one(default_docs, "RayService")
+    assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    named = one(render({"rayAuth": {"secretName": "ray-token"}}), "RayService")
+    assert named["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token", "secretName": "ray-token"}
+    assert not list(crd_validator.iter_errors(named))
+    off = one(render({"rayAuth": {"mode": "disabled"}}), "RayService")
+    assert "authOptions" not in off["spec"]["rayClusterConfig"]
