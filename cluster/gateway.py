@@ -221,8 +221,6 @@ class Gateway(pb_grpc.GeneratorServicer):
             if session is None:
                 await abort(context, f"session {shown(r.session_id)} not found (expired?)", grpc.StatusCode.NOT_FOUND,
                             "session_id")
-        elif r.new_session:
-            session = await asyncio.to_thread(self.sessions.create, owner)
         sid = session.session_id if session else ""
         lease = None
         if session is not None:   # one turn of a session at a time, else two would interleave their tokens
@@ -237,7 +235,7 @@ class Gateway(pb_grpc.GeneratorServicer):
                     await abort(context, f"session {shown(sid)} not found (expired?)", grpc.StatusCode.NOT_FOUND,
                                 "session_id")
             async with contextlib.aclosing(self._turn(r, context, session, sid, owner, messages, prompt, max_new,
-                                                      lease)) as turn:
+                                                      lease, r.new_session)) as turn:
                 async for msg in turn:
                     yield msg
         finally:
@@ -245,8 +243,9 @@ class Gateway(pb_grpc.GeneratorServicer):
                 await asyncio.to_thread(self.sessions.end_turn, sid, lease)
 
     async def _turn(self, r, context, session, sid: str, owner: str, messages, prompt, max_new: int,
-                    lease: str | None):
-        """One request's turn, its session (if any) leased to it: prompt, limits, checkpoint, relay."""
+                    lease: str | None, new_session: bool):
+        """One request's turn, its session (if any) leased to it: prompt, limits, checkpoint, relay. A new
+        session is opened here, once the request is admitted: a refused one leaves no session behind."""
         history = session.token_ids if session else []
         prompt_ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, turn_ids, self.tok, history,
                                                                       messages, prompt)
@@ -257,6 +256,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         limits = self.limits if owner not in ("", INTERNAL_OWNER) else None   # None: not limited
         streamed = [0]   # tokens relayed so far: what the key's per-minute budget is charged
         slot = uuid.uuid4().hex   # this request's stream lease: released by id, so never twice or leaked
+        opened = None              # the turn lease of a session this request opened
         try:
             if limits is not None:   # before anything is written: a refused turn leaves its session as it was
                 try:
@@ -264,6 +264,10 @@ class Gateway(pb_grpc.GeneratorServicer):
                     await asyncio.to_thread(limits.acquire, owner, slot)
                 except LimitExceeded as e:
                     await _refuse(context, e)
+            if new_session:
+                session = await asyncio.to_thread(self.sessions.create, owner)
+                sid = session.session_id
+                lease = opened = await asyncio.to_thread(self.sessions.begin_turn, sid, TURN_LEASE_S)
             if session is not None and len(prompt_ids) > len(history):
                 # the new turn's prompt is committed conversation: checkpoint it before generating
                 await asyncio.to_thread(self.sessions.checkpoint, sid, prompt_ids[len(history):])
@@ -277,6 +281,8 @@ class Gateway(pb_grpc.GeneratorServicer):
                         await asyncio.to_thread(self.sessions.renew_turn, sid, lease, TURN_LEASE_S)
                     yield msg
         finally:
+            if opened is not None:
+                await asyncio.to_thread(self.sessions.end_turn, sid, opened)
             if limits is not None:
                 await asyncio.to_thread(limits.release, owner, slot)
                 await asyncio.to_thread(limits.spent, owner, streamed[0])

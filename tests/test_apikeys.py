@@ -297,3 +297,18 @@ def test_nothing_from_the_network_is_unpickled():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                 found.append(f"{path.name}:{node.lineno}: torch.load")
     assert not found, found
+
+
+def test_a_refused_request_opens_no_session(limited):
+    """A session is opened only once its request is admitted: one refused by a per-key limit leaves
+    nothing in Redis (opened first, refused requests piled up empty sessions until their TTL)."""
+    from drafthorse.runtime.redis_store import connect
+    addr, s = limited
+    r = connect(s.redis_url)
+    before = set(r.scan_iter(match=s.key_prefix + "session:*", count=1000))
+    with grpc.insecure_channel(addr) as ch:
+        req = request("hi", SamplingParams(max_new_tokens=65), new_session=True)
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.GeneratorStub(ch).Generate(req, timeout=10, metadata=key_metadata(ALICE)))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert set(r.scan_iter(match=s.key_prefix + "session:*", count=1000)) == before
