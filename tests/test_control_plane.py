@@ -267,7 +267,7 @@ def test_resent_checkpoint_is_applied_once(r, prefix):
     store = SessionStore(r, prefix)
     s = store.create("alice")
     keys = [f"{prefix}session:{s.session_id}", f"{prefix}session:{s.session_id}:tokens"]
-    args = [b"\x01\x00\x00\x00", 400, "", "1.0", 60_000, "nonce-1"]
+    args = [b"\x01\x00\x00\x00", 400, "", "1.0", 60_000, "nonce-1", -1]   # -1: at any offset
     assert store._checkpoint(keys=keys, args=args) == 4
     assert store._checkpoint(keys=keys, args=args) == 4
     assert store.get(s.session_id, "alice").token_ids == [1]
