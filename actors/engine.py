@@ -208,14 +208,15 @@ class BatchEngine:
                 st.acceptance_estimate, st.row_cost_ratio = seqs[i].acceptance.alpha, ratio
         for i in live:
             seqs[i].stats.batch_sequences += len(live)
+        t0 = time.perf_counter()
         trees = self._draft([seqs[i] for i in live])
+        if self.policy is not None and any(trees):
+            self.policy.observe_draft(time.perf_counter() - t0)
         t = time.perf_counter()
         scored = score_batch([seqs[i].runner for i in live],
                              [[seqs[i].root] + tree.tokens for i, tree in zip(live, trees)],
                              [[ROOT] + [p + 1 for p in tree.parents] for tree in trees])
         forward_s = time.perf_counter() - t
-        if self.policy is not None:
-            self.policy.cost.observe(sum(1 + len(tree) for tree in trees), forward_s)
         for i, tree, (logits, hidden) in zip(live, trees, scored):
             seq = seqs[i]
             t1 = time.perf_counter()
@@ -240,6 +241,8 @@ class BatchEngine:
             seq.root, seq.new = bonus, new
             if seq.drafter.wants_features:  # rows that predicted each new token: the root, then the path
                 seq.new_features = hidden[[0] + [n + 1 for n in path]]
+        if self.policy is not None:   # the pass and the verification after it: a row costs both
+            self.policy.cost.observe(sum(1 + len(tree) for tree in trees), time.perf_counter() - t)
         return [steps[i] for i in range(len(seqs))]
 
     def _draft(self, seqs: list[Sequence]) -> list[DraftTree]:

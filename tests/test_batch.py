@@ -150,6 +150,23 @@ def test_adaptive_policy_shrinks_trees_under_load():
     assert p.choose([0.95, 0.3])[0] > p.choose([0.95, 0.3])[1]   # better acceptance, bigger tree
 
 
+def test_adaptive_policy_weighs_what_drafting_itself_costs():
+    """Proposing costs a step time no single node pays (a draft worker's round trip): with a=40 ms,
+    b=2 ms a row and 4 sequences at alpha 0.5, trees pay while drafting is nearly free and not once it
+    adds 30 ms (8 rows, 3 expected tokens: 7 / 94 ms < 4 / 48 ms); a lone sequence's tree still pays."""
+    from drafthorse.actors.spec.adaptive import AdaptivePolicy
+    p = AdaptivePolicy(16)
+    for rows in (4, 6, 8, 10, 12) * 4:
+        p.cost.observe(rows, 0.040 + 0.002 * rows)
+    assert p.cost.fit is not None and abs(p.cost.fit[1] - 0.002) < 1e-9
+    p.observe_draft(0.0005)
+    assert sum(p.choose([0.5] * 4)) > 0
+    p.draft_s = 0.030
+    assert p.choose([0.5] * 4) == [0] * 4
+    p.draft_s = 0.004
+    assert p.choose([0.9])[0] > 0
+
+
 def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
     """Each request's stats carry what the policy saw and chose (acceptance estimate, row cost, nodes,
     batch size); a sequence with adaptive off keeps the full tree budget under the same load, and both

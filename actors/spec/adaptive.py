@@ -5,8 +5,12 @@ whose drafts are accepted node by node with probability alpha gains alpha^d expe
 d-th node. Nodes are handed out best first while they raise the batch's expected tokens per unit of
 target time: node gain g is worth adding iff (N + g) / (a + b(R + 1)) > N / (a + bR), i.e.
 g > b*N / (a + b*R). Light load -> large trees; heavy load (large N, R) -> small trees or none.
-alpha per sequence and b/a are measured online; the choice never changes *what* is generated, only
-how many tokens are guessed, so losslessness does not depend on it."""
+Drafting at all costs a step time d too (proposing: a draft worker's round trip, a head's pass), which
+no single node pays: the nodes chosen are kept only if (N + G) / (a + b(R + K) + d) beats N / (a + bR),
+K nodes of expected gain G; else the step decodes plainly. alpha per sequence, a, b and d are measured
+online (a and b over whole steps: a step's verification and bookkeeping cost time per row too); the
+choice never changes *what* is generated, only how many tokens are guessed, so losslessness does not
+depend on it."""
 from __future__ import annotations
 
 import heapq
@@ -44,23 +48,33 @@ class StepCost:
         self.sxx, self.sxy = d * self.sxx + rows * rows, d * self.sxy + rows * seconds
 
     @property
-    def ratio(self) -> float:
-        """b / a; the configured default until the observed row counts vary enough to fit."""
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b) in seconds, or None until the observed row counts vary enough to fit."""
         var = self.sxx * self.n - self.sx ** 2
         if self.n < 8 or var < 1e-6 * max(self.n, 1) ** 2:
-            return self.default
+            return None
         b = (self.sxy * self.n - self.sx * self.sy) / var
         a = (self.sy - b * self.sx) / self.n
-        if a <= 0 or b <= 0:
-            return self.default
-        return b / a
+        return (a, b) if a > 0 and b > 0 else None
+
+    @property
+    def ratio(self) -> float:
+        """b / a; the configured default until the observed row counts vary enough to fit."""
+        fit = self.fit
+        return self.default if fit is None else fit[1] / fit[0]
 
 
 class AdaptivePolicy:
-    def __init__(self, max_nodes: int, per_row_ratio: float = 0.06):
+    def __init__(self, max_nodes: int, per_row_ratio: float = 0.06, decay: float = 0.9):
         self.max_nodes = max_nodes
         self.cost = StepCost(per_row_ratio)
+        self.draft_s = 0.0          # the time drafting adds to a step (decayed mean over steps that drafted)
+        self.decay = decay
         self.last: list[int] = []   # the last choice, for stats
+
+    def observe_draft(self, seconds: float) -> None:
+        """The drafting phase of a step in which some sequence drafted."""
+        self.draft_s = seconds if not self.draft_s else self.decay * self.draft_s + (1 - self.decay) * seconds
 
     def choose(self, alphas: list[float]) -> list[int]:
         """Draft nodes per sequence for one step."""
@@ -80,5 +94,10 @@ class AdaptivePolicy:
             rows += 1
             if nodes[i] < self.max_nodes:
                 heapq.heappush(heap, (-(gain * alphas[i]), i))
+        fit = self.cost.fit
+        if fit is not None and rows > n_seq and self.draft_s:   # drafting's own cost: worth it at all?
+            a, b = fit
+            if tokens / (a + b * rows + self.draft_s) <= n_seq / (a + b * n_seq):
+                nodes = [0] * n_seq
         self.last = nodes
         return nodes
