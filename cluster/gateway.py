@@ -217,10 +217,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         # a session belongs to the key that opened it: another key's session id is NOT_FOUND
         owner = caller(self.keys, self.s.token(), context.invocation_metadata()) or "" if self.keys.enabled else ""
         if r.session_id:
-            session = await asyncio.to_thread(self.sessions.get, r.session_id, owner)
-            if session is None:
-                await abort(context, f"session {shown(r.session_id)} not found (expired?)", grpc.StatusCode.NOT_FOUND,
-                            "session_id")
+            session = await self._session(context, r.session_id, owner)
         sid = session.session_id if session else ""
         lease = None
         if session is not None:   # one turn of a session at a time, else two would interleave their tokens
@@ -230,10 +227,7 @@ class Gateway(pb_grpc.GeneratorServicer):
                             "has finished", grpc.StatusCode.ABORTED, "session_id")
         try:
             if r.session_id:   # read again under the lease: a turn that just ended may have added to it
-                session = await asyncio.to_thread(self.sessions.get, sid, owner)
-                if session is None:
-                    await abort(context, f"session {shown(sid)} not found (expired?)", grpc.StatusCode.NOT_FOUND,
-                                "session_id")
+                session = await self._session(context, sid, owner)
             async with contextlib.aclosing(self._turn(r, context, session, sid, owner, messages, prompt, max_new,
                                                       lease, r.new_session)) as turn:
                 async for msg in turn:
@@ -241,6 +235,13 @@ class Gateway(pb_grpc.GeneratorServicer):
         finally:
             if lease is not None:
                 await asyncio.to_thread(self.sessions.end_turn, sid, lease)
+
+    async def _session(self, context, sid: str, owner: str):
+        """The session `sid` of `owner`, else NOT_FOUND (another owner's reads as missing)."""
+        session = await asyncio.to_thread(self.sessions.get, sid, owner)
+        if session is None:
+            await abort(context, f"session {shown(sid)} not found (expired?)", grpc.StatusCode.NOT_FOUND, "session_id")
+        return session
 
     async def _turn(self, r, context, session, sid: str, owner: str, messages, prompt, max_new: int,
                     lease: str | None, new_session: bool):
@@ -341,7 +342,6 @@ class Gateway(pb_grpc.GeneratorServicer):
                     call.cancel()
         if session is not None:
             await asyncio.to_thread(self.sessions.finish_turn, sid, {"generated_tokens": len(generated)})
-
 
     async def _checkpoint(self, context, sid: str, ids: list[int], worker_id: str, at: int) -> None:
         """Append a relayed message's tokens to the session at offset `at` (setting its affinity)."""

@@ -300,16 +300,10 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
 
 # ---------------------------------------------------------------- probing the machine's kernels
 
-def _before(a: torch.Tensor, b: torch.Tensor, more: int) -> torch.Tensor:
-    """a @ b written into the first columns of a result `more` columns wider, as `attend` writes a
-    window's scores."""
-    out = a.new_empty(*a.shape[:-1], b.shape[-1] + more)[..., :b.shape[-1]]
-    return torch.matmul(a, b, out=out)
-
-
-def _after_window(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b written after WINDOW columns of a wider result, as `attend` writes committed keys' scores."""
-    out = a.new_empty(*a.shape[:-1], WINDOW + b.shape[-1])[..., WINDOW:]
+def _into_scores(a: torch.Tensor, b: torch.Tensor, first: int, width: int) -> torch.Tensor:
+    """a @ b written into columns first.. of a result `width` columns wide, as `attend` writes a window's
+    scores (first 0) and the committed keys' after them (first WINDOW)."""
+    out = a.new_empty(*a.shape[:-1], width)[..., first:first + b.shape[-1]]
     return torch.matmul(a, b, out=out)
 
 
@@ -421,8 +415,8 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
     vals[:, hot_t] = 1
     q_rows = _cancelling(top * grp, d, hot_d, dtype, gen)          # one query head per row of the probe
     by_head = lambda x: x.expand(kv, -1, -1).contiguous()
-    win_k = lambda x: _before(by_head(x), keys[:, :WINDOW].transpose(-1, -2), t).transpose(0, 1)
-    head_k = lambda x: _after_window(by_head(x), keys.transpose(-1, -2)).transpose(0, 1)
+    win_k = lambda x: _into_scores(by_head(x), keys[:, :WINDOW].transpose(-1, -2), 0, WINDOW + t).transpose(0, 1)
+    head_k = lambda x: _into_scores(by_head(x), keys.transpose(-1, -2), WINDOW, WINDOW + t).transpose(0, 1)
     per_op = [_classes(op, q_rows, counts, grp) for op in (win_k, head_k)]
     for k in (WINDOW, VBLOCK):
         block = vals[:, :k].clone()
