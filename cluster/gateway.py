@@ -27,7 +27,7 @@ from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime import kinds, metrics
 from drafthorse.runtime.errors import BadField, shown
-from drafthorse.runtime.redis_store import connect
+from drafthorse.runtime.redis_store import connect_async
 from drafthorse.runtime.registry import Registry
 from drafthorse.runtime.rpc import (
     OPEN_PREFIXES,
@@ -39,7 +39,7 @@ from drafthorse.runtime.rpc import (
     is_loopback,
     token_ok,
 )
-from drafthorse.runtime.sessions import SessionConflict, SessionNotFound, SessionStore
+from drafthorse.runtime.sessions import SessionConflict, SessionNotFound, SessionStore, TooManySessions
 from drafthorse.runtime.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Gateway(pb_grpc.GeneratorServicer):
     def __init__(self, s: GatewaySettings, tokenizer):
         self.s, self.tok = s, tokenizer
         self.keys = KeyRing.of(s)
-        self.redis = connect(s.redis_url)
+        self.redis = connect_async(s.redis_url)   # awaited: a slow Redis holds up only the requests waiting on it
         self.registry = Registry(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
         self.router = Router(self.registry)
         self.sessions = SessionStore(self.redis, s.key_prefix, ttl_s=s.session_ttl_s)
@@ -113,6 +113,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         # target worker id -> until when (monotonic) this gateway avoids it: it just failed a call with
         # UNAVAILABLE (killed: its registry entry outlives it by up to a heartbeat TTL)
         self._suspects: dict[str, float] = {}
+        self._claiming = asyncio.Lock()   # pick-and-count atomic for this gateway (see _claim)
         # chat templating and tokenization (up to MAX_PROMPT_CHARS each) off the event loop, where they
         # stalled every stream and the health probe: a few threads (the tokenizer releases the GIL)
         self._tokenize = ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="tokenize")
@@ -155,32 +156,34 @@ class Gateway(pb_grpc.GeneratorServicer):
             raise BadField("session_id", "give session_id to continue a session or new_session to open one, not both")
         return messages, prompt, max_new
 
-    def _claim(self, session, tried: set[str], kind: str, leases: contextlib.ExitStack):
+    async def _claim(self, session, tried: set[str], kind: str, leases: contextlib.AsyncExitStack):
         """Pick a target (affinity, then least load) and its draft worker, and count the request on
-        both. Synchronous on purpose: on the event loop, pick-and-count is atomic for this gateway,
-        so a burst of requests spreads over the workers instead of all seeing the same loads.
+        both. Under one lock: pick-and-count is atomic for this gateway, so a burst of requests
+        spreads over the workers instead of all seeing the same loads.
         Workers this request tried are never picked again; recent suspects only when nothing else is alive."""
-        now = time.monotonic()
-        self._suspects = {w: t for w, t in self._suspects.items() if t > now}
-        target = self.router.pick_target(session if not tried else None)   # NoWorkers: none alive
-        if target.worker_id in tried or target.worker_id in self._suspects:
-            alive = [w for w in self.registry.alive("target") if w.worker_id not in tried]
-            others = [w for w in alive if w.worker_id not in self._suspects] or alive
-            if not others:
-                raise NoWorkers("no other target worker is alive")
-            target = self.router.least_loaded(others)
-        leases.enter_context(self.router.lease(target))
-        draft = self.router.pick_draft(target, kind) if kind != "none" else None
-        leases.enter_context(self.router.lease(draft))
-        return target, draft
+        async with self._claiming:
+            now = time.monotonic()
+            self._suspects = {w: t for w, t in self._suspects.items() if t > now}
+            target = await self.router.pick_target(session if not tried else None)   # NoWorkers: none alive
+            if target.worker_id in tried or target.worker_id in self._suspects:
+                alive = [w for w in await self.registry.alive("target") if w.worker_id not in tried]
+                others = [w for w in alive if w.worker_id not in self._suspects] or alive
+                if not others:
+                    raise NoWorkers("no other target worker is alive")
+                target = await self.router.least_loaded(others)
+            await leases.enter_async_context(self.router.lease(target))
+            draft = await self.router.pick_draft(target, kind) if kind != "none" else None
+            await leases.enter_async_context(self.router.lease(draft))
+            return target, draft
 
-    async def _claim_or_wait(self, session, tried: set[str], kind: str, leases: contextlib.ExitStack, context):
+    async def _claim_or_wait(self, session, tried: set[str], kind: str, leases: contextlib.AsyncExitStack,
+                             context):
         """`_claim`; a stream already failed over (tried) waits up to failover_wait_s (and its deadline) for
         a target to come (a replacement starting, a heartbeat late on a loaded host) before UNAVAILABLE."""
         give_up = time.monotonic() + (self.s.failover_wait_s if tried else 0.0)
         while True:
             try:
-                return self._claim(session, tried, kind, leases)
+                return await self._claim(session, tried, kind, leases)
             except NoWorkers as e:
                 left = min(give_up - time.monotonic(), context.time_remaining() or float("inf"))
                 if left <= 0:
@@ -221,7 +224,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         sid = session.session_id if session else ""
         lease = None
         if session is not None:   # one turn of a session at a time, else two would interleave their tokens
-            lease = await asyncio.to_thread(self.sessions.begin_turn, sid, TURN_LEASE_S)
+            lease = await self.sessions.begin_turn(sid, TURN_LEASE_S)
             if lease is None:
                 await abort(context, f"session {shown(sid)} has a turn in progress: send the next turn once it "
                             "has finished", grpc.StatusCode.ABORTED, "session_id")
@@ -234,11 +237,11 @@ class Gateway(pb_grpc.GeneratorServicer):
                     yield msg
         finally:
             if lease is not None:
-                await asyncio.to_thread(self.sessions.end_turn, sid, lease)
+                await asyncio.shield(self.sessions.end_turn(sid, lease))
 
     async def _session(self, context, sid: str, owner: str):
         """The session `sid` of `owner`, else NOT_FOUND (another owner's reads as missing)."""
-        session = await asyncio.to_thread(self.sessions.get, sid, owner)
+        session = await self.sessions.get(sid, owner)
         if session is None:
             await abort(context, f"session {shown(sid)} not found (expired?)", grpc.StatusCode.NOT_FOUND, "session_id")
         return session
@@ -261,17 +264,23 @@ class Gateway(pb_grpc.GeneratorServicer):
         try:
             if limits is not None:   # before anything is written: a refused turn leaves its session as it was
                 try:
-                    await asyncio.to_thread(limits.check, owner, len(prompt_ids), max_new)
-                    await asyncio.to_thread(limits.acquire, owner, slot)
+                    await limits.check(owner, len(prompt_ids), max_new)
+                    await limits.acquire(owner, slot)
                 except LimitExceeded as e:
                     await _refuse(context, e)
             if new_session:
-                session = await asyncio.to_thread(self.sessions.create, owner)
+                cap = limits.limits.sessions if limits is not None else 0
+                try:
+                    session = await self.sessions.create(owner, cap)
+                except TooManySessions as e:
+                    await _refuse(context, LimitExceeded(
+                        f"this key has {e.open_now} sessions open, its limit is {cap}: continue one of them, or "
+                        f"retry after {e.retry_after_s} s (when the first expires)", e.retry_after_s))
                 sid = session.session_id
-                lease = opened = await asyncio.to_thread(self.sessions.begin_turn, sid, TURN_LEASE_S)
+                lease = opened = await self.sessions.begin_turn(sid, TURN_LEASE_S)
             if session is not None and len(prompt_ids) > len(history):
                 # the new turn's prompt is committed conversation: checkpoint it before generating
-                await asyncio.to_thread(self.sessions.checkpoint, sid, prompt_ids[len(history):])
+                await self.sessions.checkpoint(sid, prompt_ids[len(history):])
             # aclosing: a client that goes away closes the relay too (its worker leases, the target call)
             async with contextlib.aclosing(self._stream(r, context, session, sid, prompt_ids, max_new, kind,
                                                         streamed)) as relay:
@@ -279,14 +288,17 @@ class Gateway(pb_grpc.GeneratorServicer):
                 async for msg in relay:
                     if lease is not None and time.monotonic() - renewed > TURN_LEASE_S / 3:
                         renewed = time.monotonic()
-                        await asyncio.to_thread(self.sessions.renew_turn, sid, lease, TURN_LEASE_S)
+                        await self.sessions.renew_turn(sid, lease, TURN_LEASE_S)
                     yield msg
         finally:
-            if opened is not None:
-                await asyncio.to_thread(self.sessions.end_turn, sid, opened)
-            if limits is not None:
-                await asyncio.to_thread(limits.release, owner, slot)
-                await asyncio.to_thread(limits.spent, owner, streamed[0])
+            async def settle():
+                if opened is not None:
+                    await self.sessions.end_turn(sid, opened)
+                if limits is not None:
+                    await limits.release(owner, slot)
+                    await limits.spent(owner, streamed[0])
+            # shielded: a second cancellation while it runs must not leave the lease or the slot taken
+            await asyncio.shield(settle())
 
     async def _stream(self, r, context, session, sid: str, prompt_ids: list[int], max_new: int, kind: str,
                       streamed: list[int]):
@@ -300,7 +312,7 @@ class Gateway(pb_grpc.GeneratorServicer):
         ends = time.monotonic() + self.s.max_stream_s   # with no client deadline too
         tried: set[str] = set()   # target worker ids that failed this request
         while not finished:
-            with contextlib.ExitStack() as leases:
+            async with contextlib.AsyncExitStack() as leases:
                 target, draft = await self._claim_or_wait(session, tried, kind, leases, context)
                 treq = pb.TargetRequest(request=r, prompt_ids=prompt_ids + generated, session_id=sid,
                                         draft_address=draft.address if draft else "",
@@ -341,12 +353,12 @@ class Gateway(pb_grpc.GeneratorServicer):
                     # closed) it stops the target now, not whenever the call object is collected
                     call.cancel()
         if session is not None:
-            await asyncio.to_thread(self.sessions.finish_turn, sid, {"generated_tokens": len(generated)})
+            await self.sessions.finish_turn(sid, {"generated_tokens": len(generated)})
 
     async def _checkpoint(self, context, sid: str, ids: list[int], worker_id: str, at: int) -> None:
         """Append a relayed message's tokens to the session at offset `at` (setting its affinity)."""
         try:
-            await asyncio.to_thread(self.sessions.checkpoint, sid, ids, worker_id, at)
+            await self.sessions.checkpoint(sid, ids, worker_id, at)
         except SessionConflict as e:   # the turn's lease lapsed and another turn wrote: stop this one
             await abort(context, f"{e}: another turn wrote to it; this one stops", grpc.StatusCode.ABORTED,
                         "session_id")

@@ -8,12 +8,15 @@ deterministic and testable, and spreading still happens because each pick is lea
 Full workers are still picked (the least full one): the router balances, it does not admit or shed.
 
 Pick-then-lease is not atomic across gateways: two gateways may pick the same idle worker at once.
-That costs a little balance, never correctness."""
+That costs a little balance, never correctness. Within a gateway the caller makes it atomic (the
+gateway claims under one lock), so a burst of requests spreads instead of all seeing the same loads.
+Every read is awaited (redis.asyncio): the gateway's event loop never waits on Redis."""
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from drafthorse.runtime.registry import Registry, WorkerInfo
 from drafthorse.runtime.sessions import Session
@@ -29,42 +32,43 @@ class Router:
     def __init__(self, registry: Registry):
         self.registry = registry
 
-    def least_loaded(self, workers: list[WorkerInfo], prefer_node: str | None = None) -> WorkerInfo:
-        loads = self.registry.loads(w.worker_id for w in workers)
+    async def least_loaded(self, workers: list[WorkerInfo], prefer_node: str | None = None) -> WorkerInfo:
+        loads = await self.registry.loads(w.worker_id for w in workers)
         return min(workers, key=lambda w: (loads[w.worker_id] / w.capacity,
                                            prefer_node is not None and w.node_id != prefer_node,
                                            w.worker_id))
 
-    def pick_target(self, session: Session | None = None) -> WorkerInfo:
+    async def pick_target(self, session: Session | None = None) -> WorkerInfo:
         if session is not None and session.target_worker:
-            w = self.registry.get(session.target_worker)
+            w = await self.registry.get(session.target_worker)
             if w is not None and w.kind == "target":
                 return w
             log.info("session %s: affinity worker %s is gone, rerouting (the prefix will be re-prefilled)",
                      session.session_id, session.target_worker)
-        targets = self.registry.alive("target")
+        targets = await self.registry.alive("target")
         if not targets:
             raise NoWorkers("no target worker is alive")
-        return self.least_loaded(targets)
+        return await self.least_loaded(targets)
 
-    def pick_draft(self, target: WorkerInfo, drafter_kind: str) -> WorkerInfo | None:
+    async def pick_draft(self, target: WorkerInfo, drafter_kind: str) -> WorkerInfo | None:
         """Least-loaded alive draft worker serving `drafter_kind`, same node as `target` on equal load;
         None when there is none (the target then decodes without speculation)."""
-        drafts = [w for w in self.registry.alive("draft") if drafter_kind in w.drafters]
-        return self.least_loaded(drafts, prefer_node=target.node_id) if drafts else None
+        drafts = [w for w in await self.registry.alive("draft") if drafter_kind in w.drafters]
+        return await self.least_loaded(drafts, prefer_node=target.node_id) if drafts else None
 
-    @contextmanager
-    def lease(self, worker: WorkerInfo | None) -> Iterator[WorkerInfo | None]:
+    @asynccontextmanager
+    async def lease(self, worker: WorkerInfo | None) -> AsyncIterator[WorkerInfo | None]:
         """Count one outstanding request on `worker` for the duration of the block (None: no-op, for an
-        optional draft worker). The decrement runs on exceptions and cancellation too."""
+        optional draft worker). The decrement runs on exceptions and cancellation too: shielded, so a
+        second cancellation while it is in flight cannot drop it."""
         if worker is None:
             yield None
             return
-        self.registry.add_load(worker.worker_id, 1)
+        await self.registry.add_load(worker.worker_id, 1)
         try:
             yield worker
         finally:
             try:
-                self.registry.add_load(worker.worker_id, -1)
+                await asyncio.shield(self.registry.add_load(worker.worker_id, -1))
             except Exception:  # don't mask the request's outcome; a lost decrement lasts until prune/deregister
                 log.warning("could not release load on %s", worker.worker_id, exc_info=True)

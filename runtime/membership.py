@@ -8,7 +8,7 @@ import threading
 from dataclasses import replace
 
 from drafthorse.runtime.redis_store import connect
-from drafthorse.runtime.registry import Registry, WorkerInfo
+from drafthorse.runtime.registry import Registration, WorkerInfo
 from drafthorse.runtime.settings import Common
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ class Membership:
     def __init__(self, s: Common, kind: str, worker_id: str, node_id: str = "", advertise_host: str | None = None):
         self.s = s
         self.redis = connect(s.redis_url)
-        self.registry = Registry(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
+        self.registration = Registration(self.redis, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
         self.host = advertise_host or s.host
         self.info = WorkerInfo(worker_id=worker_id, kind=kind, address="", node_id=node_id)
         self._stop = threading.Event()
@@ -39,15 +39,15 @@ class Membership:
         """Register (what the worker serves, at host:port) and keep the registration alive."""
         self.info = replace(self.info, address=f"{self.host}:{port}", model=model, capacity=capacity,
                             drafters=list(drafters or []))
-        self.registry.register(self.info)
+        self.registration.register(self.info)
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.info.worker_id}", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.s.heartbeat_s):
             try:
-                if not self.registry.heartbeat(self.info.worker_id):
-                    self.registry.register(self.info)  # pruned while we were slow: come back
+                if not self.registration.heartbeat(self.info.worker_id):
+                    self.registration.register(self.info)  # pruned while we were slow: come back
             except Exception:  # Redis away: keep trying, the router stops routing to us
                 log.warning("heartbeat of %s failed", self.info.worker_id, exc_info=True)
 
@@ -58,6 +58,6 @@ class Membership:
     def stop(self) -> None:
         self._stop.set()
         try:
-            self.registry.deregister(self.info.worker_id)
+            self.registration.deregister(self.info.worker_id)
         except Exception:  # noqa: BLE001 - best effort; the heartbeat TTL removes us anyway
             pass

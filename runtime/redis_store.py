@@ -21,9 +21,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
@@ -31,6 +34,20 @@ from redis.retry import Retry
 log = logging.getLogger("drafthorse.redis")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+_OPTIONS: dict[str, Any] = dict(
+    socket_connect_timeout=2.0,
+    socket_timeout=5.0,
+    socket_keepalive=True,
+    health_check_interval=15,  # PING an idle pooled connection before reuse: drops dead sockets
+    decode_responses=False,
+)
+_RETRIES: dict[str, Any] = dict(retries=8, supported_errors=(RedisConnectionError,))
+
+
+def _backoff() -> ExponentialBackoff:
+    return ExponentialBackoff(cap=0.5, base=0.05)
 
 
 def connect(url: str | None) -> redis.Redis:
@@ -45,15 +62,13 @@ def connect(url: str | None) -> redis.Redis:
     Timeouts are not retried: a stalled Redis fails a command after one socket timeout (5 s), where
     retries multiplied it (8 retries of 5 s: 48 s). A connection lost after a command ran can still
     resend it; the scripts that append or count are written to be safe under such a resend."""
-    return redis.Redis.from_url(
-        url or DEFAULT_URL,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
-        socket_keepalive=True,
-        health_check_interval=15,  # PING an idle pooled connection before reuse: drops dead sockets
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=8, supported_errors=(RedisConnectionError,)),
-        decode_responses=False,
-    )
+    return redis.Redis.from_url(url or DEFAULT_URL, retry=Retry(_backoff(), **_RETRIES), **_OPTIONS)
+
+
+def connect_async(url: str | None) -> redis.asyncio.Redis:
+    """`connect`'s client for an event loop (the gateway): the same waits and retries, awaited."""
+    return redis.asyncio.Redis.from_url(url or DEFAULT_URL, retry=redis.asyncio.retry.Retry(_backoff(), **_RETRIES),
+                                        **_OPTIONS)
 
 
 def redact(url: str) -> str:

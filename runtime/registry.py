@@ -8,14 +8,23 @@ Keys (under `prefix`):
 
 A worker that stops heartbeating disappears from alive() once its TTL lapses; the next alive()
 prunes its keys. Heartbeat about every heartbeat_ttl_s / 3 so one late beat does not drop a worker.
-Multi-key scripts assume one Redis (or a Sentinel primary), not Redis Cluster."""
+Multi-key scripts assume one Redis (or a Sentinel primary), not Redis Cluster.
+
+Two sides, two clients: a worker keeps its own entry from its heartbeat thread (`Registration`, a
+blocking client), the gateway reads the registry and counts load on its event loop (`Registry`,
+redis.asyncio: a slow Redis delays the requests that wait on it, never the loop). `view` is the
+blocking read for tools and tests."""
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import redis
+import redis.asyncio
+
+from drafthorse.runtime.redis_store import connect_async
 
 KINDS = ("target", "draft")
 
@@ -84,53 +93,69 @@ return v
 """
 
 
-class Registry:
-    def __init__(self, redis: redis.Redis, prefix: str = "dh:", heartbeat_ttl_s: float = 10):
-        self.r, self.prefix, self.heartbeat_ttl_s = redis, prefix, heartbeat_ttl_s
-        self._ttl_ms = max(1, int(heartbeat_ttl_s * 1000))  # PX: sub-second TTLs work (tests use them)
-        self._heartbeat = self.r.register_script(_HEARTBEAT)
-        self._prune = self.r.register_script(_PRUNE)
-        self._add_load = self.r.register_script(_ADD_LOAD)
+def _k(prefix: str, worker_id: str, suffix: str = "") -> str:
+    return f"{prefix}worker:{worker_id}{suffix}"
 
-    def _k(self, worker_id: str, suffix: str = "") -> str:
-        return f"{self.prefix}worker:{worker_id}{suffix}"
+
+def _ttl_ms(heartbeat_ttl_s: float) -> int:
+    return max(1, int(heartbeat_ttl_s * 1000))  # PX: sub-second TTLs work (tests use them)
+
+
+class Registration:
+    """A worker's own entry: published, kept alive, removed (runtime/membership.py drives it)."""
+
+    def __init__(self, redis: redis.Redis, prefix: str = "dh:", heartbeat_ttl_s: float = 10):
+        self.r, self.prefix, self._ttl_ms = redis, prefix, _ttl_ms(heartbeat_ttl_s)
+        self._heartbeat = self.r.register_script(_HEARTBEAT)
 
     def register(self, info: WorkerInfo) -> None:
         """Publish (or replace) a worker's info and start its liveness clock. Keeps its load count:
         leases still held by gateways will decrement it, so resetting would undercount."""
+        base = _k(self.prefix, info.worker_id)
         p = self.r.pipeline(transaction=True)
-        p.delete(self._k(info.worker_id))  # drop fields of an older registration
-        p.hset(self._k(info.worker_id), mapping=info.to_hash())  # type: ignore[arg-type]  # redis' Mapping key is invariant
+        p.delete(base)  # drop fields of an older registration
+        p.hset(base, mapping=info.to_hash())  # type: ignore[arg-type]  # redis' Mapping key is invariant
         for kind in KINDS:  # a re-registration may change kind
             p.srem(f"{self.prefix}workers:{kind}", info.worker_id)
         p.sadd(f"{self.prefix}workers:{info.kind}", info.worker_id)
-        p.set(self._k(info.worker_id, ":hb"), "1", px=self._ttl_ms)
+        p.set(base + ":hb", "1", px=self._ttl_ms)
         p.execute()
 
     def heartbeat(self, worker_id: str) -> bool:
         """Extend liveness. False: the registry forgot this worker (pruned); call register() again."""
-        return bool(self._heartbeat(keys=[self._k(worker_id), self._k(worker_id, ":hb")], args=[self._ttl_ms]))
+        base = _k(self.prefix, worker_id)
+        return bool(self._heartbeat(keys=[base, base + ":hb"], args=[self._ttl_ms]))
 
     def deregister(self, worker_id: str) -> None:
+        base = _k(self.prefix, worker_id)
         p = self.r.pipeline(transaction=True)
-        p.delete(self._k(worker_id), self._k(worker_id, ":hb"), self._k(worker_id, ":load"))
+        p.delete(base, base + ":hb", base + ":load")
         for kind in KINDS:
             p.srem(f"{self.prefix}workers:{kind}", worker_id)
         p.execute()
 
-    def alive(self, kind: str) -> list[WorkerInfo]:
+
+class Registry:
+    """The gateway's view: alive workers, their loads, load leases (cluster/router.py)."""
+
+    def __init__(self, redis: redis.asyncio.Redis, prefix: str = "dh:", heartbeat_ttl_s: float = 10):
+        self.r, self.prefix, self.heartbeat_ttl_s = redis, prefix, heartbeat_ttl_s
+        self._prune = self.r.register_script(_PRUNE)
+        self._add_load = self.r.register_script(_ADD_LOAD)
+
+    async def alive(self, kind: str) -> list[WorkerInfo]:
         """Workers of `kind` with a live heartbeat, sorted by worker_id; prunes the dead ones."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        # bytes: the client does not decode responses
-        ids = sorted(i.decode() if isinstance(i, bytes) else i for i in self.r.smembers(f"{self.prefix}workers:{kind}"))
+        members = await self.r.smembers(f"{self.prefix}workers:{kind}")
+        ids = sorted(i.decode() if isinstance(i, bytes) else i for i in members)   # bytes: responses not decoded
         if not ids:
             return []
         p = self.r.pipeline(transaction=False)
         for i in ids:
-            p.exists(self._k(i, ":hb"))
-            p.hgetall(self._k(i))
-        res = p.execute()
+            p.exists(_k(self.prefix, i, ":hb"))
+            p.hgetall(_k(self.prefix, i))
+        res = await p.execute()
         out, dead = [], []
         for i, hb, h in zip(ids, res[0::2], res[1::2]):
             if hb and h:
@@ -138,29 +163,42 @@ class Registry:
             else:
                 dead.append(i)
         if dead:
-            self._prune(keys=[self.prefix], args=dead)
+            await self._prune(keys=[self.prefix], args=dead)
         return out
 
-    def get(self, worker_id: str) -> WorkerInfo | None:
+    async def get(self, worker_id: str) -> WorkerInfo | None:
         """The worker's info if it is alive, else None."""
         p = self.r.pipeline(transaction=False)
-        p.exists(self._k(worker_id, ":hb"))
-        p.hgetall(self._k(worker_id))
-        hb, h = p.execute()
+        p.exists(_k(self.prefix, worker_id, ":hb"))
+        p.hgetall(_k(self.prefix, worker_id))
+        hb, h = await p.execute()
         return WorkerInfo.from_hash(h) if hb and h else None
 
-    def add_load(self, worker_id: str, delta: int) -> int:
+    async def add_load(self, worker_id: str, delta: int) -> int:
         """Atomically add `delta` to the worker's outstanding load; never below 0. Returns the new value
         (0 and no change for a worker that is not registered)."""
-        return int(self._add_load(keys=[self._k(worker_id), self._k(worker_id, ":load")], args=[int(delta)]))
+        base = _k(self.prefix, worker_id)
+        return int(await self._add_load(keys=[base, base + ":load"], args=[int(delta)]))
 
-    def load(self, worker_id: str) -> int:
-        return int(self.r.get(self._k(worker_id, ":load")) or 0)
-
-    def loads(self, worker_ids: Iterable[str]) -> dict[str, int]:
+    async def loads(self, worker_ids: Iterable[str]) -> dict[str, int]:
         """Loads of many workers in one round trip (the router's hot path)."""
         ids = list(worker_ids)
         if not ids:
             return {}
-        vals = self.r.mget([self._k(i, ":load") for i in ids])
+        vals = await self.r.mget([_k(self.prefix, i, ":load") for i in ids])
         return {i: int(v or 0) for i, v in zip(ids, vals)}
+
+
+def view(url: str | None, prefix: str = "dh:", heartbeat_ttl_s: float = 10) -> dict[str, list[tuple[WorkerInfo, int]]]:
+    """Alive workers of each kind with their loads, read with a client of its own (blocking: for tools
+    and tests, not for an event loop)."""
+    async def read() -> dict[str, list[tuple[WorkerInfo, int]]]:
+        async with connect_async(url) as r:
+            reg = Registry(r, prefix, heartbeat_ttl_s)
+            out = {}
+            for kind in KINDS:
+                workers = await reg.alive(kind)
+                loads = await reg.loads(w.worker_id for w in workers)
+                out[kind] = [(w, loads[w.worker_id]) for w in workers]
+            return out
+    return asyncio.run(read())

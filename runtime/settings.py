@@ -124,6 +124,8 @@ class GatewaySettings(Common):
     key_tokens_per_minute: int = Field(0, ge=0, description="generated tokens per API key per minute")
     key_max_prompt_tokens: int = Field(0, ge=0, description="prompt tokens per request of an API key")
     key_max_new_tokens: int = Field(0, ge=0, description="max new tokens per request of an API key")
+    key_max_sessions: int = Field(256, ge=0, description="open sessions per API key (each holds up to a "
+                                  "conversation in Redis until session_ttl_s after its last turn)")
     max_concurrent_rpcs: int = Field(1024, ge=1, description="public RPCs one gateway serves at once "
                                      "(streams and health checks; more: RESOURCE_EXHAUSTED)")
     reflection: bool = Field(True, description="gRPC server reflection on the public port (grpcurl without "

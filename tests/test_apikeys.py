@@ -4,6 +4,7 @@ A real gateway on loopback with a real Redis, no workers: a request that passes 
 as far as routing (UNAVAILABLE / 503), one that does not is refused before."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -132,10 +133,13 @@ def test_a_request_over_max_request_bytes_is_resource_exhausted(gateway):
 
 def test_sessions_belong_to_their_key(gateway):
     addr, s = gateway
-    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.redis_store import connect_async
     from drafthorse.runtime.sessions import SessionStore
-    store = SessionStore(connect(s.redis_url), s.key_prefix)
-    sid = store.create("alice").session_id
+
+    async def opened() -> str:
+        async with connect_async(s.redis_url) as r:
+            return (await SessionStore(r, s.key_prefix).create("alice")).session_id
+    sid = asyncio.run(opened())
     # bob cannot tell alice's session from a missing one; alice gets past the session check
     code, details = call(addr, BOB, session_id=sid)
     assert code == grpc.StatusCode.NOT_FOUND and "not found" in details
@@ -173,55 +177,58 @@ def test_every_http_route_needs_a_key(gateway):
 
 # ---------------------------------------------------------------- per-key limits
 
-def test_a_leaked_stream_lease_lapses_however_busy_the_key():
+async def test_a_leaked_stream_lease_lapses_however_busy_the_key():
     """A lease whose release never came (a gateway crashed, a request cancelled between taking it and
     guarding it) frees its slot at its expiry, even while the key keeps acquiring: the old counter's TTL
     was pushed back by every acquire, so a busy key locked itself out with 429s for good."""
     from drafthorse.cluster.limits import KeyLimits, LimitExceeded, Limits
-    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.redis_store import connect_async
     now = [1000.0]
-    lim = KeyLimits(connect("redis://127.0.0.1:6379/0"), f"dh-lim-{uuid.uuid4().hex[:8]}:", Limits(streams=1),
-                    clock=lambda: now[0], lease_s=100)
-    lim.acquire("alice", "leaked")                      # never released
-    for t in (1010.0, 1050.0, 1099.0):                  # the key keeps trying
-        now[0] = t
-        with pytest.raises(LimitExceeded):
-            lim.acquire("alice", f"try-{t}")
-    now[0] = 1101.0
-    lim.acquire("alice", "fresh")                       # the leaked lease lapsed
+    async with connect_async("redis://127.0.0.1:6379/0") as r:
+        lim = KeyLimits(r, f"dh-lim-{uuid.uuid4().hex[:8]}:", Limits(streams=1), clock=lambda: now[0], lease_s=100)
+        await lim.acquire("alice", "leaked")                # never released
+        for t in (1010.0, 1050.0, 1099.0):                  # the key keeps trying
+            now[0] = t
+            with pytest.raises(LimitExceeded):
+                await lim.acquire("alice", f"try-{t}")
+        now[0] = 1101.0
+        await lim.acquire("alice", "fresh")                 # the leaked lease lapsed
 
 
-def test_key_limits_unit():
+async def test_key_limits_unit():
     """Counters in a real Redis under a private prefix; a fake clock moves the minute window."""
     from drafthorse.cluster.limits import KeyLimits, LimitExceeded, Limits
-    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.redis_store import connect_async
     now = [600.0]
-    lim = KeyLimits(connect("redis://127.0.0.1:6379/0"), f"dh-lim-{uuid.uuid4().hex[:8]}:",
-                    Limits(streams=2, tokens_per_minute=100, prompt_tokens=50, new_tokens=20), clock=lambda: now[0])
-    lim.check("alice", 50, 20)
-    with pytest.raises(LimitExceeded, match="prompt is 51 tokens"):
-        lim.check("alice", 51, 1)
-    with pytest.raises(LimitExceeded, match="max_new_tokens 21"):
-        lim.check("alice", 1, 21)
-    lim.acquire("alice", "a1"), lim.acquire("alice", "a2")
-    with pytest.raises(LimitExceeded, match="2 streams open") as e:
-        lim.acquire("alice", "a3")
-    assert e.value.retry_after_s == 1
-    lim.acquire("bob", "b1")                            # other keys are not affected
-    lim.release("alice", "a1")
-    lim.release("alice", "a1")                          # twice, or a lease never taken: harmless
-    lim.release("alice", "a3")
-    lim.acquire("alice", "a4")                          # a slot came back, one only
-    with pytest.raises(LimitExceeded):
-        lim.acquire("alice", "a5")
-    lim.spent("alice", 60), lim.spent("alice", 45)      # 105 >= 100 this minute
-    now[0] = 615.0
-    with pytest.raises(LimitExceeded, match="105 tokens this minute") as e:
-        lim.check("alice", 1, 1)
-    assert e.value.retry_after_s == 45                  # until 660 s, the next window
-    lim.check("bob", 1, 1)
-    now[0] = 660.0
-    lim.check("alice", 1, 1)                            # a new minute
+    async with connect_async("redis://127.0.0.1:6379/0") as r:
+        lim = KeyLimits(r, f"dh-lim-{uuid.uuid4().hex[:8]}:",
+                        Limits(streams=2, tokens_per_minute=100, prompt_tokens=50, new_tokens=20), clock=lambda: now[0])
+        await lim.check("alice", 50, 20)
+        with pytest.raises(LimitExceeded, match="prompt is 51 tokens"):
+            await lim.check("alice", 51, 1)
+        with pytest.raises(LimitExceeded, match="max_new_tokens 21"):
+            await lim.check("alice", 1, 21)
+        await lim.acquire("alice", "a1")
+        await lim.acquire("alice", "a2")
+        with pytest.raises(LimitExceeded, match="2 streams open") as e:
+            await lim.acquire("alice", "a3")
+        assert e.value.retry_after_s == 1
+        await lim.acquire("bob", "b1")                      # other keys are not affected
+        await lim.release("alice", "a1")
+        await lim.release("alice", "a1")                    # twice, or a lease never taken: harmless
+        await lim.release("alice", "a3")
+        await lim.acquire("alice", "a4")                    # a slot came back, one only
+        with pytest.raises(LimitExceeded):
+            await lim.acquire("alice", "a5")
+        await lim.spent("alice", 60)
+        await lim.spent("alice", 45)                        # 105 >= 100 this minute
+        now[0] = 615.0
+        with pytest.raises(LimitExceeded, match="105 tokens this minute") as e:
+            await lim.check("alice", 1, 1)
+        assert e.value.retry_after_s == 45                  # until 660 s, the next window
+        await lim.check("bob", 1, 1)
+        now[0] = 660.0
+        await lim.check("alice", 1, 1)                      # a new minute
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +240,7 @@ def limited():
                  redis_url="redis://127.0.0.1:6379/0", api_key_hashes=[digest_line(ALICE, "alice"),
                                                                       digest_line(BOB, "bob")],
                  key_max_streams=1, key_tokens_per_minute=1000, key_max_prompt_tokens=200,
-                 key_max_new_tokens=64).with_token()
+                 key_max_new_tokens=64, key_max_sessions=2).with_token()
     start_gateway(s, loader.load("tiny:0").tokenizer)
     yield f"127.0.0.1:{s.gateway_port}", s
 
@@ -241,15 +248,15 @@ def limited():
 def call_meta(addr: str, key: str, **req):
     """(code, details, trailing metadata) of a Generate call expected to fail."""
     with grpc.insecure_channel(addr) as ch:
-        r = request(req.pop("prompt", "hi"), SamplingParams(max_new_tokens=req.pop("max_new_tokens", 2)))
+        r = request(req.pop("prompt", "hi"), SamplingParams(max_new_tokens=req.pop("max_new_tokens", 2)), **req)
         with pytest.raises(grpc.RpcError) as e:
             list(pb_grpc.GeneratorStub(ch).Generate(r, timeout=10, metadata=key_metadata(key)))
     return e.value.code(), e.value.details(), dict(e.value.trailing_metadata() or ())
 
 
-def test_per_key_limits_refuse_with_a_retry_hint(limited):
+async def test_per_key_limits_refuse_with_a_retry_hint(limited):
     from drafthorse.cluster.limits import KeyLimits, Limits
-    from drafthorse.runtime.redis_store import connect
+    from drafthorse.runtime.redis_store import connect_async
     addr, s = limited
     assert call_meta(addr, ALICE)[0] == grpc.StatusCode.UNAVAILABLE      # within limits: routed
     code, details, _ = call_meta(addr, ALICE, max_new_tokens=65)
@@ -258,14 +265,14 @@ def test_per_key_limits_refuse_with_a_retry_hint(limited):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "this key's limit is 200" in details
     # alice's stream slot is taken (another gateway replica holds it) / her minute is spent: refused
     # with a retry hint; bob is not affected
-    lim = KeyLimits(connect(s.redis_url), s.key_prefix, Limits.of(s))
-    lim.acquire("alice", "elsewhere")
+    lim = KeyLimits(connect_async(s.redis_url), s.key_prefix, Limits.of(s))
+    await lim.acquire("alice", "elsewhere")
     code, details, meta = call_meta(addr, ALICE)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams open" in details and meta["retry-after"] == "1"
     assert call_meta(addr, BOB)[0] == grpc.StatusCode.UNAVAILABLE
-    lim.release("alice", "elsewhere")
+    await lim.release("alice", "elsewhere")
     assert call_meta(addr, ALICE)[0] == grpc.StatusCode.UNAVAILABLE      # failed calls released theirs
-    lim.spent("alice", 1000)
+    await lim.spent("alice", 1000)
     code, details, meta = call_meta(addr, ALICE)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens this minute" in details
     assert 1 <= int(meta["retry-after"]) <= 60
@@ -312,3 +319,16 @@ def test_a_refused_request_opens_no_session(limited):
             list(pb_grpc.GeneratorStub(ch).Generate(req, timeout=10, metadata=key_metadata(ALICE)))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert set(r.scan_iter(match=s.key_prefix + "session:*", count=1000)) == before
+
+
+def test_open_sessions_per_key_are_capped(limited):
+    """key_max_sessions: a key's next new session past the cap is refused, RESOURCE_EXHAUSTED with the wait
+    until its first session lapses; continuing a session is not a new one, and other keys are unaffected.
+    (This gateway has no workers: an admitted request opens its session, then finds no target.)"""
+    addr, s = limited
+    for _ in range(2):
+        assert call_meta(addr, BOB, new_session=True)[0] == grpc.StatusCode.UNAVAILABLE
+    code, details, meta = call_meta(addr, BOB, new_session=True)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 sessions open, its limit is 2" in details, details
+    assert 1 <= int(meta["retry-after"]) <= s.session_ttl_s
+    assert call_meta(addr, BOB)[0] == grpc.StatusCode.UNAVAILABLE          # no session: not counted

@@ -163,26 +163,27 @@ def test_workers_hold_the_accelerator_resources_they_asked_for(cluster):
 
 def test_cancel_stops_generation_and_frees_the_worker(cluster, stub):
     from drafthorse.runtime.redis_store import connect
-    from drafthorse.runtime.registry import Registry
-    from drafthorse.runtime.sessions import SessionStore
+    from drafthorse.runtime.registry import view
     r = connect(cluster.s.redis_url)
     call = stub.Generate(request("count slowly", SamplingParams(max_new_tokens=450), "none", new_session=True),
                          timeout=120)
     first = next(call)
-    store = SessionStore(r, cluster.s.key_prefix)
-    n0 = len(store.get(first.session_id, "").token_ids)  # the prompt and the first token(s)
+
+    def stored() -> int:   # the conversation's length, in packed uint32 tokens (runtime/sessions.py)
+        return r.strlen(f"{cluster.s.key_prefix}session:{first.session_id}:tokens") // 4
+    n0 = stored()  # the prompt and the first token(s)
     call.cancel()
     # the cancellation travels gateway -> target; once it has, the checkpoint stops growing
     deadline, counts = time.monotonic() + 30, []
     while time.monotonic() < deadline:
-        counts.append(len(store.get(first.session_id, "").token_ids))
+        counts.append(stored())
         if len(counts) >= 4 and counts[-1] == counts[-4]:
             break
         time.sleep(0.5)
     assert counts[-1] == counts[-4], f"the target kept generating after the client cancelled: {counts}"
     assert counts[-1] < n0 + 449, "the generation ran to its end: the cancellation was not seen"
-    reg = Registry(r, cluster.s.key_prefix)
-    assert all(reg.load(w.worker_id) == 0 for kind in ("target", "draft") for w in reg.alive(kind))
+    assert all(load == 0 for workers in view(cluster.s.redis_url, cluster.s.key_prefix).values()
+               for _, load in workers)
 
 
 def test_cli_generate_through_server(cluster, local):
@@ -278,15 +279,13 @@ def test_unknown_session_is_not_found(stub):
 
 
 def test_internal_calls_need_the_certificate_and_the_token(cluster):
-    from drafthorse.runtime.redis_store import connect
-    from drafthorse.runtime.registry import Registry
     from drafthorse.runtime.rpc import channel
-    reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix)
     time.sleep(3 * cluster.s.heartbeat_s)  # a worker killed by an earlier test drops out of the registry
-    target = reg.alive("target")[0]
+    alive, _ = _alive(cluster)
+    target = alive["target"][0]
     treq = pb.TargetRequest(prompt_ids=[1, 2, 3], max_new_tokens=2)
     tls = cluster.s.tls()
-    for plaintext in (target.address, reg.alive("draft")[0].address):   # no TLS handshake: no connection
+    for plaintext in (target.address, alive["draft"][0].address):   # no TLS handshake: no connection
         with grpc.insecure_channel(plaintext) as ch:
             with pytest.raises(grpc.RpcError) as e:
                 list(pb_grpc.TargetStub(ch).Generate(treq, metadata=auth_metadata(cluster.s.token()), timeout=10))
@@ -299,7 +298,7 @@ def test_internal_calls_need_the_certificate_and_the_token(cluster):
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ok = list(stub.Generate(treq, metadata=auth_metadata(cluster.s.token()), timeout=30))
         assert sum(len(m.token_ids) for m in ok) == 2
-    draft = reg.alive("draft")[0]
+    draft = alive["draft"][0]
     with channel(draft.address, tls) as ch:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.DrafterStub(ch).Draft(pb.DraftRequest(session_id="x", reset=True, new_token_ids=[1],
@@ -445,11 +444,12 @@ def test_fuzzed_requests_get_only_documented_codes(cluster, stub):
 STORM_TOKENS = 64
 
 
-def _alive(cluster) -> dict[str, list]:
-    from drafthorse.runtime.redis_store import connect
-    from drafthorse.runtime.registry import Registry
-    reg = Registry(connect(cluster.s.redis_url), cluster.s.key_prefix, heartbeat_ttl_s=3 * cluster.s.heartbeat_s)
-    return {kind: reg.alive(kind) for kind in ("target", "draft")}, reg
+def _alive(cluster) -> tuple[dict[str, list], dict[str, int]]:
+    """Alive workers of each kind, and every one's load."""
+    from drafthorse.runtime.registry import view
+    seen = view(cluster.s.redis_url, cluster.s.key_prefix, 3 * cluster.s.heartbeat_s)
+    return ({kind: [w for w, _ in workers] for kind, workers in seen.items()},
+            {w.worker_id: load for workers in seen.values() for w, load in workers})
 
 
 def _healed(cluster, timeout_s: float = 90) -> float:
@@ -502,9 +502,9 @@ def _storm(cluster, stub, local, fault) -> dict:
 
 def _kill_busiest(cluster, kind: str) -> int:
     """Kill the worker of `kind` carrying the most streams; returns how many it carried."""
-    alive, reg = _alive(cluster)
-    w = max(alive[kind], key=lambda w: reg.load(w.worker_id))
-    hit = reg.load(w.worker_id)
+    alive, loads = _alive(cluster)
+    w = max(alive[kind], key=lambda w: loads[w.worker_id])
+    hit = loads[w.worker_id]
     kill_replica(w.worker_id)
     return hit
 

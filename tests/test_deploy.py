@@ -53,8 +53,8 @@ def deployed():
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    from drafthorse.runtime.redis_store import connect, ensure_redis
-    from drafthorse.runtime.registry import Registry
+    from drafthorse.runtime.redis_store import ensure_redis
+    from drafthorse.runtime.registry import view
 
     redis_url, embedded = ensure_redis(None)
     raw = yaml.safe_load(CONFIG.read_text())
@@ -79,15 +79,15 @@ def deployed():
                                    proxy_location=config.proxy_location)
     client.deploy_apps(config)
     from ray import serve
-    registry = Registry(connect(redis_url), app["args"]["key_prefix"], heartbeat_ttl_s=1.5)
     deadline, status = time.monotonic() + 240, None
     try:
         while time.monotonic() < deadline:
             status = serve.status().applications.get(app["name"])
             if status is not None and status.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"deploy failed: {status.message}")
-            if status is not None and status.status == "RUNNING" and registry.alive("target") \
-                    and registry.alive("draft"):
+            alive = view(redis_url, app["args"]["key_prefix"], 1.5) \
+                if status is not None and status.status == "RUNNING" else {}
+            if alive and alive["target"] and alive["draft"]:
                 break
             time.sleep(0.5)
         else:

@@ -7,6 +7,7 @@ row that first computed the same token, and a resumed stream could flip a near t
 after a target kill): prompts now enter the cache through exact rows (actors/models/exact.py)."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -21,7 +22,7 @@ from drafthorse.cluster.client import request
 from drafthorse.cluster.prompts import turn_ids
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.membership import Membership
-from drafthorse.runtime.redis_store import connect, free_port
+from drafthorse.runtime.redis_store import connect, connect_async, free_port
 from drafthorse.runtime.rpc import auth_metadata, start_server
 from drafthorse.runtime.sessions import SessionStore
 from drafthorse.runtime.settings import Settings
@@ -144,5 +145,5 @@ def test_a_session_turn_handed_over_mid_way_records_what_the_client_received(set
     assert handed["handed_over"] == 1
     first = loader.chat_prompt(lm.tokenizer, [{"role": "user", "content": SESSION}])
     history = turn_ids(lm.tokenizer, first + a, [{"role": "user", "content": "Make it shorter."}], None) + b
-    session = SessionStore(connect(settings.redis_url), settings.key_prefix).get(sid, "")
+    session = asyncio.run(SessionStore(connect_async(settings.redis_url), settings.key_prefix).get(sid, ""))
     assert session.token_ids == history and session.turns == 2

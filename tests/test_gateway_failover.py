@@ -18,7 +18,7 @@ from drafthorse.cluster.client import request
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.redis_store import connect, free_port
-from drafthorse.runtime.registry import Registry, WorkerInfo
+from drafthorse.runtime.registry import Registration, WorkerInfo
 from drafthorse.runtime.rpc import auth_metadata
 from drafthorse.runtime.settings import Settings
 from tests.conftest import start_gateway
@@ -51,7 +51,7 @@ def gateway():
                  redis_url="redis://127.0.0.1:6379/0", heartbeat_s=60, failover_wait_s=WAIT_S).with_token()
     start_gateway(s, loader.load("tiny:0").tokenizer)
     r = connect(s.redis_url)
-    yield s, Registry(r, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
+    yield s, Registration(r, s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
     keys = list(r.scan_iter(match=s.key_prefix + "*", count=1000))
     if keys:
         r.delete(*keys)

@@ -134,9 +134,9 @@ def test_large_node_killed_under_16_streams(nodes, cluster, stub, local):
             time.sleep(0.25)
 
     def fault():
-        alive, reg = _alive(cluster)
-        w = max((w for w in alive["target"] if w.node_id != gateway_node), key=lambda w: reg.load(w.worker_id))
-        hit = reg.load(w.worker_id)
+        alive, loads = _alive(cluster)
+        w = max((w for w in alive["target"] if w.node_id != gateway_node), key=lambda w: loads[w.worker_id])
+        hit = loads[w.worker_id]
         node = next(n for n in handles["large"] if n.node_id == w.node_id)
         t_kill = time.monotonic()
         rc.remove_node(node, allow_graceful=False)   # SIGKILL: the raylet and every worker on the node
@@ -185,12 +185,12 @@ def test_large_node_drained_under_16_streams(nodes, cluster, stub, local):
         drained.update(rc=done.returncode, out=done.stdout, err=done.stderr[-2000:], s=time.monotonic() - t)
 
     def fault():
-        alive, reg = _alive(cluster)
-        w = max((w for w in alive["target"] if w.node_id != gateway_node), key=lambda w: reg.load(w.worker_id))
+        alive, loads = _alive(cluster)
+        w = max((w for w in alive["target"] if w.node_id != gateway_node), key=lambda w: loads[w.worker_id])
         drained.update(worker=w.worker_id, node=w.node_id)
         drained["thread"] = threading.Thread(target=drain, args=(w.node_id,), daemon=True)
         drained["thread"].start()
-        return reg.load(w.worker_id)
+        return loads[w.worker_id]
 
     report = _storm(cluster, stub, local, fault)   # every stream == target alone, gapless seq
     drained["thread"].join(150)

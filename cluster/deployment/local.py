@@ -13,8 +13,8 @@ from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
 from drafthorse.cluster.deployment.app import APP_NAME, build_app
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
-from drafthorse.runtime.redis_store import EmbeddedRedis, connect, ensure_redis, free_port
-from drafthorse.runtime.registry import Registry
+from drafthorse.runtime.redis_store import EmbeddedRedis, ensure_redis, free_port
+from drafthorse.runtime.registry import view
 from drafthorse.runtime.rpc import auth_metadata
 from drafthorse.runtime.settings import Settings
 
@@ -57,13 +57,12 @@ class Cluster:
             raise RuntimeError(f"Ray Serve's HTTP proxy did not start on {self.s.host}:{self.s.http_port} (port in "
                                f"use? set DRAFTHORSE_HTTP_PORT; 0 = a free port): {e}") from e
         serve.run(build_app(self.s), name=APP_NAME, route_prefix="/", blocking=False)
-        registry = Registry(connect(url), self.s.key_prefix, heartbeat_ttl_s=3 * self.s.heartbeat_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = serve.status().applications.get(APP_NAME)
-            if status is not None and status.status == "RUNNING" and \
-                    len(registry.alive("target")) >= self.s.num_targets and \
-                    len(registry.alive("draft")) >= self.s.num_drafts:
+            alive = view(url, self.s.key_prefix, 3 * self.s.heartbeat_s) \
+                if status is not None and status.status == "RUNNING" else {}
+            if alive and len(alive["target"]) >= self.s.num_targets and len(alive["draft"]) >= self.s.num_drafts:
                 # Serve's proxy and the workers (model load, weights cache) up to registered
                 lap("workers_s")
                 self.startup["ready_s"] = last - t0

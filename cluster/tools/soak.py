@@ -27,8 +27,7 @@ from drafthorse.cluster.client import request
 from drafthorse.cluster.deployment.app import APP_NAME
 from drafthorse.cluster.deployment.local import Cluster
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
-from drafthorse.runtime.redis_store import connect
-from drafthorse.runtime.registry import Registry
+from drafthorse.runtime.registry import view
 from drafthorse.runtime.rpc import auth_metadata
 
 FAULTS = ("kill-draft", "kill-target", "drain-target")
@@ -132,13 +131,12 @@ def kill_replica(worker_id: str) -> None:
     raise RuntimeError(f"no Ray actor for {worker_id}")
 
 
-def inject(kind: str, registry) -> dict:
+def inject(kind: str, s) -> dict:
     """One fault on the busiest worker of its kind; returns what was hit and its load then."""
     if kind == "drain-target":
         drained = serve.get_deployment_handle("TargetWorker", APP_NAME).drain.remote(0.0).result()
         return {"worker": drained["worker_id"], "streams_on_it": drained["in_flight"]}
-    w = max(registry.alive(kind.split("-")[1]), key=lambda w: registry.load(w.worker_id))
-    load = registry.load(w.worker_id)
+    w, load = max(view(s.redis_url, s.key_prefix, 3 * s.heartbeat_s)[kind.split("-")[1]], key=lambda wl: wl[1])
     kill_replica(w.worker_id)
     return {"worker": w.worker_id, "streams_on_it": load}
 
@@ -150,7 +148,6 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
     say("starting the cluster ...")
     cluster = Cluster(s).start()
     s = cluster.s
-    registry = Registry(connect(s.redis_url), s.key_prefix, heartbeat_ttl_s=3 * s.heartbeat_s)
     tally, samples = Tally(), []
     faults: list[dict] = []   # filled by the fault thread (_faults)
     metadata = auth_metadata(s.token())   # as the cluster: API keys and per-key limits do not apply
@@ -165,7 +162,7 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
         for c in clients:
             c.start()
         if fault_every_s:
-            threading.Thread(target=_faults, args=(registry, s, tally, faults, t0, stop_at, fault_every_s, say),
+            threading.Thread(target=_faults, args=(s, tally, faults, t0, stop_at, fault_every_s, say),
                              daemon=True).start()
         while (now := time.monotonic()) < stop_at:   # memory, every sample_s
             samples.append({"t": round(now - t0, 2), "rss_mb": memory_sample()})
@@ -188,7 +185,7 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
             "faults": faults, "memory": samples, "memory_trend": trends(samples)}
 
 
-def _faults(registry, s, tally: Tally, faults: list, t0: float, stop_at: float, every_s: float, say) -> None:
+def _faults(s, tally: Tally, faults: list, t0: float, stop_at: float, every_s: float, say) -> None:
     """The fault kinds in turn, one every `every_s` (later if the cluster has not recovered from the last)."""
     next_fault = t0 + every_s
     for kind in itertools.cycle(FAULTS):
@@ -198,19 +195,20 @@ def _faults(registry, s, tally: Tally, faults: list, t0: float, stop_at: float, 
         with tally.lock:
             in_flight = tally.in_flight
         f = {"t": round(time.monotonic() - t0, 2), "fault": kind, "streams_in_flight": in_flight,
-             **inject(kind, registry)}
-        f["recovered_s"] = _wait_whole(registry, s, f["worker"], stop_at)
+             **inject(kind, s)}
+        f["recovered_s"] = _wait_whole(s, f["worker"], stop_at)
         faults.append(f)
         say(f"fault {f}")
         next_fault += every_s
 
 
-def _wait_whole(registry, s, gone: str, stop_at: float) -> float | None:
+def _wait_whole(s, gone: str, stop_at: float) -> float | None:
     """Seconds until the worker hit is out of the registry and as many workers as configured are in it
     again (None: not before the run ends)."""
     t0 = time.monotonic()
     while time.monotonic() < stop_at:
-        alive = {kind: [w.worker_id for w in registry.alive(kind)] for kind in ("target", "draft")}
+        alive = {kind: [w.worker_id for w, _ in workers]
+                 for kind, workers in view(s.redis_url, s.key_prefix, 3 * s.heartbeat_s).items()}
         if gone not in alive["target"] + alive["draft"] and len(alive["target"]) >= s.num_targets \
                 and len(alive["draft"]) >= s.num_drafts:
             return round(time.monotonic() - t0, 2)
