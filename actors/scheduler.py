@@ -44,17 +44,21 @@ class SlotPool:
 
     def __init__(self, model: Llama, capacity: int, max_len: int):
         self.kv = model.new_pool(capacity, max_len)
+        self.capacity = capacity
         self.free: OrderedDict[str, ModelRunner] = OrderedDict(
             (f"_{i}", ModelRunner(model, cache=self.kv.cache(i))) for i in range(capacity))
+        self.lent = 0   # acquired, not yet released: free + lent == capacity, always (Scheduler.audit)
         self.lock = threading.Lock()
 
     def acquire(self, session_id: str) -> tuple[ModelRunner, bool]:
         """(runner, holds this session's prefix). Raises Busy when every slot is in use."""
         with self.lock:
             if session_id and session_id in self.free:
+                self.lent += 1
                 return self.free.pop(session_id), True
             if not self.free:
                 raise Busy()
+            self.lent += 1
             return self.free.popitem(last=False)[1], False
 
     def release(self, session_id: str, runner: ModelRunner) -> None:
@@ -67,6 +71,12 @@ class SlotPool:
                 older.reset()
                 self.free[f"_{uuid.uuid4().hex}"] = older
             self.free[session_id or f"_{uuid.uuid4().hex}"] = runner
+            self.lent -= 1
+
+    def counts(self) -> tuple[int, int]:
+        """(free, lent), read together."""
+        with self.lock:
+            return len(self.free), self.lent
 
     def forget(self, session_id: str) -> None:
         with self.lock:
@@ -107,6 +117,7 @@ class Scheduler:
         self.cv = threading.Condition()
         self.steps = 0
         self.last_batch = 0
+        self.fault = ""   # what `audit` found broken; health fails with it (Serve replaces the worker)
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
@@ -127,8 +138,28 @@ class Scheduler:
     def load(self) -> int:
         return len(self.running) + len(self.prefilling) + len(self.waiting)
 
+    def audit(self) -> None:
+        """Every KV slot is free or held by a request this loop tracks. A slot lost (released twice,
+        never released, dropped) shrinks the worker for good while its heartbeat still advertises it, so
+        the first mismatch is kept in `fault` for the health check. Runs on the loop's own thread, between
+        iterations, where the lists it counts are not changing."""
+        free, lent = self.pool.counts()
+        held = len(self.prefilling) + len(self.running)
+        if not self.fault and (free + lent != self.pool.capacity or lent != held):
+            self.fault = (f"KV slots: {free} free + {lent} lent of {self.pool.capacity} configured, "
+                          f"{held} held by requests")
+            log.error("%s", self.fault)
+
+    def check(self) -> None:
+        """Raises when this scheduler can no longer serve: its thread died, or its slots do not add up."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the scheduler thread is not running")
+        if self.fault:
+            raise RuntimeError(self.fault)
+
     def _loop(self) -> None:
         while True:
+            self.audit()
             with self.cv:
                 while not self._stop and not self.waiting and not self.running and not self.prefilling:
                     self.cv.wait()

@@ -14,6 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import redis
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -195,9 +196,14 @@ class Gateway(pb_grpc.GeneratorServicer):
         code = "UNKNOWN"
         metrics.INFLIGHT.labels("gateway").inc()
         try:
-            async with contextlib.aclosing(self._generate(r, context)) as stream:
-                async for msg in stream:
-                    yield msg
+            try:
+                async with contextlib.aclosing(self._generate(r, context)) as stream:
+                    async for msg in stream:
+                        yield msg
+            except redis.RedisError as e:   # down or stalled past its socket timeout: retryable, not INTERNAL
+                log.warning("redis failed a request: %s", type(e).__name__)
+                await abort(context, f"the cluster's Redis did not answer ({type(e).__name__}): retry later",
+                            grpc.StatusCode.UNAVAILABLE)
             code = "OK"
         except (asyncio.CancelledError, GeneratorExit):
             code = "DEADLINE_EXCEEDED" if (context.time_remaining() or 1.0) <= 0 else "CANCELLED"

@@ -19,6 +19,8 @@ Series (all prefixed drafthorse_):
     inflight_requests{component}               requests in flight: gateway / target (running + queued)
     queued_requests{component}                 target: requests waiting for a batch slot (queue depth)
     active_sessions{component}                 target: sessions holding a KV cache; draft: drafter states
+    kv_slots{state}                            target: KV slots free / lent to requests (free + lent is
+                                               the configured sessions_per_target, else health fails)
     requests_total{code}                       gateway requests finished, by gRPC status code
 """
 from __future__ import annotations
@@ -61,6 +63,8 @@ QUEUED = Gauge("drafthorse_queued_requests", "Requests waiting for a slot in the
                registry=REGISTRY)
 ACTIVE_SESSIONS = Gauge("drafthorse_active_sessions", "Sessions held: target = KV caches holding a session, "
                         "draft = drafter states", ["component"], registry=REGISTRY)
+KV_SLOTS = Gauge("drafthorse_kv_slots", "Target KV slots by state: free, lent (to requests)", ["state"],
+                 registry=REGISTRY)
 REQUESTS = Counter("drafthorse_requests", "Gateway requests finished, by gRPC status code", ["code"],
                    registry=REGISTRY)
 
@@ -119,6 +123,8 @@ class Metrics:
         INFLIGHT.labels("target").set_function(lambda: service.active)
         QUEUED.labels("target").set_function(lambda: len(service.scheduler.waiting))
         ACTIVE_SESSIONS.labels("target").set_function(lambda: service.active + cached_sessions())
+        KV_SLOTS.labels("free").set_function(lambda: service.pool.counts()[0])
+        KV_SLOTS.labels("lent").set_function(lambda: service.pool.counts()[1])
 
     def watch_draft(self, service) -> None:
         """Gauges read from a DraftService when scraped."""

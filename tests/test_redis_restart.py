@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 
+import grpc
 import pytest
 import redis
 
@@ -236,3 +237,52 @@ async def test_heartbeat_reregisters_after_registry_lost(server, tmp_path):
     finally:
         m.stop()
         await reg.r.aclose()
+
+
+def test_a_stalled_redis_stalls_no_health_probe_of_the_gateway(server):
+    """The gateway awaits Redis (redis.asyncio): while a stalled Redis holds up a request until its socket
+    timeout, the health probe and the event loop go on (a blocking client froze them for those 5 s), and
+    the request ends UNAVAILABLE, retryable, not INTERNAL."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from drafthorse.actors.models import loader
+    from drafthorse.actors.spec.sampling import SamplingParams
+    from drafthorse.cluster.client import request
+    from drafthorse.cluster.gateway import SERVICE
+    from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+    from drafthorse.runtime.rpc import auth_metadata
+    from tests.conftest import start_gateway
+    s = Settings(key_prefix=f"dh-{uuid.uuid4().hex[:8]}:", gateway_port=free_port(), metrics_port=0,
+                 redis_url=server.url).with_token()
+    start_gateway(s, loader.load("tiny:0").tokenizer)
+    addr, outcome, checks = f"127.0.0.1:{s.gateway_port}", {}, []
+
+    def generate():
+        t0 = time.monotonic()
+        with grpc.insecure_channel(addr) as ch:
+            try:
+                list(pb_grpc.GeneratorStub(ch).Generate(request("hi", SamplingParams(max_new_tokens=2)),
+                                                        metadata=auth_metadata(s.token()), timeout=30))
+            except grpc.RpcError as e:
+                outcome.update(code=e.code(), details=e.details())
+        outcome["s"] = time.monotonic() - t0
+
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=generate)
+        caller.start()
+        with grpc.insecure_channel(addr) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while caller.is_alive():
+                t = time.monotonic()
+                assert stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+                checks.append(time.monotonic() - t)
+                time.sleep(0.05)
+        caller.join()
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    print(f"\nstalled Redis: the request ended {outcome['code'].name} after {outcome['s']:.2f} s; "
+          f"{len(checks)} health checks meanwhile, slowest {max(checks):.3f} s")
+    assert outcome["code"] == grpc.StatusCode.UNAVAILABLE and "Redis did not answer" in outcome["details"]
+    assert outcome["s"] > 4 and len(checks) > 20 and max(checks) < 0.5

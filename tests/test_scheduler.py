@@ -172,3 +172,32 @@ def test_two_turns_of_one_session_at_once_lose_no_slot(tiny):
     assert again is b and cached and again.length == 4      # the last released holds the session
     other, cached = pool.acquire("")
     assert other is a and not cached and other.length == 0
+
+
+def test_slots_add_up_and_a_lost_one_fails_the_health_check(sched):
+    """After a mixed load (two turns of one session at once among others) every slot is free again and
+    the check passes; a slot that leaves the pool without a request holding it (what the overwrite in
+    release used to do) is found at the loop's next iteration and fails the check, as does a dead loop."""
+    lm, s = sched
+    reqs = [Request([5, 6, 7, 8], SamplingParams(max_new_tokens=6), NgramDrafter(), session_id=sid)
+            for sid in ("a", "a", "b", "", "")]
+    for r in reqs:
+        s.submit(r)
+    for r in reqs:
+        drain(r)
+    deadline = time.monotonic() + 10
+    while s.pool.counts() != (3, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.pool.counts() == (3, 0)
+    s.check()
+    s.pool.acquire("")                           # lost: lent, held by no request
+    s.submit(Request([5, 6], SamplingParams(max_new_tokens=2), NoDrafter()))   # the loop turns once more
+    while not s.fault and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match=r"KV slots: \d free \+ \d lent of 3 configured"):
+        s.check()
+    s.stop()
+    s.thread.join(10)
+    s.fault = ""
+    with pytest.raises(RuntimeError, match="not running"):
+        s.check()

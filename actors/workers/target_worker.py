@@ -76,9 +76,12 @@ class TargetService(pb_grpc.TargetServicer):
         self._channels_lock = threading.Lock()
 
     def check(self) -> None:
-        """Raises when this worker can no longer serve: its scheduler thread (every step runs there) died."""
-        if not self.scheduler.thread.is_alive():
-            raise RuntimeError(f"target worker {self.worker_id}: its scheduler thread is not running")
+        """Raises when this worker can no longer serve: its scheduler thread (every step runs there) died
+        or its KV slots do not add up (Scheduler.audit)."""
+        try:
+            self.scheduler.check()
+        except RuntimeError as e:
+            raise RuntimeError(f"target worker {self.worker_id}: {e}") from None
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._channels_lock:
@@ -220,6 +223,7 @@ class TargetWorker(GrpcWorker[TargetService]):
                 "draft_rpcs": self.service.draft_rpcs, "active": self.service.active,
                 "steps": sched.steps, "last_batch": sched.last_batch,
                 "policy_nodes": self.service.policy.last if self.service.policy else None,
+                "slots": dict(zip(("free", "lent"), self.service.pool.counts()), configured=self.service.pool.capacity),
                 "metrics_port": self.metrics_port}
 
     def record_autoscaling_stats(self) -> dict:
