@@ -1,6 +1,7 @@
 """Failover at bfloat16 on the real SmolLM2: a stream handed over mid-way (a drain past its grace: the
-gateway resends the prompt and the tokens streamed so far to another target) and a session's next turn
-on another worker equal the undisturbed run, token for token. Real gateway, Redis registry and two
+gateway resends the prompt and the tokens streamed so far to another target), a stream whose target
+process is SIGKILLed, and a session's next turn on another worker equal the undisturbed run, token
+for token. Real gateway, Redis registry and two
 target workers serving gRPC on loopback in this process (tests/test_cluster.py kills real workers, with
 float64 models). At bfloat16 a prompt row computed by the library's kernels rounds unlike the decode
 row that first computed the same token, and a resumed stream could flip a near tie (2 of 8 streams did
@@ -8,6 +9,10 @@ after a target kill): prompts now enter the cache through exact rows (actors/mod
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import grpc
@@ -147,3 +152,67 @@ def test_a_session_turn_handed_over_mid_way_records_what_the_client_received(set
     history = turn_ids(lm.tokenizer, first + a, [{"role": "user", "content": "Make it shorter."}], None) + b
     session = asyncio.run(SessionStore(connect_async(settings.redis_url), settings.key_prefix).get(sid, ""))
     assert session.token_ids == history and session.turns == 2
+
+
+# A target worker of its own process, killed with SIGKILL mid-stream (no drain, no goodbye: the gateway
+# sees the connection drop). Same model, dtype and thread count as the workers in this process, so the
+# exact probe finds the same row classes.
+KILLABLE = """
+import json, sys, time
+import torch
+from drafthorse.actors.models import loader
+from drafthorse.actors.workers.target_worker import SERVICE, TargetService
+from drafthorse.actors.workers.worker import GrpcWorker
+from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.membership import Membership
+from drafthorse.runtime.rpc import start_server
+from drafthorse.runtime.settings import Settings
+torch.set_num_threads(2)
+s, wid = Settings(**json.loads(sys.argv[1])), sys.argv[2]   # the internal token comes from the environment
+lm = loader.load("smollm2", "bfloat16")
+service = TargetService(lm, wid, 2, s.max_len, s.token())
+server, port, health = start_server(lambda srv: pb_grpc.add_TargetServicer_to_server(service, srv), [SERVICE])
+worker = GrpcWorker()
+worker.serve(service, server, port, health, [SERVICE], Membership(s, "target", wid), 0.0, model=lm.name, capacity=2)
+print("serving", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_stream_whose_target_is_killed_equals_the_undisturbed_one(settings, lm):
+    """SIGKILL of the target serving a stream, once 9+ tokens were relayed: the gateway resumes it on the
+    other target from the prompt and the tokens relayed, and the answer is the undisturbed one."""
+    tag = uuid.uuid4().hex[:6]
+    survivor = GrpcWorker()
+    service = TargetService(lm, f"bf16-b-{tag}", 2, settings.max_len, settings.token())
+    server, port, health = start_server(lambda srv: pb_grpc.add_TargetServicer_to_server(service, srv), [SERVICE])
+    survivor.serve(service, server, port, health, [SERVICE], Membership(settings, "target", f"bf16-b-{tag}"), 0.0,
+                   model=lm.name, capacity=2)
+    child = None
+    try:
+        params = SamplingParams(max_new_tokens=N)
+        plain, _ = stream(settings, request(QUESTION, params, "none"))   # the survivor alone
+        assert len(plain) == N
+        # the victim: registered with an id that sorts first, so an idle cluster routes the next stream to it
+        victim = f"bf16-a-{tag}"
+        child = subprocess.Popen([sys.executable, "-c", KILLABLE, settings.model_dump_json(exclude={"auth_token"}),
+                                  victim], env={**os.environ, "DRAFTHORSE_AUTH_TOKEN": settings.token()},
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "serving", "the killable target did not start"
+        killed = {}
+
+        def kill_its_target(msgs):
+            if not killed and sum(len(m.token_ids) for m in msgs) >= 9:
+                killed["survivor_busy"] = service.active   # 0: the stream runs on the victim
+                child.send_signal(signal.SIGKILL)
+                killed["tokens"] = sum(len(m.token_ids) for m in msgs)
+        got, msgs = stream(settings, request(QUESTION, params, "none"), kill_its_target)
+        assert killed == {"survivor_busy": 0, "tokens": killed["tokens"]}, killed
+        assert child.wait(10) == -signal.SIGKILL
+        assert msgs[-1].stats.target_worker == f"bf16-b-{tag}"
+        assert [m.seq for m in msgs] == list(range(len(msgs)))
+        assert got == plain
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+        survivor.drain(0)
