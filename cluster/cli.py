@@ -378,6 +378,8 @@ def loadtest(
 def soak(
     minutes: float = typer.Option(..., min=0.1, max=24 * 60, help="how long to load the cluster"),
     concurrency: int = typer.Option(16, min=1, max=256, help="streams kept in flight"),
+    session_clients: int = typer.Option(2, min=0, max=64, help="clients holding multi-turn sessions, each turn "
+                                                                "sent twice at once (one runs, one is refused)"),
     fault_every: float = typer.Option(30.0, min=0.0, help="seconds between faults (kill a draft worker, kill a "
                                                           "target, drain a target, in turn); 0 = none"),
     max_new_tokens: int = typer.Option(64, min=1, max=2048),
@@ -391,27 +393,28 @@ def soak(
     out: Path = typer.Option(Path("soak_out"), help="writes soak.json and soak_memory.png here"),
 ):
     """Start a cluster, load it with greedy streams and periodic faults for MINUTES, and report memory per
-    process over time, errors by code, throughput and lost tokens; exits 1 if any error, any lost token
-    or a growing process."""
+    process over time, errors by code, throughput and lost tokens; exits 1 if any error, any lost token,
+    a KV slot not free at the end or a growing process."""
     from drafthorse.cluster.tools.soak import run_soak, verdict, write  # deferred: heavy (see the module doc)
 
     context: dict[str, Any] = {"max_len": 512} if model.startswith("tiny:") else {}   # the tiny models' context
     try:
         s = Settings(model=model, draft_model=draft_model or model, dtype=dtype, num_targets=targets,
                      num_drafts=drafts, gateway_port=free_port(), http_port=0,
-                     sessions_per_target=max(4, concurrency // targets + 1), **context)
+                     sessions_per_target=max(4, (concurrency + 2 * session_clients) // targets + 1), **context)
     except ValidationError as e:
         _fail(str(e))
     _check_models(s.model, s.draft_model)
     try:
         result = run_soak(s, minutes, concurrency, fault_every, max_new_tokens,
-                          say=lambda m: typer.echo(m, err=True))
+                          say=lambda m: typer.echo(m, err=True), session_clients=session_clients)
     except (RuntimeError, TimeoutError) as e:   # the cluster did not start (bad model, ports, ...)
         _fail(str(e))
     write(result, out)
     trend = max(result["memory_trend"].values(), key=lambda t: t["slope_mb_per_min"], default=None)
     typer.echo(f"{result['requests_ok']} requests, {result['tokens_per_s']} tok/s, errors {result['errors'] or 0}, "
-               f"lost {result['lost']}, {len(result['faults'])} faults, steepest memory trend "
+               f"lost {result['lost']}, session turns {result['session_turns']}, slots {result['slots']}, "
+               f"{len(result['faults'])} faults, steepest memory trend "
                f"{trend['slope_mb_per_min'] if trend else 'n/a'} MiB/min -> {out / 'soak.json'}")
     problems = verdict(result, max_growth)
     for p in problems:

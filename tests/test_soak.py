@@ -22,8 +22,13 @@ def test_short_soak_loses_nothing_and_does_not_grow(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads((tmp_path / "soak.json").read_text())
     assert (tmp_path / "soak_memory.png").stat().st_size > 0
-    assert r["errors"] == {} and r["lost"] == {"mismatched_answers": 0, "sequence_gaps": 0}
+    assert r["errors"] == {} and r["lost"] == {"mismatched_answers": 0, "sequence_gaps": 0, "session_mismatches": 0}
     assert r["requests_ok"] > 50 and r["tokens_per_s"] > 0
+    # two session clients, each turn sent twice at once: turns ran and were checked, twins were refused
+    assert r["env"]["session_clients"] == 2 and r["session_turns"]["ok"] > 5
+    assert r["session_turns"]["refused_turn_in_progress"] > 0
+    assert len(r["slots"]) == 2 and all(v == {"free": v["configured"], "lent": 0, "configured": v["configured"]}
+                                        for v in r["slots"].values())
     assert [f["fault"] for f in r["faults"]][:3] == list(FAULTS)
     assert all(f["streams_in_flight"] > 0 for f in r["faults"])
     assert r["faults"][0]["recovered_s"] is not None and r["faults"][1]["recovered_s"] is not None
@@ -41,11 +46,12 @@ def test_trend_and_verdict_catch_growth_and_loss():
     tr = trends(flat)
     assert abs(tr["leak:2"]["slope_mb_per_min"] - 60) < 1 and abs(tr["w:1"]["slope_mb_per_min"]) < 3
     ok = {"errors": {}, "lost": {"mismatched_answers": 0, "sequence_gaps": 0}, "requests_ok": 5,
-          "memory_trend": {"w:1": tr["w:1"]}}
+          "memory_trend": {"w:1": tr["w:1"]}, "slots": {"t1": {"free": 4, "lent": 0, "configured": 4}}}
     assert verdict(ok, 20) == []
-    bad = {**ok, "memory_trend": tr, "errors": {"UNAVAILABLE": 1}, "lost": {"mismatched_answers": 0, "sequence_gaps": 2}}
+    bad = {**ok, "memory_trend": tr, "errors": {"UNAVAILABLE": 1}, "lost": {"mismatched_answers": 0, "sequence_gaps": 2},
+           "slots": {"t1": {"free": 3, "lent": 0, "configured": 4}}}
     problems = verdict(bad, 20)
-    assert len(problems) == 3 and "leak:2 grows" in problems[2]
+    assert len(problems) == 4 and "KV slots" in problems[2] and "leak:2 grows" in problems[3]
     # a process keeps its name while Ray retitles it with the method it runs
     from drafthorse.cluster.tools.soak import actor_role
     assert {actor_role(t) for t in ("ray::drafthorse:DraftWorker", "ray::drafthorse:DraftWorker.check_health",

@@ -4,9 +4,16 @@ status code, throughput, and lost tokens.
 
 Lost tokens are checked without a reference model: every request is greedy, so all answers to one
 prompt must be identical token for token, each with gapless stream sequence numbers; a stream that
-lost, repeated or altered a token across a fault disagrees with the others."""
+lost, repeated or altered a token across a fault disagrees with the others.
+
+Session clients hold multi-turn sessions and send every turn twice at once: one turn of a session runs
+at a time, so the other is refused ABORTED (counted apart, not an error) unless the first had already
+ended. After each turn the session's stored conversation must be what it was, then the turn's prompt
+(the same tokens for every follow-up), then exactly the tokens the client received: nothing lost, none
+twice. At the end every target worker's KV slots must all be free again."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime as _dt
 import itertools
@@ -15,6 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -27,12 +35,17 @@ from drafthorse.cluster.client import request
 from drafthorse.cluster.deployment.app import APP_NAME
 from drafthorse.cluster.deployment.local import Cluster
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.redis_store import connect_async
 from drafthorse.runtime.registry import view
 from drafthorse.runtime.rpc import auth_metadata
+from drafthorse.runtime.sessions import SessionStore
 
 FAULTS = ("kill-draft", "kill-target", "drain-target")
 PROMPTS = ["Tell me about speculative decoding.", "Why is the sky blue?", "one two three one two three one two",
            "Write a haiku about trains.", "the cat sat on the mat, the cat sat on the", "List three prime numbers."]
+
+
+FOLLOW_UP = "Go on."
 
 
 class Tally:
@@ -44,6 +57,7 @@ class Tally:
         self.answers: dict[tuple[str, str], list[int]] = {}
         self.mismatches = self.gaps = self.tokens = self.in_flight = 0
         self.done: list[tuple[float, int]] = []   # (time, tokens) of each finished request
+        self.turns = self.refused_turns = self.session_mismatches = 0   # session clients (_sessions)
 
     def record(self, key: tuple[str, str], msgs: list, t: float) -> None:
         ids = [tok for m in msgs for tok in m.token_ids]
@@ -70,6 +84,77 @@ def _client(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: ran
         finally:
             with tally.lock:
                 tally.in_flight -= 1
+
+
+def _turn(stub, metadata, max_new: int, sid: str, tally: Tally, t0: float) -> tuple[str, list[int]]:
+    """One follow-up turn of session `sid`: ("ok", tokens received), ("refused", []) when ABORTED
+    (another turn of the session was in progress) or ("failed", []) (counted by code)."""
+    with tally.lock:
+        tally.in_flight += 1
+    try:
+        msgs = list(stub.Generate(request(FOLLOW_UP, SamplingParams(max_new_tokens=max_new), "ngram", session=sid),
+                                  metadata=metadata, timeout=300))
+    except grpc.RpcError as e:
+        with tally.lock:
+            if e.code() == grpc.StatusCode.ABORTED:
+                tally.refused_turns += 1
+                return "refused", []
+            tally.codes[e.code().name] += 1
+        return "failed", []
+    finally:
+        with tally.lock:
+            tally.in_flight -= 1
+    ids = [tok for m in msgs for tok in m.token_ids]
+    with tally.lock:
+        tally.codes["OK"] += 1
+        tally.turns += 1
+        tally.tokens += len(ids)
+        tally.done.append((time.monotonic() - t0, len(ids)))
+        tally.gaps += [m.seq for m in msgs] != list(range(len(msgs)))
+    return "ok", ids
+
+
+def conversation(s, sid: str) -> list[int]:
+    """The session's stored conversation (blocking: a client of its own on a loop of its own)."""
+    async def read() -> list[int]:
+        async with connect_async(s.redis_url) as r:
+            session = await SessionStore(r, s.key_prefix).get(sid, "")
+            return session.token_ids if session else []
+    return asyncio.run(read())
+
+
+def _sessions(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: random.Random, t0: float, s) -> None:
+    """A session client: opens a session, then sends each follow-up turn twice at once and checks the
+    stored conversation after it (see the module doc); a new session once the context is half full."""
+    follow: list[int] | None = None   # a follow-up's prompt tokens, as the first turn that ran alone showed
+    while time.monotonic() < stop_at:
+        prompt = rng.choice(PROMPTS)
+        try:
+            msgs = list(stub.Generate(request(prompt, SamplingParams(max_new_tokens=max_new), "ngram",
+                                              new_session=True), metadata=metadata, timeout=300))
+        except grpc.RpcError as e:
+            with tally.lock:
+                tally.codes[e.code().name] += 1
+            continue
+        tally.record((prompt, "spec"), msgs, time.monotonic() - t0)   # a first turn is a plain request
+        sid = msgs[-1].session_id
+        while time.monotonic() < stop_at and len(before := conversation(s, sid)) < s.max_len // 2:
+            with ThreadPoolExecutor(2) as twins:
+                pair = [f.result() for f in [twins.submit(_turn, stub, metadata, max_new, sid, tally, t0)
+                                             for _ in range(2)]]
+            if any(status == "failed" for status, _ in pair):
+                continue   # what it relayed before failing is in the conversation, unknown here
+            after, answers = conversation(s, sid), [ids for status, ids in pair if status == "ok"]
+            grown = after[len(before):]
+            if follow is None and len(answers) == 1 and grown[len(grown) - len(answers[0]):] == answers[0]:
+                follow = grown[:len(grown) - len(answers[0])]
+            if follow is None:
+                continue
+            # both ran when the first ended before the second began: in either order
+            expected = [[t for a in order for t in follow + a] for order in (answers, answers[::-1])]
+            if after[:len(before)] != before or grown not in expected:
+                with tally.lock:
+                    tally.session_mismatches += 1
 
 
 def _label(p) -> str:
@@ -142,8 +227,9 @@ def inject(kind: str, s) -> dict:
 
 
 def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_tokens: int,
-             sample_s: float = 2.0, say: Callable[[str], None] = lambda _m: None) -> dict:
-    """Start a cluster from settings `s`, load it for `minutes` with a fault every `fault_every_s`
+             sample_s: float = 2.0, say: Callable[[str], None] = lambda _m: None, session_clients: int = 0) -> dict:
+    """Start a cluster from settings `s`, load it for `minutes` with `concurrency` plain streams and
+    `session_clients` session clients (two streams each at times) and a fault every `fault_every_s`
     (0: none), then stop it; returns the results dict."""
     say("starting the cluster ...")
     cluster = Cluster(s).start()
@@ -159,6 +245,9 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
         clients = [threading.Thread(target=_client, args=(stub, metadata, max_new_tokens, stop_at, tally,
                                                           random.Random(i), t0), daemon=True)
                    for i in range(concurrency)]
+        clients += [threading.Thread(target=_sessions, args=(stub, metadata, max_new_tokens, stop_at, tally,
+                                                             random.Random(-1 - i), t0, s), daemon=True)
+                    for i in range(session_clients)]
         for c in clients:
             c.start()
         if fault_every_s:
@@ -170,6 +259,7 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
         for c in clients:
             c.join(330)
         channel.close()
+        slots = free_slots(s)
     finally:
         cluster.stop()
     wall = minutes * 60
@@ -177,12 +267,35 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
     return {"env": {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "model": s.model,
                     "draft_model": s.draft_model, "minutes": minutes, "concurrency": concurrency,
                     "fault_every_s": fault_every_s, "max_new_tokens": max_new_tokens,
-                    "targets": s.num_targets, "drafts": s.num_drafts},
+                    "targets": s.num_targets, "drafts": s.num_drafts, "session_clients": session_clients,
+                    "sessions_per_target": s.sessions_per_target},
             "requests_ok": tally.codes["OK"], "errors": {k: v for k, v in tally.codes.items() if k != "OK"},
-            "lost": {"mismatched_answers": tally.mismatches, "sequence_gaps": tally.gaps},
+            "lost": {"mismatched_answers": tally.mismatches, "sequence_gaps": tally.gaps,
+                     "session_mismatches": tally.session_mismatches},
+            "session_turns": {"ok": tally.turns, "refused_turn_in_progress": tally.refused_turns},
+            "slots": slots,
             "tokens": tally.tokens, "tokens_per_s": round(tally.tokens / wall, 2),
             "requests_per_10s": [per_10s.get(i, 0) for i in range(int(wall // 10) + 1)],
             "faults": faults, "memory": samples, "memory_trend": trends(samples)}
+
+
+def free_slots(s, settle_s: float = 30.0) -> dict[str, dict]:
+    """Every alive target worker's KV slots ({free, lent, configured}) once no stream runs: waits up to
+    settle_s for streams cancelled at the end to leave. Serve routes each `info` call to some replica, so
+    it asks until it has heard from each."""
+    handle = serve.get_deployment_handle("TargetWorker", APP_NAME)
+    deadline = time.monotonic() + settle_s
+    while True:
+        ids = {w.worker_id for w, _ in view(s.redis_url, s.key_prefix, 3 * s.heartbeat_s)["target"]}
+        seen: dict[str, dict] = {}
+        for _ in range(20 * len(ids)):
+            info = handle.info.remote().result(timeout_s=30)
+            seen[info["worker_id"]] = info["slots"]
+            if set(seen) >= ids:
+                break
+        if all(v["lent"] == 0 for v in seen.values()) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
 
 
 def _faults(s, tally: Tally, faults: list, t0: float, stop_at: float, every_s: float, say) -> None:
@@ -225,6 +338,9 @@ def verdict(result: dict, max_slope_mb_per_min: float) -> list[str]:
         problems.append(f"lost tokens: {result['lost']}")
     if not result["requests_ok"]:
         problems.append("no request completed")
+    leaked = {w: v for w, v in result["slots"].items() if v["free"] != v["configured"]}
+    if leaked or not result["slots"]:
+        problems.append(f"KV slots not all free at the end: {leaked or 'no target answered'}")
     for name, t in result["memory_trend"].items():
         if t["slope_mb_per_min"] > max_slope_mb_per_min:
             problems.append(f"{name} grows {t['slope_mb_per_min']} MiB/min (bound {max_slope_mb_per_min})")
