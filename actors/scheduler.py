@@ -43,7 +43,7 @@ class SlotPool:
     needed by someone else, least recently used first."""
 
     def __init__(self, model: Llama, capacity: int, max_len: int):
-        self.kv = model.new_pool(capacity, max_len)
+        self.kv = model.new_pool(capacity, max_len, commit=True)   # the worker's memory budget, held from start
         self.capacity = capacity
         self.free: OrderedDict[str, ModelRunner] = OrderedDict(
             (f"_{i}", ModelRunner(model, cache=self.kv.cache(i))) for i in range(capacity))

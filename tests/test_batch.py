@@ -210,6 +210,23 @@ def test_a_new_pool_reads_zeros_where_nothing_was_written(models):
         assert not kv.k.isnan().any() and not kv.v.isnan().any() and kv.k.abs().sum() == 0
 
 
+def test_a_committed_pool_holds_its_memory_from_the_start():
+    """A target worker's pool is committed at start (its memory budget, a flat footprint after); another
+    pool's pages are committed as sequences fill them."""
+    import psutil
+
+    from drafthorse.actors.models.kvcache import KVPool
+    me = psutil.Process()
+    shape = dict(layers=4, slots=8, kv_heads=2, max_len=4096, head_dim=64, dtype=torch.float32)   # 2 x 64 MiB
+    rss = me.memory_info().rss
+    lazy = KVPool(**shape)
+    grew_lazy, rss = me.memory_info().rss - rss, me.memory_info().rss
+    committed = KVPool(**shape, commit=True)
+    grew_committed = me.memory_info().rss - rss
+    assert grew_lazy < 0.1 * lazy.nbytes and grew_committed > 0.9 * committed.nbytes, (grew_lazy, grew_committed)
+    assert committed.k.abs().sum() == 0 and committed.v.abs().sum() == 0
+
+
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
 def test_prompts_started_together_are_started_alone(dtype):
     """`start_many` prefills several prompts (short, several chunks long, one reusing a cached prefix)

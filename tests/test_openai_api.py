@@ -458,7 +458,9 @@ def test_fuzzed_http_requests_get_only_documented_statuses(cluster):
     body in OpenAI's format, a 200 that parses (SSE ending in [DONE] when streamed); afterwards the
     server still answers a normal request."""
     import collections
+    import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
@@ -492,11 +494,14 @@ def test_fuzzed_http_requests_get_only_documented_statuses(cluster):
                                      "max_tokens": 2, "temperature": 0},
             "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0}}
     counts: collections.Counter = collections.Counter()
+    counting = threading.Lock()
     http = _Http(cluster.http)
 
-    def check(method: str, path: str, allowed: set[int], body: bytes | None = None, headers: dict | None = None):
-        status, resp_headers, data = http.send(method, path, body, headers)
-        counts[status] += 1
+    def check(method: str, path: str, allowed: set[int], body: bytes | None = None, headers: dict | None = None,
+              via: _Http | None = None):
+        status, resp_headers, data = (via or http).send(method, path, body, headers)
+        with counting:
+            counts[status] += 1
         what = f"{method} {path!r} {headers} {(body or b'')[:300]!r} -> {status} {data[:300]!r}"
         assert status < 500 and status in allowed, what
         if method == "HEAD":
@@ -520,12 +525,13 @@ def test_fuzzed_http_requests_get_only_documented_statuses(cluster):
             assert "choices" in out or "data" in out or out.get("object") == "model", what
         return status, None
 
-    def post(path: str, body, stream: bool | None, auth: str | None, ctype: str | None = "application/json"):
+    def post(path: str, body, stream: bool | None, auth: str | None, ctype: str | None = "application/json",
+             via: _Http | None = None):
         if isinstance(body, dict) and stream is not None:
             body = body | {"stream": stream}
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         headers = {k: v for k, v in (("Content-Type", ctype), ("Authorization", auth)) if v is not None}
-        return check("POST", path, documented[(path, "POST")], raw, headers)
+        return check("POST", path, documented[(path, "POST")], raw, headers, via)
 
     many = dict(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])   # no shrinking: bounded even when failing
@@ -594,6 +600,27 @@ def test_fuzzed_http_requests_get_only_documented_statuses(cluster):
             return   # Serve's own routes; a route with a trailing slash (Starlette's 307 to it)
         check(method, path, {404, 405}, b"{}" if method in ("POST", "PUT", "PATCH") else None)
     unknown_paths()
+
+    # 5. two turns of one live session at once, on two connections: one runs, the other is refused 409
+    # (documented) unless the first had ended
+    status, _, data = http.send("POST", "/v1/completions", json.dumps(base["/v1/completions"] | {
+        "new_session": True}).encode(), {"Content-Type": "application/json"})
+    assert status == 200, data
+    sid = json.loads(data)["x_drafthorse"]["session_id"]
+    assert 409 in documented[("/v1/chat/completions", "POST")] and 409 in documented[("/v1/completions", "POST")]
+    second = _Http(cluster.http)
+
+    @settings(max_examples=20, **many)
+    @given(st.sampled_from(routes), st.sampled_from([False, True]), st.sampled_from([False, True]))
+    def twin_turns(path, stream_a, stream_b):
+        body = base[path] | {"session_id": sid}
+        with ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(post, path, body, stream, None, "application/json", via)
+                    for stream, via in ((stream_a, http), (stream_b, second))]
+            for f in done:
+                f.result()
+    twin_turns()
+    second.close()
 
     wall = time.monotonic() - t0
     http.close()

@@ -7,10 +7,12 @@ A batched forward (llama.py) writes every new K/V row of a step with one indexed
 reads each sequence's keys from its slot, so a token's K/V sit in the same place and are read the same
 way whatever else shares the pass. Slot-major (not paged): a worker serves a few dozen sessions of up
 to max_len tokens each, and a slot's keys are one strided view that attention reads without a copy.
-Allocated as anonymous memory pages: they read as zeros and are committed when first written, so a long
-max_len costs only what sequences fill (slots x max_len is the bound, reported at start-up), and a padded
-attention row that reads past its sequence's context (attention.py) reads finite values, never the
-garbage (possibly NaN, which a zero weight does not cancel) of reused heap memory."""
+Allocated as anonymous memory pages: they read as zeros, so a padded attention row that reads past its
+sequence's context (attention.py) reads finite values, never the garbage (possibly NaN, which a zero
+weight does not cancel) of reused heap memory. Pages are committed when first written, so a long
+max_len costs only what sequences fill; or all at once (`commit`), as a target worker does: its pool is
+its memory budget, and a worker that cannot hold it fails at start, not under load, and then keeps a
+flat footprint (slots x max_len, reported at start-up)."""
 from __future__ import annotations
 
 import math
@@ -22,12 +24,15 @@ import torch
 
 class KVPool:
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 align: int = 1):
+                 align: int = 1, commit: bool = False):
         if slots < 1 or max_len < 1:
             raise ValueError(f"a KV pool needs at least one slot and one position, got {slots} x {max_len}")
         # align: exact attention reads committed keys in whole blocks (exact.VBLOCK), up to past max_len
         shape = (layers, slots, kv_heads, -(-max_len // align) * align, head_dim)
         self.k, self.v = _zero_pages(shape, dtype), _zero_pages(shape, dtype)
+        if commit:   # write every page now (zeros: what they read as anyway)
+            self.k.zero_()
+            self.v.zero_()
         self.slots, self.max_len = slots, max_len
         self._free = list(range(slots - 1, -1, -1))   # for take(): lowest slot first
         self._lock = threading.Lock()

@@ -221,10 +221,11 @@ class Llama(nn.Module):
             return x @ w
         return (torch.cat([x, x.new_zeros(need - n, x.shape[1])]) @ w)[:n]
 
-    def new_pool(self, slots: int, max_len: int | None = None) -> KVPool:
-        """K/V for `slots` sequences of up to max_len tokens (the model's context at most)."""
+    def new_pool(self, slots: int, max_len: int | None = None, commit: bool = False) -> KVPool:
+        """K/V for `slots` sequences of up to max_len tokens (the model's context at most); `commit`: all
+        its memory now (kvcache.py)."""
         return KVPool(self.n_layers, slots, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim,
-                      self.dtype, align=_exact.VBLOCK)
+                      self.dtype, align=_exact.VBLOCK, commit=commit)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """A cache of its own (a pool of one slot)."""

@@ -58,6 +58,7 @@ class Tally:
         self.mismatches = self.gaps = self.tokens = self.in_flight = 0
         self.done: list[tuple[float, int]] = []   # (time, tokens) of each finished request
         self.turns = self.refused_turns = self.session_mismatches = 0   # session clients (_sessions)
+        self.mismatch_examples: list[dict] = []
 
     def record(self, key: tuple[str, str], msgs: list, t: float) -> None:
         ids = [tok for m in msgs for tok in m.token_ids]
@@ -86,9 +87,9 @@ def _client(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: ran
                 tally.in_flight -= 1
 
 
-def _turn(stub, metadata, max_new: int, sid: str, tally: Tally, t0: float) -> tuple[str, list[int]]:
-    """One follow-up turn of session `sid`: ("ok", tokens received), ("refused", []) when ABORTED
-    (another turn of the session was in progress) or ("failed", []) (counted by code)."""
+def _turn(stub, metadata, max_new: int, sid: str, tally: Tally, t0: float) -> tuple[str, list[int], str]:
+    """One follow-up turn of session `sid`: ("ok", tokens received, finish reason), ("refused", [], "") when
+    ABORTED (another turn of the session was in progress) or ("failed", [], "") (counted by code)."""
     with tally.lock:
         tally.in_flight += 1
     try:
@@ -98,9 +99,9 @@ def _turn(stub, metadata, max_new: int, sid: str, tally: Tally, t0: float) -> tu
         with tally.lock:
             if e.code() == grpc.StatusCode.ABORTED:
                 tally.refused_turns += 1
-                return "refused", []
+                return "refused", [], ""
             tally.codes[e.code().name] += 1
-        return "failed", []
+        return "failed", [], ""
     finally:
         with tally.lock:
             tally.in_flight -= 1
@@ -111,7 +112,7 @@ def _turn(stub, metadata, max_new: int, sid: str, tally: Tally, t0: float) -> tu
         tally.tokens += len(ids)
         tally.done.append((time.monotonic() - t0, len(ids)))
         tally.gaps += [m.seq for m in msgs] != list(range(len(msgs)))
-    return "ok", ids
+    return "ok", ids, msgs[-1].finish_reason
 
 
 def conversation(s, sid: str) -> list[int]:
@@ -125,8 +126,11 @@ def conversation(s, sid: str) -> list[int]:
 
 def _sessions(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: random.Random, t0: float, s) -> None:
     """A session client: opens a session, then sends each follow-up turn twice at once and checks the
-    stored conversation after it (see the module doc); a new session once the context is half full."""
-    follow: list[int] | None = None   # a follow-up's prompt tokens, as the first turn that ran alone showed
+    stored conversation after it (see the module doc); a new session once the context is half full.
+    A follow-up's prompt tokens depend on how the turn before it ended (a reply that stopped already
+    holds the end-of-turn token the template would add): learnt for each finish reason, from the first
+    turn that ran alone after one."""
+    follow: dict[str, list[int]] = {}
     while time.monotonic() < stop_at:
         prompt = rng.choice(PROMPTS)
         try:
@@ -137,24 +141,33 @@ def _sessions(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: r
                 tally.codes[e.code().name] += 1
             continue
         tally.record((prompt, "spec"), msgs, time.monotonic() - t0)   # a first turn is a plain request
-        sid = msgs[-1].session_id
+        sid, last = msgs[-1].session_id, msgs[-1].finish_reason
         while time.monotonic() < stop_at and len(before := conversation(s, sid)) < s.max_len // 2:
             with ThreadPoolExecutor(2) as twins:
                 pair = [f.result() for f in [twins.submit(_turn, stub, metadata, max_new, sid, tally, t0)
                                              for _ in range(2)]]
-            if any(status == "failed" for status, _ in pair):
-                continue   # what it relayed before failing is in the conversation, unknown here
-            after, answers = conversation(s, sid), [ids for status, ids in pair if status == "ok"]
+            if any(status == "failed" for status, _, _ in pair):
+                break   # what it relayed before failing is in the conversation, unknown here: a new session
+            after, ran = conversation(s, sid), [(ids, end) for status, ids, end in pair if status == "ok"]
             grown = after[len(before):]
-            if follow is None and len(answers) == 1 and grown[len(grown) - len(answers[0]):] == answers[0]:
-                follow = grown[:len(grown) - len(answers[0])]
-            if follow is None:
+            if not ran and not grown:   # both refused (a turn of it was still ending): nothing to check
                 continue
+            if len(ran) == 1 and last not in follow and grown[len(grown) - len(ran[0][0]):] == ran[0][0]:
+                follow[last] = grown[:len(grown) - len(ran[0][0])]
             # both ran when the first ended before the second began: in either order
-            expected = [[t for a in order for t in follow + a] for order in (answers, answers[::-1])]
-            if after[:len(before)] != before or grown not in expected:
+            orders = [o for o in (ran, ran[::-1]) if all(e in follow for e in [last] + [end for _, end in o[:-1]])]
+            matched = [o for o in orders if grown == [t for (ids, _), end in zip(o, [last] + [e for _, e in o])
+                                                      for t in follow[end] + ids]]
+            if (orders or not ran) and (after[:len(before)] != before or not matched):
                 with tally.lock:
                     tally.session_mismatches += 1
+                    if len(tally.mismatch_examples) < 3:
+                        tally.mismatch_examples.append({"before": len(before), "grown": grown, "answers": ran,
+                                                        "follow": follow, "last": last})
+                break
+            if not orders:   # a finish reason not seen alone yet: unchecked, and the order unknown
+                break
+            last = matched[0][-1][1]
 
 
 def _label(p) -> str:
@@ -273,6 +286,7 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
             "lost": {"mismatched_answers": tally.mismatches, "sequence_gaps": tally.gaps,
                      "session_mismatches": tally.session_mismatches},
             "session_turns": {"ok": tally.turns, "refused_turn_in_progress": tally.refused_turns},
+            "session_mismatch_examples": tally.mismatch_examples,
             "slots": slots,
             "tokens": tally.tokens, "tokens_per_s": round(tally.tokens / wall, 2),
             "requests_per_10s": [per_10s.get(i, 0) for i in range(int(wall // 10) + 1)],
