@@ -39,15 +39,21 @@ def _fail(msg: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _check_models(*specs: str | None) -> None:
-    """A model that cannot be found stops a cluster command here, named, not as a failed deployment."""
-    from drafthorse.actors.models.loader import resolve  # deferred: heavy (see the module doc)
-    for spec in specs:
+def _check_models(target: str, draft: str | None = None) -> None:
+    """A model that cannot be found, or a draft model whose tokenizer is not the target's, stops a cluster
+    command here, named, not as a failed deployment."""
+    from drafthorse.actors.models.loader import check_pair, resolve  # deferred: heavy (see the module doc)
+    for spec in (target, draft):
         if spec and not spec.startswith("tiny:"):
             try:
                 resolve(spec)
             except FileNotFoundError as e:
                 _fail(str(e))
+    if draft:
+        try:
+            check_pair(target, draft)
+        except ValueError as e:
+            _fail(str(e))
 
 
 def _threads(n: int | None) -> None:

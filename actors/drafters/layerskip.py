@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from drafthorse.actors.models.llama import Llama, _rms_norm
+from drafthorse.actors.models.llama import Llama
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.actors.spec.tree import ROOT, DraftTree
@@ -36,7 +36,7 @@ class LayerSkipModel:
     @torch.inference_mode()
     def logits(self, mid: torch.Tensor) -> torch.Tensor:
         t = self.target
-        return (_rms_norm(self.adapter(mid), t.norm, t.eps) @ self.lm_head_t).float()
+        return (t.rms(self.adapter(mid), t.norm) @ self.lm_head_t).float()
 
 
 class LayerSkipDrafter(Drafter):

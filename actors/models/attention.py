@@ -123,9 +123,10 @@ def write(lay: Layout, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
     lay.pool.v[layer][lay.row_slot, :, lay.row_pos] = v
 
 
-def attend(lay: Layout, layer: int, q: torch.Tensor) -> torch.Tensor:
-    """q: [N, heads, d] (RoPE applied; the rows' own K/V written) -> [N, heads, d]. Grouped-query heads
-    ride as extra query rows of their K/V head (keys and values are read once, not repeated per group)."""
+def attend(lay: Layout, layer: int, q: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """q: [N, heads, d] (RoPE applied; the rows' own K/V written) -> [N, heads, d]; scale: of the scores
+    (None: d ** -0.5). Grouped-query heads ride as extra query rows of their K/V head (keys and values are
+    read once, not repeated per group)."""
     kl, vl = lay.pool.k[layer], lay.pool.v[layer]
     _, heads, d = q.shape
     kv = kl.shape[1]
@@ -136,7 +137,7 @@ def attend(lay: Layout, layer: int, q: torch.Tensor) -> torch.Tensor:
         batch = keys.shape[0]
         qb = (q[b.q_index].view(batch, b.n_max, kv, grp, d).permute(0, 2, 3, 1, 4)
               .reshape(batch, kv, grp * b.n_max, d))
-        o = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=b.mask)
+        o = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=b.mask, scale=scale)
         o = o.view(batch, kv, grp, b.n_max, d).permute(0, 3, 1, 2, 4).reshape(batch * b.n_max, heads, d)[b.real]
         if out is None:
             return o

