@@ -2,7 +2,7 @@
 (appended to the session's committed tokens with the template's own separators)."""
 from __future__ import annotations
 
-from drafthorse.actors.models.loader import chat_prompt, encode_chat
+from drafthorse.actors.models.loader import chat_prompt, encode_chat, render_chat
 
 _MARK = "\u2063drafthorse-turn\u2063"  # stands in for a previous assistant reply
 
@@ -18,7 +18,7 @@ def turn_ids(tokenizer, history: list[int], messages: list[dict] | None, prompt:
     eos = tokenizer.eos_token or ""
 
     def render(ms: list[dict]) -> str:
-        full = tokenizer.apply_chat_template(prior + ms, add_generation_prompt=True, tokenize=False)
+        full = render_chat(tokenizer, prior + ms)
         suffix = full[full.index(_MARK) + len(_MARK):]
         if eos and history[-1] == tokenizer.eos_token_id and suffix.startswith(eos):
             suffix = suffix[len(eos):]  # the reply already ended with the end-of-turn token

@@ -21,6 +21,7 @@ from drafthorse.actors.models import family, loader
 from drafthorse.actors.models.loader import tiny_llama, wrap
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.prompts import turn_ids
 from drafthorse.cluster.tools.bench import load_questions
 
 # per family: what its tiny config sets beyond the shared fields (Gemma 3: local layers between global
@@ -169,3 +170,27 @@ def test_a_draft_model_with_another_tokenizer_is_refused(tmp_path):
     out = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "serve", "--draft-model", str(d)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "does not share the tokenizer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_family_model_directory_loads_like_its_transformers_model(tmp_path):
+    """A transformers directory (config.json + safetensors) of another family loads by path, as served."""
+    lm = tiny_llama(0, family="qwen3", vocab_size=len(loader.tokenizer_of("smollm2")))
+    lm.hf.save_pretrained(tmp_path)
+    loader.tokenizer_of("smollm2").save_pretrained(tmp_path)
+    got = loader.load(str(tmp_path), "float64", 256)
+    assert got.model.family.name == "qwen3" and got.tokenizer is not None
+    prompt = list(range(5, 30))
+    _, a = ModelRunner(got.model, 64).extend(prompt, all_hidden=True)
+    _, b = ModelRunner(lm.model, 64).extend(prompt, all_hidden=True)
+    assert torch.equal(got.model.logits(a), lm.model.logits(b))
+
+
+def test_a_tokenizer_without_a_chat_template_gets_plain_text_turns():
+    """A base model's tokenizer has no chat template: a chat is its messages' contents a blank line apart
+    after BOS, and a session's next turn appends the same way."""
+    tok = loader.tokenizer_of("smollm2")
+    tok.chat_template = None
+    first = loader.chat_prompt(tok, [{"role": "user", "content": "Hello there."}])
+    assert tok.decode(first) == (tok.bos_token or "") + "Hello there."
+    nxt = turn_ids(tok, first + [42], [{"role": "user", "content": "And then?"}], None)
+    assert nxt[:len(first) + 1] == first + [42] and tok.decode(nxt[len(first) + 1:]) == "\n\nAnd then?"

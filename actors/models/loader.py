@@ -239,10 +239,18 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, laye
     return wrap(hf, None, name=f"tiny-{family}-{seed}", max_len=max_len)
 
 
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """A chat as text, ready for the assistant's turn: the model's chat template; for a tokenizer without
+    one (a base model, such as Gemma 3 270M) the messages' contents as plain text, a blank line apart,
+    after its BOS token."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return (tokenizer.bos_token or "") + "\n\n".join(m["content"] for m in messages)
+
+
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat rendered with the model's template, ready for the assistant's turn."""
-    return encode_chat(tokenizer, messages,
-                       lambda ms: tokenizer.apply_chat_template(ms, add_generation_prompt=True, tokenize=False))
+    """Token ids of a chat rendered as `render_chat` does, ready for the assistant's turn."""
+    return encode_chat(tokenizer, messages, lambda ms: render_chat(tokenizer, ms))
 
 
 _SLOT = re.compile("\ue000(\\d+)\ue001")   # stands in for message i's content while a template renders
