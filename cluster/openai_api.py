@@ -114,6 +114,7 @@ GENERATE_RESPONSES: Responses = {
     200: {"description": "one JSON body, or with stream: true server-sent events (`data: {chunk}` ... `data: [DONE]`; "
                          "an error after the first event comes as an `error` event)",
           "content": {"text/event-stream": {}}},
+    409: _err("the session has a turn in progress: send the next turn once it has finished"),
     **RESPONSES}
 
 
