@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,13 @@ from drafthorse.cluster.prompts import turn_ids
 from drafthorse.cluster.tools.bench import load_questions
 
 # per family: what its tiny config sets beyond the shared fields (Gemma 3: local layers between global
-# ones, each kind with its own RoPE base, and a window no shorter than the context)
+# ones, each kind with its own RoPE base; sliding windows far shorter than the contexts below)
 FAMILIES = {
     "llama": {},
-    "mistral": {"sliding_window": 512},
+    "mistral": {"sliding_window": 12},
     "qwen2": {},
     "qwen3": {},
-    "gemma3_text": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 512,
+    "gemma3_text": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 12,
                     "query_pre_attn_scalar": 24, "final_logit_softcapping": 30.0},
 }
 PROMPTS = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [7, 90, 33, 12, 5, 7, 90, 33], [42]]
@@ -60,20 +61,31 @@ def test_the_family_is_read_from_the_config(pair):
     f = lm.model.family
     assert f.name == name and f.gemma == (name == "gemma3_text") and f.qk_norm == (name in ("qwen3", "gemma3_text"))
     assert bool(lm.model.layers[0].biases) == (name == "qwen2")
+    assert f.window == FAMILIES[name].get("sliding_window")
     if name == "gemma3_text":
-        assert set(lm.model.rope) == {"sliding_attention", "full_attention"} and f.window == 512
+        assert set(lm.model.rope) == {"sliding_attention", "full_attention"}
         assert not torch.equal(lm.model.rope["sliding_attention"][0], lm.model.rope["full_attention"][0])
 
 
-def test_logits_equal_transformers(pair):
+@pytest.mark.parametrize("exact", [False, True])
+def test_logits_equal_transformers(pair, exact):
+    """The batched path and the exact one (exact.py; at float64 too, when asked) alike, prompts longer
+    than the sliding windows."""
     _, lm, _ = pair
     prompt = list(range(3, 40, 2))
-    runner = ModelRunner(lm.model, 128)
-    _, hidden = runner.extend(prompt, all_hidden=True)
-    ours = lm.model.logits(hidden)
+    lm.model.exact = exact
+    try:
+        runner = ModelRunner(lm.model, 128)
+        _, hidden = runner.extend(prompt, all_hidden=True)
+        ours = lm.model.logits(hidden)
+        engine = SpecEngine(ModelRunner(lm.model, 256), lm.eos_ids)
+        greedy = engine.generate(prompt, SamplingParams(max_new_tokens=N_NEW), NgramDrafter()).token_ids
+    finally:
+        lm.model.exact = False
     with torch.no_grad():
         theirs = lm.hf(torch.tensor([prompt])).logits[0]
     assert (ours - theirs).abs().max().item() < 1e-9
+    assert greedy == hf_greedy(lm, prompt)
 
 
 def test_greedy_equals_generate_and_speculation_equals_plain(pair):
@@ -113,9 +125,15 @@ def test_other_architectures_are_refused_by_name():
         family.of(cfg)
 
 
-def test_a_sliding_window_caps_the_context():
-    lm = tiny_llama(0, family="mistral", max_len=512, sliding_window=64)
-    assert lm.model.family.window == 64 and lm.model.max_len == 64
+def test_a_sliding_window_changes_what_a_row_sees():
+    """The window matters in these tests: without it the same model scores a long prompt differently."""
+    lm = tiny_llama(0, family="mistral", sliding_window=12)
+    prompt = list(range(3, 60))
+    _, windowed = ModelRunner(lm.model, 128).extend(prompt, all_hidden=True)
+    lm.model.family = replace(lm.model.family, window=None, layer_types=("full_attention",) * lm.model.n_layers)
+    lm.model.rope = {"full_attention": lm.model.rope["sliding_attention"]}
+    _, full = ModelRunner(lm.model, 128).extend(prompt, all_hidden=True)
+    assert torch.equal(windowed[:12], full[:12]) and not torch.allclose(windowed[12:], full[12:])
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -166,7 +184,7 @@ def test_a_draft_model_with_another_tokenizer_is_refused(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(d)
     with pytest.raises(ValueError, match=r"draft model .*other.* does not share the tokenizer of target 'smollm2'"):
         loader.check_pair("smollm2", str(d))
-    loader.check_pair("smollm2", "tiny:3")                    # the tiny models use SmolLM2's tokenizer
+    loader.check_pair("smollm2", "smollm2")
     out = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "serve", "--draft-model", str(d)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "does not share the tokenizer" in out.stderr and "Traceback" not in out.stderr

@@ -65,9 +65,12 @@ def cut(ns: list[int], ctxs: list[int]) -> list[list[int]]:
 
 
 def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
-           masks: list[torch.Tensor | None], buckets: bool = True, per_kv: int = 1, alone: bool = False) -> Layout:
+           masks: list[torch.Tensor | None], buckets: bool = True, per_kv: int = 1, alone: bool = False,
+           window: int | None = None, positions: list[torch.Tensor] | None = None) -> Layout:
     """Sequence j: slot slots[j], ns[j] new rows written at cache positions starts[j].., attending
-    through masks[j] ([n, start + n] bool) or causally (None: every earlier position and itself).
+    through masks[j] ([n, start + n] bool) or causally (None: every earlier position and itself);
+    window (a sliding layer's, with the rows' positions[j]): a row at position p sees no cache slot
+    before p - window + 1 (committed slots hold their own positions; a tree's nodes lie within the window).
     buckets=False: only where the rows go (exact forwards attend through exact.py's buckets); per_kv: query
     heads per K/V head (the masks are laid out for them once here, not per layer); alone: every sequence
     in a bucket of its own (the one it has in a forward by itself: prefill chunks, whose K/V must not
@@ -106,6 +109,10 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
                 continue                                 # an idle slot, or causal
             mask[i, :ns[seq]] = False                    # a tree: its own mask
             mask[i, :ns[seq], :ctxs[seq]] = tree
+        if window is not None and positions is not None:
+            for i, seq in enumerate(members):
+                if seq is not None:
+                    mask[i, :ns[seq]] &= key[0] > (positions[seq] - window)[:, None]
         # additive, in the pool's dtype, one row per (query group, row): see `attend`
         bias = torch.zeros(b, 1, n_max, length, dtype=pool.k.dtype).masked_fill_(~mask[:, None], float("-inf"))
         bias = bias.expand(b, per_kv, n_max, length).reshape(b, 1, per_kv * n_max, length)

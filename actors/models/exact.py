@@ -100,6 +100,7 @@ class Group:
     split: int                  # keys [0, split) come straight from the cache
     idx: torch.Tensor           # [WINDOW] cache slots of logical positions split .. split+WINDOW-1
     valid: torch.Tensor         # [g, WINDOW] bool: the row sees that window key
+    lo: torch.Tensor            # [g] the first committed key the row sees (a sliding layer's window; else 0)
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,11 @@ def split_point(positions: torch.Tensor) -> torch.Tensor:
     return (torch.div(positions - DEPTH, CHUNK, rounding_mode="floor") * CHUNK).clamp_min(0)
 
 
-def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None) -> list[Group]:
-    """Per forward (not per layer): which cache slots each row reads. mask: [n, start + n] bool or
-    None (a chain: row r sees slots [0, start + r])."""
+def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None, window: int | None = None) -> list[Group]:
+    """Per forward (not per layer) and kind of layer: which cache slots each row reads. mask: [n, start + n]
+    bool or None (a chain: row r sees slots [0, start + r]); window: a sliding layer's, a row at position
+    p sees no key before p - window + 1 (depending on p alone, so its rows stay those of any other path:
+    masked keys add zero terms in place)."""
     n = positions.numel()
     ctx = start + n
     if mask is None:
@@ -150,6 +153,10 @@ def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None) -> list
     idx[r_i, t_i] = s_i
     valid = torch.zeros(n, WINDOW, dtype=torch.bool)
     valid[r_i, t_i] = True
+    lo = torch.zeros(n, dtype=torch.long)
+    if window is not None:
+        lo = (positions - window + 1).clamp_min(0)
+        valid &= split[:, None] + torch.arange(WINDOW)[None] >= lo[:, None]   # logical position of window key t
     values = split.unique().tolist()
     groups = []
     for s in values:
@@ -157,10 +164,10 @@ def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None) -> list
         r = torch.arange(n) if rows is None else rows
         shared = idx[r].amax(0)   # (where rows agree on every key both see: a chain's rows always do)
         if bool(((idx[r] == shared) | ~valid[r]).all()):
-            groups.append(Group(rows, int(s), shared, valid[r]))
+            groups.append(Group(rows, int(s), shared, valid[r], lo[r]))
             continue
         for sub in _consistent(idx[r], valid[r]):   # tree branches: rows whose windows differ apart
-            groups.append(Group(r[sub], int(s), idx[r][sub].amax(0), valid[r][sub]))
+            groups.append(Group(r[sub], int(s), idx[r][sub].amax(0), valid[r][sub], lo[r][sub]))
     return groups
 
 
@@ -222,7 +229,8 @@ def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes
         for g in groups:
             rs = torch.arange(n) if g.rows is None else g.rows
             for a in range(0, len(rs), top):
-                out.append((slot, first + rs[a:a + top], Group(rs[a:a + top], g.split, g.idx, g.valid[a:a + top])))
+                out.append((slot, first + rs[a:a + top], Group(rs[a:a + top], g.split, g.idx, g.valid[a:a + top],
+                                                               g.lo[a:a + top])))
     return out
 
 
@@ -235,8 +243,10 @@ def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dt
     q_index = torch.stack([pad(r, len(r)) for _, r, _ in us])
     win_pos = torch.stack([g.idx for _, _, g in us])                                     # [U, W]
     valid = torch.stack([pad(g.valid, len(r)) for _, r, g in us])                         # [U, m, W]
-    committed = torch.arange(heads)[None] < torch.tensor([g.split for _, _, g in us])[:, None]   # [U, S]
-    see = torch.cat([valid, committed[:, None].expand(-1, m, -1)], -1)
+    key = torch.arange(heads)[None, None]
+    lo = torch.stack([pad(g.lo, len(r)) for _, r, g in us])                               # [U, m]
+    committed = (key < torch.tensor([g.split for _, _, g in us])[:, None, None]) & (key >= lo[..., None])   # [U, m, S]
+    see = torch.cat([valid, committed], -1)
     bias = torch.zeros(see.shape, dtype=dtype).masked_fill_(~see, float("-inf"))
     slot_t = torch.tensor([s for s, _, _ in us])
     kv, max_len = pool

@@ -8,9 +8,9 @@
                      query_pre_attn_scalar; q/k norms; local (sliding-window) layers with their own RoPE base
                      between global ones; final logits soft-capped where configured
 
-Sliding windows: a local layer lets a token see the `window` tokens up to itself. Contexts are capped
-at the window (`Family.context`), where local and global attention agree, so every forward path
-(batched, exact, tree) stays the one it is; longer contexts for windowed models are not served yet."""
+Sliding windows: a local layer lets a token see the `window` positions up to its own (llama.py gives
+those layers masks of their own, attention.py and exact.py a lower key bound that depends on the
+row's position alone)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,10 +34,6 @@ class Family:
     rope: dict[str, tuple[float, float]] = field(default_factory=dict)   # layer type -> (theta, linear factor)
     window: int | None = None            # the sliding layers' window
     final_softcap: float | None = None
-
-    def context(self, max_len: int) -> int:
-        """The longest context served: max_len, or the sliding window where that is shorter."""
-        return min(max_len, self.window) if self.window else max_len
 
 
 def _rope(params: dict, default_theta: float) -> tuple[float, float]:

@@ -115,10 +115,7 @@ class Llama(nn.Module):
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps: float = cfg.rms_norm_eps
         self.vocab_size: int = cfg.vocab_size
-        self.max_len: int = fam.context(min(max_len, cfg.max_position_embeddings))
-        if fam.window and self.max_len < max_len:
-            log.warning("%s: context capped at %d tokens, its sliding window (longer contexts are not served yet)",
-                        fam.name, self.max_len)
+        self.max_len: int = min(max_len, cfg.max_position_embeddings)
         self.config = cfg
         m = hf_model.model
         self.dtype: torch.dtype = m.embed_tokens.weight.dtype
@@ -299,29 +296,15 @@ class Llama(nn.Module):
             exact, mm_exact = self.exact and self.exact_prefill, self.exact
         else:
             exact = mm_exact = self.exact if exact is None else exact
-        plans = [_exact.plan(it.positions, it.start, it.mask) for it in items] if exact else []
         rope = {kind: (cos[pos][:, None], sin[pos][:, None]) for kind, (cos, sin) in self.rope.items()}   # [N, 1, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        offsets = list(itertools.accumulate(sizes, initial=0))   # each sequence's first row
-        # the rows of each pool (a worker's sequences share one; a drafter's runner may have its own)
-        by_pool: dict[int, list[int]] = {}
-        for j, it in enumerate(items):
-            by_pool.setdefault(id(it.cache.pool), []).append(j)
-        groups = []
-        for js in by_pool.values():
-            rows = None if len(by_pool) == 1 else torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in js])
-            lay = attention.layout(items[js[0]].cache.pool, [items[j].cache.slot for j in js],
-                                   [items[j].start for j in js], [sizes[j] for j in js],
-                                   [items[j].mask for j in js], buckets=not exact,
-                                   per_kv=self.n_heads // self.n_kv, alone=prefill)
-            if exact:   # where each group of rows reads its keys (exact.py): once per forward, not per layer
-                rs = self.exact_rows
-                firsts = list(itertools.accumulate([sizes[j] for j in js], initial=0))   # rows within the pool's
-                pool = items[js[0]].cache.pool
-                lay.exact = _exact.buckets([items[j].cache.slot for j in js], firsts, [plans[j] for j in js],
-                                           [sizes[j] for j in js], (self.n_kv, pool.k.shape[3]), self.dtype,
-                                           rs.attn, rs.batched)
-            groups.append((rows, lay))
+        # where each row reads its keys, per kind of layer: once per forward, not per layer (a sliding
+        # layer's own only where some row sees past its window)
+        full = self._groups(items, sizes, exact, prefill, None)
+        groups = {"full_attention": full}
+        if fam.window:
+            groups["sliding_attention"] = self._groups(items, sizes, exact, prefill, fam.window) \
+                if int(pos.max()) >= fam.window else full
         total = x.shape[0]
         for i, w in enumerate(self.layers[:layers]):
             h = self.rms(x, w.ln1)
@@ -334,7 +317,8 @@ class Llama(nn.Module):
             cos, sin = rope[fam.layer_types[i]]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            o = self._product(self._attend(i, q, k, v, groups).reshape(total, q_size), w, "o", mm_exact)
+            o = self._product(self._attend(i, q, k, v, groups[fam.layer_types[i]]).reshape(total, q_size), w, "o",
+                              mm_exact)
             x = x + (o if w.post_attn is None else self.rms(o, w.post_attn))
             h = self.rms(x, w.ln2)
             gate, up = self._product(h, w, "gate_up", mm_exact).chunk(2, dim=-1)
@@ -344,6 +328,33 @@ class Llama(nn.Module):
         if layers is not None:
             return list(x.split(sizes))
         return list(self.rms(x, self.norm).split(sizes))
+
+    def _groups(self, items: list[BatchItem], sizes: list[int], exact: bool, prefill: bool,
+                window: int | None) -> list[tuple[torch.Tensor | None, attention.Layout]]:
+        """(batch rows, layout) per KV pool (a worker's sequences share one; a drafter's runner may have its
+        own); window: a sliding layer's (a row sees only the `window` positions up to its own)."""
+        plans = [_exact.plan(it.positions, it.start, it.mask, window) for it in items] if exact else []
+        offsets = list(itertools.accumulate(sizes, initial=0))   # each sequence's first row
+        by_pool: dict[int, list[int]] = {}
+        for j, it in enumerate(items):
+            by_pool.setdefault(id(it.cache.pool), []).append(j)
+        groups = []
+        for js in by_pool.values():
+            rows = None if len(by_pool) == 1 else torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in js])
+            lay = attention.layout(items[js[0]].cache.pool, [items[j].cache.slot for j in js],
+                                   [items[j].start for j in js], [sizes[j] for j in js],
+                                   [items[j].mask for j in js], buckets=not exact,
+                                   per_kv=self.n_heads // self.n_kv, alone=prefill,
+                                   window=window, positions=[items[j].positions for j in js])
+            if exact:
+                rs = self.exact_rows
+                firsts = list(itertools.accumulate([sizes[j] for j in js], initial=0))   # rows within the pool's
+                pool = items[js[0]].cache.pool
+                lay.exact = _exact.buckets([items[j].cache.slot for j in js], firsts, [plans[j] for j in js],
+                                           [sizes[j] for j in js], (self.n_kv, pool.k.shape[3]), self.dtype,
+                                           rs.attn, rs.batched)
+            groups.append((rows, lay))
+        return groups
 
     def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The family's RMSNorm of x with `weight`."""
