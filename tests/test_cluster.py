@@ -19,7 +19,7 @@ from drafthorse.actors.models import loader
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
-from drafthorse.cluster.deployment.local import Cluster
+from drafthorse.cluster.deployment.local import Cluster, start_local_ray
 from drafthorse.cluster.prompts import turn_ids
 from drafthorse.cluster.tools.soak import kill_replica
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
@@ -57,10 +57,8 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(heads, pki):
-    import ray
     # workers ask for the accelerator kinds they need; this one-node Ray has both
-    ray.init(address="local", num_cpus=4, resources={"large_accel": 1, "cheap_accel": 1}, include_dashboard=False,
-             log_to_driver=False)
+    start_local_ray(num_cpus=4, resources={"large_accel": 1, "cheap_accel": 1})
     s = Settings(model="tiny:0", draft_model="tiny:1", num_targets=2, num_drafts=2, gateway_port=free_port(),
                  worker_num_cpus=0.25, heartbeat_s=0.5, key_prefix=f"dh-test-{uuid.uuid4().hex[:8]}:",
                  sessions_per_target=8, max_len=512, http_port=0,

@@ -17,6 +17,7 @@ import yaml
 
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
+from drafthorse.cluster.deployment.local import start_local_ray
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.redis_store import free_port
 
@@ -74,7 +75,7 @@ def deployed():
         warnings.simplefilter("ignore", DeprecationWarning)
         config = ServeDeploySchema.model_validate(raw)
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4)
     client = serve_api.serve_start(http_options=config.http_options.model_dump(),
                                    proxy_location=config.proxy_location)
     client.deploy_apps(config)

@@ -15,7 +15,7 @@ import pytest
 
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
-from drafthorse.cluster.deployment.local import Cluster
+from drafthorse.cluster.deployment.local import Cluster, start_local_ray
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.errors import BadField
 from drafthorse.runtime.redis_store import free_port
@@ -30,7 +30,7 @@ N = 16
 def cluster():
     import ray
     from ray import serve
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4)
     s = Settings(model=MODEL, draft_model="tiny:1", num_targets=1, num_drafts=1, gateway_port=free_port(),
                  http_port=free_port(), worker_num_cpus=0.25, heartbeat_s=0.5, sessions_per_target=8,
                  max_len=512, key_prefix=f"dh-http-{uuid.uuid4().hex[:8]}:")

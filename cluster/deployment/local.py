@@ -2,12 +2,15 @@
 tests start (Redis if needed, Ray, the Serve app) and stop."""
 from __future__ import annotations
 
+import logging
 import os
 import time
+from pathlib import Path
 
 import grpc
 import ray
 from ray import serve
+from ray._common.utils import get_default_ray_temp_dir  # where ray.init puts a local Ray's logs
 
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
@@ -17,6 +20,8 @@ from drafthorse.runtime.redis_store import EmbeddedRedis, ensure_redis, free_por
 from drafthorse.runtime.registry import view
 from drafthorse.runtime.rpc import auth_metadata
 from drafthorse.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Cluster:
@@ -46,8 +51,10 @@ class Cluster:
                 os.environ.setdefault("RAY_worker_niceness", "0")
             # "local": a Ray of our own unless one is named; ray.init() would join any Ray found running
             # on this machine (another `drafthorse serve`, a `ray start`) and deploy into it
-            ray.init(address=self.s.ray_address or "local", include_dashboard=False, log_to_driver=False,
-                     num_cpus=None if self.s.ray_address else max(4, _cpus()))
+            if self.s.ray_address:
+                ray.init(address=self.s.ray_address, include_dashboard=False, log_to_driver=False)
+            else:
+                start_local_ray(num_cpus=max(4, _cpus()))
         lap("ray_s")
         if not self.s.http_port:  # 0: any free port
             self.s = self.s.model_copy(update={"http_port": free_port()})
@@ -101,6 +108,37 @@ class Cluster:
             pass
         if self.embedded_redis is not None:
             self.embedded_redis.stop()
+
+
+def start_local_ray(attempts: int = 2, **init) -> None:
+    """A Ray of our own on this machine (`ray.init(address="local", ...)`), tried again once if its raylet
+    misses Ray's fixed 30 s start-up wait (seen on a loaded 2-core host). The error names the Ray logs to
+    read and quotes their last lines, which is where the raylet says why."""
+    init = {"include_dashboard": False, "log_to_driver": False} | init
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **init)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            tails = _ray_log_tails(init.get("_temp_dir") or get_default_ray_temp_dir())
+            if attempt == attempts:
+                raise RuntimeError(f"Ray did not start on this machine after {attempts} tries: {e}\n{tails}") from e
+            log.warning("Ray's node did not start in time (try %d of %d); trying again. %s", attempt, attempts, tails)
+
+
+def _ray_log_tails(temp_dir: str, lines: int = 15) -> str:
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    parts = []
+    for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
+        try:
+            text = (logs / name).read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        parts.append(f"--- {logs / name} (last {len(text)} lines)\n" + "\n".join(text))
+    return "\n".join(parts) or f"(no Ray logs under {logs})"
 
 
 def _cpus() -> int:

@@ -293,24 +293,24 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
             "faults": faults, "memory": samples, "memory_trend": trends(samples)}
 
 
-def free_slots(s, settle_s: float = 60.0) -> dict[str, dict]:
+def free_slots(s, settle_s: float = 120.0) -> dict[str, dict]:
     """Every alive target worker's KV slots ({free, lent, configured}) once no stream runs: waits up to
     settle_s for a replacement a late fault started and for streams cancelled at the end to leave. Serve
     routes each `info` call to some replica, so it asks until it has heard from each."""
     handle = serve.get_deployment_handle("TargetWorker", APP_NAME)
     deadline = time.monotonic() + settle_s
     while True:
+        # a killed worker's entry outlives it by up to its TTL, and its replacement registers late: only
+        # num_targets entries that all answer make the set whole
         ids = {w.worker_id for w, _ in view(s.redis_url, s.key_prefix, 3 * s.heartbeat_s)["target"]}
-        if len(ids) < s.num_targets and time.monotonic() < deadline:   # a replacement still starting
-            time.sleep(0.5)
-            continue
         seen: dict[str, dict] = {}
-        for _ in range(20 * len(ids)):
+        for _ in range(20 * len(ids) if len(ids) >= s.num_targets else 0):
             info = handle.info.remote().result(timeout_s=30)
             seen[info["worker_id"]] = info["slots"]
             if set(seen) >= ids:
                 break
-        if all(v["lent"] == 0 for v in seen.values()) or time.monotonic() > deadline:
+        whole = len(seen) >= s.num_targets and set(seen) >= ids
+        if (whole and all(v["lent"] == 0 for v in seen.values())) or time.monotonic() > deadline:
             return seen
         time.sleep(0.5)
 
