@@ -23,6 +23,7 @@ import torch
 from drafthorse.actors.drafters.base import Budget, Drafter, NoDrafter
 from drafthorse.actors.models.runner import ModelRunner, extend_batch, score_batch
 from drafthorse.actors.spec.adaptive import Acceptance, AdaptivePolicy
+from drafthorse.actors.spec.logprobs import TokenLogprob, token_logprobs
 from drafthorse.actors.spec.sampling import SamplingParams, make_generator, probs_from_logits
 from drafthorse.actors.spec.stats import GenerationStats
 from drafthorse.actors.spec.stops import Decode, StopChecker
@@ -39,6 +40,7 @@ class Step:
     drafted: int = 0
     accepted: int = 0
     error: Exception | None = None       # this sequence failed (the others of its step did not)
+    logprobs: list[TokenLogprob] | None = None   # one per token, when the request asks (params.logprobs)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Generation:
     text: str = ""
     finish_reason: str = ""
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -169,7 +172,7 @@ class BatchEngine:
             seq.root = self._pick(lg, p.params, seq.verify_rng)
             seq.stats.prefill_s = time.perf_counter() - seq.t0
             seq.stats.record_step(0, 0)
-            first = self._emit(seq, [seq.root], 0, 0)
+            first = self._emit(seq, [seq.root], 0, 0, lg[None])
             seq.drafter.bind(p.runner)
             if seq.drafter.wants_features:   # (drafters without features keep the two-argument calls)
                 seq.drafter.begin(p.ids, h[:-1])
@@ -237,7 +240,8 @@ class BatchEngine:
             new = [tree.tokens[n] for n in path] + [bonus]
             seq.stats.record_step(len(tree), len(path))
             seq.acceptance.update(max(tree.depths(), default=0), len(path))
-            steps[i] = self._emit(seq, new, len(tree), len(path))
+            # row 0 (the root) chose the first new token, each accepted node's row the one after it
+            steps[i] = self._emit(seq, new, len(tree), len(path), logits[[0] + [n + 1 for n in path]])
             seq.root, seq.new = bonus, new
             if seq.drafter.wants_features:  # rows that predicted each new token: the root, then the path
                 seq.new_features = hidden[[0] + [n + 1 for n in path]]
@@ -301,11 +305,13 @@ class BatchEngine:
         return int(torch.multinomial(probs_from_logits(logits, params), 1, generator=rng))
 
     @staticmethod
-    def _emit(seq: Sequence, tokens: list[int], drafted: int, accepted: int) -> Step:
+    def _emit(seq: Sequence, tokens: list[int], drafted: int, accepted: int, rows: torch.Tensor) -> Step:
+        """rows [len(tokens), V]: the target logits each token was chosen from."""
         kept = seq.stopper.feed(tokens)
         seq.stats.generated_tokens += len(kept)
         seq.stats.total_s = time.perf_counter() - seq.t0
-        return Step(kept, seq.stopper.finish_reason, drafted, accepted)
+        lp = None if seq.params.logprobs is None else token_logprobs(rows[:len(kept)], kept, seq.params.logprobs)
+        return Step(kept, seq.stopper.finish_reason, drafted, accepted, logprobs=lp)
 
 
 class SpecEngine(BatchEngine):
@@ -336,6 +342,7 @@ class SpecEngine(BatchEngine):
         out = Generation()
         for step in self.stream(prompt_ids, params, drafter, out.stats):
             out.token_ids += step.token_ids
+            out.logprobs += step.logprobs or []
             out.finish_reason = step.finish_reason or out.finish_reason
         if self.decode is not None:
             stopper = StopChecker(params.max_new_tokens, self.eos_ids, params.stop, self.decode)

@@ -8,6 +8,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.actors.workers.wire import sampling_to_proto
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 
@@ -21,9 +22,7 @@ def request(prompt: str, params: SamplingParams, drafter: str = "", raw: bool = 
             session: str | None = None, new_session: bool = False) -> pb.GenerateRequest:
     r = pb.GenerateRequest(max_new_tokens=params.max_new_tokens, stop=list(params.stop), drafter=drafter,
                            session_id=session or "", new_session=new_session)
-    r.sampling.temperature, r.sampling.top_k, r.sampling.top_p = params.temperature, params.top_k, params.top_p
-    if params.seed is not None:
-        r.sampling.seed = params.seed
+    r.sampling.CopyFrom(sampling_to_proto(params))
     if raw:
         r.prompt = prompt
     else:

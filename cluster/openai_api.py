@@ -8,7 +8,10 @@ routing, sessions and failover are the gateway's, and gRPC status codes map to H
 
 Parameters: model (must be the served model id), prompt (one string) / messages, max_tokens
 (max_completion_tokens for chat; default: the server's), temperature (OpenAI's default 1.0),
-top_p, stop (string or list), seed, stream, stream_options.include_usage, n (1 only). Extensions:
+top_p, stop (string or list), seed, stream, stream_options.include_usage, n (1 only), logprobs and
+top_logprobs (chat) / logprobs (completions; the sampled token's is always in top_logprobs): the target
+model's own log-probabilities, before temperature, top-k and top-p, equal with speculation on or off;
+a token that is part of a character is written with backslash escapes (its `bytes` are exact). Extensions:
 drafter (none | ngram | draft-model), session_id (continue a session), new_session (open one; its
 id comes back in x_drafthorse.session_id), top_k. Non-streaming responses (and the last streamed
 chunk) carry `x_drafthorse`: the generation's stats (mean_accepted_tokens, tokens_per_s, ...).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -41,6 +45,7 @@ from drafthorse.runtime.rpc import field_of
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 600.0
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+MAX_TOP_LOGPROBS = 20
 
 # gRPC status -> (HTTP status, OpenAI error type)
 STATUS = {
@@ -59,10 +64,11 @@ STATUS = {
 # the request field a gateway error names (rpc.field_of) -> its OpenAI parameter; "prompt" and "chat"
 # become the request's own input parameter (prompt or messages)
 FIELD_PARAMS = {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
-                "sampling.top_k": "top_k", "sampling.seed": "seed", "stop": "stop", "drafter": "drafter",
+                "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.logprobs": "logprobs", "stop": "stop",
+                "drafter": "drafter",
                 "session_id": "session_id"}
 # OpenAI parameters this server does not implement: rejected unless absent, null or their no-op value
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+UNSUPPORTED = {"echo": (None, False),
                "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
                "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0)}
@@ -170,6 +176,7 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     prompt: Union[str, list[Any]]
+    logprobs: Optional[int] = None     # the sampled token's log-probability and this many alternatives
 
 
 class _TextPart(BaseModel):
@@ -186,6 +193,8 @@ class ChatMessageIn(BaseModel):
 class ChatBody(_Body):
     messages: list[ChatMessageIn]
     max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
 
 
 def _common(body: _Body, r: pb.GenerateRequest) -> None:
@@ -220,6 +229,13 @@ def _common(body: _Body, r: pb.GenerateRequest) -> None:
         if not 0 <= body.seed < 2**63:
             raise APIError(400, f"seed must be in [0, 2**63), got {body.seed}", param="seed")
         r.sampling.seed = body.seed
+    top, param = (body.top_logprobs, "top_logprobs") if isinstance(body, ChatBody) else (body.logprobs, "logprobs")
+    if isinstance(body, ChatBody) and top is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if top is not None or (isinstance(body, ChatBody) and body.logprobs):
+        if not 0 <= (top := top or 0) <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"{param} must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param=param)
+        r.sampling.logprobs = top
     r.stop.extend(_text(s, "stop") for s in ([body.stop] if isinstance(body.stop, str) else (body.stop or [])))
     r.drafter = _text(body.drafter or "", "drafter")
     r.session_id = _text(body.session_id or "", "session_id")
@@ -268,6 +284,28 @@ def _usage(last: pb.GenerateResponse | None, generated: int) -> dict:
     prompt = last.stats.prompt_tokens if last is not None else 0
     completion = last.stats.generated_tokens if last is not None and last.stats.generated_tokens else generated
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token(b: bytes) -> str:
+    """A token's text; one that holds part of a character shows its bytes as backslash escapes."""
+    return b.decode("utf-8", errors="backslashreplace")
+
+
+def chat_logprobs(lps) -> dict:
+    """OpenAI's chat `logprobs` for these pb.TokenLogprob."""
+    def entry(t) -> dict:
+        return {"token": _token(t.token), "logprob": t.logprob, "bytes": list(t.token)}
+    return {"content": [entry(t) | {"top_logprobs": [entry(a) for a in t.top]} for t in lps], "refusal": None}
+
+
+def completion_logprobs(lps, offset: int) -> dict:
+    """OpenAI's legacy completions `logprobs` for these pb.TokenLogprob, the first at text offset `offset`;
+    each position's top_logprobs holds the sampled token too (up to logprobs + 1 entries, as OpenAI's)."""
+    tokens = [_token(t.token) for t in lps]
+    return {"tokens": tokens, "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{_token(a.token): a.logprob for a in t.top} | {tok: t.logprob}
+                             for tok, t in zip(tokens, lps)],
+            "text_offset": list(itertools.accumulate(map(len, tokens), initial=offset))[:-1]}
 
 
 def _finish(reason: str) -> str:
@@ -456,14 +494,16 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         now = int(time.time())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(call, first, rid, now, chat, include_usage, input_param),
+            return StreamingResponse(_stream(call, first, rid, now, chat, include_usage, input_param,
+                                             r.sampling.HasField("logprobs")),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, generated, last, msg = [], 0, None, first
+        text, generated, last, msg, lps = [], 0, None, first, []
         try:
             while msg is not grpc.aio.EOF:
                 text.append(msg.text_delta)
                 generated += len(msg.token_ids)
+                lps += msg.logprobs
                 last = msg
                 msg = await call.read()
         except grpc.aio.AioRpcError as e:
@@ -471,7 +511,9 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         finally:
             call.cancel()  # no-op when finished; stops the generation if this handler was cancelled
         reason = _finish(last.finish_reason if last is not None else "")
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+        logprobs = None if not r.sampling.HasField("logprobs") else chat_logprobs(lps) if chat \
+            else completion_logprobs(lps, 0)
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": "".join(text)}
         else:
@@ -481,25 +523,29 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
                 "system_fingerprint": None, "x_drafthorse": _stats(last)}
 
     async def _stream(call, first, rid: str, now: int, chat: bool, include_usage: bool,
-                      input_param: str) -> AsyncIterator[str]:
+                      input_param: str, want_logprobs: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None = None, role: bool = False, **extra) -> dict:
+        def chunk(delta: str | None, finish: str | None = None, role: bool = False, logprobs=None, **extra) -> dict:
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-                c = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+                c = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
-                c = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                c = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
             return {"id": rid, "object": obj, "created": now, "model": model, "choices": [c], **extra}
 
-        generated, last, msg = 0, None, first
+        generated, last, msg, offset = 0, None, first, 0
         try:
             if chat:
                 yield _sse(chunk(None, role=True))
             while msg is not grpc.aio.EOF:
                 generated += len(msg.token_ids)
                 last = msg
-                if msg.text_delta:
+                if want_logprobs and msg.logprobs:   # tokens carry their logprobs even while text is held back
+                    lp = chat_logprobs(msg.logprobs) if chat else completion_logprobs(msg.logprobs, offset)
+                    offset += sum(len(t) for t in lp.get("tokens", ()))
+                    yield _sse(chunk(msg.text_delta, logprobs=lp))
+                elif msg.text_delta:
                     yield _sse(chunk(msg.text_delta))
                 msg = await call.read()
             reason = _finish(last.finish_reason if last is not None else "")

@@ -13,6 +13,7 @@ import grpc
 import openai
 import pytest
 
+from drafthorse.actors.models.loader import tokenizer_of
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
 from drafthorse.cluster.deployment.local import Cluster, start_local_ray
@@ -129,6 +130,39 @@ def test_streaming_completion(client, stub):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_chat_logprobs_equal_with_and_without_speculation_streamed_or_not(client):
+    special = set(tokenizer_of(MODEL).all_special_ids)
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me about speculative decoding."}],
+               max_tokens=N, temperature=0, logprobs=True, top_logprobs=3)
+    runs = {d: client.chat.completions.create(**ask, extra_body={"drafter": d}) for d in ("none", "ngram")}
+    content = runs["none"].choices[0].logprobs.content
+    assert content == runs["ngram"].choices[0].logprobs.content and len(content) == N
+    for t in content:   # greedy: the chosen token is the likeliest
+        assert len(t.top_logprobs) == 3 and (t.token, t.logprob) == (t.top_logprobs[0].token, t.top_logprobs[0].logprob)
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert t.logprob < 0 and bytes(t.bytes).decode("utf-8", "backslashreplace") == t.token
+    ids = tokenizer_of(MODEL).convert_tokens_to_ids  # (the text leaves special tokens out; their bytes too)
+    text = b"".join(bytes(t.bytes) for t in content if ids(t.token) not in special).decode("utf-8", "replace")
+    assert text == runs["none"].choices[0].message.content
+    chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={"drafter": "ngram"}))
+    assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] == content
+    plain = client.chat.completions.create(**(ask | {"logprobs": None, "top_logprobs": None}))
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == runs["none"].choices[0].message.content
+
+
+def test_completion_logprobs_hold_the_sampled_token_and_offsets(client):
+    ask = dict(model=MODEL, prompt="a b c d a b c d a b", max_tokens=N, temperature=0.9, seed=4, logprobs=2)
+    r = client.completions.create(**ask)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == N
+    for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[tok] == v and 2 <= len(top) <= 3 and v <= max(top.values())
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(N)]
+    chunks = list(client.completions.create(**ask, stream=True))
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+
 def test_sessions_through_http(client):
     msgs = [{"role": "user", "content": "hello there, how are you?"}]
     r1 = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0,
@@ -162,7 +196,9 @@ def _chat(client, **kw):
     (dict(extra_body={"temperature": "hot"}), "temperature"),
     (dict(messages=[{"role": "tool", "content": "x"}]), "messages[0].role"),
     (dict(messages=[]), "messages"),
-    (dict(logprobs=True), "logprobs"),
+    (dict(top_logprobs=2), "top_logprobs"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (dict(extra_body={"echo": True}), "echo"),
 ])
 def test_bad_request_is_400_with_the_param_named(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:

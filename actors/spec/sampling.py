@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from drafthorse.actors.spec.logprobs import MAX_TOP
 from drafthorse.runtime.errors import BadField
 
 GREEDY_BELOW = 1e-5   # the common serving convention (vLLM's too)
@@ -21,6 +22,7 @@ class SamplingParams:
     seed: int | None = None
     max_new_tokens: int = 128
     stop: tuple[str, ...] = field(default_factory=tuple)
+    logprobs: int | None = None       # None: none; k: each token's log-probability and its k likeliest rivals
 
     def validate(self, max_new_tokens_limit: int | None = None) -> SamplingParams:
         """Raise BadField (a ValueError) naming the offending parameter."""
@@ -40,6 +42,9 @@ class SamplingParams:
             raise BadField("stop", "stop strings must be non-empty strings")
         if len(self.stop) > 16 or any(len(s) > 256 for s in self.stop):
             raise BadField("stop", "stop: at most 16 strings of at most 256 characters")
+        if self.logprobs is not None and not (0 <= self.logprobs <= MAX_TOP):
+            raise BadField("sampling.logprobs", f"logprobs must be in [0, {MAX_TOP}] (alternatives per token), "
+                           f"got {self.logprobs}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise BadField("sampling.seed", f"seed must be in [0, 2**63), got {self.seed}")
         return self

@@ -23,12 +23,13 @@ from drafthorse.actors.drafters import Drafter, NoDrafter, load_head, make_draft
 from drafthorse.actors.engine import BatchEngine
 from drafthorse.actors.models import loader
 from drafthorse.actors.models.loader import LoadedModel
+from drafthorse.actors.models.tokenbytes import TokenBytes
 from drafthorse.actors.scheduler import QueueFull, Request, Scheduler, SlotPool
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
 from drafthorse.actors.spec.stats import GenerationStats
 from drafthorse.actors.spec.textstream import TextStream
 from drafthorse.actors.workers.remote_drafter import RemoteDrafter
-from drafthorse.actors.workers.wire import sampling_from_proto
+from drafthorse.actors.workers.wire import logprobs_to_proto, sampling_from_proto
 from drafthorse.actors.workers.worker import GrpcWorker, in_passing_thread
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
@@ -64,6 +65,7 @@ class TargetService(pb_grpc.TargetServicer):
         self.pool = SlotPool(lm.model, capacity, max_len)
         self.draft_timeout_s = draft_timeout_s
         self.decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)
+        self.token_bytes = TokenBytes(lm.tokenizer)
         self.policy = AdaptivePolicy(max_tree_nodes) if adaptive else None
         self.engine = BatchEngine(lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy,
                                   prefill_chunk=prefill_chunk)
@@ -128,7 +130,8 @@ class TargetService(pb_grpc.TargetServicer):
                 if isinstance(step, Exception):
                     context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(step).__name__}")
                 msg = pb.GenerateResponse(token_ids=step.token_ids,
-                                          text_delta=text.push(step.token_ids, step.finish_reason is not None))
+                                          text_delta=text.push(step.token_ids, step.finish_reason is not None),
+                                          logprobs=logprobs_to_proto(step.logprobs or [], self.token_bytes))
                 if step.finish_reason:
                     msg.finish_reason = step.finish_reason
                     msg.stats.CopyFrom(stats_to_proto(

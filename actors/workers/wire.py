@@ -5,10 +5,12 @@ map that to INVALID_ARGUMENT (server) or a protocol error (client)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from drafthorse.actors.spec.logprobs import TokenLogprob
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.actors.spec.tree import DraftTree
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
@@ -56,7 +58,15 @@ def sampling_to_proto(params: SamplingParams) -> pb.Sampling:
     msg = pb.Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
     if params.seed is not None:
         msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
+
+
+def logprobs_to_proto(logprobs: list[TokenLogprob], token_bytes: Callable[[int], bytes]) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob, token=token_bytes(t.token_id),
+                            top=[pb.Logprob(token_id=i, logprob=v, token=token_bytes(i)) for i, v in t.top])
+            for t in logprobs]
 
 
 def sampling_from_proto(msg: pb.Sampling, max_new_tokens: int = 128, stop: tuple[str, ...] = ()) -> SamplingParams:
@@ -64,6 +74,7 @@ def sampling_from_proto(msg: pb.Sampling, max_new_tokens: int = 128, stop: tuple
     return SamplingParams(temperature=msg.temperature, top_k=msg.top_k,
                           top_p=msg.top_p if msg.top_p != 0.0 else 1.0,  # proto3 default 0 means off
                           seed=msg.seed if msg.HasField("seed") else None,
+                          logprobs=msg.logprobs if msg.HasField("logprobs") else None,
                           max_new_tokens=max_new_tokens, stop=tuple(stop))
 
 
