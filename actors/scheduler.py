@@ -9,7 +9,13 @@ the running requests' steps, so it delays them by a round at a time instead of i
 its last piece goes through `engine.start_many` with prefix reuse, which scores only what is not
 cached. A round prefills the pieces of several requests in one pass (up to `prefill_tokens`).
 Each request's handler thread reads its own queue, so slow clients never stall the batch; a
-cancelled request leaves at the next step boundary and frees its slot."""
+cancelled request leaves at the next step boundary and frees its slot.
+
+Shared prefixes: a request whose prompt starts like the context a slot holds (a running request's, or
+a finished one's not yet reused) copies those K/V into its slot instead of prefilling them (the n
+choices of one prompt; one system prompt), and one with the very prompt of a request still prefilling
+waits for it rather than computing it twice. Only within one prefix scope (an API key): the time to a
+first token must not tell one tenant what another asked."""
 from __future__ import annotations
 
 import logging
@@ -43,6 +49,7 @@ class SlotPool:
     needed by someone else, least recently used first."""
 
     def __init__(self, model: Llama, capacity: int, max_len: int):
+        self.model = model
         self.kv = model.new_pool(capacity, max_len, commit=True)   # the worker's memory budget, held from start
         self.capacity = capacity
         self.free: OrderedDict[str, ModelRunner] = OrderedDict(
@@ -78,6 +85,11 @@ class SlotPool:
         with self.lock:
             return len(self.free), self.lent
 
+    def idle(self) -> list[ModelRunner]:
+        """The free slots' runners (what they hold may be a prefix worth copying)."""
+        with self.lock:
+            return list(self.free.values())
+
     def forget(self, session_id: str) -> None:
         with self.lock:
             if session_id in self.free:
@@ -93,6 +105,7 @@ class Request:
     drafter: Drafter
     session_id: str = ""
     adaptive: bool = True          # False: the full tree budget every step (no adaptive policy)
+    prefix_scope: str = ""         # shares cached prefixes only with requests of the same scope
     stats: GenerationStats = field(default_factory=GenerationStats)
     out: queue.Queue = field(default_factory=queue.Queue)   # Step, then None; or an Exception
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -118,6 +131,9 @@ class Scheduler:
         self.steps = 0
         self.last_batch = 0
         self.fault = ""   # what `audit` found broken; health fails with it (Serve replaces the worker)
+        self.share = pool.model.prefixes_travel   # copy prefixes between slots (Llama.prefixes_travel)
+        self.shared_tokens = 0                    # prompt tokens copied instead of prefilled
+        self._scope: dict[int, str] = {}          # id(runner) -> the prefix scope of what its slot holds
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
@@ -203,10 +219,15 @@ class Scheduler:
         pieces: list[_Admitted] = []
         later: deque[_Admitted] = deque()
         budget = self.prefill_tokens
+        underway: set[tuple[str, tuple[int, ...]]] = set()   # (scope, prompt) this round sees being prefilled
         for a in list(self.prefilling):
             req, r = a.req, a.runner
             if req.cancelled.is_set():
                 self._finish(req, r)
+                continue
+            prompt = (req.prefix_scope, tuple(req.prompt_ids))
+            if not a.checked and self.share and prompt in underway and not req.drafter.wants_features:
+                later.append(a)   # the same prompt is being prefilled: copy it once that one runs
                 continue
             if not a.checked:   # checked once; the slot's cache cut to what start() would keep
                 a.checked = True
@@ -215,7 +236,13 @@ class Scheduler:
                 except ValueError as e:
                     self._fail(req, r, e)
                     continue
-                r.truncate(reusable_prefix(r, req.prompt_ids, req.drafter) if a.cached else 0)
+                # the slot's own context is kept as far as it matches: a session's, or (sharing) one of its scope
+                own = a.cached or (self.share and self._scope.get(id(r)) == req.prefix_scope)
+                r.truncate(reusable_prefix(r, req.prompt_ids, req.drafter) if own else 0)
+                self._scope[id(r)] = req.prefix_scope
+                if self.share and not req.drafter.wants_features:
+                    self._borrow(r, req.prompt_ids, req.prefix_scope)
+            underway.add(prompt)
             todo = len(req.prompt_ids) - r.length
             final = not chunk or todo <= chunk or req.drafter.wants_features
             cost = todo if final else chunk
@@ -233,6 +260,26 @@ class Scheduler:
             self._extend(pieces, chunk)
         if starts:
             self._start(starts)
+
+    def _borrow(self, runner: ModelRunner, prompt: list[int], scope: str) -> None:
+        """Copy into runner the longest prefix of `prompt` another slot of this scope holds (a running
+        request's, or a free one's), if longer than what runner holds already; not the prompt's last
+        token (start() scores it again: its logits begin the answer). Free slots change hands only on
+        this thread, so their K/V stay put while copied."""
+        best, donor = runner.length, None
+        for other in [seq.runner for _, seq in self.running] + self.pool.idle():
+            if self._scope.get(id(other)) != scope:
+                continue
+            tokens, limit = other.tokens, min(other.length, len(prompt) - 1)
+            k = 0
+            while k < limit and tokens[k] == prompt[k]:
+                k += 1
+            if k > best:
+                best, donor = k, other
+        if donor is not None:
+            with self.pool.lock:   # a free donor's `forget` (a handler thread) waits for the copy
+                runner.copy_prefix(donor, min(best, donor.length) if donor.length else 0)
+            self.shared_tokens += runner.length
 
     def _extend(self, pieces: list[_Admitted], chunk: int) -> None:
         """The next chunk of each of these prompts, in one pass; alone where that fails, so that only

@@ -155,17 +155,26 @@ class Gateway(pb_grpc.GeneratorServicer):
             kinds.kind(r.drafter)   # BadField("drafter") when unknown
         if r.session_id and r.new_session:
             raise BadField("session_id", "give session_id to continue a session or new_session to open one, not both")
+        if r.n > self.s.max_n:
+            raise BadField("n", f"n must be in [1, {self.s.max_n}] (choices per request), got {r.n}")
+        if r.n > 1 and (r.session_id or r.new_session):
+            raise BadField("n", "n > 1 cannot be used with a session (a session continues one conversation): "
+                           "ask for one choice")
         return messages, prompt, max_new
 
-    async def _claim(self, session, tried: set[str], kind: str, leases: contextlib.AsyncExitStack):
+    async def _claim(self, session, tried: set[str], kind: str, leases: contextlib.AsyncExitStack,
+                     pin: list[str] | None = None):
         """Pick a target (affinity, then least load) and its draft worker, and count the request on
         both. Under one lock: pick-and-count is atomic for this gateway, so a burst of requests
         spreads over the workers instead of all seeing the same loads.
-        Workers this request tried are never picked again; recent suspects only when nothing else is alive."""
+        Workers this request tried are never picked again; recent suspects only when nothing else is alive.
+        pin: the choices of one prompt (n > 1) share it; the first claim writes the target it got, the
+        others prefer that one (its KV cache holds their shared prompt once the first has prefilled it)."""
         async with self._claiming:
             now = time.monotonic()
             self._suspects = {w: t for w, t in self._suspects.items() if t > now}
-            target = await self.router.pick_target(session if not tried else None)   # NoWorkers: none alive
+            target = await self.router.pick_target(session if not tried else None,   # NoWorkers: none alive
+                                                   prefer=pin[0] if pin and not tried else None)
             if target.worker_id in tried or target.worker_id in self._suspects:
                 alive = [w for w in await self.registry.alive("target") if w.worker_id not in tried]
                 others = [w for w in alive if w.worker_id not in self._suspects] or alive
@@ -173,18 +182,20 @@ class Gateway(pb_grpc.GeneratorServicer):
                     raise NoWorkers("no other target worker is alive")
                 target = await self.router.least_loaded(others)
             await leases.enter_async_context(self.router.lease(target))
+            if pin is not None and not pin:
+                pin.append(target.worker_id)
             draft = await self.router.pick_draft(target, kind) if kind != "none" else None
             await leases.enter_async_context(self.router.lease(draft))
             return target, draft
 
     async def _claim_or_wait(self, session, tried: set[str], kind: str, leases: contextlib.AsyncExitStack,
-                             context):
+                             context, pin: list[str] | None = None):
         """`_claim`; a stream already failed over (tried) waits up to failover_wait_s (and its deadline) for
         a target to come (a replacement starting, a heartbeat late on a loaded host) before UNAVAILABLE."""
         give_up = time.monotonic() + (self.s.failover_wait_s if tried else 0.0)
         while True:
             try:
-                return await self._claim(session, tried, kind, leases)
+                return await self._claim(session, tried, kind, leases, pin)
             except NoWorkers as e:
                 left = min(give_up - time.monotonic(), context.time_remaining() or float("inf"))
                 if left <= 0:
@@ -265,13 +276,16 @@ class Gateway(pb_grpc.GeneratorServicer):
         kind = r.drafter or self.s.drafter
         limits = self.limits if owner not in ("", INTERNAL_OWNER) else None   # None: not limited
         streamed = [0]   # tokens relayed so far: what the key's per-minute budget is charged
-        slot = uuid.uuid4().hex   # this request's stream lease: released by id, so never twice or leaked
+        n = max(1, r.n)
+        # this request's stream leases, one a choice: released by id, so never twice or leaked
+        slots = [f"{uuid.uuid4().hex}.{i}" for i in range(n)]
         opened = None              # the turn lease of a session this request opened
         try:
             if limits is not None:   # before anything is written: a refused turn leaves its session as it was
                 try:
-                    await limits.check(owner, len(prompt_ids), max_new)
-                    await limits.acquire(owner, slot)
+                    await limits.check(owner, len(prompt_ids), max_new * n)
+                    for slot in slots:
+                        await limits.acquire(owner, slot)
                 except LimitExceeded as e:
                     await _refuse(context, e)
             if new_session:
@@ -288,8 +302,9 @@ class Gateway(pb_grpc.GeneratorServicer):
                 # the new turn's prompt is committed conversation: checkpoint it before generating
                 await self.sessions.checkpoint(sid, prompt_ids[len(history):])
             # aclosing: a client that goes away closes the relay too (its worker leases, the target call)
-            async with contextlib.aclosing(self._stream(r, context, session, sid, prompt_ids, max_new, kind,
-                                                        streamed)) as relay:
+            relay_of = self._choices(r, context, prompt_ids, max_new, kind, streamed, n, owner) if n > 1 \
+                else self._stream(r, context, session, sid, prompt_ids, max_new, kind, streamed, owner)
+            async with contextlib.aclosing(relay_of) as relay:
                 renewed = time.monotonic()
                 async for msg in relay:
                     if lease is not None and time.monotonic() - renewed > TURN_LEASE_S / 3:
@@ -301,13 +316,60 @@ class Gateway(pb_grpc.GeneratorServicer):
                 if opened is not None:
                     await self.sessions.end_turn(sid, opened)
                 if limits is not None:
-                    await limits.release(owner, slot)
+                    for slot in slots:
+                        await limits.release(owner, slot)
                     await limits.spent(owner, streamed[0])
             # shielded: a second cancellation while it runs must not leave the lease or the slot taken
             await asyncio.shield(settle())
 
+    async def _choices(self, r, context, prompt_ids: list[int], max_new: int, kind: str, streamed: list[int],
+                       n: int, owner: str):
+        """n choices of one prompt, each relayed as a request of its own (`_stream`: routed, failed over
+        and counted alone) with seed + index, all on the first one's target while it lives (it prefills
+        the prompt once for all). Their messages interleave as they come, each with its index, numbered
+        in one sequence; a choice that fails ends the request with its status."""
+        out: asyncio.Queue = asyncio.Queue(maxsize=2 * n)   # bounded: a slow client holds the relays back
+        counts = [[0] for _ in range(n)]
+        pin: list[str] = []
+
+        async def relay(i: int) -> None:
+            ri = pb.GenerateRequest()
+            ri.CopyFrom(r)
+            ri.n = 1
+            if r.sampling.HasField("seed"):
+                ri.sampling.seed = (r.sampling.seed + i) % 2**63   # (seeds are below 2**63)
+            try:
+                async with contextlib.aclosing(self._stream(ri, context, None, "", prompt_ids, max_new, kind,
+                                                            counts[i], owner, pin)) as stream:
+                    async for msg in stream:
+                        msg.index = i
+                        await out.put(msg)
+                await out.put(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 - an abort's status included: the request ends with it
+                await out.put(e)
+
+        tasks = [asyncio.create_task(relay(i)) for i in range(n)]
+        try:
+            seq = ended = 0
+            while ended < n:
+                item = await out.get()
+                if item is None:
+                    ended += 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                item.seq, seq = seq, seq + 1
+                streamed[0] = sum(c[0] for c in counts)
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _stream(self, r, context, session, sid: str, prompt_ids: list[int], max_new: int, kind: str,
-                      streamed: list[int]):
+                      streamed: list[int], owner: str, pin: list[str] | None = None):
         """Route to a target (again, on a retryable failure) and relay its stream; streamed[0] counts
         the tokens relayed. A session's conversation gets exactly the tokens relayed, each message's
         written before it is sent on (this is its only writer: a target that dies after computing tokens
@@ -319,10 +381,10 @@ class Gateway(pb_grpc.GeneratorServicer):
         tried: set[str] = set()   # target worker ids that failed this request
         while not finished:
             async with contextlib.AsyncExitStack() as leases:
-                target, draft = await self._claim_or_wait(session, tried, kind, leases, context)
+                target, draft = await self._claim_or_wait(session, tried, kind, leases, context, pin)
                 treq = pb.TargetRequest(request=r, prompt_ids=prompt_ids + generated, session_id=sid,
                                         draft_address=draft.address if draft else "",
-                                        max_new_tokens=max_new - len(generated))
+                                        max_new_tokens=max_new - len(generated), prefix_scope=owner)
                 treq.request.drafter = kind
                 left = ends - time.monotonic()
                 call = self._stub(target.address).Generate(treq, metadata=self.metadata,

@@ -8,7 +8,8 @@ routing, sessions and failover are the gateway's, and gRPC status codes map to H
 
 Parameters: model (must be the served model id), prompt (one string) / messages, max_tokens
 (max_completion_tokens for chat; default: the server's), temperature (OpenAI's default 1.0),
-top_p, stop (string or list), seed, stream, stream_options.include_usage, n (1 only), logprobs and
+top_p, stop (string or list), seed, stream, stream_options.include_usage, n (choices: choice i is
+sampled with seed + i; up to the server's max_n; x_drafthorse holds choice 0's stats), logprobs and
 top_logprobs (chat) / logprobs (completions; the sampled token's is always in top_logprobs): the target
 model's own log-probabilities, before temperature, top-k and top-p, equal with speculation on or off;
 a token that is part of a character is written with backslash escapes (its `bytes` are exact). Extensions:
@@ -65,7 +66,7 @@ STATUS = {
 # become the request's own input parameter (prompt or messages)
 FIELD_PARAMS = {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
                 "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.logprobs": "logprobs", "stop": "stop",
-                "drafter": "drafter",
+                "n": "n", "drafter": "drafter",
                 "session_id": "session_id"}
 # OpenAI parameters this server does not implement: rejected unless absent, null or their no-op value
 UNSUPPORTED = {"echo": (None, False),
@@ -204,8 +205,10 @@ def _common(body: _Body, r: pb.GenerateRequest) -> None:
     for name, noop in UNSUPPORTED.items():
         if name in extra and extra[name] not in noop:
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-    if body.n not in (None, 1):
-        raise APIError(400, f"n must be 1 (only one choice per request is supported), got {body.n}", param="n")
+    if body.n is not None:
+        if not 1 <= body.n < 2**31:
+            raise APIError(400, f"n must be >= 1, got {body.n}", param="n")
+        r.n = body.n   # the gateway holds it to its max_n
     max_tokens = body.max_tokens
     if isinstance(body, ChatBody) and body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens
@@ -280,9 +283,32 @@ def _stats(msg: pb.GenerateResponse | None) -> dict:
     return {"session_id": msg.session_id or None, **d}
 
 
-def _usage(last: pb.GenerateResponse | None, generated: int) -> dict:
-    prompt = last.stats.prompt_tokens if last is not None else 0
-    completion = last.stats.generated_tokens if last is not None and last.stats.generated_tokens else generated
+class _Choice:
+    """One choice's part of a response as its messages arrive."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.generated = 0
+        self.logprobs: list[pb.TokenLogprob] = []
+        self.last: pb.GenerateResponse | None = None    # its finishing message, once it came
+
+    def add(self, msg: pb.GenerateResponse) -> None:
+        self.text.append(msg.text_delta)
+        self.generated += len(msg.token_ids)
+        self.logprobs += msg.logprobs
+        if msg.finish_reason:
+            self.last = msg
+
+    @property
+    def reason(self) -> str:
+        return _finish(self.last.finish_reason if self.last is not None else "")
+
+
+def _usage(choices: list[_Choice]) -> dict:
+    """The prompt once (its choices share it), every choice's tokens."""
+    prompt = next((c.last.stats.prompt_tokens for c in choices if c.last is not None), 0)
+    completion = sum(c.last.stats.generated_tokens if c.last is not None and c.last.stats.generated_tokens
+                     else c.generated for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -495,64 +521,70 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_stream(call, first, rid, now, chat, include_usage, input_param,
-                                             r.sampling.HasField("logprobs")),
+                                             r.sampling.HasField("logprobs"), max(1, r.n)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, generated, last, msg, lps = [], 0, None, first, []
+        got, msg = [_Choice() for _ in range(max(1, r.n))], first
         try:
             while msg is not grpc.aio.EOF:
-                text.append(msg.text_delta)
-                generated += len(msg.token_ids)
-                lps += msg.logprobs
-                last = msg
+                got[msg.index].add(msg)
                 msg = await call.read()
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, input_param) from None
         finally:
             call.cancel()  # no-op when finished; stops the generation if this handler was cancelled
-        reason = _finish(last.finish_reason if last is not None else "")
-        logprobs = None if not r.sampling.HasField("logprobs") else chat_logprobs(lps) if chat \
-            else completion_logprobs(lps, 0)
-        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": "".join(text)}
-        else:
-            choice["text"] = "".join(text)
+        choices = []
+        for i, c in enumerate(got):
+            logprobs = None if not r.sampling.HasField("logprobs") else chat_logprobs(c.logprobs) if chat \
+                else completion_logprobs(c.logprobs, 0)
+            choice: dict[str, Any] = {"index": i, "logprobs": logprobs, "finish_reason": c.reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": "".join(c.text)}
+            else:
+                choice["text"] = "".join(c.text)
+            choices.append(choice)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
-                "model": model, "choices": [choice], "usage": _usage(last, generated),
-                "system_fingerprint": None, "x_drafthorse": _stats(last)}
+                "model": model, "choices": choices, "usage": _usage(got),
+                "system_fingerprint": None, "x_drafthorse": _stats(got[0].last)}
 
     async def _stream(call, first, rid: str, now: int, chat: bool, include_usage: bool,
-                      input_param: str, want_logprobs: bool) -> AsyncIterator[str]:
+                      input_param: str, want_logprobs: bool, n: int) -> AsyncIterator[str]:
+        """Chunks as messages come: each choice's deltas, then its finish chunk (with its stats) as soon
+        as it ends; the usage chunk (all choices) last."""
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None = None, role: bool = False, logprobs=None, **extra) -> dict:
+        def chunk(i: int, delta: str | None, finish: str | None = None, role: bool = False, logprobs=None,
+                  **extra) -> dict:
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-                c = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+                c = {"index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
-                c = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
+                c = {"index": i, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
             return {"id": rid, "object": obj, "created": now, "model": model, "choices": [c], **extra}
 
-        generated, last, msg, offset = 0, None, first, 0
+        got, msg, offsets = [_Choice() for _ in range(n)], first, [0] * n
         try:
             if chat:
-                yield _sse(chunk(None, role=True))
+                for i in range(n):
+                    yield _sse(chunk(i, None, role=True))
             while msg is not grpc.aio.EOF:
-                generated += len(msg.token_ids)
-                last = msg
+                i = msg.index
+                got[i].add(msg)
                 if want_logprobs and msg.logprobs:   # tokens carry their logprobs even while text is held back
-                    lp = chat_logprobs(msg.logprobs) if chat else completion_logprobs(msg.logprobs, offset)
-                    offset += sum(len(t) for t in lp.get("tokens", ()))
-                    yield _sse(chunk(msg.text_delta, logprobs=lp))
+                    lp = chat_logprobs(msg.logprobs) if chat else completion_logprobs(msg.logprobs, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp.get("tokens", ()))
+                    yield _sse(chunk(i, msg.text_delta, logprobs=lp))
                 elif msg.text_delta:
-                    yield _sse(chunk(msg.text_delta))
+                    yield _sse(chunk(i, msg.text_delta))
+                if msg.finish_reason:
+                    yield _sse(chunk(i, None if chat else "", got[i].reason, x_drafthorse=_stats(msg)))
                 msg = await call.read()
-            reason = _finish(last.finish_reason if last is not None else "")
-            yield _sse(chunk(None if chat else "", reason, x_drafthorse=_stats(last)))
+            for i, c in enumerate(got):   # (the gateway ends every choice with a finish_reason)
+                if c.last is None:
+                    yield _sse(chunk(i, None if chat else "", c.reason, x_drafthorse={}))
             if include_usage:
                 yield _sse({"id": rid, "object": obj, "created": now, "model": model, "choices": [],
-                            "usage": _usage(last, generated)})
+                            "usage": _usage(got)})
             yield _sse("[DONE]")
         except grpc.aio.AioRpcError as e:
             err = from_grpc(e, input_param)

@@ -1,9 +1,10 @@
 """Routing: which target worker serves a request, which draft worker feeds it, and load leases.
 
 Target choice: a session's own worker first (its KV cache already holds the conversation prefix),
-else the least loaded alive target. "Load" is outstanding leases divided by the worker's capacity,
-so a worker sized for 8 streams with 4 leased (0.5) beats one sized for 1 with 1 leased (1.0); with
-equal capacities it is plain least-outstanding-requests. Ties go to the smallest worker_id: picks are
+then a preferred one (where the first choice of an n > 1 request went), else the least loaded alive
+target. "Load" is outstanding leases divided by the worker's capacity, so a worker sized for 8 streams
+with 4 leased (0.5) beats one sized for 1 with 1 leased (1.0); with equal capacities it is plain
+least-outstanding-requests. Ties go to the smallest worker_id: picks are
 deterministic and testable, and spreading still happens because each pick is leased at once.
 Full workers are still picked (the least full one): the router balances, it does not admit or shed.
 
@@ -38,13 +39,17 @@ class Router:
                                            prefer_node is not None and w.node_id != prefer_node,
                                            w.worker_id))
 
-    async def pick_target(self, session: Session | None = None) -> WorkerInfo:
+    async def pick_target(self, session: Session | None = None, prefer: str | None = None) -> WorkerInfo:
+        """prefer: a worker id to pick while it is alive (the other choices of one prompt go where the
+        first went: they share its prefill there)."""
         if session is not None and session.target_worker:
             w = await self.registry.get(session.target_worker)
             if w is not None and w.kind == "target":
                 return w
             log.info("session %s: affinity worker %s is gone, rerouting (the prefix will be re-prefilled)",
                      session.session_id, session.target_worker)
+        if prefer and (w := await self.registry.get(prefer)) is not None and w.kind == "target":
+            return w
         targets = await self.registry.alive("target")
         if not targets:
             raise NoWorkers("no target worker is alive")

@@ -113,6 +113,8 @@ class GatewaySettings(Common):
     gateway_port: int = Field(50051, ge=0, le=65535)
     max_new_tokens_default: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(2048, ge=1)
+    max_n: int = Field(8, ge=1, le=128, description="choices one request may ask for (n); each is a stream of "
+                       "its own on the key's limits")
     api_key_hashes: list[str] = Field(default_factory=list, description="public API keys as sha256:<hex>[:name] "
                                       "(JSON list; `drafthorse api-key` makes one); none here or in the file = "
                                       "open APIs")

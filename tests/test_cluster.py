@@ -145,6 +145,30 @@ def test_trained_heads_through_cluster_equal_target_alone(cluster, stub, local, 
     assert accepted > 0, f"{kind}: no drafted token was ever accepted"
 
 
+def test_n_choices_go_to_one_target_share_its_prefill_and_each_equal_its_seed_alone(cluster, stub, local):
+    """n = 3 over the gateway: one stream, every message labelled with its choice, numbered in one sequence;
+    all three on the first one's target (of two), each equal to a single request with seed + index."""
+    params = SamplingParams(temperature=0.9, seed=21, max_new_tokens=N, logprobs=0)
+    prompt = "Tell me about horses and their riders."
+    req = request(prompt, params, "ngram")
+    req.n = 3
+    _, msgs = run(stub, req)
+    assert [m.seq for m in msgs] == list(range(len(msgs))) and {m.index for m in msgs} == {0, 1, 2}
+    finals = {m.index: m for m in msgs if m.finish_reason}
+    assert sorted(finals) == [0, 1, 2] and len({f.stats.target_worker for f in finals.values()}) == 1
+    # the first to start prefilled the prompt; the others copied all of it but its last token
+    prompt_len = finals[0].stats.prompt_tokens
+    assert sorted(f.stats.prompt_tokens for f in finals.values()) == [prompt_len] * 3
+    assert sorted(f.stats.reused_prefix_tokens for f in finals.values())[1:] == [prompt_len - 1] * 2
+    for i in range(3):
+        single = request(prompt, SamplingParams(temperature=0.9, seed=21 + i, max_new_tokens=N, logprobs=0), "ngram")
+        ids, single_msgs = run(stub, single)
+        assert [t for m in msgs if m.index == i for t in m.token_ids] == ids, i
+        got = [t.logprob for m in msgs if m.index == i for t in m.logprobs]   # (batched float64: to ~1e-15)
+        assert len(got) == len(ids) and all(abs(a - t.logprob) < 1e-9 for a, t in
+                                            zip(got, (t for m in single_msgs for t in m.logprobs))), i
+
+
 def test_head_not_loaded_is_failed_precondition(stub):
     with pytest.raises(grpc.RpcError) as e:
         run(stub, request("hi", SamplingParams(max_new_tokens=4), "layerskip"))
@@ -411,8 +435,10 @@ def test_fuzzed_requests_get_only_documented_codes(cluster, stub):
                                                                               ""]), content=text), max_size=3),
                      st.just([pb.ChatMessage(role="user", content="")] * 1100 + [pb.ChatMessage(role="user",
                                                                                             content="hi")]))
-    sampling = st.builds(pb.Sampling, temperature=floats, top_p=floats,
-                         top_k=st.integers(-5, 200_000), seed=st.integers(0, 2 ** 64 - 1))
+    sampling = st.builds(lambda logprobs, **kw: pb.Sampling(**kw, **({} if logprobs is None else {"logprobs": logprobs})),
+                         temperature=floats, top_p=floats, top_k=st.integers(-5, 200_000),
+                         seed=st.integers(0, 2 ** 64 - 1), logprobs=st.one_of(st.none(), st.integers(0, 22),
+                                                                              st.just(2 ** 32 - 1)))
     requests = st.builds(
         lambda prompt, messages, use_chat, **kw: pb.GenerateRequest(
             **({"chat": pb.Chat(messages=messages)} if use_chat else {"prompt": prompt}), **kw),
@@ -420,7 +446,8 @@ def test_fuzzed_requests_get_only_documented_codes(cluster, stub):
         max_new_tokens=st.one_of(st.integers(-3, 6), st.sampled_from([2 ** 31 - 1, -2 ** 31])),
         stop=st.lists(text, max_size=3),
         drafter=st.one_of(st.sampled_from(["", "none", "ngram", "draft-model", "eagle", "medusa", "layerskip"]), text),
-        session_id=st.one_of(st.just(""), text, st.just(live)), new_session=st.booleans(), fixed_tree=st.booleans())
+        session_id=st.one_of(st.just(""), text, st.just(live)), new_session=st.booleans(), fixed_tree=st.booleans(),
+        n=st.one_of(st.integers(0, 3), st.sampled_from([9, 2 ** 32 - 1])))
     allowed = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                grpc.StatusCode.ABORTED}
@@ -433,7 +460,8 @@ def test_fuzzed_requests_get_only_documented_codes(cluster, stub):
         def send() -> str:
             try:
                 msgs = list(stub.Generate(r, timeout=60))
-                assert msgs and msgs[-1].finish_reason in ("stop", "length")
+                ends = {m.index: m.finish_reason for m in msgs if m.finish_reason}
+                assert sorted(ends) == list(range(max(1, r.n))) and set(ends.values()) <= {"stop", "length"}
                 return "OK"
             except grpc.RpcError as e:
                 assert e.code() in allowed, (e.code(), e.details(), r)

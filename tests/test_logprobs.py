@@ -8,6 +8,8 @@ import torch
 
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.engine import SpecEngine
+from drafthorse.actors.models.loader import tiny_llama
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.runtime.errors import BadField
@@ -48,6 +50,17 @@ def test_logprobs_are_the_targets_own_whatever_drafts(tiny, make_engine, tempera
             runs[name] = g
     if runs:
         assert all(g.logprobs == runs["none"].logprobs for g in runs.values())   # bitwise, tops included
+
+
+def test_logprobs_are_bitwise_plain_decodings_with_exact_rows():
+    """bfloat16 (exact rows by default): a verify row is the decode row, so the logprobs are the same bits."""
+    lm, draft_lm = tiny_llama(4, dtype=torch.bfloat16), tiny_llama(104, dtype=torch.bfloat16)
+    assert lm.model.exact
+    engine = SpecEngine(ModelRunner(lm.model, 256), lm.eos_ids)
+    runs = {name: engine.generate(PROMPT, SamplingParams(max_new_tokens=40, logprobs=3), make())
+            for name, make in drafters(lm, draft_lm).items()}
+    assert runs["ngram"].stats.accepted_tokens > 0
+    assert all(g.logprobs == runs["none"].logprobs for g in runs.values())
 
 
 def test_logprobs_stop_where_the_tokens_stop(tiny, make_engine):

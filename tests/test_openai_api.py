@@ -131,7 +131,7 @@ def test_streaming_completion(client, stub):
 
 
 def test_chat_logprobs_equal_with_and_without_speculation_streamed_or_not(client):
-    special = set(tokenizer_of(MODEL).all_special_ids)
+    special = set(tokenizer_of(MODEL).all_special_tokens)   # spelt as written; the text leaves them out
     ask = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me about speculative decoding."}],
                max_tokens=N, temperature=0, logprobs=True, top_logprobs=3)
     runs = {d: client.chat.completions.create(**ask, extra_body={"drafter": d}) for d in ("none", "ngram")}
@@ -141,8 +141,7 @@ def test_chat_logprobs_equal_with_and_without_speculation_streamed_or_not(client
         assert len(t.top_logprobs) == 3 and (t.token, t.logprob) == (t.top_logprobs[0].token, t.top_logprobs[0].logprob)
         assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
         assert t.logprob < 0 and bytes(t.bytes).decode("utf-8", "backslashreplace") == t.token
-    ids = tokenizer_of(MODEL).convert_tokens_to_ids  # (the text leaves special tokens out; their bytes too)
-    text = b"".join(bytes(t.bytes) for t in content if ids(t.token) not in special).decode("utf-8", "replace")
+    text = b"".join(bytes(t.bytes) for t in content if t.token not in special).decode("utf-8", "replace")
     assert text == runs["none"].choices[0].message.content
     chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={"drafter": "ngram"}))
     assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] == content
@@ -161,6 +160,40 @@ def test_completion_logprobs_hold_the_sampled_token_and_offsets(client):
     chunks = list(client.completions.create(**ask, stream=True))
     assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
     assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_each_equal_the_single_choice_for_its_seed(client, stream):
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Write a line about horses."}], max_tokens=12,
+               temperature=1.0, logprobs=True, extra_body={"drafter": "ngram"})
+    singles = [client.chat.completions.create(**ask, seed=7 + i) for i in range(4)]
+    r = client.chat.completions.create(**ask, seed=7, n=4, stream=stream, stream_options={"include_usage": True}
+                                       if stream else None)
+    if stream:
+        chunks = list(r)
+        text = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(4)}
+        lps = {i: [t for c in chunks if c.choices and c.choices[0].index == i and c.choices[0].logprobs
+                   for t in c.choices[0].logprobs.content] for i in range(4)}
+        finals = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert sorted(f.index for f in finals) == [0, 1, 2, 3]
+        usage = chunks[-1].usage
+    else:
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        text = {c.index: c.message.content for c in r.choices}
+        lps = {c.index: c.logprobs.content for c in r.choices}
+        usage = r.usage
+    for i, single in enumerate(singles):   # (float64 rows batched with the other choices: equal to ~1e-15)
+        assert text[i] == single.choices[0].message.content, i
+        want = single.choices[0].logprobs.content
+        assert [t.token for t in lps[i]] == [t.token for t in want], i
+        assert all(abs(a.logprob - b.logprob) < 1e-9 for a, b in zip(lps[i], want)), i
+    assert len({text[i] for i in range(4)}) > 1   # sampled apart
+    assert usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert usage.prompt_tokens == singles[0].usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**(ask | {"extra_body": {"new_session": True}}), n=2)
+    assert e.value.param == "n"
 
 
 def test_sessions_through_http(client):
@@ -189,7 +222,8 @@ def _chat(client, **kw):
     (dict(top_p=1.5), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(max_tokens=10**6), "max_tokens"),
-    (dict(n=2), "n"),
+    (dict(n=0), "n"),
+    (dict(n=9), "n"),   # over the gateway's max_n
     (dict(seed=-5), "seed"),
     (dict(stop=[""]), "stop"),
     (dict(extra_body={"drafter": "nope"}), "drafter"),
@@ -519,6 +553,7 @@ def test_fuzzed_http_requests_get_only_documented_statuses(cluster):
         schema["required"] = sorted({*schema["required"], "max_tokens"})
         if "max_completion_tokens" in schema["properties"]:   # chat: wins over max_tokens when not null
             schema["properties"]["max_completion_tokens"] = {"anyOf": [small, {"type": "null"}]}
+        schema["properties"]["n"] = {"anyOf": [{"type": "integer", "minimum": -1, "maximum": 3}, {"type": "null"}]}
         return schema
 
     strings = st.text(max_size=12) | st.sampled_from(_WEIRD)

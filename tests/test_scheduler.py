@@ -7,10 +7,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 from drafthorse.actors.drafters.base import NoDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import BatchEngine, SpecEngine
+from drafthorse.actors.models.loader import tiny_llama
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.scheduler import Request, Scheduler, SlotPool
 from drafthorse.actors.spec.sampling import SamplingParams
@@ -201,3 +203,60 @@ def test_slots_add_up_and_a_lost_one_fails_the_health_check(sched):
     s.fault = ""
     with pytest.raises(RuntimeError, match="not running"):
         s.check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("together", [True, False])
+def test_choices_of_one_prompt_prefill_it_once_and_each_equals_its_run_alone(dtype, together):
+    """n choices: one prefills the prompt, the others copy its K/V (waiting for it when admitted in the same
+    round); each, sampled with its own seed, equals its generation alone (bitwise rows at bfloat16)."""
+    lm = tiny_llama(3, dtype=dtype)
+    s = Scheduler(BatchEngine(lm.eos_ids, prefill_chunk=CHUNK), SlotPool(lm.model, 4, 512), max_waiting=8)
+    try:
+        prompt = LONG[:60]
+        params = [SamplingParams(temperature=0.9, seed=10 + i, max_new_tokens=200 if i == 0 else 24) for i in range(4)]
+        reqs = [Request(list(prompt), p, NgramDrafter()) for p in params]
+        if not together:   # the first runs (its first token is out) before the others come
+            s.submit(reqs[0])
+            while reqs[0].out.empty():
+                time.sleep(0.001)
+        with s.cv:   # held: the rest are admitted in one round
+            for r in reqs[0 if together else 1:]:
+                s.submit(r)
+        outs = [drain(r) for r in reqs]
+        assert s.shared_tokens == 3 * 59 and [r.stats.reused_prefix_tokens for r in reqs[1:]] == [59, 59, 59]
+        for p, out in zip(params, outs):
+            assert out == alone(lm, prompt, p, NgramDrafter())
+        # a different prompt with a common start copies that much
+        other = Request(prompt[:40] + [1, 2, 3], SamplingParams(max_new_tokens=4), NoDrafter())
+        slow = Request(list(prompt), SamplingParams(max_new_tokens=400), NoDrafter())
+        s.submit(slow)
+        time.sleep(0.3)
+        s.submit(other)
+        assert drain(other) == alone(lm, prompt[:40] + [1, 2, 3], SamplingParams(max_new_tokens=4))
+        assert other.stats.reused_prefix_tokens == 40
+        slow.cancelled.set()
+        drain(slow)
+    finally:
+        s.stop()
+
+
+def test_prefixes_are_shared_within_a_scope_only(sched):
+    """Another API key's request with the same prompt prefills it itself (its first token's time must not
+    tell it the prompt was seen); the same key's copies it, from a running slot or a finished one."""
+    lm, s = sched
+    prompt = LONG[:40]
+    first = Request(list(prompt), SamplingParams(max_new_tokens=300), NoDrafter(), prefix_scope="alice")
+    s.submit(first)
+    while first.out.empty():
+        time.sleep(0.001)
+    mallory = Request(list(prompt), SamplingParams(max_new_tokens=4), NoDrafter(), prefix_scope="mallory")
+    s.submit(mallory)
+    assert drain(mallory) == alone(lm, prompt, SamplingParams(max_new_tokens=4))
+    assert s.shared_tokens == 0 and mallory.stats.reused_prefix_tokens < 39   # (its own chunks count as reused)
+    first.cancelled.set()
+    drain(first)
+    again = Request(list(prompt), SamplingParams(max_new_tokens=4), NoDrafter(), prefix_scope="alice")
+    s.submit(again)   # alice's slot is free now, its context still there
+    assert drain(again) == alone(lm, prompt, SamplingParams(max_new_tokens=4))
+    assert again.stats.reused_prefix_tokens == 39

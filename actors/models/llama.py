@@ -254,6 +254,14 @@ class Llama(nn.Module):
         return KVPool(self.n_layers, slots, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim,
                       self.dtype, align=_exact.VBLOCK, commit=commit)
 
+    @property
+    def prefixes_travel(self) -> bool:
+        """Whether another slot's K/V of a prefix may stand in for this slot's own prefill of it. Exact
+        forwards need exact prefill for that (a token's K/V then do not depend on how it entered the
+        cache); wider dtypes round prefill products with whatever shares their pass already, and a
+        copy is one more such pass."""
+        return self.exact_prefill if self.exact else self.dtype in (torch.float32, torch.float64)
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """A cache of its own (a pool of one slot)."""
         return self.new_pool(1, max_len).cache(0)

@@ -50,6 +50,16 @@ class ModelRunner:
         self.tokens: list[int] = []      # the committed token ids
         self._clear_scratch()
 
+    def copy_prefix(self, donor: ModelRunner, length: int) -> None:
+        """Hold the first `length` committed tokens of `donor` (a runner of the same pool): their K/V
+        copied, not computed (Llama.prefixes_travel says when that is what a prefill would give)."""
+        if length > donor.length:
+            raise ValueError(f"donor holds {donor.length} tokens, not {length}")
+        self.reset()
+        self.cache.k[:, :, :length] = donor.cache.k[:, :, :length]
+        self.cache.v[:, :, :length] = donor.cache.v[:, :, :length]
+        self.length, self.tokens = length, donor.tokens[:length]
+
     def truncate(self, length: int) -> None:
         """Forget everything after the first `length` committed tokens (their K/V stay valid)."""
         self.length = min(length, self.length)

@@ -51,7 +51,7 @@ def stats_to_proto(s: GenerationStats, **extra) -> pb.GenerateStats:
         accepted_per_depth=s.accepted_per_depth, mean_accepted_tokens=s.mean_accepted_tokens,
         tokens_per_s=s.tokens_per_s, draft_s=s.draft_s, verify_s=s.verify_s, total_s=s.total_s,
         budget_nodes=s.budget_nodes, mean_batch_size=s.mean_batch_size, acceptance_estimate=s.acceptance_estimate,
-        row_cost_ratio=s.row_cost_ratio, **extra)
+        row_cost_ratio=s.row_cost_ratio, reused_prefix_tokens=s.reused_prefix_tokens, **extra)
 
 
 class TargetService(pb_grpc.TargetServicer):
@@ -111,7 +111,8 @@ class TargetService(pb_grpc.TargetServicer):
                                     session_id=treq.session_id or uuid.uuid4().hex, auth_token=self.token,
                                     timeout_s=self.draft_timeout_s,
                                     on_rpc=self.metrics.observe_draft_rpc if self.metrics else None)
-        r = Request(list(treq.prompt_ids), params, drafter, treq.session_id, adaptive=not req.fixed_tree)
+        r = Request(list(treq.prompt_ids), params, drafter, treq.session_id, adaptive=not req.fixed_tree,
+                    prefix_scope=treq.prefix_scope)
         try:
             self.scheduler.submit(r)
         except QueueFull:
