@@ -12,6 +12,7 @@ its own with `generate` / `stream`. Tokens are emitted as they are committed; st
 token."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import torch
 from drafthorse.actors.drafters.base import Budget, Drafter, NoDrafter
 from drafthorse.actors.models.runner import ModelRunner, extend_batch, score_batch
 from drafthorse.actors.spec.adaptive import Acceptance, AdaptivePolicy
+from drafthorse.actors.spec.grammar import Grammars, GrammarState, compile_spec
 from drafthorse.actors.spec.logprobs import TokenLogprob, token_logprobs
 from drafthorse.actors.spec.sampling import SamplingParams, make_generator, probs_from_logits
 from drafthorse.actors.spec.stats import GenerationStats
@@ -79,6 +81,7 @@ class Sequence:
     max_nodes: int | None = None         # this step's tree cap, set by the adaptive policy
     adaptive: bool = True                # False: the policy leaves this sequence at the full budget
     acceptance: Acceptance = field(default_factory=Acceptance)
+    grammar: GrammarState | None = None  # a structured output's place in its grammar
     t0: float = 0.0
 
     @property
@@ -102,7 +105,8 @@ class BatchEngine:
     """Any number of sequences, each on a runner of its own: `start` one, `step` them all together."""
 
     def __init__(self, eos_ids: set[int], decode: Decode | None = None, max_tree_nodes: int = 64,
-                 max_tree_depth: int = 16, policy: AdaptivePolicy | None = None, prefill_chunk: int = 256):
+                 max_tree_depth: int = 16, policy: AdaptivePolicy | None = None, prefill_chunk: int = 256,
+                 grammars: Grammars | None = None):
         # prompts enter the cache in pieces of this many tokens (0: whole), aligned from the reused
         # prefix: the same pieces in every path, so a prompt's K/V never depend on what ran beside it
         self.prefill_chunk = prefill_chunk
@@ -112,6 +116,7 @@ class BatchEngine:
         self.max_tree_nodes = max_tree_nodes
         self.max_tree_depth = max_tree_depth
         self._pool: ThreadPoolExecutor | None = None
+        self.grammars = grammars             # structured outputs over the model's tokenizer (None: refused)
 
     def check_request(self, runner: ModelRunner, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError naming the parameter for anything this engine cannot serve on `runner`."""
@@ -125,6 +130,10 @@ class BatchEngine:
         params.validate()
         if params.stop and self.decode is None:
             raise ValueError("stop strings need a tokenizer")
+        if params.constraint is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need the model's tokenizer")
+            compile_spec(*params.constraint)   # BadField("constraint") for a grammar that does not compile
 
     # ------------------------------------------------------------------ one sequence
 
@@ -150,6 +159,8 @@ class BatchEngine:
                            verify_rng=make_generator(p.params.seed),
                            draft_rng=make_generator(p.params.seed, salt=1))  # the drafter's randomness is its own
             seq.stats.prompt_tokens = len(p.ids)
+            if p.params.constraint is not None and self.grammars is not None:
+                seq.grammar = self.grammars.state(compile_spec(*p.params.constraint))
             keep = reusable_prefix(p.runner, p.ids, drafter) if p.reuse_prefix else 0
             p.runner.truncate(keep)
             seq.stats.reused_prefix_tokens = keep
@@ -169,7 +180,9 @@ class BatchEngine:
         out = []
         for p, seq, lg, hs in zip(prompts, seqs, logits, hidden):
             h = torch.cat(hs)
-            seq.root = self._pick(lg, p.params, seq.verify_rng)
+            seq.root = self._pick(lg if seq.grammar is None else seq.grammar.constrain(lg), p.params, seq.verify_rng)
+            if seq.grammar is not None:
+                seq.grammar.consume(seq.root)
             seq.stats.prefill_s = time.perf_counter() - seq.t0
             seq.stats.record_step(0, 0)
             first = self._emit(seq, [seq.root], 0, 0, lg[None])
@@ -215,38 +228,51 @@ class BatchEngine:
         trees = self._draft([seqs[i] for i in live])
         if self.policy is not None and any(trees):
             self.policy.observe_draft(time.perf_counter() - t0)
+        # a structured output's tree loses the nodes its grammar forbids before it is scored
+        pruned = [seqs[i].grammar.prune(tree) if seqs[i].grammar is not None else (tree, list(range(len(tree))))
+                  for i, tree in zip(live, trees)]
         t = time.perf_counter()
         scored = score_batch([seqs[i].runner for i in live],
-                             [[seqs[i].root] + tree.tokens for i, tree in zip(live, trees)],
-                             [[ROOT] + [p + 1 for p in tree.parents] for tree in trees])
+                             [[seqs[i].root] + kept.tokens for kept, _ in pruned],
+                             [[ROOT] + [p + 1 for p in kept.parents] for kept, _ in pruned])
         forward_s = time.perf_counter() - t
-        for i, tree, (logits, hidden) in zip(live, trees, scored):
+        for i, tree, (_, row), (logits, hidden) in zip(live, trees, pruned, scored):
             seq = seqs[i]
             t1 = time.perf_counter()
             try:   # a sequence whose numbers went bad fails alone, not the step's other sequences
                 if not bool(torch.isfinite(logits).all()):
                     raise FloatingPointError("the target's logits are not finite")
-                if seq.params.greedy:
+                g, params = seq.grammar, seq.params
+                if g is None and params.greedy:
                     path, bonus = verify_greedy(tree, logits)
+                elif g is None:
+                    path, bonus = verify_sampling(tree, probs_from_logits(logits, params), seq.verify_rng)
+                elif params.greedy:   # rows masked one by one as the walk reaches them
+                    path, bonus = verify_greedy(tree, logits, g.walker(tree, row, logits, lambda x: x))
                 else:
-                    path, bonus = verify_sampling(tree, probs_from_logits(logits, seq.params), seq.verify_rng)
+                    path, bonus = verify_sampling(
+                        tree, g.walker(tree, row, logits, functools.partial(probs_from_logits, params=params)),
+                        seq.verify_rng)
+                if g is not None:
+                    g.consume(bonus)
             except (FloatingPointError, RuntimeError) as e:
                 seq.runner.discard()
                 seq.stopper.finish_reason = "error"
                 steps[i] = Step([], "error", error=e)
                 continue
-            seq.runner.commit([0] + [n + 1 for n in path])
+            rows = [0] + [row[n] + 1 for n in path]   # the scored rows of the root and the accepted nodes
+            seq.runner.commit(rows)
             seq.stats.verify_s += forward_s + time.perf_counter() - t1  # the pass is shared: each waits for it
             new = [tree.tokens[n] for n in path] + [bonus]
             seq.stats.record_step(len(tree), len(path))
             seq.acceptance.update(max(tree.depths(), default=0), len(path))
             # row 0 (the root) chose the first new token, each accepted node's row the one after it
-            steps[i] = self._emit(seq, new, len(tree), len(path), logits[[0] + [n + 1 for n in path]])
+            steps[i] = self._emit(seq, new, len(tree), len(path), logits[rows])
             seq.root, seq.new = bonus, new
             if seq.drafter.wants_features:  # rows that predicted each new token: the root, then the path
-                seq.new_features = hidden[[0] + [n + 1 for n in path]]
+                seq.new_features = hidden[rows]
         if self.policy is not None:   # the pass and the verification after it: a row costs both
-            self.policy.cost.observe(sum(1 + len(tree) for tree in trees), time.perf_counter() - t)
+            self.policy.cost.observe(sum(1 + len(kept) for kept, _ in pruned), time.perf_counter() - t)
         return [steps[i] for i in range(len(seqs))]
 
     def _draft(self, seqs: list[Sequence]) -> list[DraftTree]:
@@ -319,8 +345,8 @@ class SpecEngine(BatchEngine):
 
     def __init__(self, runner: ModelRunner, eos_ids: set[int], decode: Decode | None = None,
                  max_tree_nodes: int = 64, max_tree_depth: int = 16, policy: AdaptivePolicy | None = None,
-                 prefill_chunk: int = 256):
-        super().__init__(eos_ids, decode, max_tree_nodes, max_tree_depth, policy, prefill_chunk)
+                 prefill_chunk: int = 256, grammars: Grammars | None = None):
+        super().__init__(eos_ids, decode, max_tree_nodes, max_tree_depth, policy, prefill_chunk, grammars)
         self.runner = runner
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None,

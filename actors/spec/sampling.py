@@ -23,6 +23,7 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int | None = None       # None: none; k: each token's log-probability and its k likeliest rivals
+    constraint: tuple[str, str] | None = None   # structured output: (kind, spec), grammar.KINDS
 
     def validate(self, max_new_tokens_limit: int | None = None) -> SamplingParams:
         """Raise BadField (a ValueError) naming the offending parameter."""

@@ -10,22 +10,29 @@ at a node whose target distribution is p, try its children in order. Child x, dr
 accepted with probability min(1, p(x) / q(x)); after a rejection the target distribution becomes the
 residual norm(max(p - q, 0)) and the next child is tried against it. When no child is accepted the
 bonus token is drawn from the final residual. Each round is an exact sampler of its residual, so the
-token emitted at every node is distributed exactly as p."""
+token emitted at every node is distributed exactly as p.
+
+Both read the target's rows through `at(row)` when given one (a structured output's grammar masks each
+row as the walk reaches it: grammar.py), else straight from the tensor."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .tree import DraftTree
 
 
-def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[int], int]:
+def verify_greedy(tree: DraftTree, target_logits: torch.Tensor,
+                  at: Callable[[int], torch.Tensor] | None = None) -> tuple[list[int], int]:
     """target_logits: [1 + n, V], row 0 at the root, row i + 1 at draft node i."""
     children = tree.children()
-    choice = target_logits.argmax(dim=-1).tolist()  # one device->host transfer for the whole tree
+    # one device->host transfer for the whole tree, unless rows must be read one by one
+    choice = target_logits.argmax(dim=-1).tolist() if at is None else None
     path: list[int] = []
     row = 0
     while True:
-        want = choice[row]
+        want = choice[row] if choice is not None else int(at(row).argmax())
         nxt = next((c for c in children[row] if tree.tokens[c] == want), None)
         if nxt is None:
             return path, want
@@ -33,14 +40,15 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[in
         row = nxt + 1
 
 
-def verify_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator,
-                    ) -> tuple[list[int], int]:
-    """target_probs: [1 + n, V] processed target distributions, row 0 at the root."""
+def verify_sampling(tree: DraftTree, target_probs: torch.Tensor | Callable[[int], torch.Tensor],
+                    generator: torch.Generator) -> tuple[list[int], int]:
+    """target_probs: [1 + n, V] processed target distributions, row 0 at the root (or at(row))."""
+    at = target_probs.__getitem__ if isinstance(target_probs, torch.Tensor) else target_probs
     children = tree.children()
     path: list[int] = []
     row = 0
     while True:
-        p = target_probs[row]
+        p = at(row)
         for c in children[row]:
             x = tree.tokens[c]
             q = None if tree.probs is None else tree.probs[c]
