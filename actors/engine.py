@@ -233,7 +233,7 @@ class BatchEngine:
                   for i, tree in zip(live, trees)]
         t = time.perf_counter()
         scored = score_batch([seqs[i].runner for i in live],
-                             [[seqs[i].root] + kept.tokens for kept, _ in pruned],
+                             [[seqs[i].root] + kept.tokens for i, (kept, _) in zip(live, pruned)],
                              [[ROOT] + [p + 1 for p in kept.parents] for kept, _ in pruned])
         forward_s = time.perf_counter() - t
         for i, tree, (_, row), (logits, hidden) in zip(live, trees, pruned, scored):
