@@ -19,7 +19,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from drafthorse.actors.workers.wire import sampling_from_proto
+from drafthorse.actors.spec.grammar import compile_spec
+from drafthorse.actors.workers.wire import constraint_from_proto, sampling_from_proto
 from drafthorse.cluster.apikeys import KeyRing, bearer
 from drafthorse.cluster.limits import LEASE_MARGIN_S, KeyLimits, LimitExceeded, Limits
 from drafthorse.cluster.prompts import turn_ids
@@ -150,7 +151,10 @@ class Gateway(pb_grpc.GeneratorServicer):
         if not 1 <= max_new <= self.s.max_new_tokens_limit:
             raise BadField("max_new_tokens",
                            f"max_new_tokens must be in [1, {self.s.max_new_tokens_limit}], got {r.max_new_tokens}")
-        sampling_from_proto(r.sampling, max_new_tokens=max_new, stop=tuple(r.stop)).validate()
+        constraint = constraint_from_proto(r.constraint)
+        sampling_from_proto(r.sampling, max_new_tokens=max_new, stop=tuple(r.stop), constraint=constraint).validate()
+        if constraint is not None:
+            compile_spec(*constraint)   # BadField("constraint") for one that does not compile
         if r.drafter:
             kinds.kind(r.drafter)   # BadField("drafter") when unknown
         if r.session_id and r.new_session:

@@ -35,7 +35,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf.json_format import MessageToDict
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from drafthorse.cluster.apikeys import bearer
@@ -66,7 +66,7 @@ STATUS = {
 # become the request's own input parameter (prompt or messages)
 FIELD_PARAMS = {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
                 "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.logprobs": "logprobs", "stop": "stop",
-                "n": "n", "drafter": "drafter",
+                "n": "n", "drafter": "drafter", "constraint": "response_format",
                 "session_id": "session_id"}
 # OpenAI parameters this server does not implement: rejected unless absent, null or their no-op value
 UNSUPPORTED = {"echo": (None, False),
@@ -157,6 +157,19 @@ def from_grpc(e: grpc.aio.AioRpcError, input_param: str) -> APIError:
 
 # ---------------------------------------------------------------- request bodies
 
+class _JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[_JsonSchemaFormat] = None
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # clients send fields we ignore (user, metadata, ...)
 
@@ -173,6 +186,7 @@ class _Body(BaseModel):
     drafter: Optional[str] = None
     session_id: Optional[str] = None
     new_session: Optional[bool] = False
+    response_format: Optional[ResponseFormat] = None   # structured outputs: JSON, or JSON of a schema
 
 
 class CompletionBody(_Body):
@@ -239,6 +253,14 @@ def _common(body: _Body, r: pb.GenerateRequest) -> None:
         if not 0 <= (top := top or 0) <= MAX_TOP_LOGPROBS:
             raise APIError(400, f"{param} must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param=param)
         r.sampling.logprobs = top
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        r.constraint.json_object = True
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs its json_schema: {name, schema}",
+                           param="response_format")
+        r.constraint.json_schema = json.dumps(fmt.json_schema.schema_)
     r.stop.extend(_text(s, "stop") for s in ([body.stop] if isinstance(body.stop, str) else (body.stop or [])))
     r.drafter = _text(body.drafter or "", "drafter")
     r.session_id = _text(body.session_id or "", "session_id")

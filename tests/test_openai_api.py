@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -194,6 +195,46 @@ def test_n_choices_each_equal_the_single_choice_for_its_seed(client, stream):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**(ask | {"extra_body": {"new_session": True}}), n=2)
     assert e.value.param == "n"
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_json_schema_responses_validate_and_equal_without_speculation(client):
+    """20 prompts: each answer parses and follows the schema, the same with n-gram speculation and without."""
+    import jsonschema
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for i in range(20):
+        ask = dict(model=MODEL, messages=[{"role": "user", "content": f"Person number {i}, as JSON."}], max_tokens=40,
+                   temperature=0, response_format=fmt)
+        runs = [client.chat.completions.create(**ask, extra_body={"drafter": d}).choices[0] for d in ("none", "ngram")]
+        assert runs[0].message.content == runs[1].message.content and runs[0].finish_reason == "stop", i
+        jsonschema.validate(json.loads(runs[0].message.content), PERSON)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Any JSON object."}],
+                                       max_tokens=40, temperature=0, response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("fmt", [{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+                                 {"type": "json_schema"}, {"type": "xml"}])
+def test_a_bad_response_format_is_400_naming_it(client, fmt):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, response_format=fmt)
+    assert e.value.param.startswith("response_format"), e.value.body
+
+
+def test_a_regex_constraint_over_grpc(stub):
+    r = request("An email address:", SamplingParams(max_new_tokens=40), "ngram", raw=True)
+    r.constraint.regex = "[a-z]{3,8}@[a-z]{2,6}\\.(com|org)"
+    msgs = list(stub.Generate(r, timeout=120))
+    text = "".join(m.text_delta for m in msgs)
+    assert re.fullmatch("[a-z]{3,8}@[a-z]{2,6}\\.(com|org)", text) and msgs[-1].finish_reason == "stop", text
+    r.constraint.regex = "(unclosed"
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(r, timeout=120))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(e.value) == "constraint"
 
 
 def test_sessions_through_http(client):

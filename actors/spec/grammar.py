@@ -41,7 +41,7 @@ def compile_spec(kind: str, text: str) -> str:
             grammar = llguidance.LLMatcher.grammar_from_regex(text)
         else:
             grammar = llguidance.LLMatcher.grammar_from_lark(text)
-    except (ValueError, TypeError) as e:   # malformed JSON, for one
+    except Exception as e:  # noqa: BLE001 - malformed JSON, a schema it cannot read: the caller's to fix
         raise BadField("constraint", f"{kind}: {e}") from None
     if err := llguidance.LLMatcher.validate_grammar(grammar):
         raise BadField("constraint", f"{kind}: {err}")

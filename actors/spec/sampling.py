@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from drafthorse.actors.spec.grammar import KINDS, MAX_SPEC_CHARS
 from drafthorse.actors.spec.logprobs import MAX_TOP
 from drafthorse.runtime.errors import BadField
 
@@ -46,6 +47,9 @@ class SamplingParams:
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_TOP):
             raise BadField("sampling.logprobs", f"logprobs must be in [0, {MAX_TOP}] (alternatives per token), "
                            f"got {self.logprobs}")
+        kind, spec = self.constraint or (KINDS[0], "")
+        if kind not in KINDS or len(spec) > MAX_SPEC_CHARS:
+            raise BadField("constraint", f"constraint: one of {', '.join(KINDS)}, at most {MAX_SPEC_CHARS} characters")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise BadField("sampling.seed", f"seed must be in [0, 2**63), got {self.seed}")
         return self

@@ -26,10 +26,11 @@ from drafthorse.actors.models.loader import LoadedModel
 from drafthorse.actors.models.tokenbytes import TokenBytes
 from drafthorse.actors.scheduler import QueueFull, Request, Scheduler, SlotPool
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
+from drafthorse.actors.spec.grammar import Grammars
 from drafthorse.actors.spec.stats import GenerationStats
 from drafthorse.actors.spec.textstream import TextStream
 from drafthorse.actors.workers.remote_drafter import RemoteDrafter
-from drafthorse.actors.workers.wire import logprobs_to_proto, sampling_from_proto
+from drafthorse.actors.workers.wire import constraint_from_proto, logprobs_to_proto, sampling_from_proto
 from drafthorse.actors.workers.worker import GrpcWorker, in_passing_thread
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
@@ -68,7 +69,8 @@ class TargetService(pb_grpc.TargetServicer):
         self.token_bytes = TokenBytes(lm.tokenizer)
         self.policy = AdaptivePolicy(max_tree_nodes) if adaptive else None
         self.engine = BatchEngine(lm.eos_ids, self.decode, max_tree_nodes=max_tree_nodes, policy=self.policy,
-                                  prefill_chunk=prefill_chunk)
+                                  prefill_chunk=prefill_chunk,
+                                  grammars=Grammars(lm.tokenizer, lm.vocab_size, lm.eos_ids))
         self.scheduler = Scheduler(self.engine, self.pool, max_waiting or 4 * capacity, prefill_tokens)
         self.draining = False                 # set by GrpcWorker.drain: refuse new streams
         self._live: dict[int, Request] = {}    # id -> request being streamed (handover ends them)
@@ -96,7 +98,8 @@ class TargetService(pb_grpc.TargetServicer):
         if self.draining:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"target worker {self.worker_id} is draining: retry on another")
         try:
-            params = sampling_from_proto(req.sampling, max_new_tokens=treq.max_new_tokens, stop=tuple(req.stop))
+            params = sampling_from_proto(req.sampling, max_new_tokens=treq.max_new_tokens, stop=tuple(req.stop),
+                                         constraint=constraint_from_proto(req.constraint))
             kind = kinds.kind(req.drafter or "none")
         except ValueError as e:
             abort(context, e)

@@ -69,9 +69,18 @@ def logprobs_to_proto(logprobs: list[TokenLogprob], token_bytes: Callable[[int],
             for t in logprobs]
 
 
-def sampling_from_proto(msg: pb.Sampling, max_new_tokens: int = 128, stop: tuple[str, ...] = ()) -> SamplingParams:
+def constraint_from_proto(msg: pb.Constraint) -> tuple[str, str] | None:
+    """(kind, spec) for SamplingParams.constraint; None when unset."""
+    kind = msg.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    return kind, "" if kind == "json_object" else getattr(msg, kind)
+
+
+def sampling_from_proto(msg: pb.Sampling, max_new_tokens: int = 128, stop: tuple[str, ...] = (),
+                        constraint: tuple[str, str] | None = None) -> SamplingParams:
     """Unvalidated: call .validate() on the result (it names the offending parameter)."""
-    return SamplingParams(temperature=msg.temperature, top_k=msg.top_k,
+    return SamplingParams(temperature=msg.temperature, top_k=msg.top_k, constraint=constraint,
                           top_p=msg.top_p if msg.top_p != 0.0 else 1.0,  # proto3 default 0 means off
                           seed=msg.seed if msg.HasField("seed") else None,
                           logprobs=msg.logprobs if msg.HasField("logprobs") else None,
