@@ -336,6 +336,8 @@ class BatchEngine:
         kept = seq.stopper.feed(tokens)
         seq.stats.generated_tokens += len(kept)
         seq.stats.total_s = time.perf_counter() - seq.t0
+        if seq.grammar is not None:
+            seq.stats.grammar_s = seq.grammar.seconds
         lp = None if seq.params.logprobs is None else token_logprobs(rows[:len(kept)], kept, seq.params.logprobs)
         return Step(kept, seq.stopper.finish_reason, drafted, accepted, logprobs=lp)
 

@@ -177,6 +177,8 @@ def bench(
     server: Optional[str] = typer.Option(None, help="gateway HOST:PORT for the cluster-* methods"),
     cluster: bool = typer.Option(False, help="start a local cluster (1 target, 1 draft worker on other "
                                              "Ray actors) for the cluster-* methods"),
+    json_schema: Optional[Path] = typer.Option(None, help="a JSON Schema file: every answer is JSON of it "
+                                                            "(structured outputs; engine methods only)"),
 ):
     """Speculative methods vs plain decoding vs HF generate, side by side on the same prompts.
     cluster-ar / cluster-ngram / cluster-draft-model run the same drafter through the distributed
@@ -206,7 +208,9 @@ def bench(
             if not sep or kind not in b.HEAD_METHODS:
                 raise ValueError(f"--head {h!r}: expected KIND=PATH with KIND one of {', '.join(b.HEAD_METHODS)}")
             heads[kind] = path
-        results = b.run_bench(qs, wanted, max_new_tokens, out, lm, dlm, server=server, heads=heads)
+        schema = json_schema.read_text(encoding="utf-8") if json_schema is not None else None
+        results = b.run_bench(qs, wanted, max_new_tokens, out, lm, dlm, server=server, heads=heads,
+                              json_schema=schema)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     finally:

@@ -38,6 +38,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from drafthorse.cluster import toolcalls
 from drafthorse.cluster.apikeys import bearer
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
@@ -70,7 +71,7 @@ FIELD_PARAMS = {"max_new_tokens": "max_tokens", "sampling.temperature": "tempera
                 "session_id": "session_id"}
 # OpenAI parameters this server does not implement: rejected unless absent, null or their no-op value
 UNSUPPORTED = {"echo": (None, False),
-               "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
+               "best_of": (None, 1), "suffix": (None, ""), "functions": (None, []),
                "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0)}
 
@@ -199,10 +200,46 @@ class _TextPart(BaseModel):
     text: str
 
 
+class _CalledFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class _ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: _CalledFunction
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: Union[str, list[_TextPart], None] = None
+    tool_calls: Optional[list[_ToolCallIn]] = None     # an assistant turn that called tools
+    tool_call_id: Optional[str] = None                 # a tool's result (role "tool")
+
+
+class _FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ToolIn(BaseModel):
+    type: Literal["function"]
+    function: _FunctionIn
+
+
+class _ChosenFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: _ChosenFunction
 
 
 class ChatBody(_Body):
@@ -210,6 +247,9 @@ class ChatBody(_Body):
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
+    tools: Optional[list[ToolIn]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None   # accepted; an answer makes at most one call
 
 
 def _common(body: _Body, r: pb.GenerateRequest) -> None:
@@ -281,18 +321,58 @@ def completion_request(body: CompletionBody) -> pb.GenerateRequest:
     return r
 
 
+def tool_choice(body: ChatBody) -> str | None:
+    """none | auto | required | a tool's name; None without tools (OpenAI's default: auto with tools)."""
+    choice = body.tool_choice
+    if choice is not None and not body.tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    if not body.tools:
+        return None
+    return "auto" if choice is None else choice if isinstance(choice, str) else choice.function.name
+
+
 def chat_request(body: ChatBody) -> pb.GenerateRequest:
+    """The gRPC request; tools (toolcalls.py) are written into the system message, earlier calls and their
+    results into the turns, and the answer constrained to a call where tool_choice asks for one."""
     r = pb.GenerateRequest()
     r.chat.SetInParent()
+    choice = tool_choice(body)
+    tools = [{"name": t.function.name, "description": t.function.description, "parameters": t.function.parameters}
+             for t in body.tools or []]
+    try:
+        toolcalls.check(tools, choice)
+    except toolcalls.ToolError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    if choice is not None and body.n not in (None, 1):
+        raise APIError(400, "n > 1 with tools is not served: ask for one choice", param="n")
+    turns: list[list[str]] = []   # [role, content]
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role must be system, developer, user or assistant, got "
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}].role must be system, developer, user, assistant or tool, got "
                                 f"{m.role!r}", param=f"messages[{i}].role")
         content = m.content if isinstance(m.content, str) or m.content is None \
             else "".join(p.text for p in m.content)
-        r.chat.messages.add(role=role, content=_text(content or "", f"messages[{i}].content"))
+        content = _text(content or "", f"messages[{i}].content")
+        if role == "tool":   # a tool's result: a user turn in the generic format
+            role, content = "user", toolcalls.response_text(content)
+        if role == "assistant" and m.tool_calls:
+            content = "\n".join([content] * bool(content) + [toolcalls.call_text(c.function.name, c.function.arguments)
+                                                            for c in m.tool_calls])
+        turns.append([role, content])
+    if tools:
+        listed = toolcalls.system_text(tools)
+        if turns and turns[0][0] == "system":
+            turns[0][1] += "\n\n" + listed
+        else:
+            turns.insert(0, ["system", listed])
+    for role, content in turns:
+        r.chat.messages.add(role=role, content=content)
     _common(body, r)
+    if choice is not None and (lark := toolcalls.grammar(tools, choice)) is not None:
+        if r.HasField("constraint"):
+            raise APIError(400, "response_format and tools cannot be combined", param="response_format")
+        r.constraint.lark = lark
     return r
 
 
@@ -354,6 +434,11 @@ def completion_logprobs(lps, offset: int) -> dict:
             "top_logprobs": [{_token(a.token): a.logprob for a in t.top} | {tok: t.logprob}
                              for tok, t in zip(tokens, lps)],
             "text_offset": list(itertools.accumulate(map(len, tokens), initial=offset))[:-1]}
+
+
+def _tool_call(made: dict) -> dict:
+    """OpenAI's tool_calls entry for a parsed call (toolcalls.parse)."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": made}
 
 
 def _finish(reason: str) -> str:
@@ -537,13 +622,14 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
 
     async def run(r: pb.GenerateRequest, body: _Body, chat: bool, key: str):
         input_param = "messages" if chat else "prompt"
+        calls = isinstance(body, ChatBody) and tool_choice(body) not in (None, "none")   # answers may be calls
         call, first = await gen.open(r, input_param, key)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_stream(call, first, rid, now, chat, include_usage, input_param,
-                                             r.sampling.HasField("logprobs"), max(1, r.n)),
+                                             r.sampling.HasField("logprobs"), max(1, r.n), calls),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         got, msg = [_Choice() for _ in range(max(1, r.n))], first
@@ -560,7 +646,10 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
             logprobs = None if not r.sampling.HasField("logprobs") else chat_logprobs(c.logprobs) if chat \
                 else completion_logprobs(c.logprobs, 0)
             choice: dict[str, Any] = {"index": i, "logprobs": logprobs, "finish_reason": c.reason}
-            if chat:
+            if chat and calls and (made := toolcalls.parse("".join(c.text))) is not None:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [_tool_call(made)]}
+                choice["finish_reason"] = "tool_calls"
+            elif chat:
                 choice["message"] = {"role": "assistant", "content": "".join(c.text)}
             else:
                 choice["text"] = "".join(c.text)
@@ -570,21 +659,37 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
                 "system_fingerprint": None, "x_drafthorse": _stats(got[0].last)}
 
     async def _stream(call, first, rid: str, now: int, chat: bool, include_usage: bool,
-                      input_param: str, want_logprobs: bool, n: int) -> AsyncIterator[str]:
+                      input_param: str, want_logprobs: bool, n: int, calls: bool = False) -> AsyncIterator[str]:
         """Chunks as messages come: each choice's deltas, then its finish chunk (with its stats) as soon
-        as it ends; the usage chunk (all choices) last."""
+        as it ends; the usage chunk (all choices) last. With tools (calls), an answer that starts with '<'
+        is held and sent at its end as one tool_calls delta (text as content if it is not a call)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(i: int, delta: str | None, finish: str | None = None, role: bool = False, logprobs=None,
-                  **extra) -> dict:
+                  tool_calls: list | None = None, **extra) -> dict:
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+                if tool_calls is not None:
+                    d["tool_calls"] = tool_calls
                 c = {"index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
                 c = {"index": i, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
             return {"id": rid, "object": obj, "created": now, "model": model, "choices": [c], **extra}
 
         got, msg, offsets = [_Choice() for _ in range(n)], first, [0] * n
+        held: list[str | None] = [""] * n   # text held while it may be a call; None once it is plain text
+
+        def hold(i: int, delta: str) -> str:
+            """What of delta to send now."""
+            if not calls or held[i] is None:
+                return delta
+            text = held[i] + delta
+            if text and not text.startswith("<"):
+                held[i] = None
+                return text
+            held[i] = text
+            return ""
+
         try:
             if chat:
                 for i in range(n):
@@ -592,14 +697,21 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
             while msg is not grpc.aio.EOF:
                 i = msg.index
                 got[i].add(msg)
+                delta = hold(i, msg.text_delta)
                 if want_logprobs and msg.logprobs:   # tokens carry their logprobs even while text is held back
                     lp = chat_logprobs(msg.logprobs) if chat else completion_logprobs(msg.logprobs, offsets[i])
                     offsets[i] += sum(len(t) for t in lp.get("tokens", ()))
-                    yield _sse(chunk(i, msg.text_delta, logprobs=lp))
-                elif msg.text_delta:
-                    yield _sse(chunk(i, msg.text_delta))
+                    yield _sse(chunk(i, delta, logprobs=lp))
+                elif delta:
+                    yield _sse(chunk(i, delta))
                 if msg.finish_reason:
-                    yield _sse(chunk(i, None if chat else "", got[i].reason, x_drafthorse=_stats(msg)))
+                    reason = got[i].reason
+                    if held[i] and (made := toolcalls.parse(held[i])) is not None:
+                        yield _sse(chunk(i, None, tool_calls=[_tool_call(made) | {"index": 0}]))
+                        reason = "tool_calls"
+                    elif held[i]:   # held, and not a call after all (cut short, say)
+                        yield _sse(chunk(i, held[i]))
+                    yield _sse(chunk(i, None if chat else "", reason, x_drafthorse=_stats(msg)))
                 msg = await call.read()
             for i, c in enumerate(got):   # (the gateway ends every choice with a finish_reason)
                 if c.last is None:

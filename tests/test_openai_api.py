@@ -237,6 +237,54 @@ def test_a_regex_constraint_over_grpc(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(e.value) == "constraint"
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+                   "additionalProperties": False}}}
+
+
+def test_a_tool_call_round_trip(client):
+    """required: a call of the tool whose arguments follow its schema, the same with and without speculation and
+    streamed (one tool_calls delta); its result goes back as a tool message; auto and a named tool work too."""
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    ask = dict(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=60, temperature=0)
+    r = client.chat.completions.create(**ask, tool_choice="required")
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None, c
+    (call,) = c.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    again = client.chat.completions.create(**ask, tool_choice="required", extra_body={"drafter": "ngram"})
+    assert again.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    chunks = list(client.chat.completions.create(**ask, tool_choice="required", stream=True))
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and (deltas[0].function.name, deltas[0].function.arguments) == \
+        ("get_weather", call.function.arguments)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
+    named = client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
+    auto = client.chat.completions.create(**ask).choices[0].message   # tool_choice auto by default
+    assert (auto.tool_calls and json.loads(auto.tool_calls[0].function.arguments)) or not auto.content.startswith("<")
+    back = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                   {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'}]
+    r2 = client.chat.completions.create(**(ask | {"messages": back, "max_tokens": 8}), tool_choice="none")
+    assert r2.choices[0].message.tool_calls is None and r2.choices[0].finish_reason in ("stop", "length")
+    assert r2.usage.prompt_tokens > r.usage.prompt_tokens + 10   # the call and its result are in the prompt
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
+    (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+    (dict(tool_choice="required"), "tool_choice"),
+    (dict(tools=[WEATHER, WEATHER]), "tools"),
+    (dict(tools=[WEATHER], n=2), "n"),
+])
+def test_bad_tools_are_400_naming_the_param(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, **kw)
+    assert e.value.param == param, e.value.body
+
+
 def test_sessions_through_http(client):
     msgs = [{"role": "user", "content": "hello there, how are you?"}]
     r1 = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0,
@@ -269,7 +317,7 @@ def _chat(client, **kw):
     (dict(stop=[""]), "stop"),
     (dict(extra_body={"drafter": "nope"}), "drafter"),
     (dict(extra_body={"temperature": "hot"}), "temperature"),
-    (dict(messages=[{"role": "tool", "content": "x"}]), "messages[0].role"),
+    (dict(messages=[{"role": "function", "content": "x"}]), "messages[0].role"),
     (dict(messages=[]), "messages"),
     (dict(top_logprobs=2), "top_logprobs"),
     (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
@@ -666,7 +714,7 @@ def test_fuzzed_http_requests_get_only_documented_statuses(cluster):
 
     # 2. hostile JSON: any value; the working body with one field wrong, missing or extra
     fields = sorted({k for s in bodies.values() for k in s["properties"]} |
-                    {"logprobs", "echo", "best_of", "suffix", "tools", "logit_bias", "presence_penalty", "user"})
+                    {"echo", "best_of", "suffix", "functions", "logit_bias", "presence_penalty", "user"})
     for path in routes:
         ok = base[path]
         costly = {"max_tokens", "max_completion_tokens"}   # null / absent: the server's 256 tokens

@@ -9,6 +9,7 @@ its q off, exactly as for a scored rejection). The grammar state advances along 
 row by row, so each row is masked as plain constrained decoding would mask it."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import llguidance
@@ -66,6 +67,7 @@ class GrammarState:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         self.m = matcher
         self.vocab_size = vocab_size
+        self.seconds = 0.0   # spent on masks, pruning and steps (GenerationStats.grammar_s)
         self._bits = llguidance.torch.allocate_token_bitmask(1, vocab_size)
         self._check()
 
@@ -76,22 +78,28 @@ class GrammarState:
 
     def allowed(self) -> torch.Tensor:
         """[V] bool: the tokens the grammar accepts next."""
+        t = time.perf_counter()
         llguidance.torch.fill_next_token_bitmask(self.m, self._bits, 0)
         bits = self._bits[0]
         shifts = torch.arange(32, dtype=torch.int32)
-        return ((bits[:, None] >> shifts) & 1).bool().flatten()[:self.vocab_size]
+        allowed = ((bits[:, None] >> shifts) & 1).bool().flatten()[:self.vocab_size]
+        self.seconds += time.perf_counter() - t
+        return allowed
 
     def constrain(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] with the forbidden tokens at -inf."""
         return logits.masked_fill(~self.allowed(), float("-inf"))
 
     def consume(self, token: int) -> None:
+        t = time.perf_counter()
         self.m.consume_token(token)
+        self.seconds += time.perf_counter() - t
         self._check()
 
     def prune(self, tree: DraftTree) -> tuple[DraftTree, list[int]]:
         """(the nodes the grammar allows, each with all its ancestors; row[i]: node i's index in it, -1 if
         pruned). A node is checked with its path from the root: one validate call per leaf's path."""
+        t = time.perf_counter()
         keep = [False] * len(tree)
         for leaf in set(range(len(tree))) - set(tree.parents):
             path = [leaf]
@@ -109,6 +117,7 @@ class GrammarState:
                 kept.parents.append(ROOT if tree.parents[i] == ROOT else row[tree.parents[i]])
         if tree.probs is not None:
             kept.probs = tree.probs[[i for i, k in enumerate(keep) if k]]
+        self.seconds += time.perf_counter() - t
         return kept, row
 
     def walker(self, tree: DraftTree, row: list[int], rows: torch.Tensor,

@@ -20,6 +20,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    grammar_s: float = 0.0            # a structured output's masks, pruning and grammar steps (in the others)
     total_s: float = 0.0
 
     def record_step(self, drafted: int, accepted: int) -> None:

@@ -50,6 +50,7 @@ from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models.loader import LoadedModel, chat_prompt, resolve
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
+from drafthorse.actors.spec.grammar import Grammars, compile_spec
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
@@ -145,17 +146,20 @@ class _Runner:
 
     def __init__(self, lm: LoadedModel, draft_lm: LoadedModel | None, methods: list[str], max_len: int,
                  max_new_tokens: int, draft_depth: int, draft_branches: int, server: str | None = None,
-                 heads: dict | None = None):
+                 heads: dict | None = None, json_schema: str | None = None):
         self.lm = lm
+        # a structured output for every engine method: each step masked by the schema's grammar
+        self.constraint = ("json_schema", json_schema) if json_schema is not None else None
+        grammars = Grammars(lm.tokenizer, lm.vocab_size, lm.eos_ids) if json_schema is not None else None
         self.server = server
         self.max_len = max_len
         self._llama: Any = None   # llama-cpp's model (an optional extra), loaded on first use
         self.timing: dict = {}  # where the last engine generation's time went
         self.max_new_tokens = max_new_tokens
         # no decode: no stop strings, and no detokenising inside the timed call
-        self.engine = SpecEngine(ModelRunner(lm.model, max_len), lm.eos_ids, None)
+        self.engine = SpecEngine(ModelRunner(lm.model, max_len), lm.eos_ids, None, grammars=grammars)
         # ngram-adaptive: the same drafter, tree size chosen per step by the adaptive policy
-        self.adaptive = SpecEngine(self.engine.runner, lm.eos_ids, None, policy=AdaptivePolicy(16))
+        self.adaptive = SpecEngine(self.engine.runner, lm.eos_ids, None, policy=AdaptivePolicy(16), grammars=grammars)
         self.drafters: dict[str, Drafter | None] = {"ar": None}
         if "ngram" in methods:
             self.drafters["ngram"] = NgramDrafter()
@@ -177,20 +181,21 @@ class _Runner:
                 self.drafters[m] = NgramDrafter() if kind == "ngram" else None
             if m != kind:   # a tree budget of its own
                 self.engines[m] = SpecEngine(self.engine.runner, lm.eos_ids, None,
-                                             max_tree_nodes=int(m.partition("/")[2]))
+                                             max_tree_nodes=int(m.partition("/")[2]), grammars=grammars)
 
     def __call__(self, method: str, prompt_ids: list[int], max_new_tokens: int | None = None,
                  question: str = ""):
         n = max_new_tokens or self.max_new_tokens
         self.timing = {}
         if _base(method) in ENGINE_METHODS:
-            params = SamplingParams(max_new_tokens=n)
+            params = SamplingParams(max_new_tokens=n, constraint=self.constraint)
             t0 = time.perf_counter()
             engine = self.adaptive if method == "ngram-adaptive" else self.engines.get(method, self.engine)
             gen = engine.generate(prompt_ids, params, self.drafters[method])
             dt = time.perf_counter() - t0
             st = gen.stats
-            self.timing = {"draft_s": st.draft_s, "verify_s": st.verify_s, "prefill_s": st.prefill_s}
+            self.timing = {"draft_s": st.draft_s, "verify_s": st.verify_s, "prefill_s": st.prefill_s,
+                           **({"grammar_s": st.grammar_s} if self.constraint else {})}
             return list(gen.token_ids), dt, st.generated_tokens, st.target_forwards
         if method in CLUSTER_METHODS:
             return self._cluster(method.removeprefix("cluster-"), question, n)
@@ -265,10 +270,15 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
 def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, out_dir: str | os.PathLike,
               lm: LoadedModel, draft_lm: LoadedModel | None = None, progress: bool = True,
               draft_depth: int = 4, draft_branches: int = 1, server: str | None = None,
-              heads: dict | None = None) -> dict:
+              heads: dict | None = None, json_schema: str | None = None) -> dict:
     """Run every method on every question (greedy), write out_dir/results.json and
-    out_dir/speedup.png, and return the results dict (see `summarize` for its "summary" part)."""
+    out_dir/speedup.png, and return the results dict (see `summarize` for its "summary" part).
+    json_schema: every answer a JSON value of this schema (structured outputs; engine methods only)."""
     methods, notes = resolve_methods(methods, draft_lm)
+    if json_schema is not None:
+        if others := [m for m in methods if _base(m) not in ENGINE_METHODS]:
+            raise ValueError(f"--json-schema runs the engine's methods only, not {', '.join(others)}")
+        compile_spec("json_schema", json_schema)   # BadField (a ValueError) naming what is wrong
     if any(m in CLUSTER_METHODS for m in methods) and not server:
         raise ValueError("cluster-* methods need a running cluster: pass --cluster or --server HOST:PORT")
     if max_new_tokens < 1:
@@ -300,7 +310,8 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
         raise ValueError("no question fits the model's context with max_new_tokens="
                          f"{max_new_tokens}")
     max_len = min(context, max(len(p) for _, p in runnable) + max_new_tokens + TREE_SLACK)
-    run = _Runner(lm, draft_lm, methods, max_len, max_new_tokens, draft_depth, draft_branches, server, heads)
+    run = _Runner(lm, draft_lm, methods, max_len, max_new_tokens, draft_depth, draft_branches, server, heads,
+                  json_schema)
 
     bar = tqdm(total=len(runnable) * len(methods), desc="bench", unit="gen", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
@@ -342,6 +353,7 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
         "questions": records,
         "skipped_question_ids": skipped,
         "notes": notes,
+        **({"json_schema": json.loads(json_schema)} if json_schema is not None else {}),
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_speedup(results, out_dir / "speedup.png")
