@@ -229,7 +229,7 @@ class BatchEngine:
         if self.policy is not None and any(trees):
             self.policy.observe_draft(time.perf_counter() - t0)
         # a structured output's tree loses the nodes its grammar forbids before it is scored
-        pruned = [seqs[i].grammar.prune(tree) if seqs[i].grammar is not None else (tree, list(range(len(tree))))
+        pruned = [g.prune(tree) if (g := seqs[i].grammar) is not None else (tree, list(range(len(tree))))
                   for i, tree in zip(live, trees)]
         t = time.perf_counter()
         scored = score_batch([seqs[i].runner for i in live],

@@ -286,7 +286,8 @@ def _common(body: _Body, r: pb.GenerateRequest) -> None:
         if not 0 <= body.seed < 2**63:
             raise APIError(400, f"seed must be in [0, 2**63), got {body.seed}", param="seed")
         r.sampling.seed = body.seed
-    top, param = (body.top_logprobs, "top_logprobs") if isinstance(body, ChatBody) else (body.logprobs, "logprobs")
+    top, param = (body.top_logprobs, "top_logprobs") if isinstance(body, ChatBody) else \
+        (getattr(body, "logprobs", None), "logprobs")   # (completions: an int; its own field)
     if isinstance(body, ChatBody) and top is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if top is not None or (isinstance(body, ChatBody) and body.logprobs):
@@ -668,7 +669,8 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
         def chunk(i: int, delta: str | None, finish: str | None = None, role: bool = False, logprobs=None,
                   tool_calls: list | None = None, **extra) -> dict:
             if chat:
-                d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+                d: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
+                    ({} if delta is None else {"content": delta})
                 if tool_calls is not None:
                     d["tool_calls"] = tool_calls
                 c = {"index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish}
@@ -681,9 +683,10 @@ def create_app(gateway: str, model: str, timeout_s: float = REQUEST_TIMEOUT_S, k
 
         def hold(i: int, delta: str) -> str:
             """What of delta to send now."""
-            if not calls or held[i] is None:
+            kept = held[i]
+            if not calls or kept is None:
                 return delta
-            text = held[i] + delta
+            text = kept + delta
             if text and not text.startswith("<"):
                 held[i] = None
                 return text

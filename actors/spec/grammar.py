@@ -24,7 +24,8 @@ KINDS = ("json_schema", "json_object", "regex", "lark")
 MAX_SPEC_CHARS = 64 * 1024
 # JSON as one line with a space after ':' and ',' (a schema's "x-guidance" may say otherwise): free
 # whitespace lets a model pad forever, where it has to end
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_LAYOUT: llguidance._lib.JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ",
+                                              "key_separator": ": "}
 
 
 def compile_spec(kind: str, text: str) -> str:

@@ -32,7 +32,7 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor,
     path: list[int] = []
     row = 0
     while True:
-        want = choice[row] if choice is not None else int(at(row).argmax())
+        want = choice[row] if choice is not None else int(at(row).argmax())  # type: ignore[misc]
         nxt = next((c for c in children[row] if tree.tokens[c] == want), None)
         if nxt is None:
             return path, want
