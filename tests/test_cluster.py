@@ -406,6 +406,11 @@ def test_per_key_token_budget_and_streams_through_real_workers(cluster, local, m
             list(gen(alice))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams open" in e.value.details()
         assert sum(len(m.token_ids) for m in gen(bob)) == 8
+        two = request(PROMPTS[0], SamplingParams(max_new_tokens=4), "ngram")
+        two.n = 2
+        with pytest.raises(grpc.RpcError) as e:   # each choice is a stream: two are over bob's one
+            list(stub.Generate(two, timeout=120, metadata=key_metadata(bob)))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams open" in e.value.details()
         assert sum(len(m.token_ids) for m in held) == 15
         # 8 + 16 tokens >= 12 this minute: refused until the window turns
         with pytest.raises(grpc.RpcError) as e:
@@ -439,9 +444,14 @@ def test_fuzzed_requests_get_only_documented_codes(cluster, stub):
                          temperature=floats, top_p=floats, top_k=st.integers(-5, 200_000),
                          seed=st.integers(0, 2 ** 64 - 1), logprobs=st.one_of(st.none(), st.integers(0, 22),
                                                                               st.just(2 ** 32 - 1)))
+    constraints = st.one_of(st.none(), st.tuples(st.sampled_from(["json_schema", "regex", "lark"]), st.one_of(
+        text, st.sampled_from(['{"type": "object"}', '{"type": "nope"}', "[a-z]{2,4}", "(", "start: x", '{"$ref": "#"}']))),
+        st.just(("json_object", True)))
     requests = st.builds(
-        lambda prompt, messages, use_chat, **kw: pb.GenerateRequest(
-            **({"chat": pb.Chat(messages=messages)} if use_chat else {"prompt": prompt}), **kw),
+        lambda prompt, messages, use_chat, constraint, **kw: pb.GenerateRequest(
+            **({"chat": pb.Chat(messages=messages)} if use_chat else {"prompt": prompt}), **kw,
+            **({} if constraint is None else {"constraint": pb.Constraint(**dict([constraint]))})),
+        constraint=constraints,
         prompt=text, messages=chat, use_chat=st.booleans(), sampling=sampling,
         max_new_tokens=st.one_of(st.integers(-3, 6), st.sampled_from([2 ** 31 - 1, -2 ** 31])),
         stop=st.lists(text, max_size=3),
