@@ -26,7 +26,7 @@ from drafthorse.actors.models.runner import ModelRunner, extend_batch, score_bat
 from drafthorse.actors.spec.adaptive import Acceptance, AdaptivePolicy
 from drafthorse.actors.spec.grammar import Grammars, GrammarState, compile_spec
 from drafthorse.actors.spec.logprobs import TokenLogprob, token_logprobs
-from drafthorse.actors.spec.sampling import SamplingParams, make_generator, probs_from_logits
+from drafthorse.actors.spec.sampling import Noise, SamplingParams, make_generator, probs_from_logits
 from drafthorse.actors.spec.stats import GenerationStats
 from drafthorse.actors.spec.stops import Decode, StopChecker
 from drafthorse.actors.spec.tree import ROOT, DraftTree
@@ -73,7 +73,7 @@ class Sequence:
     params: SamplingParams
     stats: GenerationStats
     stopper: StopChecker
-    verify_rng: torch.Generator
+    noise: Noise                         # the target's sampling randomness, per context position
     draft_rng: torch.Generator
     root: int = 0                        # last committed token, not yet in the cache
     new: list[int] = field(default_factory=list)   # committed since the drafter last heard
@@ -156,7 +156,7 @@ class BatchEngine:
             seq = Sequence(runner=p.runner, drafter=drafter, params=p.params,
                            stats=p.stats if p.stats is not None else GenerationStats(),
                            stopper=StopChecker(p.params.max_new_tokens, self.eos_ids, p.params.stop, self.decode),
-                           verify_rng=make_generator(p.params.seed),
+                           noise=Noise(p.params.seed),
                            draft_rng=make_generator(p.params.seed, salt=1))  # the drafter's randomness is its own
             seq.stats.prompt_tokens = len(p.ids)
             if p.params.constraint is not None and self.grammars is not None:
@@ -180,7 +180,8 @@ class BatchEngine:
         out = []
         for p, seq, lg, hs in zip(prompts, seqs, logits, hidden):
             h = torch.cat(hs)
-            seq.root = self._pick(lg if seq.grammar is None else seq.grammar.constrain(lg), p.params, seq.verify_rng)
+            seq.root = self._pick(lg if seq.grammar is None else seq.grammar.constrain(lg), p.params,
+                                  seq.noise.at(len(p.ids)))
             if seq.grammar is not None:
                 seq.grammar.consume(seq.root)
             seq.stats.prefill_s = time.perf_counter() - seq.t0
@@ -242,17 +243,17 @@ class BatchEngine:
             try:   # a sequence whose numbers went bad fails alone, not the step's other sequences
                 if not bool(torch.isfinite(logits).all()):
                     raise FloatingPointError("the target's logits are not finite")
+                draw = seq.noise.from_position(seq.runner.length + 1)   # (the root sits at runner.length)
                 g, params = seq.grammar, seq.params
                 if g is None and params.greedy:
                     path, bonus = verify_greedy(tree, logits)
                 elif g is None:
-                    path, bonus = verify_sampling(tree, probs_from_logits(logits, params), seq.verify_rng)
+                    path, bonus = verify_sampling(tree, probs_from_logits(logits, params), draw)
                 elif params.greedy:   # rows masked one by one as the walk reaches them
                     path, bonus = verify_greedy(tree, logits, g.walker(tree, row, logits, lambda x: x))
                 else:
                     path, bonus = verify_sampling(
-                        tree, g.walker(tree, row, logits, functools.partial(probs_from_logits, params=params)),
-                        seq.verify_rng)
+                        tree, g.walker(tree, row, logits, functools.partial(probs_from_logits, params=params)), draw)
                 if g is not None:
                     g.consume(bonus)
             except (FloatingPointError, RuntimeError) as e:

@@ -144,3 +144,25 @@ def test_draft_model_with_a_short_context_still_lossless(tiny, make_engine):
     assert [t for s in steps for t in s.token_ids] == plain.token_ids
     drafted = [s.drafted for s in steps[1:]]
     assert drafted[0] > 0 and drafted[-1] == 0   # it drafted, then its context was full
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_seeded_sampling_with_point_mass_drafts_draws_plain_decodings_tokens(tiny, make_engine, seed):
+    """The target's token at each position is drawn with that position's randomness (sampling.Noise): with
+    n-gram drafts (point masses) a seeded answer is plain decoding's, token for token, however the trees
+    come out; and a stream resumed with its tokens as prompt (a failover) draws on as the first one would."""
+    lm = tiny(seed)
+    engine = make_engine(lm, 256)
+    prompt = PROMPTS["repeated_phrase"]
+    params = SamplingParams(temperature=0.7, top_k=20, seed=seed, max_new_tokens=N_NEW)
+    plain = engine.generate(prompt, params)
+    accepted = 0
+    for drafter in (NgramDrafter(), NgramDrafter(max_ngram=4, max_branches=4, depth=5)):
+        g = engine.generate(prompt, params, drafter)
+        assert g.token_ids == plain.token_ids
+        accepted += g.stats.accepted_tokens
+    assert accepted > 0
+    k = N_NEW // 2
+    resumed = engine.generate(prompt + plain.token_ids[:k], SamplingParams(
+        temperature=0.7, top_k=20, seed=seed, max_new_tokens=N_NEW - k), NgramDrafter())
+    assert resumed.token_ids == plain.token_ids[k:]

@@ -4,6 +4,9 @@ Lossless sampling needs the *same* processing (temperature, top-k, top-p) applie
 and the drafter's logits: the verifier compares the two processed distributions."""
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +62,27 @@ class SamplingParams:
         """Temperatures below GREEDY_BELOW decode greedily (the limit of sampling as the temperature goes
         to 0): dividing logits by a subnormal one overflows to inf and the softmax to NaN."""
         return self.temperature < GREEDY_BELOW
+
+
+class Noise:
+    """A sequence's sampling randomness, one generator per position of the context: the draw that picks
+    the token at position t depends on the seed and t alone. A target token sampled with it is then the
+    same whatever the drafts, their tree sizes or the batch (plain decoding's included), and a stream
+    resumed elsewhere with its tokens as prompt draws on as before."""
+
+    def __init__(self, seed: int | None):
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+
+    def at(self, position: int) -> torch.Generator:
+        # hashed, not seed + position: seed s at t + 1 must not be seed s + 1 at t (n choices use s + i)
+        mixed = hashlib.blake2b(f"{self.seed}/{position}".encode(), digest_size=8).digest()
+        g = torch.Generator()
+        g.manual_seed(int.from_bytes(mixed, "little") >> 1)
+        return g
+
+    def from_position(self, first: int) -> Callable[[int], torch.Generator]:
+        """draw(k): the generator of the k-th token from position `first` on."""
+        return lambda k: self.at(first + k)
 
 
 def make_generator(seed: int | None, salt: int = 0) -> torch.Generator:

@@ -5,12 +5,17 @@ accepted draft nodes from the root down.
 Greedy: a child is accepted when it is the target's argmax at its parent. Output is exactly greedy
 decoding of the target.
 
-Sampling (Leviathan et al. / Chen et al. for a chain; SpecInfer's multi-candidate rule for a tree):
-at a node whose target distribution is p, try its children in order. Child x, drawn from q, is
-accepted with probability min(1, p(x) / q(x)); after a rejection the target distribution becomes the
-residual norm(max(p - q, 0)) and the next child is tried against it. When no child is accepted the
-bonus token is drawn from the final residual. Each round is an exact sampler of its residual, so the
-token emitted at every node is distributed exactly as p.
+Sampling, point-mass drafts (n-gram, greedy chains: the tree has no probs): sample the target's token y
+from p at each node with the randomness of its position, accept the child that is y, else emit y as the
+bonus. y ~ p exactly, a child x is accepted with probability p(x) (as min(1, p(x) / 1) would), and the
+tokens are those plain decoding draws with the same randomness, whatever was drafted.
+
+Sampling, drafts with their own q (Leviathan et al. / Chen et al. for a chain; SpecInfer's
+multi-candidate rule for a tree): at a node whose target distribution is p, try its children in order.
+Child x, drawn from q, is accepted with probability min(1, p(x) / q(x)); after a rejection the target
+distribution becomes the residual norm(max(p - q, 0)) and the next child is tried against it. When no
+child is accepted the bonus token is drawn from the final residual. Each round is an exact sampler of
+its residual, so the token emitted at every node is distributed exactly as p.
 
 Both read the target's rows through `at(row)` when given one (a structured output's grammar masks each
 row as the walk reaches it: grammar.py), else straight from the tensor."""
@@ -41,14 +46,25 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor,
 
 
 def verify_sampling(tree: DraftTree, target_probs: torch.Tensor | Callable[[int], torch.Tensor],
-                    generator: torch.Generator) -> tuple[list[int], int]:
-    """target_probs: [1 + n, V] processed target distributions, row 0 at the root (or at(row))."""
+                    generator: torch.Generator | Callable[[int], torch.Generator]) -> tuple[list[int], int]:
+    """target_probs: [1 + n, V] processed target distributions, row 0 at the root (or at(row)).
+    generator: one for every draw, or draw(k): the one for the k-th token this step emits."""
     at = target_probs.__getitem__ if isinstance(target_probs, torch.Tensor) else target_probs
+    draw = (lambda k: generator) if isinstance(generator, torch.Generator) else generator
     children = tree.children()
     path: list[int] = []
     row = 0
     while True:
         p = at(row)
+        if tree.probs is None:   # point masses: the target's own draw decides
+            y = int(torch.multinomial(p, 1, generator=draw(len(path))))
+            nxt = next((c for c in children[row] if tree.tokens[c] == y), None)
+            if nxt is None:
+                return path, y
+            path.append(nxt)
+            row = nxt + 1
+            continue
+        generator = draw(len(path))
         for c in children[row]:
             x = tree.tokens[c]
             q = None if tree.probs is None else tree.probs[c]
