@@ -52,7 +52,8 @@ report["n4"] = {"choices": len(multi.choices),
                 "prompt_tokens": multi.usage.prompt_tokens, "completion_tokens": multi.usage.completion_tokens}
 
 # 3. JSON schema on 20 dev questions
-schema = {"type": "object", "properties": {"topic": {"type": "string", "maxLength": 60}, "answer": {"type": "string"}},
+schema = {"type": "object", "properties": {"topic": {"type": "string", "maxLength": 60},
+                                          "answer": {"type": "string", "maxLength": 240}},
           "required": ["topic", "answer"], "additionalProperties": False}
 fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 questions = [json.loads(line)["turns"][0] for line in DEV.read_text().splitlines()[:20]]
@@ -61,7 +62,7 @@ for question in questions:
     out = {}
     for d in ("none", "ngram"):
         t0 = time.perf_counter()
-        r = chat(question, max_tokens=128, temperature=0, response_format=fmt, extra_body={"drafter": d})
+        r = chat(question, max_tokens=160, temperature=0, response_format=fmt, extra_body={"drafter": d})
         out[d] = (r.choices[0].message.content, r.choices[0].finish_reason, time.perf_counter() - t0,
                   r.usage.completion_tokens)
     try:
