@@ -12,7 +12,9 @@ top_p, stop (string or list), seed, stream, stream_options.include_usage, n (cho
 sampled with seed + i; up to the server's max_n; x_drafthorse holds choice 0's stats), logprobs and
 top_logprobs (chat) / logprobs (completions; the sampled token's is always in top_logprobs): the target
 model's own log-probabilities, before temperature, top-k and top-p, equal with speculation on or off;
-a token that is part of a character is written with backslash escapes (its `bytes` are exact). Extensions:
+a token that is part of a character is written with backslash escapes (its `bytes` are exact);
+response_format (json_object, json_schema: a structured output); tools / tool_choice / tool messages
+(chat; toolcalls.py: a call is a structured output, answered as tool_calls). Extensions:
 drafter (none | ngram | draft-model), session_id (continue a session), new_session (open one; its
 id comes back in x_drafthorse.session_id), top_k. Non-streaming responses (and the last streamed
 chunk) carry `x_drafthorse`: the generation's stats (mean_accepted_tokens, tokens_per_s, ...).
