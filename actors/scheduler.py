@@ -241,7 +241,7 @@ class Scheduler:
                 r.truncate(reusable_prefix(r, req.prompt_ids, req.drafter) if own else 0)
                 self._scope[id(r)] = req.prefix_scope
                 if self.share and not req.drafter.wants_features:
-                    self._borrow(r, req.prompt_ids, req.prefix_scope)
+                    self._borrow(r, req)
             underway.add(prompt)
             todo = len(req.prompt_ids) - r.length
             final = not chunk or todo <= chunk or req.drafter.wants_features
@@ -261,25 +261,21 @@ class Scheduler:
         if starts:
             self._start(starts)
 
-    def _borrow(self, runner: ModelRunner, prompt: list[int], scope: str) -> None:
-        """Copy into runner the longest prefix of `prompt` another slot of this scope holds (a running
-        request's, or a free one's), if longer than what runner holds already; not the prompt's last
-        token (start() scores it again: its logits begin the answer). Free slots change hands only on
-        this thread, so their K/V stay put while copied."""
+    def _borrow(self, runner: ModelRunner, req: Request) -> None:
+        """Copy into runner the longest prefix of req's prompt another slot of its scope holds (a running
+        request's, or a free one's), if longer than what runner holds already; what start() would keep of
+        it (`reusable_prefix`: not the prompt's last token, scored again for its logits). Free slots change
+        hands only on this thread, so their K/V stay put while copied."""
         best, donor = runner.length, None
         for other in [seq.runner for _, seq in self.running] + self.pool.idle():
-            if self._scope.get(id(other)) != scope:
-                continue
-            tokens, limit = other.tokens, min(other.length, len(prompt) - 1)
-            k = 0
-            while k < limit and tokens[k] == prompt[k]:
-                k += 1
-            if k > best:
+            if self._scope.get(id(other)) == req.prefix_scope and \
+                    (k := reusable_prefix(other, req.prompt_ids, req.drafter)) > best:
                 best, donor = k, other
         if donor is not None:
             with self.pool.lock:   # a free donor's `forget` (a handler thread) waits for the copy
-                runner.copy_prefix(donor, min(best, donor.length) if donor.length else 0)
-            self.shared_tokens += runner.length
+                if donor.length >= best:   # (unless it forgot its context meanwhile: then nothing is copied)
+                    runner.copy_prefix(donor, best)
+                    self.shared_tokens += best
 
     def _extend(self, pieces: list[_Admitted], chunk: int) -> None:
         """The next chunk of each of these prompts, in one pass; alone where that fails, so that only

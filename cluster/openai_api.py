@@ -40,6 +40,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from drafthorse.actors.spec.logprobs import MAX_TOP
 from drafthorse.cluster import toolcalls
 from drafthorse.cluster.apikeys import bearer
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2 as pb
@@ -49,7 +50,6 @@ from drafthorse.runtime.rpc import field_of
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 600.0
 OPENAI_DEFAULT_TEMPERATURE = 1.0
-MAX_TOP_LOGPROBS = 20
 
 # gRPC status -> (HTTP status, OpenAI error type)
 STATUS = {
@@ -293,8 +293,8 @@ def _common(body: _Body, r: pb.GenerateRequest) -> None:
     if isinstance(body, ChatBody) and top is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if top is not None or (isinstance(body, ChatBody) and body.logprobs):
-        if not 0 <= (top := top or 0) <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"{param} must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param=param)
+        if not 0 <= (top := top or 0) <= MAX_TOP:
+            raise APIError(400, f"{param} must be in [0, {MAX_TOP}], got {top}", param=param)
         r.sampling.logprobs = top
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":

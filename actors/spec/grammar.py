@@ -9,6 +9,7 @@ its q off, exactly as for a scored rejection). The grammar state advances along 
 row by row, so each row is masked as plain constrained decoding would mask it."""
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -28,8 +29,11 @@ JSON_LAYOUT: llguidance._lib.JsonCompileOptions = {"whitespace_flexible": False,
                                               "key_separator": ": "}
 
 
+@functools.lru_cache(maxsize=64)
 def compile_spec(kind: str, text: str) -> str:
-    """An llguidance grammar for a constraint of `kind`; BadField("constraint") naming what is wrong."""
+    """An llguidance grammar for a constraint of `kind`; BadField("constraint") naming what is wrong.
+    Cached: a request's constraint is checked at the gateway and again where it runs, and clients send
+    the same few schemas over and over."""
     if kind not in KINDS:
         raise BadField("constraint", f"constraint kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if len(text) > MAX_SPEC_CHARS:
