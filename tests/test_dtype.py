@@ -1,12 +1,14 @@
-"""Low-precision targets: `auto` dtype selection, exactness at bfloat16 and int8 (a verify row is computed
-bit for bit like a one-token decode row, so greedy speculation equals plain decoding at the same dtype),
-weight-only int8, and the GGUF converted-weights cache (hit, corrupted entry)."""
+"""Low-precision targets: `auto` dtype selection, exactness at bfloat16, int8 and int4 (a verify row is
+computed bit for bit like a one-token decode row, so greedy speculation equals plain decoding at the
+same dtype), weight-only int8 and int4 (a GGUF's blocks as stored), and the GGUF converted-weights cache
+(hit, corrupted entry)."""
 from __future__ import annotations
 
 import functools
 import json
 import random
 
+import gguf
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from drafthorse.actors.drafters.base import NoDrafter
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
-from drafthorse.actors.models import exact, gguf_cache, loader, quant
+from drafthorse.actors.models import exact, gguf_blocks, gguf_cache, loader, quant
 from drafthorse.actors.models.runner import ModelRunner, score_batch
 from drafthorse.actors.spec.sampling import SamplingParams
 
@@ -28,14 +30,18 @@ PROMPTS = {
 }
 N_NEW = 40
 # (dtype, exact forwards): float32 runs as today (exact off) and with exact forwards forced on
-CONFIGS = [("bfloat16", None), ("float16", None), ("float32", None), ("float32", True), ("int8", None)]
+CONFIGS = [("bfloat16", None), ("float16", None), ("float32", None), ("float32", True), ("int8", None),
+           ("int4", None)]
 
 
 @functools.cache
 def _tiny(seed: int, dtype: str):
-    lm = loader.tiny_llama(seed, dtype=torch.float32 if dtype == "int8" else getattr(torch, dtype), max_len=512)
+    quantized = dtype in ("int8", "int4")
+    lm = loader.tiny_llama(seed, dtype=torch.float32 if quantized else getattr(torch, dtype), max_len=512)
     if dtype == "int8":
         lm.model.quantize_int8()
+    elif dtype == "int4":
+        lm.model.quantize_int4({})
     return lm
 
 
@@ -189,7 +195,7 @@ def check_rows_bitwise(lm, prompt, offsets, sizes, decode_n):
 
 
 @pytest.mark.parametrize("dtype,exact_on", [("bfloat16", None), ("float16", None), ("float32", True),
-                                            ("int8", None)])
+                                            ("int8", None), ("int4", None)])
 def test_verify_rows_are_bitwise_decode_rows(dtype, exact_on):
     lm = tiny_at(0, dtype, exact_on)
     assert lm.model.exact and lm.model.exact_rows.ok
@@ -372,6 +378,85 @@ def test_int8_weights():
         f64.model.quantize_int8()
 
 
+# ---------------------------------------------------------------- weight-only int4
+
+def _int4_hot(k: int, n: int, gen: torch.Generator) -> tuple[quant.Int4Weight, list[int]]:
+    """Random int4 codes [n, k] whose weights at exact._hot(k)'s inputs are exactly 1 (code 9 with scale
+    1/16 and zero 15/16 in their groups), for exact._cancelling's data."""
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.full((n, k // quant.GROUP), 2.0 ** -4)
+    zero = torch.zeros(n, k // quant.GROUP)
+    hot = exact._hot(k)
+    q[:, hot] = 9
+    zero[:, [h // quant.GROUP for h in hot]] = 1 - 2.0 ** -4
+    return quant.Int4Weight(q, scale, zero), hot
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_products_are_row_invariant_at_every_row_count(threads):
+    """Why int4 needs no row padding either: on SmolLM2's product shapes (the LM head as two halves),
+    every row of the int4 kernel comes out bit for bit the same at every row count 1-32."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for k, n in [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 8192)]:
+            w, hot = _int4_hot(k, n, gen)
+            assert torch.equal(w.dequantize()[hot], torch.ones(len(hot), n))
+            x = exact._cancelling(96, k, hot, torch.bfloat16, gen)
+            assert len(exact._classes(w.mm, x, list(range(1, 33)))) == 1, (k, n)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_int4_weights():
+    """Groups of 32 from their minimum to their maximum in 16 levels: within half a step of the dense
+    weight; the kernel multiplies by what int4_values says (its float32 path, dequantize) and its
+    bfloat16 products match; `load(..., "int4")` of a tiny model quantises a float32 copy, exact rows
+    on, the dense weights still reachable for fingerprints."""
+    gen = torch.Generator().manual_seed(1)
+    w_t = torch.randn(64, 48, generator=gen)
+    w = quant.Int4Weight.quantize(w_t)
+    assert w.shape == (64, 48) and not w.halves
+    step = (w_t.reshape(2, 32, 48).amax(1) - w_t.reshape(2, 32, 48).amin(1)) / 15
+    assert ((w.dequantize() - w_t).abs() <= 0.5 * step.repeat_interleave(32, 0) * 1.02 + 1e-6).all()
+    x = torch.randn(5, 64, generator=gen)
+    ref = x.bfloat16().float() @ w.dequantize()
+    assert torch.allclose(w.mm(x), ref, rtol=1e-2, atol=2e-2) and w.mm(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="groups"):
+        quant.Int4Weight(torch.zeros(8, 40, dtype=torch.uint8), torch.ones(8, 1), torch.zeros(8, 1))
+    lm = loader.load("tiny:0", "int4")
+    f64 = loader.load("tiny:0", "float32")
+    assert lm.dtype == "int4" and lm.model.dtype == torch.float32 and lm.model.quantized == "int4"
+    assert lm.model.exact and isinstance(lm.model.lm_head_t, quant.Int4Weight)
+    from drafthorse.actors.drafters.heads import fingerprint
+    assert fingerprint(lm.model) == fingerprint(f64.model)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_as_the_int4_kernel_reads_them(kind):
+    """A GGUF block type in the kernel's terms gives gguf's own dequantisation (up to the scales' rounding
+    to bfloat16); llama.cpp's q/k row order is undone; fused parts (4-bit beside 8-bit) multiply as the
+    concatenated dense weights do."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 128, generator=gen).numpy()
+    t = gguf.GGMLQuantizationType[kind]
+    blocks = gguf.quants.quantize(w, t)
+    ref = torch.from_numpy(gguf.quants.dequantize(blocks, t))
+    codes = gguf_blocks._codes(kind, blocks.reshape(48, -1, gguf_blocks._BLOCK_BYTES[kind]))
+    got = quant.int4_values(*codes)
+    assert codes[3] == (kind == "Q8_0") and got.shape == ref.shape
+    assert ((got - ref).abs() <= 2 ** -8 * ref.abs().amax(1, keepdim=True)).all()
+    order = gguf_blocks._orders(48, (6, 2))[1]
+    assert torch.equal(quant.int4_values(*gguf_blocks._reordered(codes, order)), got[torch.from_numpy(order)])
+    four = gguf_blocks._codes("Q4_1", gguf.quants.quantize(w[:16], gguf.GGMLQuantizationType.Q4_1).reshape(16, 4, 20))
+    fused = gguf_blocks._fuse([codes, four])
+    dense = torch.cat([got, quant.int4_values(*four)])
+    assert torch.equal(quant.int4_values(*fused), dense)
+    x = torch.randn(3, 128, generator=gen)
+    assert torch.allclose(quant.Int4Weight(*fused).mm(x), x.bfloat16().float() @ dense.t(), rtol=2e-2, atol=5e-2)
+
+
 # ---------------------------------------------------------------- GGUF weights cache
 
 def test_cache_entry_round_trip_and_corruption(tmp_path, monkeypatch, caplog):
@@ -419,7 +504,7 @@ SMOL_QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "int8"])
+@pytest.fixture(scope="module", params=["bfloat16", "int8", "int4"])
 def smollm2_at(request):
     """SmolLM2 at each exact dtype, loaded with 2 threads (what the exact probe measures)."""
     before = torch.get_num_threads()
@@ -435,7 +520,7 @@ def smollm2_at(request):
 @pytest.mark.smollm2
 def test_smollm2_ngram_equals_plain(smollm2_at):
     lm = smollm2_at
-    assert lm.dtype in ("bfloat16", "int8") and lm.model.exact and lm.model.exact_rows.ok
+    assert lm.dtype in ("bfloat16", "int8", "int4") and lm.model.exact and lm.model.exact_rows.ok
     engine = SpecEngine(ModelRunner(lm.model, 1024), lm.eos_ids)
     params = SamplingParams(max_new_tokens=64)
     accepted = 0
@@ -482,7 +567,7 @@ def test_smollm2_a_tokens_kv_do_not_depend_on_how_it_entered_the_cache(smollm2_a
                 torch.equal(pool.v[:, 0, :, :n], pool.v[:, 1, :, :n])
             if exact_prefill:
                 assert same and rest == out[k:], k
-            elif lm.dtype == "bfloat16":   # (int8 activations are float32: library rows may agree there)
+            elif lm.dtype == "bfloat16":   # (int8/int4 activations are float32: library rows may agree there)
                 assert not same, k
     finally:
         lm.model.exact_prefill = before

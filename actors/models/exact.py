@@ -57,7 +57,7 @@ import torch
 
 from .attention import cut as _cut
 from .products import OutIn, Weight
-from .quant import Int8Weight
+from .quant import Int4Weight, Int8Weight
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +396,8 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
     # count decides the cost, not the kernel path)
     linear: dict[tuple[int, ...], tuple[int, ...] | None] = {}
     for key, w in weights.items():
-        if isinstance(w, Int8Weight):
-            continue      # int8 products are row-invariant at every row count (quant.py)
+        if isinstance(w, Int8Weight | Int4Weight):
+            continue      # int8 and int4 products are row-invariant at every row count (quant.py)
         if isinstance(w, OutIn):
             w = w.dense()   # what an exact forward multiplies by
         shape = tuple(w.shape)

@@ -22,7 +22,7 @@ from . import family as _family
 from . import products as _products
 from .kvcache import KVCache, KVPool
 from .products import OutIn, Weight
-from .quant import Int8Weight
+from .quant import Int4Weight, Int8Weight
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Llama(nn.Module):
         # RoPE tables computed as HF does (float32 outer product, then cast), one per layer type
         self.rope = {kind: self._rope_table(theta, factor) for kind, (theta, factor) in fam.rope.items()}
         # row-invariant decode/verify (exact.py): on by default below float32
-        self.quantized = False
+        self.quantized: str | None = None   # "int8" / "int4": weight-only codes (quant.py)
         self._exact = False
         self._exact_rows: _exact.ExactRows | None = None
         self.exact_prefill = _exact.prefill_on()  # prompts' rows exact too (where exact): see exact.prefill_on
@@ -189,21 +189,38 @@ class Llama(nn.Module):
         """Weight-only int8 for every layer product and the LM head (quant.py); the embedding stays
         dense (a gather reads one row per token). Exact decode/verify turns on: int8 products are
         row-invariant already, so it only costs the attention split."""
+        self._quantize("int8", {})
+
+    def quantize_int4(self, stored: dict[str, Int4Weight]) -> None:
+        """Weight-only int4 for every layer product and the LM head: `stored` ("i.key", "lm_head": a
+        GGUF's blocks as stored, gguf_blocks.products), the others quantised from the dense weights."""
+        self._quantize("int4", stored)
+
+    def _quantize(self, kind: str, stored: dict[str, Int4Weight]) -> None:
         if self.dtype != torch.float32:
-            raise ValueError(f"int8 weights need a float32 model, got {self.dtype}")
+            raise ValueError(f"{kind} weights need a float32 model, got {self.dtype}")
+        codes = Int8Weight if kind == "int8" else Int4Weight.quantize
+        own = 0
         for i, layer in enumerate(self.layers):
             for key in PRODUCTS:
-                layer.products[key] = Int8Weight(self.dense(i, key))
-        self.lm_head_t = Int8Weight(self.lm_head.t())
+                w = stored.get(f"{i}.{key}")
+                if w is None:
+                    w, own = codes(self.dense(i, key)), own + 1
+                layer.products[key] = w
+        head = stored.get("lm_head")
+        self.lm_head_t = head if head is not None else codes(self.lm_head.t())
+        if kind == "int4":
+            log.info("int4 weights: %d of %d products as the GGUF stores them, %d quantised here",
+                     len(stored), len(self.layers) * len(PRODUCTS) + 1, own + (head is None))
         self.head_cut = None
-        self.quantized = True
+        self.quantized = kind
         self.exact = self.exact_by_default
         self._exact_rows = None
 
     @property
     def exact_by_default(self) -> bool:
-        """Exact decode/verify rows unless DRAFTHORSE_EXACT says otherwise: below float32, and for int8
-        (whose products round their inputs to bfloat16)."""
+        """Exact decode/verify rows unless DRAFTHORSE_EXACT says otherwise: below float32, and for int8 and
+        int4 (whose products round their inputs to bfloat16)."""
         return _exact.default_on(torch.bfloat16 if self.quantized else self.dtype)
 
     @property
@@ -234,7 +251,7 @@ class Llama(nn.Module):
             if not exact:
                 return w.mm(x)
             w = w.dense()             # an exact forward on a non-exact model: the probed x @ w
-        if isinstance(w, Int8Weight):
+        if isinstance(w, Int8Weight | Int4Weight):
             return w.mm(x)            # row-invariant at every row count (quant.py): no padding
         n = x.shape[0]
         if not exact:

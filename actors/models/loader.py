@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from drafthorse.actors.models import gguf_cache
+from drafthorse.actors.models import gguf_blocks, gguf_cache
 
 from .llama import Llama
 
@@ -30,7 +30,7 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 # opt-in weight formats: name -> the dtype the model computes in (quant.py)
-_QUANTIZED = {"int8": "float32"}
+_QUANTIZED = {"int8": "float32", "int4": "float32"}
 NATIVE_BF16_ENV = "DRAFTHORSE_NATIVE_BF16"   # "0": behave as if the CPU had no bfloat16 (tests), "1": as if it had
 
 
@@ -48,7 +48,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> str:
-        return "int8" if self.model.quantized else str(self.model.dtype).removeprefix("torch.")
+        return self.model.quantized or str(self.model.dtype).removeprefix("torch.")
 
 
 def smollm2_path() -> Path:
@@ -92,7 +92,7 @@ def resolve(spec: str) -> tuple[str, str | None]:
 
 
 def dtype_of(name: str) -> torch.dtype:
-    """The torch dtype a model named `name` computes in (int8: float32 around int8 products)."""
+    """The torch dtype a model named `name` computes in (int8, int4: float32 around their products)."""
     try:
         return _DTYPES[_QUANTIZED.get(name, name)]
     except KeyError:
@@ -125,7 +125,7 @@ def native_bf16(device: str = "cpu", env: bool = True) -> bool:
 
 def resolve_dtype(name: str | None, device: str = "cpu", native: bool | None = None) -> str:
     """'auto' (or None) -> 'bfloat16' where `device` has native bfloat16, else 'float32'; any other
-    name is checked and returned (int8 is never chosen by auto: it changes the model's outputs).
+    name is checked and returned (int8 and int4 are never chosen by auto: they change the model's outputs).
     native: the answer to use instead of detecting it."""
     name = (name or "auto").strip().lower()
     if name == "auto":
@@ -139,8 +139,9 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     """spec: 'smollm2', a .gguf file, an HF directory, or 'tiny:SEED' (a tiny random Llama in float64
     with SmolLM2's tokenizer, whatever dtype says but int8: what cluster tests serve, fast and exactly
     reproducible). dtype: 'auto' (bfloat16 where the CPU has it natively, else float32), a name, or
-    'int8' (weight-only int8 over float32, quant.py). The weights are cast once here; a GGUF's
-    converted weights are cached (gguf_cache.py)."""
+    'int8' / 'int4' (weight-only codes over float32, quant.py; int4 runs a GGUF's 4-bit blocks as
+    stored, gguf_blocks.py). The weights are cast once here; a GGUF's converted weights are cached
+    (gguf_cache.py)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     asked, dtype = dtype, resolve_dtype(dtype)
     if spec.startswith("tiny:"):
@@ -149,8 +150,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
         lm = tiny_llama(int(spec[5:]), vocab_size=len(tok), max_len=max_len, eos_token_id=tok.eos_token_id,
                         dtype=torch.float32 if dtype in _QUANTIZED else torch.float64)
         lm.tokenizer, lm.name = tok, spec
-        if dtype in _QUANTIZED:
-            lm.model.quantize_int8()
+        _quantize(lm, dtype, None)
         return lm
     directory, gguf = resolve(spec)
     kw = {"gguf_file": gguf} if gguf else {}
@@ -169,8 +169,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
         if gguf and sha:
             gguf_cache.store(sha, dense, hf, tok)
     lm = wrap(hf, tok, name=spec if spec in (DEFAULT_MODEL, GEMMA3) else str(Path(spec).resolve()), max_len=max_len)
-    if dtype in _QUANTIZED:
-        lm.model.quantize_int8()
+    _quantize(lm, dtype, Path(directory) / gguf if gguf else None)
     # exact forwards probe the kernels now (exact_rows), not in the first request; auto never picks a
     # dtype whose speculative output could drift from plain decoding
     if lm.model.exact and not lm.model.exact_rows.ok and (asked or "auto").strip().lower() == "auto":
@@ -180,6 +179,14 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     log.info("loaded %s as %s%s from the %s in %.1f s%s", spec, dtype, f" (asked: {asked})" if asked != dtype else "",
              source, time.perf_counter() - t0, "; exact decode/verify rows" if lm.model.exact else "")
     return lm
+
+
+def _quantize(lm: LoadedModel, dtype: str, gguf: Path | None) -> None:
+    """int8 / int4 weights for a model loaded in float32 (int4 from the GGUF's own blocks where it has them)."""
+    if dtype == "int8":
+        lm.model.quantize_int8()
+    elif dtype == "int4":
+        lm.model.quantize_int4(gguf_blocks.products(gguf, lm.hf) if gguf else {})
 
 
 def vocab_size_of(spec: str) -> int:

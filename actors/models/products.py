@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .quant import Int8Weight
+from .quant import Int4Weight, Int8Weight
 
 ROWS = (4, 16)        # row counts timed (a small tree, a batch step); one row always runs `x @ w`
 MIN_SIZE = 1 << 18    # smaller weights (tiny test models) are not worth a second copy
@@ -39,7 +39,8 @@ class OutIn:
         return self.small
 
 
-Weight = torch.Tensor | Int8Weight | OutIn   # a product's weight [in, out]: dense, int8, or in both layouts
+# a product's weight [in, out]: dense, int8, int4, or in both layouts
+Weight = torch.Tensor | Int8Weight | Int4Weight | OutIn
 
 
 def _time(f: Callable[[], object], reps: int = 2) -> float:
