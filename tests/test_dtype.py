@@ -14,6 +14,7 @@ import torch
 
 from drafthorse.actors.drafters.base import NoDrafter
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
+from drafthorse.actors.drafters.heads import fingerprint
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models import exact, gguf_blocks, gguf_cache, loader, quant
@@ -371,7 +372,6 @@ def test_int8_weights():
     f64 = loader.load("tiny:0", "float32")
     assert lm.dtype == "int8" and lm.model.dtype == torch.float32 and lm.model.quantized and lm.model.exact
     assert isinstance(lm.model.lm_head_t, quant.Int8Weight) and f64.dtype == "float64"
-    from drafthorse.actors.drafters.heads import fingerprint
     assert fingerprint(lm.model) == fingerprint(f64.model)     # a head trained on one loads on the other
     assert torch.equal(lm.model.dense(0, "qkv"), f64.model.layers[0].products["qkv"].float())
     with pytest.raises(ValueError, match="float32"):
@@ -429,7 +429,6 @@ def test_int4_weights():
     f64 = loader.load("tiny:0", "float32")
     assert lm.dtype == "int4" and lm.model.dtype == torch.float32 and lm.model.quantized == "int4"
     assert lm.model.exact and isinstance(lm.model.lm_head_t, quant.Int4Weight)
-    from drafthorse.actors.drafters.heads import fingerprint
     assert fingerprint(lm.model) == fingerprint(f64.model)
 
 

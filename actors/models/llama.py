@@ -333,15 +333,18 @@ class Llama(nn.Module):
         total = x.shape[0]
         for i, w in enumerate(self.layers[:layers]):
             h = self.rms(x, w.ln1)
-            q, k, v = self._product(h, w, "qkv", mm_exact).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(total, self.n_heads, self.head_dim)
-            k = k.view(total, self.n_kv, self.head_dim)
+            q_k, v = self._product(h, w, "qkv", mm_exact).split([q_size + kv_size, kv_size], dim=-1)
             v = v.view(total, self.n_kv, self.head_dim)
-            if w.q_norm is not None and w.k_norm is not None:   # over each head's q and k, before RoPE
-                q, k = self.rms(q, w.q_norm), self.rms(k, w.k_norm)
             cos, sin = rope[fam.layer_types[i]]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            if w.q_norm is None or w.k_norm is None:   # q and k side by side: rotated in one pass
+                qk = q_k.view(total, self.n_heads + self.n_kv, self.head_dim)
+                q, k = (qk * cos + _rotate_half(qk) * sin).split([self.n_heads, self.n_kv], dim=1)
+            else:   # normed over each head's q and k before RoPE (Qwen3, Gemma 3)
+                q, k = q_k.split([q_size, kv_size], dim=-1)
+                q = self.rms(q.view(total, self.n_heads, self.head_dim), w.q_norm)
+                k = self.rms(k.view(total, self.n_kv, self.head_dim), w.k_norm)
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
             o = self._product(self._attend(i, q, k, v, groups[fam.layer_types[i]]).reshape(total, q_size), w, "o",
                               mm_exact)
             x = x + (o if w.post_attn is None else self.rms(o, w.post_attn))
