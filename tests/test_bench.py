@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from gguf import GGUFReader
 
+from drafthorse.actors.models.loader import load, smollm2_path
 from drafthorse.cluster.tools.bench import METHODS, format_table, load_questions, resolve_methods, run_bench
 
 
@@ -101,7 +103,6 @@ def test_draft_model_needs_a_draft_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from drafthorse.actors.models.loader import load
     return load(spec="smollm2", dtype="float32")
 
 
@@ -119,6 +120,10 @@ def test_run_bench_on_smollm2(smollm2, tmp_path):
     env = results["env"]
     assert env["question_ids"] == [1, 3] and env["max_new_tokens"] == 8 and env["dtype"] == "float32"
     assert env["model"] == "smollm2" and env["threads"] >= 1 and env["torch"] and env["date"]
+    assert env["memory_read_gb_per_s"] > 0 and isinstance(env["cpu_flags"], list)
+    for m in ("ar", "hf"):   # weights read per second: float32 SmolLM2 reads ~0.538 GB a forward, ours and HF's
+        s = results["summary"][m]["overall"]
+        assert s["weight_gb_per_s"] == pytest.approx(0.538 * s["tokens"] / s["seconds"], rel=0.05)
 
     summary = results["summary"]
     for m in results["methods"]:
@@ -174,18 +179,21 @@ def test_llama_cpp_method_needs_its_package(monkeypatch):
 
 
 @pytest.mark.smollm2
-def test_run_bench_llama_cpp_and_int8(tmp_path):
-    """llama.cpp's plain decoding of the same GGUF beside ours at int8 (skipped without the optional
-    extra): it runs on our prompt ids, and its greedy tokens mostly agree with ours (different number
-    formats: only the first tokens are compared)."""
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_run_bench_llama_cpp_and_quantised(tmp_path, dtype):
+    """llama.cpp's plain decoding of the same GGUF beside ours at int8 and int4 (skipped without the
+    optional extra): it runs on our prompt ids, and its greedy tokens mostly agree with ours (different
+    number formats: only the first tokens are compared)."""
     pytest.importorskip("llama_cpp")
-    from drafthorse.actors.models.loader import load
-    lm = load(spec="smollm2", dtype="int8")
+    lm = load(spec="smollm2", dtype=dtype)
     path = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:1])
     results = run_bench(load_questions(path, None), ["ngram", "llama-cpp"], 16, tmp_path, lm, progress=False)
-    assert results["env"]["dtype"] == "int8" and results["env"]["llama_cpp_python"]
+    assert results["env"]["dtype"] == dtype and results["env"]["llama_cpp_python"]
     s = results["summary"]
     assert s["ngram"]["overall"]["equal_to_ar"] == {"equal": 1, "total": 1}
     assert s["llama-cpp"]["overall"]["tokens"] == 16 and s["llama-cpp"]["overall"]["tokens_per_s"] > 0
+    gguf_bytes = sum(int(t.n_bytes) for t in GGUFReader(smollm2_path()).tensors)
+    cpp = s["llama-cpp"]["overall"]
+    assert cpp["weight_gb_per_s"] == pytest.approx(gguf_bytes * 16 / cpp["seconds"] / 1e9, rel=0.01)
     first = results["questions"][0]["results"]["llama-cpp"]["first_diff"]
     assert first is None or first >= 2, "llama.cpp disagrees with our greedy tokens from the start"

@@ -265,6 +265,18 @@ class Llama(nn.Module):
             return x @ w
         return (torch.cat([x, x.new_zeros(need - n, x.shape[1])]) @ w)[:n]
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights one forward reads: every layer's products (in the layout exact forwards run)
+        and norms, the final norm and the LM head (the embedding: one row a token, left out)."""
+        def size(w: Weight) -> int:
+            if isinstance(w, OutIn):
+                w = w.dense()
+            return w.nbytes if isinstance(w, Int8Weight | Int4Weight) else w.numel() * w.element_size()
+        norms = [t for layer in self.layers for t in (layer.ln1, layer.ln2, layer.q_norm, layer.k_norm,
+                                                      layer.post_attn, layer.post_mlp) if t is not None]
+        return (sum(size(w) for layer in self.layers for w in layer.products.values()) + size(self.lm_head_t)
+                + sum(t.numel() * t.element_size() for t in [*norms, self.norm]))
+
     def new_pool(self, slots: int, max_len: int | None = None, commit: bool = False) -> KVPool:
         """K/V for `slots` sequences of up to max_len tokens (the model's context at most); `commit`: all
         its memory now (kvcache.py)."""

@@ -112,6 +112,12 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def simd_flags() -> list[str]:
+    """The CPU's vector and matrix extensions that decide which kernels run (named with every benchmark)."""
+    return sorted(_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8",
+                                  "asimd", "bf16", "i8mm", "sve"})
+
+
 def native_bf16(device: str = "cpu", env: bool = True) -> bool:
     """Whether `device` computes bfloat16 natively: AVX-512 BF16 or AMX (x86), BF16 (arm64), or a CUDA
     GPU that supports it. DRAFTHORSE_NATIVE_BF16=0/1 overrides the answer (env=False ignores it)."""

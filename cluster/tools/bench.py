@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 import torch
 import transformers
+from gguf import GGUFReader
 from tqdm import tqdm
 from transformers import GenerationConfig
 
@@ -47,7 +48,7 @@ from drafthorse.actors.drafters.base import Drafter
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
-from drafthorse.actors.models.loader import LoadedModel, chat_prompt, resolve
+from drafthorse.actors.models.loader import LoadedModel, chat_prompt, resolve, simd_flags
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
 from drafthorse.actors.spec.grammar import Grammars, compile_spec
@@ -349,7 +350,7 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
                             draft_branches if draft_lm is not None else None),
         "methods": methods,
         "categories": categories,
-        "summary": summarize(records, methods, categories),
+        "summary": summarize(records, methods, categories, weight_bytes(lm, methods)),
         "questions": records,
         "skipped_question_ids": skipped,
         "notes": notes,
@@ -360,14 +361,17 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
     return results
 
 
-def summarize(records: list[dict], methods: list[str], categories: list[str]) -> dict:
+def summarize(records: list[dict], methods: list[str], categories: list[str],
+              weights: dict[str, int] | None = None) -> dict:
     """{method: {category | "overall": {prompts, tokens, seconds, tokens_per_s, speedup,
-    median_prompt_speedup, mean_accepted, equal_to_ar: {equal, total}}}}
+    median_prompt_speedup, mean_accepted, equal_to_ar: {equal, total}, weight_gb_per_s, time_split}}}
 
     speedup: tokens/s over the group / ar's tokens/s over the same prompts (ar: 1.0).
     median_prompt_speedup: median over prompts of the per-prompt tokens/s ratio (robust to a few
     generations slowed by machine noise). mean_accepted: tokens per target forward, prefill
-    included (engine methods only; None for hf methods)."""
+    included (engine methods only; None for hf methods). weight_gb_per_s: the target's weights read per
+    second of the method's wall time (weights: bytes per target forward, by method, `weight_bytes`;
+    a forward per token for hf and llama.cpp), against the machine's `memory_read_gb_per_s`."""
     groups = {c: [r for r in records if r["category"] == c] for c in categories}
     groups[OVERALL] = records
     summary: dict[str, dict] = {m: {} for m in methods}
@@ -384,7 +388,8 @@ def summarize(records: list[dict], methods: list[str], categories: list[str]) ->
                 forwards = sum(x["target_forwards"] for x in rs)
                 mean_acc = round(tokens / forwards, 4) if forwards else None
             else:
-                mean_acc = None
+                forwards, mean_acc = tokens, None
+            per_forward = (weights or {}).get(m)
             ratios = [b["seconds"] / x["seconds"] * x["tokens"] / b["tokens"]
                       for b, x in ((r["results"][BASELINE], r["results"][m]) for r in recs)
                       if x["seconds"] > 0 and b["tokens"] > 0]
@@ -398,6 +403,8 @@ def summarize(records: list[dict], methods: list[str], categories: list[str]) ->
                 "median_prompt_speedup": None if median is None else round(median, 4),
                 "mean_accepted": mean_acc,
                 "equal_to_ar": {"equal": sum(bool(x["equal_to_ar"]) for x in rs), "total": len(rs)},
+                "weight_gb_per_s": round(per_forward * forwards / seconds / 1e9, 2) if per_forward and seconds
+                else None,
                 # where the time went (engine and cluster methods): summed seconds per part
                 "time_split": {k: round(sum(x.get(k, 0.0) for x in rs), 4) for k in _TIMING if k in rs[0]},
             }
@@ -405,6 +412,37 @@ def summarize(records: list[dict], methods: list[str], categories: list[str]) ->
 
 
 _TIMING = ("prefill_s", "draft_s", "verify_s", "draft_rpc_s", "server_total_s")
+
+
+def weight_bytes(lm: LoadedModel, methods: list[str]) -> dict[str, int]:
+    """Bytes of the target's weights one forward reads, per method: ours (Llama.weight_bytes: engine and
+    cluster methods), transformers' model (hf), and the GGUF's tensors (llama-cpp; a tied embedding
+    counted once, as the LM head it also is)."""
+    ours = lm.model.weight_bytes()
+    hf = sum(p.numel() * p.element_size() for p in lm.hf.parameters())   # (parameters() lists tied ones once)
+    hf -= lm.hf.get_input_embeddings().weight.numel() * lm.hf.get_input_embeddings().weight.element_size() \
+        if not getattr(lm.hf.config, "tie_word_embeddings", False) else 0
+    out = {m: ours for m in methods if _base(m) in ENGINE_METHODS or m in CLUSTER_METHODS}
+    out.update({m: hf for m in methods if m in HF_METHODS})
+    directory, gguf = resolve(lm.name) if "llama-cpp" in methods else (None, None)
+    if gguf is not None:
+        out["llama-cpp"] = sum(int(t.n_bytes) for t in GGUFReader(Path(directory) / gguf).tensors)
+    return out
+
+
+def memory_read_gb_per_s(mib: int = 512) -> float:
+    """This machine's memory read bandwidth at torch's thread count: the best of three sums of a tensor
+    far larger than the caches (what a forward's weight reads could reach at most)."""
+    x = torch.ones(mib * 2 ** 18)          # float32
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(3))
+    return round(x.nbytes / best / 1e9, 2)
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
 
 
 def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: int,
@@ -429,6 +467,8 @@ def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: 
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "llama_cpp_python": _version("llama_cpp_python"),
+        "memory_read_gb_per_s": memory_read_gb_per_s(),
+        "cpu_flags": simd_flags(),
         "question_ids": question_ids,
     }
 
@@ -473,13 +513,13 @@ def plot_speedup(results: dict, path: str | os.PathLike) -> None:
 
 def format_table(results: dict) -> str:
     """Markdown table: one row per category (and overall); per method tok/s, speedup vs ar,
-    mean accepted tokens per target forward, and prompts equal to ar's output."""
+    mean accepted tokens per target forward, prompts equal to ar's output, and weights read per second."""
     methods, summary = results["methods"], results["summary"]
     groups = results["categories"] + [OVERALL]
     env = results["env"]
     head = ["category", "n"]
     for m in methods:
-        head += [f"{m} tok/s", f"{m} ×ar", f"{m} acc", f"{m} =ar"]
+        head += [f"{m} tok/s", f"{m} ×ar", f"{m} acc", f"{m} =ar", f"{m} GB/s"]
     rows = []
     for g in groups:
         row = [f"**{g}**" if g == OVERALL else g, str(summary[methods[0]][g]["prompts"])]
@@ -489,7 +529,8 @@ def format_table(results: dict) -> str:
             row += [f"{s['tokens_per_s']:.1f}",
                     "-" if s["speedup"] is None else f"{s['speedup']:.2f}",
                     "-" if s["mean_accepted"] is None else f"{s['mean_accepted']:.2f}",
-                    f"{eq['equal']}/{eq['total']}"]
+                    f"{eq['equal']}/{eq['total']}",
+                    "-" if s.get("weight_gb_per_s") is None else f"{s['weight_gb_per_s']:.1f}"]
         rows.append(row)
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
 
@@ -499,7 +540,9 @@ def format_table(results: dict) -> str:
 
     sep = "|" + "|".join(("-" * (w + 2)) if i < 1 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     caption = (f"{env['model']} ({env['dtype']}), greedy, max_new_tokens={env['max_new_tokens']}, "
-               f"{env['threads']} threads, {len(env['question_ids'])} prompts, {env['date']}")
+               f"{env['threads']} threads, {len(env['question_ids'])} prompts, {env['date']}; CPU "
+               f"{' '.join(env.get('cpu_flags', []))}, memory read {env.get('memory_read_gb_per_s')} GB/s "
+               "(GB/s: the target's weights read per second)")
     if env.get("draft_model"):
         caption += f"; draft {env['draft_model']} depth={env['draft_depth']} branches={env['draft_branches']}"
     return "\n".join([caption, "", line(head), sep] + [line(r) for r in rows])

@@ -27,7 +27,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from drafthorse.actors.drafters import make_drafter
 from drafthorse.actors.engine import BatchEngine, Prompt
-from drafthorse.actors.models.loader import LoadedModel
+from drafthorse.actors.models.loader import LoadedModel, simd_flags
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
 from drafthorse.actors.spec.sampling import SamplingParams
@@ -170,12 +170,6 @@ def _hf(lm: LoadedModel, batch: list[list[int]], n: int, method: str) -> tuple[f
 
 
 def environment(lm: LoadedModel, max_new_tokens: int, batch_sizes: list[int]) -> dict:
-    flags = set()
-    try:
-        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                 for f in line.split(":", 1)[1].split()}
-    except OSError:
-        pass
     return {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "model": lm.name,
@@ -184,7 +178,7 @@ def environment(lm: LoadedModel, max_new_tokens: int, batch_sizes: list[int]) ->
         "exact_rows": bool(lm.model.exact),   # decode and verify rows computed alike (models/exact.py)
         "max_new_tokens": max_new_tokens,
         "batch_sizes": batch_sizes,
-        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}),
+        "cpu_flags": simd_flags(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
