@@ -77,9 +77,10 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="sampling seed"),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     raw: bool = typer.Option(False, help="send the prompt as is, without the chat template"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8 (auto: bfloat16 "
-                                           "where the CPU has it natively, else float32; int8: weight-only "
-                                           "int8 over float32, opt-in)"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8 | int4 (auto: "
+                                           "bfloat16 where the CPU has it natively, else float32; int8 / int4: "
+                                           "weight-only codes over float32, opt-in; int4 runs a GGUF's 4-bit "
+                                           "blocks as stored)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
     server: Optional[str] = typer.Option(None, help="HOST:PORT of a drafthorse gateway; in-process if unset"),
     session: Optional[str] = typer.Option(None, help="session id to continue (with --server)"),
@@ -168,8 +169,9 @@ def bench(
                                      "method with /N (eagle/8) uses a tree budget of N nodes"),
     model: str = typer.Option("smollm2"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft-model method"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8, for drafthorse and "
-                                           "the hf baselines alike (int8: hf runs the float32 weights)"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8 | int4, for drafthorse "
+                                           "and the hf baselines alike (int8 / int4: hf runs the float32 "
+                                           "weights)"),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("bench_out"), help="writes OUT/results.json and OUT/speedup.png"),
     head: list[str] = typer.Option([], help="KIND=PATH: a trained head for method KIND (eagle, medusa, "
@@ -227,7 +229,8 @@ def throughput(
     max_new_tokens: int = typer.Option(64, min=1, help="tokens every sequence generates (EOS suppressed)"),
     methods: str = typer.Option("ar,ngram,hf", help="comma list: ar, ngram, hf"),
     model: str = typer.Option("smollm2"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8, ours and hf alike"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8 | int4, ours and hf "
+                                           "alike (int8 / int4: hf runs the float32 weights)"),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("throughput_out"), help="writes OUT/throughput.json and OUT/throughput.png"),
     profile_batch: int = typer.Option(0, min=0, help="also profile plain decoding's steps at this batch size "
@@ -280,7 +283,7 @@ def serve(
                                          help="serve the public APIs with no API keys on a non-loopback --host"),
     redis_url: Optional[str] = typer.Option(None, help="default: 127.0.0.1:6379 if up, else an embedded redis"),
     ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
-    dtype: Optional[str] = typer.Option(None, help="auto (default) | float32 | bfloat16 | float16 | int8"),
+    dtype: Optional[str] = typer.Option(None, help="auto (default) | float32 | bfloat16 | float16 | int8 | int4"),
 ):
     """Start the cluster (Ray, Redis, gateway, target and draft workers) and serve until Ctrl-C.
     Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""
@@ -395,7 +398,7 @@ def soak(
     max_new_tokens: int = typer.Option(64, min=1, max=2048),
     model: str = typer.Option("smollm2", help="target model"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft workers (default: the target)"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | float64 | int8"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | float64 | int8 | int4"),
     targets: int = typer.Option(2, min=2, max=64, help="target workers (a fault must leave one)"),
     drafts: int = typer.Option(2, min=1, max=64, help="draft workers"),
     max_growth: float = typer.Option(20.0, min=0.0, help="fail if a process's RSS grows faster (MiB/min) over "

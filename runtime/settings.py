@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from drafthorse.runtime.kinds import kind
 from drafthorse.runtime.rpc import MutualTls
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8")   # what flags and settings offer
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")   # what flags and settings offer
 G = TypeVar("G", bound="Common")
 
 
@@ -28,8 +28,9 @@ class Common(BaseSettings):
                               "port; N = the first free port in N..N+15 (one per process on a machine)")
     model: str = "smollm2"
     dtype: str = Field("auto", description="auto (bfloat16 where the CPU has it natively, else float32) | "
-                                           "float32 | bfloat16 | float16 | int8 (weight-only int8 over float32, "
-                                           "opt-in); target and draft models alike")
+                                           "float32 | bfloat16 | float16 | int8 | int4 (weight-only codes over "
+                                           "float32, opt-in; int4 runs a GGUF's 4-bit blocks as stored); target "
+                                           "and draft models alike")
     max_len: int = Field(4096, ge=16, description="context per session (prompt + generated)")
     session_ttl_s: int = Field(3600, ge=1)
     heartbeat_s: float = Field(2.0, gt=0)

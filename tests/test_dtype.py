@@ -81,13 +81,16 @@ def test_dtype_names_are_checked():
 
     from drafthorse.runtime.settings import Settings
     with pytest.raises(ValueError, match="dtype must be"):
-        loader.resolve_dtype("int4")
+        loader.resolve_dtype("int3")
     assert loader.resolve_dtype("int8") == "int8" and loader.dtype_of("int8") == torch.float32
-    assert loader.resolve_dtype("auto", native=False) != "int8"      # opt-in only: it changes outputs
+    assert loader.resolve_dtype("int4") == "int4" and loader.dtype_of("int4") == torch.float32
+    assert loader.resolve_dtype("auto", native=False) not in ("int8", "int4")   # opt-in only: they change outputs
+    assert loader.resolve_dtype("auto", native=True) not in ("int8", "int4")
     assert Settings().dtype == "auto"
     assert Settings(dtype="BFloat16").dtype == "bfloat16" and Settings(dtype="int8").dtype == "int8"
+    assert Settings(dtype="int4").dtype == "int4"
     with pytest.raises(ValidationError, match="dtype must be"):
-        Settings(dtype="int4")
+        Settings(dtype="int3")
 
 
 def test_exact_forwards_default_on_below_float32(monkeypatch):
@@ -123,7 +126,12 @@ def test_cli_generate_reports_the_chosen_dtype(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     stats = json.loads(res.stdout.strip().splitlines()[-1])["stats"]
     assert stats["dtype"] == "int8" and stats["exact_rows"] is True
-    res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tmp_path), "--dtype", "int4"])
+    res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tmp_path), "--max-new-tokens", "8",
+                                   "--json", "--dtype", "int4"])     # (a directory: quantised here)
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.stdout.strip().splitlines()[-1])["stats"]
+    assert stats["dtype"] == "int4" and stats["exact_rows"] is True
+    res = CliRunner().invoke(app, ["generate", "Hi", "--model", str(tmp_path), "--dtype", "int3"])
     assert res.exit_code == 2 and "dtype must be" in res.output
 
 
