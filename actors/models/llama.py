@@ -103,9 +103,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Llama(nn.Module):
-    def __init__(self, hf_model: Any, max_len: int):
+    def __init__(self, hf_model: Any, max_len: int, tune: bool = True):
         """hf_model: a transformers causal LM of a family.py family, or anything with a
-        LlamaForCausalLM's attributes (heads.py)."""
+        LlamaForCausalLM's attributes (heads.py). tune: time the product layouts now (products.py);
+        False for a model about to be quantised, whose products then run as codes."""
         super().__init__()
         cfg = hf_model.config
         self.family = fam = _family.of(cfg)   # ValueError naming an architecture it does not serve
@@ -138,7 +139,7 @@ class Llama(nn.Module):
         self.exact_prefill = _exact.prefill_on()  # prompts' rows exact too (where exact): see exact.prefill_on
         self._hf_layers = m.layers               # dense weights, for `dense` once quantised
         self.exact = self.exact_by_default
-        if not self.exact:
+        if tune and not self.exact:
             self.tune()
 
     def _rope_table(self, theta: float, factor: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,7 +174,8 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
         hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dense), **kw).eval()
         if gguf and sha:
             gguf_cache.store(sha, dense, hf, tok)
-    lm = wrap(hf, tok, name=spec if spec in (DEFAULT_MODEL, GEMMA3) else str(Path(spec).resolve()), max_len=max_len)
+    lm = wrap(hf, tok, name=spec if spec in (DEFAULT_MODEL, GEMMA3) else str(Path(spec).resolve()), max_len=max_len,
+              tune=dtype not in _QUANTIZED)
     _quantize(lm, dtype, Path(directory) / gguf if gguf else None)
     # exact forwards probe the kernels now (exact_rows), not in the first request; auto never picks a
     # dtype whose speculative output could drift from plain decoding
@@ -222,11 +223,11 @@ def check_pair(target: str, draft: str) -> None:
 
 
 def wrap(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, name: str = "custom",
-         max_len: int = 8192) -> LoadedModel:
+         max_len: int = 8192, tune: bool = True) -> LoadedModel:
     eos = hf.generation_config.eos_token_id if hf.generation_config else None
     eos = hf.config.eos_token_id if eos is None else eos
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return LoadedModel(name=name, hf=hf, model=Llama(hf, max_len), tokenizer=tokenizer, eos_ids=eos_ids)
+    return LoadedModel(name=name, hf=hf, model=Llama(hf, max_len, tune), tokenizer=tokenizer, eos_ids=eos_ids)
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
