@@ -138,6 +138,10 @@ def test_run_bench_on_smollm2(smollm2, tmp_path):
         assert summary["ar"][group]["mean_accepted"] == 1.0   # one token per target forward
         assert summary["ngram"][group]["mean_accepted"] >= 1.0
         assert summary["hf"][group]["mean_accepted"] is None
+    assert summary["ngram"]["overall"]["draft_per_verify"] == pytest.approx(
+        summary["ngram"]["overall"]["time_split"]["draft_s"] / summary["ngram"]["overall"]["time_split"]["verify_s"],
+        abs=1e-3)
+    assert summary["hf"]["overall"]["draft_per_verify"] is None
     # greedy speculation is lossless: every ngram output equals ar's token for token
     assert summary["ngram"]["overall"]["equal_to_ar"] == {"equal": 2, "total": 2}
     assert summary["ar"]["overall"]["equal_to_ar"] == {"equal": 2, "total": 2}

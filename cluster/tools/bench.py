@@ -364,7 +364,8 @@ def run_bench(questions: list[dict], methods: list[str], max_new_tokens: int, ou
 def summarize(records: list[dict], methods: list[str], categories: list[str],
               weights: dict[str, int] | None = None) -> dict:
     """{method: {category | "overall": {prompts, tokens, seconds, tokens_per_s, speedup,
-    median_prompt_speedup, mean_accepted, equal_to_ar: {equal, total}, weight_gb_per_s, time_split}}}
+    median_prompt_speedup, mean_accepted, equal_to_ar: {equal, total}, weight_gb_per_s, time_split,
+    draft_per_verify}}}
 
     speedup: tokens/s over the group / ar's tokens/s over the same prompts (ar: 1.0).
     median_prompt_speedup: median over prompts of the per-prompt tokens/s ratio (robust to a few
@@ -390,6 +391,7 @@ def summarize(records: list[dict], methods: list[str], categories: list[str],
             else:
                 forwards, mean_acc = tokens, None
             per_forward = (weights or {}).get(m)
+            split = {k: round(sum(x.get(k, 0.0) for x in rs), 4) for k in _TIMING if k in rs[0]}
             ratios = [b["seconds"] / x["seconds"] * x["tokens"] / b["tokens"]
                       for b, x in ((r["results"][BASELINE], r["results"][m]) for r in recs)
                       if x["seconds"] > 0 and b["tokens"] > 0]
@@ -406,7 +408,9 @@ def summarize(records: list[dict], methods: list[str], categories: list[str],
                 "weight_gb_per_s": round(per_forward * forwards / seconds / 1e9, 2) if per_forward and seconds
                 else None,
                 # where the time went (engine and cluster methods): summed seconds per part
-                "time_split": {k: round(sum(x.get(k, 0.0) for x in rs), 4) for k in _TIMING if k in rs[0]},
+                "time_split": split,
+                # a step's drafting against its target forward (verification): what the drafter costs
+                "draft_per_verify": round(split["draft_s"] / split["verify_s"], 4) if split.get("verify_s") else None,
             }
     return summary
 
