@@ -98,7 +98,11 @@ class EagleHead(nn.Module):
             model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=target.embed), layers=trunk.layers,
                                   norm=trunk.norm),
             lm_head=SimpleNamespace(weight=target.lm_head[d2t]))
-        head = Llama(shell, max_len)
+        head = Llama(shell, max_len, tune=target.quantized is None)
+        if target.quantized == "int8":   # a quantised target's head reads codes too: a draft step stays cheap
+            head.quantize_int8()
+        elif target.quantized == "int4":
+            head.quantize_int4({})
         head.exact = False     # a proposal only: the fast kernels are right for it
         return head
 

@@ -63,11 +63,17 @@ class Int4Weight:
         if k % GROUP or scale.shape != (n, k // GROUP) or zero.shape != scale.shape:
             raise ValueError(f"int4 weight: codes {tuple(q.shape)} need {GROUP}-wide groups and scales "
                              f"[{n}, {k // GROUP}], got {tuple(scale.shape)} and {tuple(zero.shape)}")
+        self.halves = halves
+        self.shape = (k, n // 2 if halves else n)    # the dense weight's [in, out]
+        # the kernel packs outputs in 16s: each part padded with zero weights (code 8, zero 0), cut off again
+        parts = [t.chunk(2) if halves else (t,) for t in (q, scale, zero)]
+        pad = -self.shape[1] % 16
+        fill = (8, 1.0, 0.0)
+        q, scale, zero = (torch.cat([torch.cat([p, p.new_full((pad, p.shape[1]), f)]) for p in ps])
+                          for ps, f in zip(parts, fill))
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         # the kernel's table: [in / GROUP, out', 2] (scale, zero) in the activations' dtype
         self.scale_zero = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
-        self.halves = halves
-        self.shape = (k, n // 2 if halves else n)    # the dense weight's [in, out]
 
     @classmethod
     def quantize(cls, w_t: torch.Tensor) -> Int4Weight:
@@ -84,20 +90,22 @@ class Int4Weight:
         """x @ w: x [n, in] (any float dtype) -> [n, out] in x's dtype."""
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed, GROUP,
                                                        self.scale_zero)
-        if self.halves:
-            hi, lo = y.float().chunk(2, dim=1)
-            return (hi + lo).to(x.dtype)
-        return y.to(x.dtype)
+        return self._out(y, x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The dense [in, out] float32 weight the kernel multiplies by: its product with an identity on
-        the kernel's float32 path (slow: small weights and tests; `values` computes it from codes)."""
+        the kernel's float32 path (slow: small weights and tests; `int4_values` computes it from codes)."""
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(self.shape[0]), self.packed, GROUP,
                                                        self.scale_zero.float())
+        return self._out(y, torch.float32)
+
+    def _out(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The kernel's output [n, out'] as [n, out]: halves summed in float32, padding cut off."""
+        n = self.shape[1]
         if self.halves:
-            hi, lo = y.chunk(2, dim=1)
-            return hi + lo
-        return y
+            hi, lo = y.float().chunk(2, dim=1)
+            return (hi[:, :n] + lo[:, :n]).to(dtype)
+        return (y if y.shape[1] == n else y[:, :n]).to(dtype)
 
     @property
     def nbytes(self) -> int:
