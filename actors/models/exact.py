@@ -441,9 +441,10 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
         every = tuple(counts)   # (rows may differ anyway: calls as they come, PROBE_ROWS at most)
         return ExactRows(False, {shape: every for shape in linear}, every)
     products = {shape: c for shape, c in linear.items() if c is not None}
-    log.info("exact decoding (%s, %d threads): each product's calls on %s rows, attention groups on %s rows, "
+    log.info("exact decoding (%s, %d threads): each product's calls on %s, attention groups on %s rows, "
              "%s (probed in %.2f s)", str(dtype).removeprefix("torch."), torch.get_num_threads(),
-             "; ".join(_spans(c) for c in products.values()) or "any count (int8/int4 codes)", _spans(attn),
+             "; ".join(_spans(c) for c in products.values()) + " rows" if products else "any number of rows (codes)",
+             _spans(attn),
              "sequences batched" if batched else "one group of rows a call (batched calls round differently here)",
              time.perf_counter() - t0)
     return ExactRows(True, products, attn, batched)
