@@ -433,6 +433,8 @@ def test_int4_weights():
     assert torch.allclose(w.mm(x), ref, rtol=1e-2, atol=2e-2) and w.mm(x).dtype == torch.float32
     with pytest.raises(ValueError, match="groups"):
         quant.Int4Weight(torch.zeros(8, 40, dtype=torch.uint8), torch.ones(8, 1), torch.zeros(8, 1))
+    with pytest.raises(ValueError, match="groups of 32 inputs.*has 40: load it at another dtype"):
+        quant.Int4Weight.quantize(torch.randn(40, 8))
     odd = quant.Int4Weight.quantize(w_t[:, :40])    # outputs the kernel does not pack (16s): padded, cut off
     assert odd.shape == (64, 40) and odd.mm(x).shape == (5, 40)
     assert torch.equal(odd.mm(x), w.mm(x)[:, :40]) and torch.equal(odd.dequantize(), w.dequantize()[:, :40])

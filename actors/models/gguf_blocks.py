@@ -1,4 +1,6 @@
-"""A GGUF's quantised blocks as int4 kernel weights (quant.Int4Weight), read as stored: no dense copy.
+"""A GGUF's quantised blocks as int4 kernel weights (quant.Int4Weight), read as stored: the products run
+from the file's own codes, never from a dense copy (the converted model stays loaded beside them for
+the embedding, the norms, head fingerprints and the hf baselines).
 
 GGML blocks hold 32 weights of one output row: Q4_0 (scale d, codes q: w = d (q - 8)), Q4_1 (d, minimum
 m: w = d q + m) and Q8_0 (d, 8-bit q: w = d q). The kernel computes w = (code - 8) scale + zero per

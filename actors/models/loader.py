@@ -143,7 +143,7 @@ def resolve_dtype(name: str | None, device: str = "cpu", native: bool | None = N
 
 def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192) -> LoadedModel:
     """spec: 'smollm2', a .gguf file, an HF directory, or 'tiny:SEED' (a tiny random Llama in float64
-    with SmolLM2's tokenizer, whatever dtype says but int8: what cluster tests serve, fast and exactly
+    with SmolLM2's tokenizer, whatever dtype says but int8 / int4: what cluster tests serve, fast and exactly
     reproducible). dtype: 'auto' (bfloat16 where the CPU has it natively, else float32), a name, or
     'int8' / 'int4' (weight-only codes over float32, quant.py; int4 runs a GGUF's 4-bit blocks as
     stored, gguf_blocks.py). The weights are cast once here; a GGUF's converted weights are cached

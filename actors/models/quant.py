@@ -79,6 +79,9 @@ class Int4Weight:
     def quantize(cls, w_t: torch.Tensor) -> Int4Weight:
         """A dense weight [in, out] rounded to the nearest of 16 levels from each group's minimum to its
         maximum (GGUF's Q4_1)."""
+        if w_t.shape[0] % GROUP:
+            raise ValueError(f"int4 quantises in groups of {GROUP} inputs, and a weight of this model has "
+                             f"{w_t.shape[0]}: load it at another dtype (int8 takes any shape)")
         w = w_t.detach().t().float()
         g = w.reshape(w.shape[0], -1, GROUP)
         lo, hi = g.amin(-1), g.amax(-1)
