@@ -136,12 +136,16 @@ def test_a_sliding_window_changes_what_a_row_sees():
     assert torch.equal(windowed[:12], full[:12]) and not torch.allclose(windowed[12:], full[12:])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int4"])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_bfloat16_speculation_equals_plain_decoding(name):
-    """At bfloat16 the exact rows (exact.py) hold for every family: n-gram speculation, whose verify rows
-    batch several tokens, gives plain decoding's tokens."""
-    lm = tiny_llama(0, family=name, layers=3 if name == "gemma3_text" else 2, dtype=torch.bfloat16, **FAMILIES[name])
-    assert lm.model.exact
+def test_low_precision_speculation_equals_plain_decoding(name, dtype):
+    """At bfloat16 and int4 the exact rows (exact.py) hold for every family: n-gram speculation, whose
+    verify rows batch several tokens, gives plain decoding's tokens."""
+    lm = tiny_llama(0, family=name, layers=3 if name == "gemma3_text" else 2,
+                    dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, **FAMILIES[name])
+    if dtype == "int4":
+        lm.model.quantize_int4({})
+    assert lm.model.exact and lm.dtype == dtype
     engine = SpecEngine(ModelRunner(lm.model, 256), lm.eos_ids)
     params = SamplingParams(max_new_tokens=N_NEW)
     for prompt in PROMPTS:
