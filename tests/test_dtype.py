@@ -9,6 +9,7 @@ import json
 import random
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -467,6 +468,20 @@ def test_gguf_blocks_as_the_int4_kernel_reads_them(kind):
     assert torch.equal(quant.int4_values(*fused), dense)
     x = torch.randn(3, 128, generator=gen)
     assert torch.allclose(quant.Int4Weight(*fused).mm(x), x.bfloat16().float() @ dense.t(), rtol=2e-2, atol=5e-2)
+
+
+def test_gguf_q4_k_blocks_as_the_int4_kernel_reads_them():
+    """Q4_K (gguf-py cannot write it: random blocks with sane float16 d and dmin) read in the kernel's
+    terms give gguf's own dequantisation, up to the scales' rounding to bfloat16."""
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, size=(24, 2, 144), dtype=np.uint8)
+    blocks[..., :4] = rng.uniform(0.001, 0.02, size=(24, 2, 2)).astype(np.float16).view(np.uint8).reshape(24, 2, 4)
+    ref = torch.from_numpy(gguf.quants.dequantize(blocks.reshape(24, -1), gguf.GGMLQuantizationType.Q4_K))
+    codes = gguf_blocks._codes("Q4_K", blocks)
+    got = quant.int4_values(*codes)
+    assert got.shape == ref.shape == (24, 512)
+    assert ((got - ref).abs() <= 2 ** -8 * ref.abs().amax(1, keepdim=True)).all()
+    assert not torch.equal(got, ref)    # (the scales did round: the check above is not vacuous)
 
 
 # ---------------------------------------------------------------- GGUF weights cache

@@ -3,14 +3,14 @@ from the file's own codes, never from a dense copy (the converted model stays lo
 the embedding, the norms, head fingerprints and the hf baselines).
 
 GGML blocks hold 32 weights of one output row: Q4_0 (scale d, codes q: w = d (q - 8)), Q4_1 (d, minimum
-m: w = d q + m) and Q8_0 (d, 8-bit q: w = d q). The kernel computes w = (code - 8) scale + zero per
-group of 32, so
+m: w = d q + m) and Q8_0 (d, 8-bit q: w = d q); a Q4_K block holds 8 groups of 32 (w = d sc q - dmin m,
+with 6-bit sc and m per group). The kernel computes w = (code - 8) scale + zero per group of 32, so
 
-    Q4_0: scale d, zero 0           Q4_1: scale d, zero m + 8d
+    Q4_0: scale d, zero 0           Q4_1: scale d, zero m + 8d       Q4_K: scale d sc, zero 8 d sc - dmin m
     Q8_0: two 4-bit halves, q = 16 hi + lo: hi + 8 with scale 16d, zero 0; lo with scale d, zero 8d
 
-(the kernel reads scales in bfloat16: d and m lose their last three bits). Other block types (K-quants,
-float16) are not read here; the caller quantises those weights from the dense model instead.
+(the kernel reads scales in bfloat16: d and m lose their last three bits). Other block types (Q6_K,
+Q5_*, float16) are not read here; the caller quantises those weights from the dense model instead.
 
 llama.cpp stores a Llama's q and k rows in its own RoPE order, which transformers undoes when it
 converts; the rows are matched to the converted (dense) weight here, and any tensor whose blocks do
@@ -27,7 +27,7 @@ from .quant import Int4Weight, int4_values
 
 Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]   # Int4Weight's (q, scale, zero, halves)
 
-READ = ("Q4_0", "Q4_1", "Q8_0")
+READ = ("Q4_0", "Q4_1", "Q8_0", "Q4_K")
 # a product's GGUF tensor per HF parameter (llama.cpp's names; the same for every family served)
 _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -94,7 +94,9 @@ class Blocks:
                          f"weight of {hf_name} in any row order known here: refusing to run them")
 
 
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}   # the float16 header (d; d, m), then the codes
+# bytes per block: Q4_0/Q4_1/Q8_0 blocks of 32 (float16 d, and m for Q4_1, then the codes); Q4_K blocks of
+# 256 (float16 d and dmin, 12 bytes of 6-bit scales and minimums for 8 groups of 32, then the codes)
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
 
 
 def _codes(kind: str, blocks: np.ndarray) -> Codes:
@@ -105,12 +107,29 @@ def _codes(kind: str, blocks: np.ndarray) -> Codes:
         q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).astype(np.int16)).reshape(out, -1)
         hi, lo = (q >> 4) + 8, q & 15                      # q = 16 (hi - 8) + lo, hi - 8 in -8..7
         return torch.cat([hi, lo]), torch.cat([16 * d, d]), torch.cat([torch.zeros_like(d), 8 * d]), True
+    if kind == "Q4_K":
+        return _codes_q4k(blocks)
     head = 4 if kind == "Q4_1" else 2
     fields = blocks[..., :head].copy().view(np.float16).astype(np.float32)   # [out, groups, 1 or 2]
     d = torch.from_numpy(fields[..., 0])
     zero = torch.from_numpy(fields[..., 1]) + 8 * d if kind == "Q4_1" else torch.zeros_like(d)
     packed = torch.from_numpy(blocks[..., head:].copy())      # [out, groups, 16]: weight j low, j + 16 high
     return torch.cat([packed & 15, packed >> 4], dim=-1).reshape(out, -1), d, zero, False
+
+
+def _codes_q4k(blocks: np.ndarray) -> Codes:
+    """Q4_K blocks [out, in / 256, 144]: group g of a block is w = d sc_g q - dmin m_g (llama.cpp's
+    get_scale_min_k4 unpacks sc, m); the codes of groups 2c and 2c + 1 share 32 bytes (low, high nibbles)."""
+    out, n = blocks.shape[:2]
+    d, dmin = (blocks[..., a:a + 2].copy().view(np.float16)[..., 0].astype(np.float32) for a in (0, 2))
+    b = blocks[..., 4:16].astype(np.int32)
+    sc = np.concatenate([b[..., :4] & 63, (b[..., 8:] & 15) | ((b[..., :4] >> 6) << 4)], -1)      # [out, n, 8]
+    mn = np.concatenate([b[..., 4:8] & 63, (b[..., 8:] >> 4) | ((b[..., 4:8] >> 6) << 4)], -1)
+    qs = torch.from_numpy(blocks[..., 16:].copy()).view(out, n, 4, 1, 32)
+    q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(out, -1)
+    scale = torch.from_numpy(d[..., None] * sc).reshape(out, -1)
+    zero = torch.from_numpy(-dmin[..., None] * mn).reshape(out, -1) + 8 * scale
+    return q, scale, zero, False
 
 
 def _reordered(codes: Codes, order: np.ndarray) -> Codes:
