@@ -123,8 +123,3 @@ def int4_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, halves
         hi, lo = w.chunk(2, dim=0)
         return hi + lo
     return w
-
-
-def supported() -> bool:
-    """Whether this torch build has the int8 weight-pack kernel for the CPU."""
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
