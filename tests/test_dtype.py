@@ -531,6 +531,32 @@ SMOL_QUESTIONS = [
 ]
 
 
+def test_int4_codes_cache_round_trip_and_corruption(tmp_path, monkeypatch, caplog):
+    """int4 products packed from a GGUF are kept under the GGUF's sha256: read back they multiply bit for
+    bit as the originals; a corrupted file is caught by its checksum, the entry removed, nothing loaded."""
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
+    gen = torch.Generator().manual_seed(4)
+    codes = {"0.qkv": quant.Int4Weight.quantize(torch.randn(64, 40, generator=gen)),
+             "lm_head": quant.Int4Weight(torch.randint(0, 16, (96, 64), generator=gen), torch.rand(96, 2) / 8,
+                                         torch.randn(96, 2), halves=True)}
+    sha = "ab" * 32
+    entry = gguf_cache.store_codes(sha, codes)
+    assert entry is not None and entry.name.endswith("-int4-codes")
+    back = gguf_cache.load_codes(sha)
+    assert back is not None and set(back) == set(codes)
+    x = torch.randn(3, 64, generator=gen)
+    for name, w in codes.items():
+        assert back[name].shape == w.shape and back[name].halves == w.halves
+        assert torch.equal(back[name].mm(x), w.mm(x))
+    p = entry / gguf_cache.CODES_FILE
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    p.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        assert gguf_cache.load_codes(sha) is None
+    assert "checksum mismatch" in caplog.text and not entry.exists()
+
+
 @pytest.fixture(scope="module", params=["bfloat16", "int8", "int4"])
 def smollm2_at(request):
     """SmolLM2 at each exact dtype, loaded with 2 threads (what the exact probe measures)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,14 +201,13 @@ class Llama(nn.Module):
     def _quantize(self, kind: str, stored: dict[str, Int4Weight]) -> None:
         if self.dtype != torch.float32:
             raise ValueError(f"{kind} weights need a float32 model, got {self.dtype}")
-        codes = Int8Weight if kind == "int8" else Int4Weight.quantize
+        codes: Callable[[torch.Tensor], Weight] = Int8Weight if kind == "int8" else Int4Weight.quantize
         own = 0
         for i, layer in enumerate(self.layers):
             for key in PRODUCTS:
-                w = stored.get(f"{i}.{key}")
-                if w is None:
-                    w, own = codes(self.dense(i, key)), own + 1
-                layer.products[key] = w
+                from_file = stored.get(f"{i}.{key}")
+                layer.products[key] = from_file if from_file is not None else codes(self.dense(i, key))
+                own += from_file is None
         head = stored.get("lm_head")
         self.lm_head_t = head if head is not None else codes(self.lm_head.t())
         if kind == "int4":

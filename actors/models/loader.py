@@ -156,7 +156,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
         lm = tiny_llama(int(spec[5:]), vocab_size=len(tok), max_len=max_len, eos_token_id=tok.eos_token_id,
                         dtype=torch.float32 if dtype in _QUANTIZED else torch.float64)
         lm.tokenizer, lm.name = tok, spec
-        _quantize(lm, dtype, None)
+        _quantize(lm, dtype)
         return lm
     directory, gguf = resolve(spec)
     kw = {"gguf_file": gguf} if gguf else {}
@@ -176,7 +176,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
             gguf_cache.store(sha, dense, hf, tok)
     lm = wrap(hf, tok, name=spec if spec in (DEFAULT_MODEL, GEMMA3) else str(Path(spec).resolve()), max_len=max_len,
               tune=dtype not in _QUANTIZED)
-    _quantize(lm, dtype, Path(directory) / gguf if gguf else None)
+    _quantize(lm, dtype, Path(directory) / gguf if gguf else None, sha if gguf else None)
     # exact forwards probe the kernels now (exact_rows), not in the first request; auto never picks a
     # dtype whose speculative output could drift from plain decoding
     if lm.model.exact and not lm.model.exact_rows.ok and (asked or "auto").strip().lower() == "auto":
@@ -188,12 +188,18 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     return lm
 
 
-def _quantize(lm: LoadedModel, dtype: str, gguf: Path | None) -> None:
-    """int8 / int4 weights for a model loaded in float32 (int4 from the GGUF's own blocks where it has them)."""
+def _quantize(lm: LoadedModel, dtype: str, gguf: Path | None = None, sha: str | None = None) -> None:
+    """int8 / int4 weights for a model loaded in float32 (int4 from the GGUF's own blocks where it has them,
+    packed once and cached by the GGUF's sha256)."""
     if dtype == "int8":
         lm.model.quantize_int8()
     elif dtype == "int4":
-        lm.model.quantize_int4(gguf_blocks.products(gguf, lm.hf) if gguf else {})
+        codes = gguf_cache.load_codes(sha) if sha else None
+        if codes is None and gguf is not None:
+            codes = gguf_blocks.products(gguf, lm.hf)
+            if sha:
+                gguf_cache.store_codes(sha, codes)
+        lm.model.quantize_int4(codes or {})
 
 
 def vocab_size_of(spec: str) -> int:

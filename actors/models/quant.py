@@ -76,6 +76,15 @@ class Int4Weight:
         self.scale_zero = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
 
     @classmethod
+    def packed_as(cls, packed: torch.Tensor, scale_zero: torch.Tensor, shape: tuple[int, int],
+                  halves: bool) -> Int4Weight:
+        """A weight from its kernel tables as an earlier one held them (gguf_cache: the packed layout is
+        torch's own, so the cache entry names the torch version)."""
+        w = cls.__new__(cls)
+        w.packed, w.scale_zero, w.shape, w.halves = packed, scale_zero, (int(shape[0]), int(shape[1])), bool(halves)
+        return w
+
+    @classmethod
     def quantize(cls, w_t: torch.Tensor) -> Int4Weight:
         """A dense weight [in, out] rounded to the nearest of 16 levels from each group's minimum to its
         maximum (GGUF's Q4_1)."""

@@ -424,13 +424,14 @@ def weight_bytes(lm: LoadedModel, methods: list[str]) -> dict[str, int]:
     counted once, as the LM head it also is)."""
     ours = lm.model.weight_bytes()
     hf = sum(p.numel() * p.element_size() for p in lm.hf.parameters())   # (parameters() lists tied ones once)
-    hf -= lm.hf.get_input_embeddings().weight.numel() * lm.hf.get_input_embeddings().weight.element_size() \
-        if not getattr(lm.hf.config, "tie_word_embeddings", False) else 0
+    if not getattr(lm.hf.config, "tie_word_embeddings", False):          # an embedding of its own: gathered
+        hf -= lm.model.embed.numel() * lm.model.embed.element_size()
     out = {m: ours for m in methods if _base(m) in ENGINE_METHODS or m in CLUSTER_METHODS}
     out.update({m: hf for m in methods if m in HF_METHODS})
-    directory, gguf = resolve(lm.name) if "llama-cpp" in methods else (None, None)
-    if gguf is not None:
-        out["llama-cpp"] = sum(int(t.n_bytes) for t in GGUFReader(Path(directory) / gguf).tensors)
+    if "llama-cpp" in methods:
+        directory, gguf = resolve(lm.name)
+        if gguf is not None:
+            out["llama-cpp"] = sum(int(t.n_bytes) for t in GGUFReader(Path(directory) / gguf).tensors)
     return out
 
 
