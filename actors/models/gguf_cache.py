@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .quant import Int4Weight
@@ -81,11 +81,11 @@ def load_codes(gguf_sha: str) -> dict[str, Int4Weight] | None:
     d = _verified(gguf_sha, CODES, (CODES_FILE,))
     if d is None:
         return None
-    tensors = load_file(d / CODES_FILE)
     with safe_open(d / CODES_FILE, "pt") as f:
         layout = json.loads(f.metadata()["layout"])
-    return {name: Int4Weight.packed_as(tensors[f"{name}.packed"], tensors[f"{name}.scale_zero"], (k, n), halves)
-            for name, (k, n, halves) in layout.items()}
+        return {name: Int4Weight.packed_as(f.get_tensor(f"{name}.packed"), f.get_tensor(f"{name}.scale_zero"),
+                                           (k, n), halves)
+                for name, (k, n, halves) in layout.items()}
 
 
 def store_codes(gguf_sha: str, codes: dict[str, Int4Weight]) -> Path | None:
