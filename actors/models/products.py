@@ -43,7 +43,8 @@ class OutIn:
 Weight = torch.Tensor | Int8Weight | Int4Weight | OutIn
 
 
-def _time(f: Callable[[], object], reps: int = 2) -> float:
+def best_time(f: Callable[[], object], reps: int = 2) -> float:
+    """The fastest of `reps` timed calls of f, after one untimed call."""
     f()                  # the first call pays for allocation and kernel dispatch
     times = []
     for _ in range(reps):
@@ -64,6 +65,6 @@ def cut(ws: list[torch.Tensor], wts: list[torch.Tensor]) -> int | None:
     for m in ROWS:
         x = torch.randn(m, ws[0].shape[0], generator=gen).to(ws[0].dtype)
         xt = x.t()
-        if _time(lambda: [wt @ xt for wt in wts]) < MARGIN * _time(lambda: [x @ w for w in ws]):  # noqa: B023 - timed now
+        if best_time(lambda: [wt @ xt for wt in wts]) < MARGIN * best_time(lambda: [x @ w for w in ws]):  # noqa: B023 - timed now
             return m
     return None

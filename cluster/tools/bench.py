@@ -49,6 +49,7 @@ from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models.loader import LoadedModel, chat_prompt, resolve, simd_flags
+from drafthorse.actors.models.products import best_time
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.adaptive import AdaptivePolicy
 from drafthorse.actors.spec.grammar import Grammars, compile_spec
@@ -439,15 +440,7 @@ def memory_read_gb_per_s(mib: int = 512) -> float:
     """This machine's memory read bandwidth at torch's thread count: the best of three sums of a tensor
     far larger than the caches (what a forward's weight reads could reach at most)."""
     x = torch.ones(mib * 2 ** 18)          # float32
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(3))
-    return round(x.nbytes / best / 1e9, 2)
-
-
-def _timed(f) -> float:
-    t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
+    return round(x.nbytes / best_time(x.sum, 3) / 1e9, 2)
 
 
 def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: int,
