@@ -1,5 +1,5 @@
 """The `drafthorse` command: generate (in-process or through a cluster), bench, serve, loadtest, soak,
-train-drafter, api-key, drain-node.
+distill, train-drafter, api-key, drain-node.
 
 Each command imports what it runs where it starts (`# deferred`): torch, transformers and Ray take seconds to
 import, and `drafthorse --help`, `api-key` or a mistyped flag should answer at once."""
@@ -65,8 +65,8 @@ def _threads(n: int | None) -> None:
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="user message (the chat template is applied unless --raw)"),
-    drafter: str = typer.Option("ngram", help="none | ngram | draft-model | eagle | medusa | layerskip"),
-    head: Optional[Path] = typer.Option(None, help="trained head for eagle / medusa / layerskip (default: the "
+    drafter: str = typer.Option("ngram", help="none | ngram | draft-model | eagle | eagle3 | medusa | layerskip"),
+    head: Optional[Path] = typer.Option(None, help="trained head for eagle / eagle3 / medusa / layerskip (default: the "
                                                     "one shipped for the model)"),
     model: str = typer.Option("smollm2", help="target: 'smollm2' (default), a .gguf file or an HF dir"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for --drafter draft-model"),
@@ -270,10 +270,11 @@ def serve(
     model: Optional[str] = typer.Option(None, help="target model (default smollm2)"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM served by the draft workers"),
     drafter: Optional[str] = typer.Option(None, help="default drafter: none | ngram | draft-model | eagle | "
-                                                     "medusa | layerskip"),
+                                                     "eagle3 | medusa | layerskip"),
     eagle_head: Optional[str] = typer.Option(None, help="EAGLE head for the draft workers (default: shipped)"),
     medusa_head: Optional[str] = typer.Option(None, help="Medusa head for the target workers (default: shipped)"),
     layerskip_head: Optional[str] = typer.Option(None, help="layer-skip adapter (default: shipped)"),
+    eagle3_head: Optional[str] = typer.Option(None, help="EAGLE-3 head for the target workers (default: shipped)"),
     num_targets: Optional[int] = typer.Option(None, min=1),
     num_drafts: Optional[int] = typer.Option(None, min=0),
     port: Optional[int] = typer.Option(None, help="gateway gRPC port (default 50051)"),
@@ -292,7 +293,8 @@ def serve(
 
 
     flags: dict[str, Any] = dict(model=model, draft_model=draft_model, drafter=drafter, eagle_head=eagle_head,
-                                 medusa_head=medusa_head, layerskip_head=layerskip_head, num_targets=num_targets,
+                                 medusa_head=medusa_head, layerskip_head=layerskip_head, eagle3_head=eagle3_head,
+                                 num_targets=num_targets,
                                  num_drafts=num_drafts, gateway_port=port, http_port=http_port, host=host,
                                  redis_url=redis_url, ray_address=ray_address, dtype=dtype,
                                  allow_anonymous=allow_anonymous or None)
@@ -435,11 +437,57 @@ def soak(
     raise typer.Exit(1 if problems else 0)
 
 
+@app.command()
+def distill(
+    out: Path = typer.Option(..., help="corpus directory: written shard by shard; a second run resumes it"),
+    model: str = typer.Option("smollm2", help="the target that writes the corpus"),
+    dtype: str = typer.Option("auto", help="the target's dtype (its greedy answers are those at this dtype)"),
+    prompts: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl: the training questions (both turns)"),
+    holdout_per_category: int = typer.Option(5, min=0, help="leave out the first N questions of each category "
+                                                             "(what `bench --per-category N` measures on)"),
+    question_shards: int = typer.Option(4, min=1, help="shards answering every training question (shard 0 "
+                                                       "greedily, the others sampled)"),
+    invented_shards: int = typer.Option(7, min=0, help="shards of user turns the target invents"),
+    invented: int = typer.Option(256, min=1, help="user turns invented per invented shard"),
+    max_new_tokens: int = typer.Option(256, min=1, help="answer length"),
+    batch_size: int = typer.Option(64, min=1, help="sequences per target pass (does not change the corpus)"),
+    shards: Optional[int] = typer.Option(None, min=1, help="write at most this many shards in this run"),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Write (or resume) a self-distillation corpus: the target's own answers as token ids, in shards
+    (`train-drafter --corpus` reads it)."""
+    from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
+    from drafthorse.actors.training import tokens  # deferred: heavy (see the module doc)
+    from drafthorse.actors.training.selfdistill import split_questions  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools.bench import load_questions  # deferred: heavy (see the module doc)
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _threads(threads)
+    try:
+        train_q, _ = split_questions(load_questions(prompts), holdout_per_category)
+        if not train_q:
+            raise ValueError(f"{prompts}: no question left for training after holding out "
+                             f"{holdout_per_category} per category")
+        lm = loader.load(model, dtype)
+        recipe = tokens.Recipe(lm.name, lm.dtype, train_q, question_shards, invented_shards, invented,
+                               max_new_tokens, seed)
+        result = tokens.build(lm, out, recipe, batch_size, shards)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result))
+
+
 @app.command("train-drafter")
 def train_drafter(
-    kind: str = typer.Option(..., help="eagle | medusa | layerskip"),
+    kind: str = typer.Option(..., help="eagle | eagle3 | medusa | layerskip"),
     out: Path = typer.Option(..., help="checkpoint to write (.safetensors)"),
     model: str = typer.Option("smollm2", help="the target the head drafts for"),
+    corpus: Optional[Path] = typer.Option(None, help="a token corpus written by `drafthorse distill` (the shards "
+                                                     "so far); its features are computed here, cached at --data"),
+    train_tokens: Optional[int] = typer.Option(None, min=1, help="train on a fixed random subset of the training "
+                                                                 "sequences with this many answer tokens"),
+    ttt_steps: int = typer.Option(4, min=1, max=16, help="eagle3: draft depths unrolled in training"),
     prompts: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl: training prompts (first turns)"),
     holdout_per_category: int = typer.Option(5, min=0, help="leave out the first N questions of each category "
                                                              "(what `bench --per-category N` measures on)"),
@@ -461,10 +509,13 @@ def train_drafter(
     threads: Optional[int] = typer.Option(None),
 ):
     """Train a draft head on the target's own answers (self-distillation) and save it."""
+    from drafthorse.actors.drafters.heads import eagle3_layers  # deferred: heavy (see the module doc)
     from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
+    from drafthorse.actors.training import tokens  # deferred: heavy (see the module doc)
     from drafthorse.actors.training.selfdistill import (  # deferred: heavy (see the module doc)
         Corpus,
         build,
+        from_sequences,
         split_questions,
     )
     from drafthorse.actors.training.train import TrainConfig, Trainer  # deferred: heavy (see the module doc)
@@ -478,28 +529,41 @@ def train_drafter(
     t0 = time.perf_counter()
     try:
         lm = loader.load(model, "float32")
-        train_q, held = split_questions(load_questions(prompts), holdout_per_category)
-        if not train_q:
-            raise ValueError(f"{prompts}: no question left for training after holding out "
-                             f"{holdout_per_category} per category")
-        tag = f"{Path(lm.name).stem}-q{len(train_q)}-i{invented}-s{samples}-n{max_new_tokens}-L{exit_layer}-seed{seed}"
+        taps = eagle3_layers(lm.model.n_layers)   # kept for every kind: one feature file serves them all
+        if corpus is not None:   # the corpus's recipe names its training questions: the rest were held out
+            seqs, plens, meta = tokens.load(corpus)
+            held = [q for q in load_questions(prompts) if q["question_id"] not in set(meta["question_ids"])]
+            tag = f"{corpus.name}-{meta['sequences']}-L{exit_layer}"
+        else:
+            train_q, held = split_questions(load_questions(prompts), holdout_per_category)
+            if not train_q:
+                raise ValueError(f"{prompts}: no question left for training after holding out "
+                                 f"{holdout_per_category} per category")
+            tag = (f"{Path(lm.name).stem}-q{len(train_q)}-i{invented}-s{samples}-n{max_new_tokens}-L{exit_layer}"
+                   f"-seed{seed}")
         data = data or Path(".cache/drafthorse/selfdistill") / f"{tag}.safetensors"
         if data.is_file():
-            corpus = Corpus.load(data)
-            if corpus.meta.get("target") != lm.name or int(corpus.meta.get("mid_layer", -1)) != exit_layer:
-                raise ValueError(f"corpus {data} was built for {corpus.meta.get('target')!r} with mid_layer "
-                                 f"{corpus.meta.get('mid_layer')}: pass another --data")
-            typer.echo(f"corpus: {data} ({corpus.meta['sequences']} sequences, {corpus.meta['tokens']} tokens)",
+            feats = Corpus.load(data)
+            if (feats.meta.get("target") != lm.name or int(feats.meta.get("mid_layer", -1)) != exit_layer
+                    or feats.meta.get("taps") != list(taps)
+                    or (corpus is not None and feats.meta.get("sequences") != meta["sequences"])):
+                raise ValueError(f"features {data} were computed for {feats.meta.get('target')!r} with mid_layer "
+                                 f"{feats.meta.get('mid_layer')}, taps {feats.meta.get('taps')} and "
+                                 f"{feats.meta.get('sequences')} sequences: pass another --data")
+            typer.echo(f"corpus: {data} ({feats.meta['sequences']} sequences, {feats.meta['tokens']} tokens)",
                        err=True)
         else:
-            corpus = build(lm, train_q, invented=invented, samples=samples, max_new_tokens=max_new_tokens,
-                           mid_layer=exit_layer, seed=seed)
+            if corpus is not None:
+                feats = from_sequences(lm, seqs, plens, exit_layer, meta, taps)
+            else:
+                feats = build(lm, train_q, invented=invented, samples=samples, max_new_tokens=max_new_tokens,
+                              mid_layer=exit_layer, seed=seed, taps=taps)
             data.parent.mkdir(parents=True, exist_ok=True)
-            corpus.save(data)
-            typer.echo(f"corpus: wrote {data} ({corpus.meta['tokens']} tokens in {corpus.meta['seconds']} s)", err=True)
+            feats.save(data)
+            typer.echo(f"corpus: wrote {data} ({feats.meta['tokens']} tokens)", err=True)
         cfg = TrainConfig(kind, epochs=epochs, lr=lr, batch_tokens=batch_tokens, draft_vocab=draft_vocab,
-                          medusa_heads=medusa_heads, seed=seed)
-        trainer = Trainer(cfg, lm.model, lm.name, corpus, lm.eos_ids)
+                          medusa_heads=medusa_heads, ttt_steps=ttt_steps, train_tokens=train_tokens, seed=seed)
+        trainer = Trainer(cfg, lm.model, lm.name, feats, lm.eos_ids)
         final = trainer.fit()
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))

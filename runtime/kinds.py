@@ -22,6 +22,7 @@ KINDS: dict[str, DrafterKind] = {k.name: k for k in (
     DrafterKind("ngram", "draft"),
     DrafterKind("draft-model", "draft", needs_draft_model=True),
     DrafterKind("eagle", "draft", wants_features=True, head=True),   # a head over the target's features
+    DrafterKind("eagle3", "target", wants_features=True, head=True),   # fuses the target's tapped streams
     DrafterKind("medusa", "target", head=True),      # shares the target's weights, features and KV cache
     DrafterKind("layerskip", "target", head=True),
 )}

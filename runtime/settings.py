@@ -97,6 +97,8 @@ class WorkerSettings(Common):
                                     "or drafter=medusa (missing = start-up error), else the shipped one if any")
     layerskip_head: str | None = Field(None, description="layer-skip exit adapter, run inside the target workers; "
                                        "loaded like medusa_head")
+    eagle3_head: str | None = Field(None, description="EAGLE-3 head, run inside the target workers (its target "
+                                    "then returns the layers it fuses); loaded like medusa_head")
     sessions_per_target: int = Field(4, ge=1, le=256, description="KV caches a target worker holds")
     draft_sessions: int = Field(64, ge=1, description="drafter states a draft worker holds (LRU)")
     max_tree_nodes: int = Field(32, ge=1, le=256)

@@ -1,4 +1,4 @@
-"""Trained draft heads (EAGLE, Medusa, layer-skip) on a tiny float64 target: training smoke test
+"""Trained draft heads (EAGLE, EAGLE-3, Medusa, layer-skip) on a tiny float64 target: training smoke test
 (held-out loss goes down, checkpoints round-trip and refuse another target), greedy equality with
 plain decoding, and sampling that keeps the target's distribution."""
 from __future__ import annotations
@@ -9,14 +9,14 @@ import torch
 
 from drafthorse.actors.drafters import load_head, make_drafter
 from drafthorse.actors.drafters.base import Budget
-from drafthorse.actors.drafters.heads import load_checkpoint
+from drafthorse.actors.drafters.heads import eagle3_layers, load_checkpoint
 from drafthorse.actors.models.loader import LoadedModel, tiny_llama
 from drafthorse.actors.spec.sampling import SamplingParams, make_generator
 from drafthorse.actors.training.selfdistill import from_sequences
 from drafthorse.actors.training.train import TrainConfig, Trainer
 from tests.test_verify_sampling import E2E_N, E2E_TOKENS, E2E_VOCAB, PASS_P, PROMPT, exact_joint, gof_pvalue
 
-KINDS = ("eagle", "medusa", "layerskip")
+KINDS = ("eagle", "eagle3", "medusa", "layerskip")
 V = 64
 
 
@@ -28,12 +28,13 @@ def _corpus(lm: LoadedModel, n: int, seed: int):
     with torch.no_grad():
         out = lm.hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
                              max_new_tokens=40, pad_token_id=0, top_k=None, top_p=None)
-    return from_sequences(lm, out.tolist(), [6] * n, mid_layer=1)
+    return from_sequences(lm, out.tolist(), [6] * n, mid_layer=1, taps=eagle3_layers(lm.model.n_layers))
 
 
 @pytest.fixture(scope="module")
-def target(tiny):
-    return tiny(0, vocab_size=V, hidden_size=64)
+def target():
+    """A target of this module's own (not the shared cached one): an EAGLE-3 head taps its layers."""
+    return tiny_llama(0, vocab_size=V, hidden_size=64, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,30 @@ def test_checkpoint_round_trips_and_refuses_another_target(trained, target, tiny
     other = tiny(1, vocab_size=V, hidden_size=64)
     with pytest.raises(ValueError, match="trained for target .* train a head"):
         load_checkpoint(path, other.model, other.name)
+
+
+def test_eagle3_training_unrolls_the_head_as_it_drafts(trained, target, corpus):
+    """Training-time test's step s at position i gives the logits the drafter computes for a chain node
+    s levels below the committed pairs up to i - s: training sees what drafting at that depth sees."""
+    path = trained["eagle3"][0]
+    t = Trainer(TrainConfig("eagle3", draft_vocab=48, ttt_steps=3, val_fraction=0.2), target.model, target.name,
+                corpus, target.eos_ids)
+    t.module = load_checkpoint(path, target.model, target.name).module
+    a, b = int(corpus.offsets[5]), int(corpus.offsets[6])
+    steps, _, _, _ = t.eagle3_steps([(a, b)])
+    model = load_head("eagle3", target, path)            # (taps the target: its rows carry the fused layers)
+    tokens = corpus.tokens[a:b].tolist()
+    for s, i in [(0, 7), (1, 20), (2, 31), (2, 44)]:
+        ids = tokens[:i - s + 2]                         # committed: up to the token of window position i - s
+        rows = target.model.forward(torch.tensor(ids), torch.arange(len(ids)), target.model.new_cache(), 0, None)
+        d = make_drafter("eagle3", head=model)
+        runner = d.runner
+        logits, g = runner.extend(ids[1:], embeds=model.inputs(ids[1:], model.feature(rows[:-1])))
+        for j in range(s):                               # then the chain's nodes, each on its parent's output
+            lg, hid = runner.score([tokens[i - s + 2 + j]], [j - 1 if j else -1],
+                                   embeds=model.inputs([tokens[i - s + 2 + j]], g[None]))
+            logits, g = lg[0], hid[0]
+        assert torch.allclose(logits.float(), steps[s][0, i], atol=1e-4, rtol=1e-4), (s, i)
 
 
 def test_bad_checkpoint_files_are_refused(target, tmp_path):
@@ -134,9 +159,9 @@ def test_trees_respect_the_budget(trained, target, make_engine, kind):
 
 
 @pytest.fixture(scope="module")
-def small(tiny):
+def small():
     """An 8-token target (the joint of 3 tokens is enumerable) and heads trained on it."""
-    lm = tiny(0, vocab_size=E2E_VOCAB, hidden_size=32)
+    lm = tiny_llama(0, vocab_size=E2E_VOCAB, hidden_size=32, dtype=torch.float64)
     corpus = _corpus_small(lm)
     heads = {}
     for kind in KINDS:
@@ -154,7 +179,7 @@ def _corpus_small(lm):
     with torch.no_grad():
         out = lm.hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
                              max_new_tokens=24, pad_token_id=0, top_k=None, top_p=None)
-    return from_sequences(lm, out.tolist(), [6] * 48, mid_layer=1)
+    return from_sequences(lm, out.tolist(), [6] * 48, mid_layer=1, taps=eagle3_layers(lm.model.n_layers))
 
 
 @pytest.mark.parametrize("kind", KINDS)

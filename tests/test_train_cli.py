@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     q = d / "q.jsonl"
     q.write_text("".join(json.dumps(x) + "\n" for x in QUESTIONS))
     heads = {}
-    for kind in ("medusa", "eagle"):
+    for kind in ("medusa", "eagle", "eagle3"):
         r = CliRunner().invoke(app, [
             "train-drafter", "--kind", kind, "--model", "tiny:0", "--prompts", str(q),
             "--out", str(d / f"{kind}.safetensors"), "--data", str(d / "corpus.safetensors"),
@@ -51,7 +51,7 @@ def test_train_drafter_writes_a_head_and_reuses_the_corpus(trained):
     assert report["draft_vocab"] <= 512
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
 def test_generate_with_a_trained_head_is_lossless(trained, kind):
     args = ["generate", "Tell me a story.", "--model", "tiny:0", "--max-new-tokens", "24", "--json"]
     plain = _json(*args, "--drafter", "none")
@@ -67,4 +67,4 @@ def test_a_head_for_another_target_is_refused(trained):
 
 def test_train_drafter_bad_kind():
     code, out = _run("train-drafter", "--kind", "nope", "--out", "x.safetensors")
-    assert code == 2 and "eagle, medusa, layerskip" in out
+    assert code == 2 and "eagle, eagle3, medusa, layerskip" in out

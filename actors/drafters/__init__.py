@@ -1,6 +1,6 @@
 """Drafters behind one interface (base.Drafter); `make_drafter` builds one by kind.
 
-Trained heads (eagle, medusa, layerskip) are loaded once per target with `load_head` and shared by
+Trained heads (eagle, eagle3, medusa, layerskip) are loaded once per target with `load_head` and shared by
 every sequence's drafter; the heads shipped for the default SmolLM2 live in `trained/`."""
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from drafthorse.runtime.kinds import check_head_kind, kind
 
 TRAINED = Path(__file__).parent / "trained"
 # per head kind (runtime.kinds): the model a checkpoint loads into, and the drafter that proposes with it
-HEADS = {"eagle": (EagleModel, EagleDrafter), "medusa": (MedusaModel, MedusaDrafter),
-         "layerskip": (LayerSkipModel, LayerSkipDrafter)}
+HEADS = {"eagle": (EagleModel, EagleDrafter), "eagle3": (EagleModel, EagleDrafter),
+         "medusa": (MedusaModel, MedusaDrafter), "layerskip": (LayerSkipModel, LayerSkipDrafter)}
 
 
 def shipped_head(kind: str, target_name: str) -> Path | None:
@@ -40,13 +40,13 @@ def load_head(kind: str, lm, path: str | Path | None = None, max_len: int | None
     if ckpt.kind != kind:
         raise ValueError(f"draft head {path} is a {ckpt.kind} head, not {kind}")
     model = HEADS[kind][0]
-    return model(ckpt, lm.model, max_len) if kind == "eagle" else model(ckpt, lm.model)
+    return model(ckpt, lm.model, max_len) if model is EagleModel else model(ckpt, lm.model)
 
 
 def make_drafter(name: str, new_draft_runner: Callable | None = None, head=None, **options) -> Drafter:
     """A fresh drafter for one sequence. `new_draft_runner()` gives a ModelRunner over the draft model
     (each sequence needs its own KV cache; weights are shared); `head` is a trained head's model
-    (load_head) for eagle / medusa / layerskip; options override the head's tree defaults
+    (load_head) for eagle / eagle3 / medusa / layerskip; options override the head's tree defaults
     (topk, depth)."""
     k = kind(name)
     if k.name == "none":

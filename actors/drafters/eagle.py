@@ -23,13 +23,20 @@ from .heads import Checkpoint, EagleHead
 
 
 class EagleModel:
-    """A trained head bound to its target, shared by every sequence's drafter."""
+    """A trained head bound to its target, shared by every sequence's drafter. An EAGLE-3 head has the
+    target return the residual streams it fuses (Llama.tap) from now on."""
 
     def __init__(self, ckpt: Checkpoint, target: Llama, max_len: int | None = None):
         head = ckpt.module
         if not isinstance(head, EagleHead):
             raise ValueError(f"a {ckpt.kind} checkpoint is no eagle head")
+        self.kind = ckpt.kind
         self.target = target
+        self.hidden = target.config.hidden_size
+        self.taps: tuple[int, ...] = tuple(head.cfg.get("taps") or ())
+        self.fuse_t = None if head.fuse is None else head.fuse.weight.detach().to(target.dtype).t().contiguous()
+        if self.taps:
+            target.tap(self.taps)
         self.d2t = ckpt.d2t
         self.head = head.as_llama(target, self.d2t, max_len or target.max_len)
         self.fc_t = head.fc.weight.detach().to(target.dtype).t().contiguous()   # [2H, H]
@@ -44,19 +51,27 @@ class EagleModel:
         self.combiner = Combiner(self.head, self.head.new_pool(slots) if slots else None)
         return self.combiner
 
+    def feature(self, rows: torch.Tensor) -> torch.Tensor:
+        """Target rows (Llama.forward_batch's) -> the feature the head reads: the final hidden state, or
+        (EAGLE-3) its tapped streams fused by the head's projection."""
+        if self.fuse_t is None:
+            return rows[:, :self.hidden]
+        at = [self.hidden * (1 + self.target.taps.index(t)) for t in self.taps]
+        return torch.cat([rows[:, a:a + self.hidden] for a in at], dim=-1) @ self.fuse_t
+
     def inputs(self, tokens: list[int], feats: torch.Tensor) -> torch.Tensor:
         emb = self.embed[torch.tensor(tokens, dtype=torch.long)]
         return torch.cat([emb, feats.to(emb.dtype)], dim=-1) @ self.fc_t
 
 
 class EagleDrafter(Drafter):
-    name = "eagle"
     wants_features = True
 
     def __init__(self, model: EagleModel, topk: int = 4, depth: int = 6, max_nodes: int = 16,
                  max_len: int | None = None):
         if topk < 1 or depth < 1 or max_nodes < 1:
-            raise ValueError("eagle drafter needs topk, depth and max_nodes >= 1")
+            raise ValueError(f"{model.kind} drafter needs topk, depth and max_nodes >= 1")
+        self.name = model.kind
         self.m, self.topk, self.depth, self.max_nodes = model, topk, depth, max_nodes
         self.runner = ModelRunner(model.head, max_len, model.combiner)
         self.tokens: list[int] = []                   # committed tokens not yet in the head's cache
@@ -71,7 +86,7 @@ class EagleDrafter(Drafter):
 
     def extend(self, token_ids: list[int], features: torch.Tensor | None = None) -> None:
         if features is None or len(features) != len(token_ids):
-            raise ValueError("eagle drafter needs one target feature per committed token")
+            raise ValueError(f"{self.name} drafter needs one target feature per committed token")
         self.tokens += token_ids
         self.feats.append(features)
 
@@ -79,7 +94,7 @@ class EagleDrafter(Drafter):
         budget = Budget(min(budget.max_nodes, self.max_nodes), budget.max_depth)
         if not self.tokens:
             return DraftTree()
-        feats = torch.cat(self.feats)
+        feats = self.m.feature(torch.cat(self.feats))
         try:
             logits, g_root = self.runner.extend(self.tokens, embeds=self.m.inputs(self.tokens, feats))
         except ContextFull:

@@ -3,6 +3,10 @@
     EagleHead      (target feature f_{i-1}, embedding of token t_i) -> fc -> one decoder layer -> f̂_i;
                    the target's own LM head turns f̂_i into the next token's distribution, and f̂_i
                    feeds the next draft step (autoregression at the feature level)
+                   eagle3 (EAGLE-3): the feature of a committed token is the target's low, middle and
+                   high residual streams (`eagle3_layers`) fused by a projection; the head predicts
+                   tokens through an LM head of its own (no feature regression), and f̂ is only what
+                   it feeds itself
     MedusaHeads    K residual blocks on the last feature f_{n-1}; block k predicts token t_{n+k}
     ExitAdapter    the residual stream after the target's first L layers -> one residual block ->
                    the target's final norm and LM head (layer-skip self-speculation)
@@ -65,11 +69,23 @@ class ResBlock(nn.Module):
         return x + self.out(F.silu(self.inp(x)))
 
 
+def eagle3_layers(n_layers: int) -> tuple[int, ...]:
+    """The target layers whose outputs an EAGLE-3 head fuses: low, middle, high (as SpecForge picks them:
+    1, N/2 - 1, N - 4), kept below the last layer (whose output is the final hidden state) in a shallow
+    target, where they may coincide."""
+    return tuple(sorted({min(max(i, 0), n_layers - 2) for i in (1, n_layers // 2 - 1, n_layers - 4)}))
+
+
 class EagleHead(nn.Module):
     def __init__(self, cfg: dict):
+        """cfg["taps"]: the target layers fused into a committed token's feature (eagle3), else the
+        target's final hidden state is the feature; cfg["draft_vocab"]: an LM head of its own over that
+        many draft tokens (eagle3), else the target's rows of them."""
         super().__init__()
         H = cfg["hidden_size"]
         self.cfg = cfg
+        self.fuse = nn.Linear(H * len(cfg["taps"]), H, bias=False) if cfg.get("taps") else None
+        self.lm_head = nn.Parameter(torch.zeros(cfg["draft_vocab"], H)) if cfg.get("draft_vocab") else None
         self.fc = nn.Linear(2 * H, H, bias=False)
         # one Llama decoder layer (and its final norm) with the target's dimensions; vocab 1: the
         # head reads the target's embeddings, it has none of its own
@@ -93,11 +109,12 @@ class EagleHead(nn.Module):
         the target's embeddings and its LM head rows of the draft vocabulary; weights in target dtype."""
         trunk = self.trunk.to(target.dtype)   # type: ignore[arg-type]  # transformers types .to unbound
         cfg = trunk.config
+        lm_head = target.lm_head[d2t] if self.lm_head is None else self.lm_head.detach().to(target.dtype)
         shell = SimpleNamespace(
             config=SimpleNamespace(**{**cfg.to_dict(), "vocab_size": target.vocab_size}),
             model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=target.embed), layers=trunk.layers,
                                   norm=trunk.norm),
-            lm_head=SimpleNamespace(weight=target.lm_head[d2t]))
+            lm_head=SimpleNamespace(weight=lm_head))
         head = Llama(shell, max_len, tune=target.quantized is None)
         if target.quantized == "int8":   # a quantised target's head reads codes too: a draft step stays cheap
             head.quantize_int8()
@@ -130,7 +147,7 @@ class ExitAdapter(nn.Module):
         return self.block(self.norm(mid))
 
 
-MODULES = {"eagle": EagleHead, "medusa": MedusaHeads, "layerskip": ExitAdapter}
+MODULES = {"eagle": EagleHead, "eagle3": EagleHead, "medusa": MedusaHeads, "layerskip": ExitAdapter}
 
 
 def head_config(kind: str, target: Llama, **extra) -> dict:

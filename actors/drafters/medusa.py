@@ -31,8 +31,9 @@ class MedusaModel:
 
     @torch.inference_mode()
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
-        """[H] -> [K, N]: each head's draft-vocabulary logits."""
-        return (self.heads(feat[None])[0] @ self.lm_head_t).float()
+        """[H] -> [K, N]: each head's draft-vocabulary logits (of a target row's first H columns: the
+        final hidden state, before any tapped streams)."""
+        return (self.heads(feat[None, :self.lm_head_t.shape[0]])[0] @ self.lm_head_t).float()
 
 
 class MedusaDrafter(Drafter):

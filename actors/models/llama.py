@@ -131,6 +131,9 @@ class Llama(nn.Module):
         self.layers = [_layer(layer, fam.gemma) for layer in m.layers]
         self.lm_head_t: Weight = _t(self.lm_head)
         self.head_cut: int | None = None     # rows from which the LM head runs as lm_head @ x.T
+        # layers whose output residual streams every full forward also returns, after the final hidden
+        # states (EAGLE-3 heads draft from them: `tap`)
+        self.taps: tuple[int, ...] = ()
         # RoPE tables computed as HF does (float32 outer product, then cast), one per layer type
         self.rope = {kind: self._rope_table(theta, factor) for kind, (theta, factor) in fam.rope.items()}
         # row-invariant decode/verify (exact.py): on by default below float32
@@ -142,6 +145,15 @@ class Llama(nn.Module):
         self.exact = self.exact_by_default
         if tune and not self.exact:
             self.tune()
+
+    def tap(self, layers: tuple[int, ...]) -> None:
+        """Return the residual streams after `layers` too, from the next forward on: each row of
+        forward_batch's result becomes [final hidden | after taps[0] | after taps[1] ...], H columns each
+        (`logits` reads the first H)."""
+        if any(not 0 <= i < self.n_layers - 1 for i in layers):
+            raise ValueError(f"taps {layers}: layers 0 .. {self.n_layers - 2} only (the last one's output is the "
+                             "final hidden state)")
+        self.taps = tuple(sorted(set(self.taps) | set(layers)))
 
     def _rope_table(self, theta: float, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
@@ -312,15 +324,16 @@ class Llama(nn.Module):
 
         Every product runs on all rows together; each layer writes all new K/V with one indexed copy
         per pool and runs attention for all sequences in a few bucketed calls (attention.py). Returns
-        each sequence's final hidden states. exact (default: the model's setting): row-invariant, so a
-        sequence's rows do not depend on how many rows share the pass; its attention runs in exact.py's
-        buckets. embeds: the input rows instead of the tokens' embeddings (a draft head's own inputs);
-        layers: run only the first `layers` layers and return the residual stream after them
-        (layer-skip drafting; their K/V go to the cache like any other). prefill: chains entering the
-        cache (prompts): products as the model's exact setting has them, and attention too (exact
-        buckets, so a prompt token's K/V are those a decode or verify row would give it) unless
-        `exact_prefill` is off; then each sequence's attention runs in an SDPA call of its own, so its
-        rows are still those of its prefill alone whatever shares the pass."""
+        each sequence's final hidden states (and the residual streams of `taps` after them). exact
+        (default: the model's setting): row-invariant, so a sequence's rows do not depend on how many
+        rows share the pass; its attention runs in exact.py's buckets. embeds: the input rows instead
+        of the tokens' embeddings (a draft head's own inputs); layers: run only the first `layers`
+        layers and return the residual stream after them (layer-skip drafting; their K/V go to the
+        cache like any other). prefill: chains entering the cache (prompts): products as the model's
+        exact setting has them, and attention too (exact buckets, so a prompt token's K/V are those a
+        decode or verify row would give it) unless `exact_prefill` is off; then each sequence's
+        attention runs in an SDPA call of its own, so its rows are still those of its prefill alone
+        whatever shares the pass."""
         sizes = [it.ids.numel() for it in items]
         fam = self.family
         if embeds is None:
@@ -344,6 +357,8 @@ class Llama(nn.Module):
             groups["sliding_attention"] = self._groups(items, sizes, exact, prefill, fam.window) \
                 if int(pos.max()) >= fam.window else full
         total = x.shape[0]
+        taps = self.taps if layers is None else ()
+        kept = []
         for i, w in enumerate(self.layers[:layers]):
             h = self.rms(x, w.ln1)
             q_k, v = self._product(h, w, "qkv", mm_exact).split([q_size + kv_size, kv_size], dim=-1)
@@ -366,9 +381,12 @@ class Llama(nn.Module):
             act = F.silu(gate) if fam.activation == "silu" else F.gelu(gate, approximate="tanh")
             o = self._product(act * up, w, "down", mm_exact)
             x = x + (o if w.post_mlp is None else self.rms(o, w.post_mlp))
+            if i in taps:
+                kept.append(x)
         if layers is not None:
             return list(x.split(sizes))
-        return list(self.rms(x, self.norm).split(sizes))
+        h = self.rms(x, self.norm)
+        return list((torch.cat([h, *kept], dim=-1) if kept else h).split(sizes))
 
     def _groups(self, items: list[BatchItem], sizes: list[int], exact: bool, prefill: bool,
                 window: int | None) -> list[tuple[torch.Tensor | None, attention.Layout]]:
@@ -428,6 +446,8 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # in at least float32, as HF's generate takes them: argmax over bfloat16 is 5x slower
+        if self.taps:   # rows with tapped streams after the final hidden state
+            hidden = hidden[..., :self.config.hidden_size].contiguous()
         if self.head_cut is not None and hidden.shape[0] >= self.head_cut:
             out = (self.lm_head @ hidden.t()).t().contiguous()   # (never exact: head_cut is None then)
         else:

@@ -4,6 +4,12 @@ the head's own weights learn, against the target's greedy next tokens (and, for 
     eagle:      pairs (f_{i-1}, t_i) -> f̂_i;  smooth-L1(f̂_i, f_i) + w_cls * CE(LM_d(f̂_i), y_i), plus a
                 second, unrolled pass that feeds the head its own predictions f̂_{i-1} instead of
                 f_{i-1} (what it sees from depth 2 on when drafting)
+    eagle3:     the same pairs, the feature of t_i being the target's low/mid/high streams fused
+                (heads.eagle3_layers); no feature regression: the head's own LM head learns the target's
+                distribution on the draft vocabulary (soft cross-entropy) at answer positions, and
+                training-time test unrolls the head TTT_STEPS times on its own outputs, each step's
+                query attending to the committed keys and its own chain of earlier steps' keys exactly
+                as a draft at that depth does (`_ttt_attention`), losses weighted DEPTH_DECAY ** step
     medusa:     f_i -> head k -> CE(LM_d(.), y_{i+k})  for k = 1..K
     layerskip:  residual after L layers at i -> adapter -> final norm -> CE(LM_d(.), y_i)
 
@@ -16,12 +22,21 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from drafthorse.actors.drafters.heads import Checkpoint, EagleHead, ExitAdapter, MedusaHeads, fingerprint, head_config
+from drafthorse.actors.drafters.heads import (
+    Checkpoint,
+    EagleHead,
+    ExitAdapter,
+    MedusaHeads,
+    eagle3_layers,
+    fingerprint,
+    head_config,
+)
 from drafthorse.actors.models.llama import Llama
 from drafthorse.actors.training.selfdistill import Corpus
 
@@ -29,6 +44,7 @@ log = logging.getLogger(__name__)
 
 W_CLS = 0.2          # EAGLE: weight of the token loss next to the feature regression
 WINDOW = 384         # EAGLE trains on windows of this many positions (long prompts are cut in pieces)
+DEPTH_DECAY = 0.8    # EAGLE-3: weight of training-time-test step k (as EAGLE-3's paper)
 
 
 @dataclass
@@ -39,6 +55,8 @@ class TrainConfig:
     batch_tokens: int = 1024
     draft_vocab: int = 8192
     medusa_heads: int = 4
+    ttt_steps: int = 4        # EAGLE-3: draft depths unrolled in training
+    train_tokens: int | None = None   # train on a fixed random subset of the training split: this many answer tokens
     noise: float = 0.05       # EAGLE: gaussian noise on input features, times their std
     val_fraction: float = 0.05
     seed: int = 0
@@ -75,6 +93,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, target: Llama, target_name: str, corpus: Corpus, eos_ids: set[int]):
         self.cfg, self.target, self.corpus = cfg, target, corpus
         self.train_seqs, self.val_seqs = corpus.split(cfg.val_fraction, cfg.seed)
+        if cfg.train_tokens is not None:   # the split's own random order: a smaller subset is a prefix of a larger
+            answers = (corpus.offsets[1:] - corpus.offsets[:-1] - corpus.prompt_lens).tolist()
+            total = sum(answers[s] for s in self.train_seqs)
+            if total < cfg.train_tokens:
+                raise ValueError(f"train_tokens {cfg.train_tokens}: the training split has {total} answer tokens")
+            keep, n = [], 0
+            for s in self.train_seqs:
+                if n >= cfg.train_tokens:
+                    break
+                keep.append(s)
+                n += answers[s]
+            self.train_seqs = keep
         self.d2t = draft_vocab(corpus, self.train_seqs, cfg.draft_vocab, eos_ids)
         self.t2d = torch.full((target.vocab_size,), -100, dtype=torch.long)
         self.t2d[self.d2t] = torch.arange(len(self.d2t))
@@ -87,6 +117,16 @@ class Trainer:
         self.module: EagleHead | MedusaHeads | ExitAdapter
         if cfg.kind == "eagle":
             self.module = EagleHead(head_config("eagle", target))
+        elif cfg.kind == "eagle3":
+            taps = list(eagle3_layers(target.n_layers))
+            if corpus.taps is None or corpus.meta.get("taps") != taps:
+                raise ValueError(f"an eagle3 head reads the target's layers {taps}: the corpus has "
+                                 f"{corpus.meta.get('taps') or 'none'} (build it with taps={taps})")
+            self.module = EagleHead(head_config("eagle3", target, taps=taps, draft_vocab=len(self.d2t)))
+            assert self.module.lm_head is not None
+            with torch.no_grad():
+                self.module.lm_head.copy_(self.lm_d)   # starts as the target's rows
+            self.answer = corpus.answers()
         elif cfg.kind == "medusa":
             self.module = MedusaHeads(head_config("medusa", target, heads=cfg.medusa_heads))
         elif cfg.kind == "layerskip":
@@ -134,6 +174,58 @@ class Trainer:
             accs.append(_top1(logits, lab[m]))
         return losses[0] + losses[1], accs
 
+    def eagle3_steps(self, ranges: list[tuple[int, int]]):
+        """Training-time test over windows `ranges`: (logits [B, T, N] of each step, the target's
+        distributions [B, T, N], scored positions [B, T] (answers), labels [B, T]). Step s at window
+        position i is the draft s levels below the committed pairs up to position i - s."""
+        c, m = self.corpus, self.module
+        assert isinstance(m, EagleHead) and m.fuse is not None and m.lm_head is not None and c.taps is not None
+        T = max(b - a for a, b in ranges) - 1
+        B, H = len(ranges), c.feat.shape[1]
+        emb, tfeat = torch.zeros(B, T, H), torch.zeros(B, T, H)
+        taps = torch.zeros(B, T, c.taps.shape[1])
+        lab = torch.full((B, T), -100, dtype=torch.long)
+        scored = torch.zeros(B, T, dtype=torch.bool)
+        for r, (a, b) in enumerate(ranges):   # position i: the pair (fused streams at t_{i-1}, t_i)
+            n = b - a - 1
+            emb[r, :n] = self.embed[c.tokens[a + 1:b]].float()
+            taps[r, :n] = c.taps[a:b - 1].float()
+            tfeat[r, :n] = c.feat[a + 1:b].float()
+            lab[r, :n] = _to_draft(c.label[a + 1:b], self.t2d)
+            scored[r, :n] = self.answer[a + 1:b]
+        with torch.no_grad():   # the target's next-token distribution, on the draft vocabulary
+            want = torch.softmax(tfeat @ self.lm_d.t(), dim=-1)
+        layer: Any = m.trunk.layers[0]   # (an HF LlamaDecoderLayer; nn.Module indexing types it loosely)
+        cfg, attn = m.cfg, layer.self_attn
+        nh, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+        cos, sin = _rope(T, d, cfg["rope_theta"])
+        feats = m.fuse(taps)
+        keys: list[tuple[torch.Tensor, torch.Tensor]] = []
+        steps = []
+        for _ in range(self.cfg.ttt_steps):
+            x = m.fc(torch.cat([emb, feats], dim=-1))
+            h = layer.input_layernorm(x)
+            q = _rotary(attn.q_proj(h).view(B, T, nh, d).transpose(1, 2), cos, sin)
+            k = _rotary(attn.k_proj(h).view(B, T, kv, d).transpose(1, 2), cos, sin)
+            keys.append((k, attn.v_proj(h).view(B, T, kv, d).transpose(1, 2)))
+            o = _ttt_attention(q, keys, d ** -0.5)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, nh * d))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            out = m.trunk.norm(x)
+            steps.append(out @ m.lm_head.t())
+            feats = torch.cat([torch.zeros(B, 1, H), out[:, :-1]], dim=1)   # position i drafts on from i - 1
+        return steps, want, scored, lab
+
+    def _eagle3_loss(self, ranges, train: bool):
+        steps, want, scored, lab = self.eagle3_steps(ranges)
+        losses, accs = [], []
+        for s, logits in enumerate(steps):
+            ok = scored.clone()
+            ok[:, :s] = False   # (their chains would start before the window)
+            losses.append(DEPTH_DECAY ** s * -(want[ok] * F.log_softmax(logits[ok], dim=-1)).sum(-1).mean())
+            accs.append(_top1(logits[ok], lab[ok]))
+        return sum(losses), accs
+
     def _medusa_loss(self, ranges, train: bool):
         c = self.corpus
         K = self.module.cfg["heads"]
@@ -162,7 +254,7 @@ class Trainer:
         return F.cross_entropy(logits, lab, ignore_index=-100), [_top1(logits, lab)]
 
     def loss(self, ranges, train: bool):
-        return {"eagle": self._eagle_loss, "medusa": self._medusa_loss,
+        return {"eagle": self._eagle_loss, "eagle3": self._eagle3_loss, "medusa": self._medusa_loss,
                 "layerskip": self._layerskip_loss}[self.cfg.kind](ranges, train)
 
     # ------------------------------------------------------------------ loop
@@ -236,6 +328,45 @@ class Trainer:
         return Checkpoint(self.cfg.kind, self.module, self.d2t,
                           dict(name=self.target_name, fingerprint=fingerprint(self.target)),
                           dict(self.info, defaults=defaults, recipe=recipe, corpus=self.corpus.meta))
+
+
+def _rope(T: int, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, d] of positions 0..T-1 (relative positions are all attention sees)."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
+    f = torch.arange(T).float()[:, None] * inv[None]
+    emb = torch.cat([f, f], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _ttt_attention(q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """Attention of training-time-test step s = len(keys) - 1: q [B, heads, T, d]; keys[j] = step j's
+    (k, v) [B, kv_heads, T, d]. The query of step s at position i is a draft node s levels below a
+    committed prefix ending at t_{i-s}: it sees step 0's keys at positions <= i - s (the committed
+    pairs) and, for j = 1..s, step j's key at position i - s + j (its chain's nodes above it, and itself),
+    as the head's tree attention shows a node its ancestors when drafting."""
+    s = len(keys) - 1
+    T = q.shape[2]
+    grp = q.shape[1] // keys[0][0].shape[1]
+    wide = lambda t: t.repeat_interleave(grp, dim=1)
+    pos = torch.arange(T)
+    k0, v0 = wide(keys[0][0]), wide(keys[0][1])
+    parts = [(q @ k0.transpose(-1, -2) * scale).masked_fill(~(pos[None] <= pos[:, None] - s), float("-inf"))]
+    chain = []
+    for j in range(1, s + 1):   # step j's key at i - (s - j): shifted down the positions by s - j
+        shift = s - j
+        kj, vj = (F.pad(wide(t), (0, 0, shift, 0))[:, :, :T] for t in keys[j])
+        parts.append(((q * kj).sum(-1, keepdim=True) * scale).masked_fill((pos < shift)[:, None], float("-inf")))
+        chain.append(vj)
+    w = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
+    out = w[..., :T] @ v0
+    for j, vj in enumerate(chain):
+        out = out + w[..., T + j:T + j + 1] * vj
+    return out
 
 
 def _top1(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:

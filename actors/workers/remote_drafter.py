@@ -40,8 +40,12 @@ class RemoteDrafter(Drafter):
 
     def __init__(self, target: str | grpc.Channel, kind: str, vocab_size: int, session_id: str | None = None,
                  auth_token: str | None = None, timeout_s: float = 5.0, retry_after_s: float = 1.0,
-                 chunk_bytes: int = FEATURE_CHUNK_BYTES, on_rpc: Callable[[float], None] | None = None):
+                 chunk_bytes: int = FEATURE_CHUNK_BYTES, on_rpc: Callable[[float], None] | None = None,
+                 hidden_size: int | None = None):
+        """hidden_size: the features sent are a target row's first hidden_size columns (its final hidden
+        state: a target that also returns tapped streams for a local EAGLE-3 head keeps them here)."""
         self.name = f"remote:{kind}"
+        self.hidden_size = hidden_size
         self.kind, self.vocab_size, self.timeout_s = kind, vocab_size, timeout_s
         known = kinds.KINDS.get(kind)        # a draft worker may serve kinds of its own (its factory's)
         self.wants_features = known is not None and known.wants_features
@@ -78,7 +82,7 @@ class RemoteDrafter(Drafter):
     def _add_features(self, features: torch.Tensor | None, rows: int) -> None:
         if features is None or len(features) != rows:
             raise ValueError(f"drafter {self.kind!r} needs one target feature per committed token")
-        self.feats.append(features.detach())
+        self.feats.append(features.detach()[:, :self.hidden_size])
 
     def _features(self, start: int, end: int) -> pb.Features:
         """The features of context[start:end] (context[0] has none)."""

@@ -113,7 +113,8 @@ class TargetService(pb_grpc.TargetServicer):
             drafter = RemoteDrafter(self._channel(treq.draft_address), kind.name, self.lm.vocab_size,
                                     session_id=treq.session_id or uuid.uuid4().hex, auth_token=self.token,
                                     timeout_s=self.draft_timeout_s,
-                                    on_rpc=self.metrics.observe_draft_rpc if self.metrics else None)
+                                    on_rpc=self.metrics.observe_draft_rpc if self.metrics else None,
+                                    hidden_size=self.lm.model.config.hidden_size)
         r = Request(list(treq.prompt_ids), params, drafter, treq.session_id, adaptive=not req.fixed_tree,
                     prefix_scope=treq.prefix_scope)
         try:
