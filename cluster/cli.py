@@ -164,8 +164,8 @@ def bench(
     per_category: Optional[int] = typer.Option(2, min=1, help="questions per category"),
     max_new_tokens: int = typer.Option(128, min=1),
     methods: str = typer.Option("ar,ngram,ngram-adaptive,hf,hf-pld",
-                                help="comma list: ar,ngram,ngram-adaptive,draft-model,eagle,medusa,layerskip,hf,hf-pld,"
-                                     "cluster-ar,cluster-ngram,cluster-draft-model,cluster-eagle; an engine "
+                                help="comma list: ar,ngram,ngram-adaptive,draft-model,eagle,eagle3,medusa,layerskip,"
+                                     "hf,hf-pld,cluster-ar,cluster-ngram,cluster-draft-model,cluster-eagle; an engine "
                                      "method with /N (eagle/8) uses a tree budget of N nodes"),
     model: str = typer.Option("smollm2"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft-model method"),
@@ -174,8 +174,8 @@ def bench(
                                            "weights)"),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("bench_out"), help="writes OUT/results.json and OUT/speedup.png"),
-    head: list[str] = typer.Option([], help="KIND=PATH: a trained head for method KIND (eagle, medusa, "
-                                             "layerskip) instead of the shipped one (repeatable)"),
+    head: list[str] = typer.Option([], help="KIND=PATH: a trained head for method KIND (eagle, eagle3, "
+                                             "medusa, layerskip) instead of the shipped one (repeatable)"),
     server: Optional[str] = typer.Option(None, help="gateway HOST:PORT for the cluster-* methods"),
     cluster: bool = typer.Option(False, help="start a local cluster (1 target, 1 draft worker on other "
                                              "Ray actors) for the cluster-* methods"),
@@ -338,8 +338,8 @@ def loadtest(
     max_seconds: float = typer.Option(120.0, min=0.1, help="time bound per level (in-flight requests are cut)"),
     max_new_tokens: int = typer.Option(128, min=1),
     drafters: str = typer.Option("none,ngram,ngram-fixed", help="comma list, one series each: none, ngram, "
-                                 "draft-model, eagle, medusa, layerskip; NAME-fixed = that drafter without the "
-                                 "adaptive policy (full tree every step)"),
+                                 "draft-model, eagle, eagle3, medusa, layerskip; NAME-fixed = that drafter without "
+                                 "the adaptive policy (full tree every step)"),
     long_context: bool = typer.Option(False, help="~4k-token prompts built from the rag/summarization questions"),
     context_tokens: int = typer.Option(3700, min=16, help="prompt size for --long-context (tokens)"),
     tokenizer: str = typer.Option("smollm2", help="model whose tokenizer sizes --long-context prompts"),

@@ -36,13 +36,14 @@ N = 24
 
 @pytest.fixture(scope="module")
 def heads(local, tmp_path_factory):
-    """EAGLE and Medusa heads for tiny:0, trained on its greedy answers to PROMPTS (seconds; a random model's
-    text is learnable only by heart, hence twice over: the held-out copy is trained on too): the draft
-    workers serve eagle with the first, the target workers run medusa with the second; no layerskip head."""
+    """EAGLE, Medusa and EAGLE-3 heads for tiny:0, trained on its greedy answers to PROMPTS (seconds; a random
+    model's text is learnable only by heart, hence twice over: the held-out copy is trained on too): the draft
+    workers serve eagle with the first, the target workers run medusa and eagle3 (so their targets return
+    tapped layers, and the features they send the draft workers must be cut back); no layerskip head."""
     from tests.test_eagle_remote import train_head
     prompts = [chat_ids(local, p) for p in PROMPTS] * 2
     out = {}
-    for kind in ("eagle", "medusa"):
+    for kind in ("eagle", "medusa", "eagle3"):
         out[kind] = tmp_path_factory.mktemp("heads") / f"{kind}.safetensors"
         train_head(local[0], out[kind], prompts, new_tokens=N + 8, draft_vocab=1024, kind=kind, epochs=20, lr=1e-2)
     return out
@@ -64,7 +65,7 @@ def cluster(heads, pki):
                  sessions_per_target=8, max_len=512, http_port=0,
                  draft_timeout_s=30.0,  # a loaded CI machine must not turn RPCs into plain-decoding fallbacks
                  adaptive=False,  # fixed trees: every step must ask a draft worker (the policy is tested in test_batch)
-                 eagle_head=str(heads["eagle"]), medusa_head=str(heads["medusa"]),
+                 eagle_head=str(heads["eagle"]), medusa_head=str(heads["medusa"]), eagle3_head=str(heads["eagle3"]),
                  target_resources={"large_accel": 0.25}, draft_resources={"cheap_accel": 0.25}, **pki)
     c = Cluster(s).start(timeout_s=300)
     yield c
@@ -127,10 +128,10 @@ def test_greedy_through_cluster_equals_target_alone_8_concurrent(cluster, stub, 
     assert len(workers) == 2, f"8 concurrent requests should spread over both targets, got {workers}"
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "eagle3"])
 def test_trained_heads_through_cluster_equal_target_alone(cluster, stub, local, kind):
     """eagle: gateway -> target -> draft worker, the target's features riding on every Draft request;
-    medusa: inside the target worker."""
+    medusa, eagle3: inside the target worker."""
     accepted = 0
     for p in PROMPTS[:4]:
         ids, msgs = run(stub, request(p, SamplingParams(max_new_tokens=N), kind))

@@ -11,6 +11,7 @@ import torch
 
 from drafthorse.actors.drafters import load_head, make_drafter
 from drafthorse.actors.drafters.eagle import EagleDrafter
+from drafthorse.actors.drafters.heads import eagle3_layers
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models.runner import ModelRunner
@@ -43,7 +44,7 @@ def train_head(lm, path, prompts: list[list[int]], new_tokens: int = 40, sample:
                                  pad_token_id=0, top_k=None, top_p=None, temperature=1.0 if sample else None)
             seqs += out.tolist()
             lens += [n] * len(ids)
-    corpus = from_sequences(lm, seqs, lens, mid_layer=1)
+    corpus = from_sequences(lm, seqs, lens, mid_layer=1, taps=eagle3_layers(lm.model.n_layers))
     t = Trainer(TrainConfig(kind, epochs=epochs, lr=lr, batch_tokens=512, draft_vocab=draft_vocab, medusa_heads=3,
                             val_fraction=0.1), lm.model, lm.name, corpus, lm.eos_ids)
     t.fit(progress=False)

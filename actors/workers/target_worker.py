@@ -173,7 +173,7 @@ class TargetService(pb_grpc.TargetServicer):
 
 
 def load_local_heads(s: WorkerSettings, lm: LoadedModel) -> dict:
-    """The heads drafted in this worker (kinds.LOCAL_KINDS: medusa, layer-skip). A head asked for (its path
+    """The heads drafted in this worker (kinds.LOCAL_KINDS: medusa, layer-skip, eagle3). A head asked for (its path
     set, or its kind the default drafter) must load, else start-up fails; otherwise the shipped one is served
     if it loads."""
     heads = {}

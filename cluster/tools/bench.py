@@ -9,7 +9,7 @@ Methods:
     ngram        our engine + NgramDrafter (prompt lookup with a token tree), fixed tree budget
     ngram-adaptive  the same drafter, tree size chosen each step by actors/spec/adaptive.py
     draft-model  our engine + DraftModelDrafter over a second, smaller model (needs draft_lm)
-    eagle, medusa, layerskip  our engine + a trained head (the one shipped for the model, or `heads`)
+    eagle, eagle3, medusa, layerskip  our engine + a trained head (the one shipped for the model, or `heads`)
     METHOD/N     an engine method with a tree budget of N nodes (e.g. eagle/8): tree size sweeps
     hf           transformers `generate`, greedy
     hf-pld       transformers `generate` with prompt lookup decoding (prompt_lookup_num_tokens=10)
@@ -60,7 +60,7 @@ from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 CLUSTER_METHODS = ("cluster-ar", "cluster-ngram", "cluster-draft-model", "cluster-eagle")  # through a gateway
-HEAD_METHODS = ("eagle", "medusa", "layerskip")   # trained heads (actors/drafters/trained or --head)
+HEAD_METHODS = ("eagle", "eagle3", "medusa", "layerskip")   # trained heads (actors/drafters/trained or --head)
 METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS + ("hf", "hf-pld", "llama-cpp") + \
     CLUSTER_METHODS
 ENGINE_METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS
