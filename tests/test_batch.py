@@ -167,6 +167,20 @@ def test_adaptive_policy_weighs_what_drafting_itself_costs():
     assert p.choose([0.9])[0] > 0
 
 
+def test_a_heads_chain_depth_follows_what_rows_cost_here():
+    """A head's tree is sized at load from the machine's pass cost: with acceptance 0.8 at every depth, a
+    nearly free row and draft level let the chain grow to the cap; a row and a draft level at a fifth of
+    a pass each stop it at three (1 + .8 + .64 + .512 = 2.95 tokens in 2.4 passes beats 2.44 in 2.0 and
+    3.36 in 2.8); at 0.8 of a pass each drafting does not pay (1.8 in 3.4 < 1 in 1.8); no acceptance,
+    no depth."""
+    from drafthorse.actors.spec.adaptive import chain_depth
+    assert chain_depth(1.0, 0.001, 0.001, [0.8], max_depth=8) == 8
+    assert chain_depth(1.0, 0.2, 0.2, [0.8]) == 3
+    assert chain_depth(1.0, 0.8, 0.8, [0.8]) == 0
+    assert chain_depth(1.0, 0.0, 0.0, []) == 0
+    assert chain_depth(1.0, 0.05, 0.05, [0.9, 0.1]) == 1   # the second depth is rarely right
+
+
 def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
     """Each request's stats carry what the policy saw and chose (acceptance estimate, row cost, nodes,
     batch size); a sequence with adaptive off keeps the full tree budget under the same load, and both

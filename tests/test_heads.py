@@ -103,6 +103,19 @@ def test_eagle3_training_unrolls_the_head_as_it_drafts(trained, target, corpus):
         assert torch.allclose(logits.float(), steps[s][0, i], atol=1e-4, rtol=1e-4), (s, i)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_heads_tree_is_sized_to_the_machine_at_load(trained, target, kind, caplog):
+    """load_head turns the head's held-out acceptance per depth and this machine's measured pass, row and
+    draft-level costs into its tree (adaptive.chain_depth); the saved tree stays in the checkpoint."""
+    with caplog.at_level("INFO", logger="drafthorse.actors.drafters"):
+        head = load_head(kind, target, trained[kind][0])
+    d = head.defaults
+    assert 1 <= d["depth"] <= (3 if kind == "medusa" else 8) and d["max_nodes"] == d["depth"] * d["topk"]
+    assert d["topk"] in (1, 3)
+    assert f"{kind} head: trees of depth {d['depth']}" in caplog.text and "a pass" in caplog.text
+    assert load_checkpoint(trained[kind][0], target.model).info["defaults"] == dict(topk=3, depth=3, max_nodes=12)
+
+
 def test_bad_checkpoint_files_are_refused(target, tmp_path):
     with pytest.raises(FileNotFoundError, match="train-drafter"):
         load_checkpoint(tmp_path / "missing.safetensors", target.model)

@@ -4,6 +4,7 @@ Trained heads (eagle, eagle3, medusa, layerskip) are loaded once per target with
 every sequence's drafter; the heads shipped for the default SmolLM2 live in `trained/`."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +15,17 @@ from drafthorse.actors.drafters.heads import load_checkpoint
 from drafthorse.actors.drafters.layerskip import LayerSkipDrafter, LayerSkipModel
 from drafthorse.actors.drafters.medusa import MedusaDrafter, MedusaModel
 from drafthorse.actors.drafters.ngram import NgramDrafter
+from drafthorse.actors.models.runner import pass_cost
+from drafthorse.actors.spec.adaptive import chain_depth
 from drafthorse.runtime.kinds import check_head_kind, kind
+
+log = logging.getLogger(__name__)
 
 TRAINED = Path(__file__).parent / "trained"
 # per head kind (runtime.kinds): the model a checkpoint loads into, and the drafter that proposes with it
+CHEAP_ROW = 0.02   # a verify row below this fraction of a pass's fixed cost: trees keep their branches
+MAX_DEPTH = 8
+
 HEADS = {"eagle": (EagleModel, EagleDrafter), "eagle3": (EagleModel, EagleDrafter),
          "medusa": (MedusaModel, MedusaDrafter), "layerskip": (LayerSkipModel, LayerSkipDrafter)}
 
@@ -40,7 +48,35 @@ def load_head(kind: str, lm, path: str | Path | None = None, max_len: int | None
     if ckpt.kind != kind:
         raise ValueError(f"draft head {path} is a {ckpt.kind} head, not {kind}")
     model = HEADS[kind][0]
-    return model(ckpt, lm.model, max_len) if model is EagleModel else model(ckpt, lm.model)
+    head = model(ckpt, lm.model, max_len) if model is EagleModel else model(ckpt, lm.model)
+    head.defaults = sized_tree(kind, head, lm.model, ckpt.info)
+    return head
+
+
+def sized_tree(kind: str, head, target, info: dict) -> dict:
+    """A head's tree for this machine: the chain depth that peaks in expected tokens per second, from the
+    head's held-out acceptance per depth (its checkpoint's validation) and what a target pass, a verify
+    row and a draft level cost here (measured now); the branches of its saved tree only where a verify
+    row is cheap (CHEAP_ROW), else a chain. Without validation figures, the saved tree as it is."""
+    saved = dict(info.get("defaults", {}))
+    accept = ((info.get("history") or [{}])[-1]).get("val_top1_per_depth") or []
+    if not accept:
+        return saved
+    a, b = pass_cost(target)
+    if isinstance(head, EagleModel):
+        draft_s = pass_cost(head.head)[0]
+    elif isinstance(head, LayerSkipModel):
+        draft_s = a * head.layers / target.n_layers
+    else:   # medusa: its blocks on one feature, a small fraction of a pass
+        draft_s = 0.0
+    top = MAX_DEPTH if not isinstance(head, MedusaModel) else head.n_heads
+    depth = max(1, chain_depth(a, b, draft_s, accept, top))
+    topk = saved.get("topk", 1) if b < CHEAP_ROW * a else 1
+    sized = dict(saved, depth=depth, topk=topk, max_nodes=depth * topk)
+    log.info("%s head: trees of depth %d, %d children a node, %d nodes on this machine (a pass %.1f ms + %.2f "
+             "ms a row, a draft level %.1f ms; held-out acceptance per depth %s)", kind, depth, topk,
+             depth * topk, 1e3 * a, 1e3 * b, 1e3 * draft_s, accept)
+    return sized
 
 
 def make_drafter(name: str, new_draft_runner: Callable | None = None, head=None, **options) -> Drafter:

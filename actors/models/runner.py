@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from drafthorse.actors.spec.tree import ROOT, ancestor_mask
@@ -185,3 +187,24 @@ def extend_batch(runners: list[ModelRunner], tokens: list[list[int]]) -> list[tu
     for r, t in zip(runners, tokens):
         r._keep_chain(t)
     return list(zip(logits, hidden))
+
+
+def pass_cost(model: Llama, context: int = 64, rows: int = 9, reps: int = 3) -> tuple[float, float]:
+    """(a, b): a pass over n rows costs about a + b*n seconds on this machine, from the fastest of `reps`
+    one-row and `rows`-row passes (a chain of scratch nodes after a `context`-token prefix, as a verify
+    runs them)."""
+    runner = ModelRunner(model, context + rows + 1)
+    runner.extend([i % model.vocab_size for i in range(context)])
+
+    def best(n: int) -> float:
+        t = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            runner.score([i % model.vocab_size for i in range(n)], [ROOT] + list(range(n - 1)))
+            t = min(t, time.perf_counter() - t0)
+            runner.discard()
+        return t
+
+    one, many = best(1), best(rows)
+    b = max(many - one, 0.0) / (rows - 1)
+    return max(one - b, 1e-9), b

@@ -64,6 +64,21 @@ class StepCost:
         return self.default if fit is None else fit[1] / fit[0]
 
 
+def chain_depth(a: float, b: float, draft_s: float, accept: list[float], max_depth: int = 16) -> int:
+    """The chain depth at which one sequence's expected tokens per second peak: a target pass over 1 + D
+    rows costs a + b(1 + D), drafting D levels D * draft_s, and depth d is accepted with probability
+    accept[d - 1] once its parent was (the last entry repeats). 0: drafting does not pay here."""
+    best, best_rate = 0, 1.0 / (a + b)
+    tokens = p = 1.0
+    for d in range(1, max_depth + 1):
+        p *= accept[min(d, len(accept)) - 1] if accept else 0.0
+        tokens += p
+        rate = tokens / (a + b * (1 + d) + draft_s * d)
+        if rate > best_rate:
+            best, best_rate = d, rate
+    return best
+
+
 class AdaptivePolicy:
     def __init__(self, max_nodes: int, per_row_ratio: float = 0.06, decay: float = 0.9):
         self.max_nodes = max_nodes
