@@ -93,6 +93,7 @@ def test_eagle3_training_unrolls_the_head_as_it_drafts(trained, target, corpus):
     for s, i in [(0, 7), (1, 20), (2, 31), (2, 44)]:
         ids = tokens[:i - s + 2]                         # committed: up to the token of window position i - s
         rows = target.model.forward(torch.tensor(ids), torch.arange(len(ids)), target.model.new_cache(), 0, None)
+        rows = rows.half().to(rows.dtype)                # as the corpus keeps them (float16)
         d = make_drafter("eagle3", head=model)
         runner = d.runner
         logits, g = runner.extend(ids[1:], embeds=model.inputs(ids[1:], model.feature(rows[:-1])))

@@ -35,6 +35,8 @@ class EagleModel:
         self.hidden = target.config.hidden_size
         self.taps: tuple[int, ...] = tuple(head.cfg.get("taps") or ())
         self.fuse_t = None if head.fuse is None else head.fuse.weight.detach().to(target.dtype).t().contiguous()
+        self.tap_norms = [n.weight.detach().to(target.dtype) for n in head.tap_norms]
+        self.eps = float(head.cfg["rms_norm_eps"])
         if self.taps:
             target.tap(self.taps)
         self.d2t = ckpt.d2t
@@ -57,11 +59,18 @@ class EagleModel:
         if self.fuse_t is None:
             return rows[:, :self.hidden]
         at = [self.hidden * (1 + self.target.taps.index(t)) for t in self.taps]
-        return torch.cat([rows[:, a:a + self.hidden] for a in at], dim=-1) @ self.fuse_t
+        return torch.cat([_rms(rows[:, a:a + self.hidden], w, self.eps) for a, w in zip(at, self.tap_norms)],
+                         dim=-1) @ self.fuse_t
 
     def inputs(self, tokens: list[int], feats: torch.Tensor) -> torch.Tensor:
         emb = self.embed[torch.tensor(tokens, dtype=torch.long)]
         return torch.cat([emb, feats.to(emb.dtype)], dim=-1) @ self.fc_t
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """heads.RMSNorm's computation (float32 inside, then the input's dtype, times the weight)."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class EagleDrafter(Drafter):

@@ -84,6 +84,9 @@ class EagleHead(nn.Module):
         super().__init__()
         H = cfg["hidden_size"]
         self.cfg = cfg
+        # each tapped stream RMS-normed first: residual streams grow with depth, and a few of their
+        # dimensions are outliers hundreds of times the rest (as EAGLE-3 norms its fused input)
+        self.tap_norms = nn.ModuleList(RMSNorm(H, cfg["rms_norm_eps"]) for _ in cfg.get("taps") or ())
         self.fuse = nn.Linear(H * len(cfg["taps"]), H, bias=False) if cfg.get("taps") else None
         self.lm_head = nn.Parameter(torch.zeros(cfg["draft_vocab"], H)) if cfg.get("draft_vocab") else None
         self.fc = nn.Linear(2 * H, H, bias=False)
@@ -98,6 +101,12 @@ class EagleHead(nn.Module):
 
     def inputs(self, emb: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat([emb, feat], dim=-1))
+
+    def fused(self, taps: torch.Tensor) -> torch.Tensor:
+        """[..., k * H] tapped streams (eagle3) -> the feature [..., H] of the token they predicted."""
+        assert self.fuse is not None
+        parts = taps.chunk(len(self.tap_norms), dim=-1)
+        return self.fuse(torch.cat([norm(p) for norm, p in zip(self.tap_norms, parts)], dim=-1))
 
     def forward(self, emb: torch.Tensor, feat: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 ) -> torch.Tensor:

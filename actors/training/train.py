@@ -199,7 +199,7 @@ class Trainer:
         cfg, attn = m.cfg, layer.self_attn
         nh, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
         cos, sin = _rope(T, d, cfg["rope_theta"])
-        feats = m.fuse(taps)
+        feats = m.fused(taps)
         keys: list[tuple[torch.Tensor, torch.Tensor]] = []
         steps = []
         for _ in range(self.cfg.ttt_steps):
@@ -222,7 +222,8 @@ class Trainer:
         for s, logits in enumerate(steps):
             ok = scored.clone()
             ok[:, :s] = False   # (their chains would start before the window)
-            losses.append(DEPTH_DECAY ** s * -(want[ok] * F.log_softmax(logits[ok], dim=-1)).sum(-1).mean())
+            n = max(int(ok.sum()), 1)   # (a window's answer may end before step s has a position)
+            losses.append(DEPTH_DECAY ** s * -(want[ok] * F.log_softmax(logits[ok], dim=-1)).sum() / n)
             accs.append(_top1(logits[ok], lab[ok]))
         return sum(losses), accs
 
@@ -261,6 +262,8 @@ class Trainer:
 
     def _batches(self, seqs: list[int], shuffle: bool, gen: torch.Generator | None = None):
         ranges = _windows(self.corpus, seqs)
+        if self.cfg.kind == "eagle3":   # its loss counts answer positions only: windows of prompt alone add none
+            ranges = [(a, b) for a, b in ranges if bool(self.answer[a + 1:b].any())]
         order = torch.randperm(len(ranges), generator=gen).tolist() if shuffle else range(len(ranges))
         batch, tokens = [], 0
         for i in order:
