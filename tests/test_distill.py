@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from drafthorse.actors.engine import SpecEngine
@@ -118,22 +119,25 @@ def test_train_drafter_reads_the_corpus(corpus, tmp_path):
     q, out, _, _ = corpus
     args = ["train-drafter", "--kind", "eagle3", "--model", "tiny:0", "--prompts", str(q), "--corpus", str(out),
             "--data", str(tmp_path / "feats.safetensors"), "--epochs", "1", "--exit-layer", "1",
-            "--draft-vocab", "256", "--ttt-steps", "2", "--out", str(tmp_path / "eagle3.safetensors")]
-    first = CliRunner().invoke(app, [*args, "--train-tokens", "30"])
+            "--draft-vocab", "256", "--ttt-steps", "2"]
+    first = CliRunner().invoke(app, [*args, "--train-tokens", "30", "--out", str(tmp_path / "subset.safetensors")])
     assert first.exit_code == 0, first.output
     assert "corpus: wrote" in first.output
-    again = CliRunner().invoke(app, args)
+    again = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eagle3.safetensors")])
     assert again.exit_code == 0 and "corpus: wrote" not in again.output   # the features file is read back
     head = json.loads(again.stdout.strip().splitlines()[-1])
     assert head["kind"] == "eagle3" and len(head["val_top1_per_depth"]) == 2
-    small = json.loads(first.stdout.strip().splitlines()[-1])
-    assert small["train_seconds"] <= head["train_seconds"] * 2 + 5
+    info = {}
+    for name in ("subset", "eagle3"):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            info[name] = json.loads(f.metadata()["info"])
+    assert 30 <= info["subset"]["train_answer_tokens"] < info["eagle3"]["train_answer_tokens"]
     gen = ["generate", "Tell me a story.", "--model", "tiny:0", "--max-new-tokens", "24", "--json"]
     plain = json.loads(CliRunner().invoke(app, [*gen, "--drafter", "none"]).stdout)
     spec = json.loads(CliRunner().invoke(app, [*gen, "--drafter", "eagle3", "--head",
                                                 str(tmp_path / "eagle3.safetensors")]).stdout)
     assert spec["token_ids"] == plain["token_ids"] and spec["stats"]["drafted_tokens"] > 0
-    too_many = CliRunner().invoke(app, [*args, "--train-tokens", "100000"])
+    too_many = CliRunner().invoke(app, [*args, "--train-tokens", "100000", "--out", str(tmp_path / "x.safetensors")])
     assert too_many.exit_code == 2 and "the training split has" in too_many.output
 
 

@@ -307,6 +307,8 @@ class Trainer:
         bar.close()
         self.info.update(train_seconds=round(time.perf_counter() - t0, 1), history=history,
                          train_sequences=len(self.train_seqs), val_sequences=len(self.val_seqs),
+                         train_answer_tokens=int(sum(self.corpus.offsets[s + 1] - self.corpus.offsets[s]
+                                                     - self.corpus.prompt_lens[s] for s in self.train_seqs)),
                          train_tokens=int(sum(self.corpus.offsets[s + 1] - self.corpus.offsets[s]
                                               for s in self.train_seqs)))
         return history[-1] if history else {}
