@@ -138,25 +138,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ losses
 
-    def _eagle_batch(self, ranges: list[tuple[int, int]], noise: bool):
+    def _pairs(self, ranges: list[tuple[int, int]], prev: torch.Tensor):
+        """Windows `ranges` of the corpus as EAGLE pairs, padded to [B, T] (with zeros): position i holds
+        t_i's embedding, `prev`'s row at t_{i-1} (the feature that predicted t_i: final hidden states or
+        tapped streams), the target's final hidden state at t_i, its greedy next token as a draft index
+        (-100: none), whether the position is real, and its corpus index."""
         c = self.corpus
-        T = max(b - a for a, b in ranges) - 1
-        B, H = len(ranges), c.feat.shape[1]
-        emb = torch.zeros(B, T, H)
-        inp = torch.zeros(B, T, H)
-        tgt = torch.zeros(B, T, H)
-        lab = torch.full((B, T), -100, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.long)
+        at = torch.full((len(ranges), max(b - a for a, b in ranges) - 1), -1, dtype=torch.long)
         for r, (a, b) in enumerate(ranges):
-            n = b - a - 1
-            emb[r, :n] = self.embed[c.tokens[a + 1:b]].float()
-            inp[r, :n] = c.feat[a:b - 1].float()
-            tgt[r, :n] = c.feat[a + 1:b].float()
-            lab[r, :n] = _to_draft(c.label[a + 1:b], self.t2d)
-            mask[r, :n] = 1
+            at[r, :b - a - 1] = torch.arange(a + 1, b)
+        real = at >= 0
+        i = at.clamp_min(1)
+        zeroed = lambda t: t.float() * real[..., None]
+        return (zeroed(self.embed[c.tokens[i]]), zeroed(prev[i - 1]), zeroed(c.feat[i]),
+                torch.where(real, _to_draft(c.label[i], self.t2d), -100), real, i)
+
+    def _eagle_batch(self, ranges: list[tuple[int, int]], noise: bool):
+        emb, inp, tgt, lab, real, _ = self._pairs(ranges, self.corpus.feat)
         if noise and self.cfg.noise > 0:
             inp = inp + torch.randn_like(inp) * self.cfg.noise * inp.std()
-        return emb, inp, tgt, lab, mask
+        return emb, inp, tgt, lab, real.long()
 
     def _eagle_loss(self, ranges, train: bool):
         emb, inp, tgt, lab, mask = self._eagle_batch(ranges, noise=train)
@@ -180,19 +181,9 @@ class Trainer:
         position i is the draft s levels below the committed pairs up to position i - s."""
         c, m = self.corpus, self.module
         assert isinstance(m, EagleHead) and m.fuse is not None and m.lm_head is not None and c.taps is not None
-        T = max(b - a for a, b in ranges) - 1
-        B, H = len(ranges), c.feat.shape[1]
-        emb, tfeat = torch.zeros(B, T, H), torch.zeros(B, T, H)
-        taps = torch.zeros(B, T, c.taps.shape[1])
-        lab = torch.full((B, T), -100, dtype=torch.long)
-        scored = torch.zeros(B, T, dtype=torch.bool)
-        for r, (a, b) in enumerate(ranges):   # position i: the pair (fused streams at t_{i-1}, t_i)
-            n = b - a - 1
-            emb[r, :n] = self.embed[c.tokens[a + 1:b]].float()
-            taps[r, :n] = c.taps[a:b - 1].float()
-            tfeat[r, :n] = c.feat[a + 1:b].float()
-            lab[r, :n] = _to_draft(c.label[a + 1:b], self.t2d)
-            scored[r, :n] = self.answer[a + 1:b]
+        emb, taps, tfeat, lab, real, idx = self._pairs(ranges, c.taps)
+        scored = real & self.answer[idx]
+        B, T, H = emb.shape
         with torch.no_grad():   # the target's next-token distribution, on the draft vocabulary
             want = torch.softmax(tfeat @ self.lm_d.t(), dim=-1)
         layer: Any = m.trunk.layers[0]   # (an HF LlamaDecoderLayer; nn.Module indexing types it loosely)
