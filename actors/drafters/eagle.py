@@ -19,7 +19,7 @@ from drafthorse.actors.spec.tree import ROOT, DraftTree
 
 from .base import Budget, Drafter
 from .dyntree import grow
-from .heads import Checkpoint, EagleHead
+from .heads import Checkpoint, EagleHead, RMSNorm
 
 
 class EagleModel:
@@ -35,7 +35,8 @@ class EagleModel:
         self.hidden = target.config.hidden_size
         self.taps: tuple[int, ...] = tuple(head.cfg.get("taps") or ())
         self.fuse_t = None if head.fuse is None else head.fuse.weight.detach().to(target.dtype).t().contiguous()
-        self.tap_norms = [n.weight.detach().to(target.dtype) for n in head.tap_norms]
+        self.tap_norms = [norm.weight.detach().to(target.dtype) for norm in head.tap_norms.children()
+                          if isinstance(norm, RMSNorm)]
         self.eps = float(head.cfg["rms_norm_eps"])
         if self.taps:
             target.tap(self.taps)
