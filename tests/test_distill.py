@@ -90,7 +90,7 @@ def test_greedy_answers_are_the_targets_own_decoding_alone(corpus):
     _, out, _, _ = corpus
     lm = loader.load("tiny:0", "auto")
     greedy = tokens.Shard.load(tokens.shard_path(out, 0))
-    stop = lm.eos_ids | set(lm.tokenizer.encode("<|im_end|>", add_special_tokens=False))
+    stop = tokens.stop_ids(lm)
     engine = SpecEngine(ModelRunner(lm.model), stop, None)
     for seq, plen in zip(greedy.seqs, greedy.prompt_lens):
         alone = engine.generate(seq[:plen], SamplingParams(max_new_tokens=10)).token_ids

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from drafthorse.actors.models.loader import LoadedModel, chat_prompt
-from drafthorse.actors.training.tokens import generate, invent_prompts, tokenizer_of
+from drafthorse.actors.training.tokens import generate, invent_prompts, stop_ids, tokenizer_of
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def build(lm: LoadedModel, questions: list[dict], *, invented: int = 0, samples:
     log.info("%d questions + %d invented prompts", len(user), len(made))
     tok = tokenizer_of(lm)
     prompts = [chat_prompt(tok, [{"role": "user", "content": u}]) for u in user + made]
-    stop = set(lm.eos_ids) | set(tok.encode("<|im_end|>", add_special_tokens=False))
+    stop = stop_ids(lm)
     seqs: list[list[int]] = []
     plens: list[int] = []
     runs = [(0.0, seed)] + [(temperature, seed + 1000 * (k + 1)) for k in range(samples)]

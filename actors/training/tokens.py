@@ -144,8 +144,7 @@ def read_recipe(out: Path) -> Recipe:
 def build(lm: LoadedModel, out: Path, recipe: Recipe, batch_size: int = 64, limit: int | None = None) -> dict:
     """Write the recipe's missing shards (at most `limit` of them this run); returns a summary."""
     open_corpus(out, recipe)
-    tok = tokenizer_of(lm)
-    stop = set(lm.eos_ids) | set(tok.encode("<|im_end|>", add_special_tokens=False))
+    stop = stop_ids(lm)
     todo = [k for k in range(recipe.shards) if not shard_path(out, k).is_file()][:limit]
     made = 0
     for k in tqdm(todo, desc="corpus shards", unit="shard"):
@@ -250,7 +249,7 @@ def invent_prompts(lm: LoadedModel, n: int, batch_size: int, seed: int, max_toke
     text = cast(str, tok.apply_chat_template([{"role": "user", "content": "@@"}], tokenize=False))
     opening = text[:text.index("@@")]
     base = tok.encode(opening, add_special_tokens=False)
-    end_ids = set(lm.eos_ids) | set(tok.encode("<|im_end|>", add_special_tokens=False))
+    end_ids = stop_ids(lm)
     conts = generate(lm, [base] * n, max_tokens, 1.0, batch_size, [seed * 100_003 + i for i in range(n)],
                      "inventing prompts", end_ids)
     out = []
@@ -301,6 +300,11 @@ def generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, tem
         live = still
     bar.close()
     return [results[i] for i in range(len(prompts))]
+
+
+def stop_ids(lm: LoadedModel) -> set[int]:
+    """The tokens that end a turn: the model's EOS ids and the chat template's end-of-turn token."""
+    return set(lm.eos_ids) | set(tokenizer_of(lm).encode("<|im_end|>", add_special_tokens=False))
 
 
 def tokenizer_of(lm: LoadedModel) -> PreTrainedTokenizerBase:
