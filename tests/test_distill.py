@@ -37,7 +37,7 @@ def corpus(tmp_path_factory):
     q.write_text("".join(json.dumps(x) + "\n" for x in QUESTIONS))
     first = _distill(q, d / "corpus", "--shards", "2")
     assert first.exit_code == 0, first.output
-    second = _distill(q, d / "corpus")
+    second = _distill(q, d / "corpus", "--dtype", "int8")   # (as a machine of another class resumes one)
     assert second.exit_code == 0, second.output
     return q, d / "corpus", json.loads(first.stdout.strip().splitlines()[-1]), \
         json.loads(second.stdout.strip().splitlines()[-1])
@@ -48,6 +48,7 @@ def test_a_second_run_resumes_at_the_first_missing_shard(corpus):
     assert (first["shards_done"], first["made_now"]) == (2, 2)
     assert (second["shards_done"], second["made_now"], second["shards"]) == (3, 1, 3)
     assert first["answer_tokens"] > 0   # (a random tiny model invents no finished user turn: shard 2 is empty)
+    assert second["dtypes"] == {"0": "float64", "1": "float64", "2": "int8"}   # each shard says its own
     assert sorted(p.name for p in out.iterdir()) == ["recipe.json", "shard-00000.safetensors",
                                                      "shard-00001.safetensors", "shard-00002.safetensors"]
 

@@ -1,10 +1,12 @@
 """The self-distillation corpus as token ids: conversations the target writes itself, kept in shards
 that a later run resumes, and that any machine turns into training features (selfdistill.from_sequences).
 
-    DIR/recipe.json              what every shard holds (target, dtype, seeds, counts, question ids);
+    DIR/recipe.json              what every shard holds (target, seeds, counts, question ids);
                                  a shard is made from the recipe and its index alone, so generation
                                  resumes at the first missing shard and a run with another recipe is
-                                 refused rather than mixed in
+                                 refused rather than mixed in. The dtype is the shard's own (its meta):
+                                 a machine without native bfloat16 resumes a bfloat16 corpus in float32
+                                 (the same model's answers, apart at near-ties), and the shards say which
     DIR/shard-00000.safetensors  tokens (uint16 where the vocabulary fits, else int32), offsets,
                                  prompt_lens, and per sequence its sampling temperature and kind
 
@@ -40,6 +42,7 @@ from drafthorse.actors.spec.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 FORMAT = "drafthorse-corpus/1"
+RESUMABLE = {"dtype"}              # recipe fields a run may differ in (the shard records its own)
 TEMPERATURES = (0.7, 1.0)          # sampled answers, in turn (the issue's 0.7-1.0)
 KINDS = ("question", "question-turn2", "invented")
 # second turns for questions that have none of their own (the training split's: Spec-Bench's two-turn
@@ -53,7 +56,7 @@ FOLLOW_UPS = ("Can you make that shorter?", "Please explain that in more detail.
 @dataclass
 class Recipe:
     target: str                    # the model name the corpus was written by
-    dtype: str                     # ... at this dtype (a greedy answer is the target's at it)
+    dtype: str                     # the dtype it was started at (each shard's meta holds its own)
     questions: list[dict]          # training-split Spec-Bench records (ids, categories, turns)
     question_shards: int = 4
     invented_shards: int = 7
@@ -126,8 +129,8 @@ def open_corpus(out: Path, recipe: Recipe) -> None:
     mine = asdict(recipe)
     if path.is_file():
         there = json.loads(path.read_text())
-        if there != mine:
-            diff = sorted(k for k in mine.keys() | there.keys() if mine.get(k) != there.get(k))
+        diff = sorted(k for k in mine.keys() | there.keys() if k not in RESUMABLE and mine.get(k) != there.get(k))
+        if diff:
             raise ValueError(f"{out} holds a corpus of another recipe (differs in {', '.join(diff)}): "
                              "pass the same settings to resume it, or another --out")
         return
@@ -152,24 +155,28 @@ def build(lm: LoadedModel, out: Path, recipe: Recipe, batch_size: int = 64, limi
         shard = (_question_shard if k < recipe.question_shards else _invented_shard)(lm, recipe, k, batch_size, stop)
         seconds = time.perf_counter() - t0
         shard.save(shard_path(out, k), lm.model.vocab_size,
-                   dict(shard=k, seconds=round(seconds, 1), sequences=len(shard.seqs),
+                   dict(shard=k, dtype=lm.dtype, seconds=round(seconds, 1), sequences=len(shard.seqs),
                         answer_tokens=shard.answer_tokens, batch_size=batch_size, threads=torch.get_num_threads()))
         made += 1
-        log.info("shard %d: %d sequences, %d answer tokens in %.0f s (%.0f tokens/s)", k, len(shard.seqs),
-                 shard.answer_tokens, seconds, shard.answer_tokens / seconds)
+        log.info("shard %d (%s): %d sequences, %d answer tokens in %.0f s (%.0f tokens/s)", k, lm.dtype,
+                 len(shard.seqs), shard.answer_tokens, seconds, shard.answer_tokens / seconds)
     return summary(out) | {"made_now": made}
 
 
 def summary(out: Path) -> dict:
     recipe = read_recipe(out)
     done = [k for k in range(recipe.shards) if shard_path(out, k).is_file()]
-    answer = seqs = 0
-    for k in done:
-        with safe_open(str(shard_path(out, k)), "np") as f:
-            meta = json.loads((f.metadata() or {})["meta"])
-        seqs += int(meta["sequences"])
-        answer += int(meta["answer_tokens"])
-    return dict(out=str(out), shards_done=len(done), shards=recipe.shards, sequences=seqs, answer_tokens=answer)
+    metas = [shard_meta(shard_path(out, k), recipe) for k in done]
+    return dict(out=str(out), shards_done=len(done), shards=recipe.shards,
+                sequences=sum(int(m["sequences"]) for m in metas),
+                answer_tokens=sum(int(m["answer_tokens"]) for m in metas),
+                dtypes={str(k): m["dtype"] for k, m in zip(done, metas)})
+
+
+def shard_meta(path: Path, recipe: Recipe) -> dict:
+    with safe_open(str(path), "np") as f:
+        meta = json.loads((f.metadata() or {})["meta"])
+    return {"dtype": recipe.dtype} | meta   # (shards from before dtypes were per shard: the recipe's)
 
 
 def load(out: Path, max_answer_tokens: int | None = None, seed: int = 0) -> tuple[list[list[int]], list[int], dict]:
@@ -179,11 +186,13 @@ def load(out: Path, max_answer_tokens: int | None = None, seed: int = 0) -> tupl
     recipe = read_recipe(out)
     seqs: list[list[int]] = []
     plens: list[int] = []
+    dtypes = set()
     for k in range(recipe.shards):
         if shard_path(out, k).is_file():
             s = Shard.load(shard_path(out, k))
             seqs += s.seqs
             plens += s.prompt_lens
+            dtypes.add(shard_meta(shard_path(out, k), recipe)["dtype"])
     if not seqs:
         raise ValueError(f"{out}: no shard written yet (run `drafthorse distill --out {out}`)")
     if max_answer_tokens is not None:
@@ -196,7 +205,7 @@ def load(out: Path, max_answer_tokens: int | None = None, seed: int = 0) -> tupl
             total += len(seqs[i]) - plens[i]
         keep.sort()
         seqs, plens = [seqs[i] for i in keep], [plens[i] for i in keep]
-    meta = dict(corpus=str(out), recipe_seed=recipe.seed, dtype=recipe.dtype,
+    meta = dict(corpus=str(out), recipe_seed=recipe.seed, dtypes=sorted(dtypes),
                 question_ids=[q["question_id"] for q in recipe.questions], sequences=len(seqs),
                 answer_tokens=sum(len(s) for s in seqs) - sum(plens))
     return seqs, plens, meta
