@@ -18,6 +18,7 @@ from scipy import stats as sps
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.spec import sampling
 from drafthorse.actors.spec.sampling import SamplingParams, probs_from_logits
 from drafthorse.actors.spec.tree import ROOT, DraftTree
 from drafthorse.actors.spec.verify import verify_sampling
@@ -307,3 +308,28 @@ def test_engine_sampling_is_lossless(tiny, make_engine, case):
     params = SamplingParams(**{k: v for k, v in kw.items() if k != "max_new_tokens"})
     pval = gof_pvalue(outcomes, exact_joint(target, params))
     assert pval > PASS_P, f"{case}: engine output is not distributed as the target (p={pval:.2e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_p_from_the_likeliest_candidates_equals_sorting_the_whole_vocabulary(dtype, monkeypatch):
+    """top-p cuts among the TOP_P_CANDIDATES likeliest tokens where their mass reaches top_p, and sorts the
+    whole row where it does not: either way the nucleus is the one sorting the whole row gives (and at
+    float64 the one of a softmax over the sorted row)."""
+    gen = torch.Generator().manual_seed(0)
+    wide = narrow = 0
+    rows = []
+    for scale, top_p in itertools.product((0.05, 1.0, 4.0, 12.0), (0.2, 0.9, 0.95, 0.999)):
+        x = (torch.randn(16, 3000, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        rows.append((x, top_p, sampling._top_p_drop(x, top_p)))
+        kept = (~rows[-1][2]).sum(-1)
+        wide += int((kept > sampling.TOP_P_CANDIDATES).sum())
+        narrow += int((kept <= sampling.TOP_P_CANDIDATES).sum())
+    assert wide and narrow   # both ways were taken
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 3000)   # every row sorted whole
+    for x, top_p, got in rows:
+        assert torch.equal(got, sampling._top_p_drop(x, top_p)), (top_p, x.std())
+        if dtype == torch.float64:
+            sorted_x, order = torch.sort(x, dim=-1, descending=True)
+            p = torch.softmax(sorted_x, dim=-1)
+            drop = (p.cumsum(-1) - p) >= top_p
+            assert torch.equal(got, drop.scatter(-1, order, drop))

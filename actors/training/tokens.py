@@ -285,7 +285,9 @@ def generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, tem
     kv = lm.model.new_pool(slots, min(lm.model.max_len, max(map(len, prompts)) + max_new_tokens + 16))
     free = [ModelRunner(lm.model, cache=kv.cache(i)) for i in range(slots)]
     results: dict[int, list[int]] = {}
-    todo = list(range(len(prompts)))
+    # admitted shortest first: sequences that share a pass have similar contexts, so attention reads them
+    # in few buckets, views of the pool rather than gathered copies (the answers do not depend on it)
+    todo = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     live: list[tuple[int, Sequence, list[int]]] = []   # (prompt index, sequence, tokens so far)
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False)
     while todo or live:
