@@ -15,7 +15,8 @@ the head's own weights learn, against the target's greedy next tokens (and, for 
 
 y_i is the target's greedy next token after position i; LM_d the target's LM head restricted to the
 draft vocabulary (the most frequent y in the training split). Validation reports top-1 agreement with
-the target per draft depth on held-out sequences: the chance a chain draft is accepted at that depth."""
+the target per draft depth at the answer positions of held-out sequences: the chance a chain draft is
+accepted at that depth."""
 from __future__ import annotations
 
 import logging
@@ -113,6 +114,7 @@ class Trainer:
         self.embed = target.embed
         self.norm = target.norm.float()
         self.target_name = target_name
+        self.answer = corpus.answers()   # validation scores every kind on answer positions alone
         torch.manual_seed(cfg.seed)
         self.module: EagleHead | MedusaHeads | ExitAdapter
         if cfg.kind == "eagle":
@@ -126,7 +128,6 @@ class Trainer:
             assert self.module.lm_head is not None
             with torch.no_grad():
                 self.module.lm_head.copy_(self.lm_d)   # starts as the target's rows
-            self.answer = corpus.answers()
         elif cfg.kind == "medusa":
             self.module = MedusaHeads(head_config("medusa", target, heads=cfg.medusa_heads))
         elif cfg.kind == "layerskip":
@@ -154,14 +155,15 @@ class Trainer:
                 torch.where(real, _to_draft(c.label[i], self.t2d), -100), real, i)
 
     def _eagle_batch(self, ranges: list[tuple[int, int]], noise: bool):
-        emb, inp, tgt, lab, real, _ = self._pairs(ranges, self.corpus.feat)
+        emb, inp, tgt, lab, real, idx = self._pairs(ranges, self.corpus.feat)
         if noise and self.cfg.noise > 0:
             inp = inp + torch.randn_like(inp) * self.cfg.noise * inp.std()
-        return emb, inp, tgt, lab, real.long()
+        return emb, inp, tgt, lab, real.long(), idx
 
     def _eagle_loss(self, ranges, train: bool):
-        emb, inp, tgt, lab, mask = self._eagle_batch(ranges, noise=train)
+        emb, inp, tgt, lab, mask, idx = self._eagle_batch(ranges, noise=train)
         m = mask.bool()
+        scored = m & self.answer[idx]
         pred1 = self.module(emb, inp, mask)
         # unrolled pass: each position gets the head's own prediction for the previous one
         inp2 = torch.cat([inp[:, :1], pred1[:, :-1]], dim=1)
@@ -172,7 +174,7 @@ class Trainer:
             logits = pred[m] @ self.lm_d.t()
             cls = F.cross_entropy(logits, lab[m], ignore_index=-100)
             losses.append(reg + W_CLS * cls)
-            accs.append(_top1(logits, lab[m]))
+            accs.append(_top1(pred[scored] @ self.lm_d.t(), lab[scored]))
         return losses[0] + losses[1], accs
 
     def eagle3_steps(self, ranges: list[tuple[int, int]]):
@@ -221,19 +223,20 @@ class Trainer:
     def _medusa_loss(self, ranges, train: bool):
         c = self.corpus
         K = self.module.cfg["heads"]
-        feats, labels = [], []
+        feats, labels, scored = [], [], []
         for a, b in ranges:
             feats.append(c.feat[a:b].float())
+            scored.append(self.answer[a:b])
             lab = torch.full((b - a, K), -1, dtype=torch.long)   # -1: past the sequence's end
             for k in range(1, K + 1):
                 if b - a > k:
                     lab[:b - a - k, k - 1] = _to_draft(c.label[a + k:b], self.t2d)
             labels.append(lab)
-        f, lab = torch.cat(feats), torch.cat(labels)
+        f, lab, ans = torch.cat(feats), torch.cat(labels), torch.cat(scored)
         out = self.module(f) @ self.lm_d.t()          # [n, K, N]
         ce_lab = torch.where(lab == -1, -100, lab)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), ce_lab.reshape(-1), ignore_index=-100)
-        return loss, [_top1(out[lab[:, k] != -1, k], lab[lab[:, k] != -1, k]) for k in range(K)]
+        return loss, [_top1(out[ok, k], lab[ok, k]) for k in range(K) for ok in [(lab[:, k] != -1) & ans]]
 
     def _layerskip_loss(self, ranges, train: bool):
         c = self.corpus
@@ -243,7 +246,8 @@ class Trainer:
         h = self.norm * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.target.eps))
         logits = h @ self.lm_d.t()
         lab = _to_draft(c.label[idx], self.t2d)
-        return F.cross_entropy(logits, lab, ignore_index=-100), [_top1(logits, lab)]
+        ans = self.answer[idx]
+        return F.cross_entropy(logits, lab, ignore_index=-100), [_top1(logits[ans], lab[ans])]
 
     def loss(self, ranges, train: bool):
         return {"eagle": self._eagle_loss, "eagle3": self._eagle3_loss, "medusa": self._medusa_loss,
@@ -306,7 +310,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Held-out loss and top-1 agreement with the target per draft depth."""
+        """Held-out loss and top-1 agreement with the target per draft depth, at answer positions (what a
+        head drafts when serving; prompt positions would flatter or hurt kinds unevenly)."""
         self.module.eval()
         total, n = 0.0, 0
         hits: list[tuple[int, int]] = []   # (hits, counted) per draft depth
