@@ -511,13 +511,7 @@ def train_drafter(
     """Train a draft head on the target's own answers (self-distillation) and save it."""
     from drafthorse.actors.drafters.heads import eagle3_layers  # deferred: heavy (see the module doc)
     from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
-    from drafthorse.actors.training import tokens  # deferred: heavy (see the module doc)
-    from drafthorse.actors.training.selfdistill import (  # deferred: heavy (see the module doc)
-        Corpus,
-        build,
-        from_sequences,
-        split_questions,
-    )
+    from drafthorse.actors.training import selfdistill  # deferred: heavy (see the module doc)
     from drafthorse.actors.training.train import TrainConfig, Trainer  # deferred: heavy (see the module doc)
     from drafthorse.cluster.tools.bench import load_questions  # deferred: heavy (see the module doc)
 
@@ -529,38 +523,23 @@ def train_drafter(
     t0 = time.perf_counter()
     try:
         lm = loader.load(model, "float32")
-        taps = eagle3_layers(lm.model.n_layers)   # kept for every kind: one feature file serves them all
         if corpus is not None:   # the corpus's recipe names its training questions: the rest were held out
-            seqs, plens, meta = tokens.load(corpus)
-            held = [q for q in load_questions(prompts) if q["question_id"] not in set(meta["question_ids"])]
-            tag = f"{corpus.name}-{meta['sequences']}-L{exit_layer}"
+            feats, data, made = selfdistill.corpus_features(lm, corpus, exit_layer, data)
+            trained = set(feats.meta["question_ids"])
+            held = [q for q in load_questions(prompts) if q["question_id"] not in trained]
         else:
-            train_q, held = split_questions(load_questions(prompts), holdout_per_category)
+            train_q, held = selfdistill.split_questions(load_questions(prompts), holdout_per_category)
             if not train_q:
                 raise ValueError(f"{prompts}: no question left for training after holding out "
                                  f"{holdout_per_category} per category")
             tag = (f"{Path(lm.name).stem}-q{len(train_q)}-i{invented}-s{samples}-n{max_new_tokens}-L{exit_layer}"
                    f"-seed{seed}")
-        data = data or Path(".cache/drafthorse/selfdistill") / f"{tag}.safetensors"
-        if data.is_file():
-            feats = Corpus.load(data)
-            if (feats.meta.get("target") != lm.name or int(feats.meta.get("mid_layer", -1)) != exit_layer
-                    or feats.meta.get("taps") != list(taps)
-                    or (corpus is not None and feats.meta.get("sequences") != meta["sequences"])):
-                raise ValueError(f"features {data} were computed for {feats.meta.get('target')!r} with mid_layer "
-                                 f"{feats.meta.get('mid_layer')}, taps {feats.meta.get('taps')} and "
-                                 f"{feats.meta.get('sequences')} sequences: pass another --data")
-            typer.echo(f"corpus: {data} ({feats.meta['sequences']} sequences, {feats.meta['tokens']} tokens)",
-                       err=True)
-        else:
-            if corpus is not None:
-                feats = from_sequences(lm, seqs, plens, exit_layer, meta, taps)
-            else:
-                feats = build(lm, train_q, invented=invented, samples=samples, max_new_tokens=max_new_tokens,
-                              mid_layer=exit_layer, seed=seed, taps=taps)
-            data.parent.mkdir(parents=True, exist_ok=True)
-            feats.save(data)
-            typer.echo(f"corpus: wrote {data} ({feats.meta['tokens']} tokens)", err=True)
+            data = data or selfdistill.CACHE / f"{tag}.safetensors"
+            feats, made = selfdistill.cached(lm, data, exit_layer, lambda: selfdistill.build(
+                lm, train_q, invented=invented, samples=samples, max_new_tokens=max_new_tokens, mid_layer=exit_layer,
+                seed=seed, taps=eagle3_layers(lm.model.n_layers)))
+        typer.echo(f"corpus: {'wrote' if made else 'read'} {data} ({feats.meta['sequences']} sequences, "
+                   f"{feats.meta['tokens']} tokens)", err=True)
         cfg = TrainConfig(kind, epochs=epochs, lr=lr, batch_tokens=batch_tokens, draft_vocab=draft_vocab,
                           medusa_heads=medusa_heads, ttt_steps=ttt_steps, train_tokens=train_tokens, seed=seed)
         trainer = Trainer(cfg, lm.model, lm.name, feats, lm.eos_ids)
@@ -574,6 +553,55 @@ def train_drafter(
     typer.echo(json.dumps({"out": str(out), "kind": kind, **final, "draft_vocab": trainer.info["draft_vocab"],
                            "val_label_coverage": trainer.info["val_label_coverage"],
                            "train_seconds": trainer.info["train_seconds"]}))
+
+
+@app.command("learning-curve")
+def learning_curve(
+    corpus: Path = typer.Option(..., help="a token corpus written by `drafthorse distill`"),
+    kinds: str = typer.Option("eagle,eagle3", help="comma list of head kinds: eagle, eagle3, medusa"),
+    tokens: str = typer.Option("50000,200000,1000000", help="comma list of training budgets (answer tokens)"),
+    out: Path = typer.Option(Path("curve_out"), help="writes OUT/curve.json, OUT/curve.png, OUT/heads/, OUT/bench-N/"),
+    model: str = typer.Option("smollm2", help="the target the corpus was written by"),
+    dtype: str = typer.Option("auto", help="the target's dtype when the heads draft for it (bench)"),
+    prompts: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl: the held-out questions come from it"),
+    per_category: int = typer.Option(3, min=1, help="held-out questions per category the bench runs"),
+    max_new_tokens: int = typer.Option(128, min=1),
+    epochs: int = typer.Option(4, min=1),
+    lr: float = typer.Option(1e-3, min=0.0),
+    ttt_steps: int = typer.Option(4, min=1, max=16, help="eagle3: draft depths unrolled in training"),
+    draft_vocab: int = typer.Option(8192, min=16),
+    exit_layer: int = typer.Option(10, min=1, help="the cached features' mid layer (as train-drafter's)"),
+    data: Optional[Path] = typer.Option(None, help="the corpus's features (default: train-drafter's cache)"),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Train heads on growing subsets of a corpus and bench each on held-out questions: tau and speedup
+    against training tokens, as a table, JSON and a plot."""
+    from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
+    from drafthorse.actors.training import selfdistill  # deferred: heavy (see the module doc)
+    from drafthorse.actors.training.train import TrainConfig  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools import curve  # deferred: heavy (see the module doc)
+    from drafthorse.cluster.tools.bench import load_questions  # deferred: heavy (see the module doc)
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _threads(threads)
+    try:
+        budgets = [int(x) for x in tokens.split(",") if x.strip()]
+        wanted = [k.strip() for k in kinds.split(",") if k.strip()]
+        if not budgets or min(budgets) < 1:
+            raise ValueError(f"--tokens {tokens!r}: expected a comma list of positive integers")
+        train_lm = loader.load(model, "float32")
+        feats, data, _ = selfdistill.corpus_features(train_lm, corpus, exit_layer, data)
+        qs = load_questions(prompts, per_category)
+        if leaked := sorted(q["question_id"] for q in qs if q["question_id"] in set(feats.meta["question_ids"])):
+            raise ValueError(f"questions {leaked} are in the corpus's training split: lower --per-category to "
+                             "the corpus's held-out count")
+        cfg = TrainConfig("eagle", epochs=epochs, lr=lr, ttt_steps=ttt_steps, draft_vocab=draft_vocab)
+        result = curve.run_curve(train_lm, loader.load(model, dtype), feats, wanted, budgets, qs, max_new_tokens,
+                                 out, cfg)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(curve.format_table(result))
+    typer.echo(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
 
 
 @app.command("drain-node")

@@ -145,3 +145,29 @@ def test_train_drafter_reads_the_corpus(corpus, tmp_path):
 def test_missing_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="drafthorse distill"):
         tokens.load(tmp_path)
+
+
+def test_learning_curve_trains_and_benches_each_budget(corpus, tmp_path):
+    """`drafthorse learning-curve`: a head per kind and budget on the same cached features, benched beside
+    plain decoding on held-out questions; budgets beyond the training split and held-in questions refused."""
+    q, out, _, _ = corpus
+    args = ["learning-curve", "--corpus", str(out), "--model", "tiny:0", "--prompts", str(q), "--kinds",
+            "eagle,eagle3", "--max-new-tokens", "8", "--epochs", "1", "--exit-layer", "1", "--draft-vocab", "256",
+            "--ttt-steps", "2", "--data", str(tmp_path / "feats.safetensors"), "--out", str(tmp_path / "curve")]
+    r = CliRunner().invoke(app, [*args, "--per-category", "1", "--tokens", "10,30"])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [(p["kind"], p["train_tokens"]) for p in result["points"]] == \
+        [("eagle", 10), ("eagle3", 10), ("eagle", 30), ("eagle3", 30)]
+    for p in result["points"]:
+        assert p["tau"] >= 1.0 and p["equal_to_ar"]["equal"] == p["equal_to_ar"]["total"] == 2
+        assert len(p["val_top1_per_depth"]) == 2   # eagle: its pass and its unrolled one; eagle3: --ttt-steps
+    assert result["env"]["question_ids"] == [0, 3]   # the held-out first question of each category
+    assert (tmp_path / "curve" / "curve.png").stat().st_size > 0
+    assert sorted(f.name for f in (tmp_path / "curve" / "heads").iterdir()) == \
+        ["eagle-10.safetensors", "eagle-30.safetensors", "eagle3-10.safetensors", "eagle3-30.safetensors"]
+    assert "| eagle3 | 30 |" in r.output
+    held_in = CliRunner().invoke(app, [*args, "--per-category", "2", "--tokens", "10"])
+    assert held_in.exit_code == 2 and "in the corpus's training split" in held_in.output
+    too_many = CliRunner().invoke(app, [*args, "--per-category", "1", "--tokens", "10,100000"])
+    assert too_many.exit_code == 2 and "exceed the" in too_many.output

@@ -24,7 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from drafthorse.actors.drafters.heads import eagle3_layers
 from drafthorse.actors.models.loader import LoadedModel, chat_prompt
+from drafthorse.actors.training import tokens
 from drafthorse.actors.training.tokens import generate, invent_prompts, stop_ids, tokenizer_of
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,40 @@ def from_sequences(lm: LoadedModel, seqs: list[list[int]], prompt_lens: list[int
                 tokens=int(offsets[-1]), answer_tokens=int(offsets[-1]) - sum(prompt_lens))
     return Corpus(torch.tensor([t for s in seqs for t in s]), offsets, torch.tensor(prompt_lens), feat, mid,
                   label, meta, tapped)
+
+
+CACHE = Path(".cache/drafthorse/selfdistill")
+
+
+def cached(lm: LoadedModel, data: Path, mid_layer: int, make, sequences: int | None = None) -> tuple[Corpus, bool]:
+    """(features, computed now): read from `data` where they were computed before for this target, exit
+    layer, EAGLE-3 taps (and number of sequences), else `make()` and written there."""
+    taps = list(eagle3_layers(lm.model.n_layers))
+    if data.is_file():
+        feats = Corpus.load(data)
+        m = feats.meta
+        if (m.get("target") != lm.name or int(m.get("mid_layer", -1)) != mid_layer or m.get("taps") != taps
+                or (sequences is not None and m.get("sequences") != sequences)):
+            raise ValueError(f"features {data} were computed for {m.get('target')!r} with mid_layer "
+                             f"{m.get('mid_layer')}, taps {m.get('taps')} and {m.get('sequences')} sequences: "
+                             "pass another --data")
+        return feats, False
+    feats = make()
+    data.parent.mkdir(parents=True, exist_ok=True)
+    feats.save(data)
+    return feats, True
+
+
+def corpus_features(lm: LoadedModel, corpus: Path, mid_layer: int, data: Path | None = None,
+                    ) -> tuple[Corpus, Path, bool]:
+    """(features, where they are kept, computed now) of a token corpus's shards so far (tokens.py), with
+    the streams every head kind reads (the EAGLE-3 taps included): one file serves them all."""
+    seqs, plens, meta = tokens.load(corpus)
+    data = data or CACHE / f"{corpus.name}-{meta['sequences']}-L{mid_layer}.safetensors"
+    taps = eagle3_layers(lm.model.n_layers)
+    feats, made = cached(lm, data, mid_layer, lambda: from_sequences(lm, seqs, plens, mid_layer, meta, taps),
+                         meta["sequences"])
+    return feats, data, made
 
 
 def split_questions(questions: list[dict], holdout_per_category: int) -> tuple[list[dict], list[dict]]:
