@@ -12,6 +12,7 @@ from drafthorse.actors.drafters.base import Budget
 from drafthorse.actors.drafters.heads import eagle3_layers, load_checkpoint
 from drafthorse.actors.models.loader import LoadedModel, tiny_llama
 from drafthorse.actors.spec.sampling import SamplingParams, make_generator
+from drafthorse.actors.training import selfdistill
 from drafthorse.actors.training.selfdistill import from_sequences
 from drafthorse.actors.training.train import TrainConfig, Trainer
 from tests.test_verify_sampling import E2E_N, E2E_TOKENS, E2E_VOCAB, PASS_P, PROMPT, exact_joint, gof_pvalue
@@ -217,3 +218,20 @@ def test_sampling_is_lossless(small, make_engine, tmp_path, kind):
     params = SamplingParams(temperature=1.0, top_p=0.95)
     pval = gof_pvalue(outcomes, exact_joint(lm, params))
     assert pval > PASS_P, f"{kind}: output is not distributed as the target (p={pval:.2e})"
+
+
+def test_a_sequence_inside_another_takes_its_rows_from_that_ones_pass(target):
+    """teacher_pass runs the target once over a sequence that others begin (a first turn inside its second
+    turn's prompt): their rows equal their own pass's."""
+    g = torch.Generator().manual_seed(5)
+    long = torch.randint(0, V, (30,), generator=g).tolist()
+    other = torch.randint(0, V, (12,), generator=g).tolist()
+    seqs = [long[:10], long, other, long[:20], long[:10]]
+    assert selfdistill.carriers(seqs) == [1, 1, 2, 1, 1]
+    folded = selfdistill.teacher_pass(target, seqs, 1, eagle3_layers(target.model.n_layers))
+    starts = np.cumsum([0] + [len(s) for s in seqs]).tolist()
+    for i, s in enumerate(seqs):
+        alone = selfdistill.teacher_pass(target, [s], 1, eagle3_layers(target.model.n_layers))
+        for got, want in zip(folded, alone):
+            assert got is not None and want is not None
+            torch.testing.assert_close(got[starts[i]:starts[i + 1]], want, rtol=0, atol=1e-3)

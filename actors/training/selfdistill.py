@@ -95,8 +95,10 @@ def teacher_pass(lm: LoadedModel, seqs: list[list[int]], mid_layer: int, taps: t
     mid = torch.empty(starts[-1], H, dtype=torch.float16)
     tapped = torch.empty(starts[-1], H * len(taps), dtype=torch.float16) if taps else None
     label = torch.empty(starts[-1], dtype=torch.long)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    bar = tqdm(total=starts[-1], desc="target features", unit="tok", unit_scale=True, leave=False)
+    carrier = carriers(seqs)
+    order = sorted((i for i in range(len(seqs)) if carrier[i] == i), key=lambda i: len(seqs[i]))
+    bar = tqdm(total=sum(len(seqs[i]) for i in order), desc="target features", unit="tok", unit_scale=True,
+               leave=False)
     b = 0
     while b < len(order):
         e = b + 1
@@ -121,7 +123,25 @@ def teacher_pass(lm: LoadedModel, seqs: list[list[int]], mid_layer: int, taps: t
         bar.update(sum(len(seqs[i]) for i in idx))
         b = e
     bar.close()
+    for i, j in enumerate(carrier):   # a prefix of another sequence: its positions' rows are that one's
+        if i != j:
+            at, src = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j] + len(seqs[i]))
+            feat[at], mid[at], label[at] = feat[src], mid[src], label[src]
+            if tapped is not None:
+                tapped[at] = tapped[src]
     return feat, mid, label, tapped
+
+
+def carriers(seqs: list[list[int]]) -> list[int]:
+    """For each sequence, one that starts with it and that no other extends (itself if none does). A
+    causal target's rows at a sequence's positions are those of any sequence it begins, so one pass over
+    the carrier serves both (a corpus's first turn is the start of its second turn's prompt)."""
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])   # a prefix sorts right before what extends it
+    out = list(range(len(seqs)))
+    for a, b in zip(reversed(order[:-1]), reversed(order[1:])):
+        if seqs[b][:len(seqs[a])] == seqs[a]:
+            out[a] = out[b]
+    return out
 
 
 def build(lm: LoadedModel, questions: list[dict], *, invented: int = 0, samples: int = 1,
