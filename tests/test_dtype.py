@@ -21,6 +21,7 @@ from drafthorse.actors.engine import SpecEngine
 from drafthorse.actors.models import exact, gguf_blocks, gguf_cache, loader, quant
 from drafthorse.actors.models.runner import ModelRunner, score_batch
 from drafthorse.actors.spec.sampling import SamplingParams
+from tests.conftest import needs_native_bf16
 
 _r = random.Random(7)
 PROMPTS = {
@@ -557,7 +558,7 @@ def test_int4_codes_cache_round_trip_and_corruption(tmp_path, monkeypatch, caplo
     assert "checksum mismatch" in caplog.text and not entry.exists()
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "int8", "int4"])
+@pytest.fixture(scope="module", params=[pytest.param("bfloat16", marks=needs_native_bf16), "int8", "int4"])
 def smollm2_at(request):
     """SmolLM2 at each exact dtype, loaded with 2 threads (what the exact probe measures)."""
     before = torch.get_num_threads()
@@ -631,14 +632,15 @@ def test_smollm2_gguf_cache_hit_and_corrupted_entry(tmp_path, monkeypatch, caplo
     """Cold load converts the GGUF and writes the cache; a warm load reads the same weights back; a
     corrupted entry is detected by its checksum and rebuilt, never loaded."""
     monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
+    dtype = loader.resolve_dtype("auto")   # (bfloat16 without native instructions: minutes a load)
     try:
-        cold = loader.load("smollm2", "bfloat16")
+        cold = loader.load("smollm2", dtype)
     except FileNotFoundError as e:
         pytest.skip(f"SmolLM2 is not installed: {e}")
     (entry,) = (tmp_path / "models").iterdir()
     want = {k: v.clone() for k, v in cold.hf.state_dict().items()}
     del cold
-    warm = loader.load("smollm2", "bfloat16")
+    warm = loader.load("smollm2", dtype)
     got = warm.hf.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     prompt = loader.chat_prompt(warm.tokenizer, [{"role": "user", "content": "Hi!"}])
@@ -649,14 +651,15 @@ def test_smollm2_gguf_cache_hit_and_corrupted_entry(tmp_path, monkeypatch, caplo
     raw[len(raw) // 3] ^= 0x40
     p.write_bytes(bytes(raw))
     with caplog.at_level("WARNING"):
-        again = loader.load("smollm2", "bfloat16")
+        again = loader.load("smollm2", dtype)
     assert "checksum mismatch" in caplog.text
     got = again.hf.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert gguf_cache.load(gguf_cache.file_sha256(loader.smollm2_path()), "bfloat16") is not None  # rebuilt
+    assert gguf_cache.load(gguf_cache.file_sha256(loader.smollm2_path()), dtype) is not None  # rebuilt
 
 
 @pytest.mark.smollm2
+@needs_native_bf16   # (two bfloat16 loads of SmolLM2, each probing its kernels: 570 s on AVX2 alone)
 def test_auto_never_picks_a_dtype_the_exact_probe_rejects(monkeypatch):
     """Where the probe finds no row counts that round alike (ExactRows.ok False), dtype auto falls back to
     float32 rather than serve bfloat16 whose speculative output could drift from plain decoding."""

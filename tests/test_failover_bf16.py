@@ -31,9 +31,9 @@ from drafthorse.runtime.redis_store import connect, connect_async, free_port
 from drafthorse.runtime.rpc import auth_metadata, start_server
 from drafthorse.runtime.sessions import SessionStore
 from drafthorse.runtime.settings import Settings
-from tests.conftest import start_gateway
+from tests.conftest import needs_native_bf16, start_gateway
 
-pytestmark = pytest.mark.smollm2
+pytestmark = [pytest.mark.smollm2, needs_native_bf16]
 
 N = 96
 # Spec-Bench dev questions whose greedy answers hold a near tie: with prompt rows from the library's

@@ -8,7 +8,8 @@ writes an ordinary HF model directory (config, generation config, tokenizer, mod
 
 with a manifest (drafthorse.json) holding the sha256 of every file in it; `--dtype int4` also keeps the
 products it packed from the GGUF's blocks (`<sha>-int4-codes/`: reading the file's metadata and
-checking the blocks take ~8 s, the packed codes load in well under one). Later loads verify those
+checking the blocks take ~8 s, the packed codes load in well under one) and a tokenizer-only load its
+tokenizer (`<sha>-tokenizer/`: parsing it from the GGUF takes ~10 s). Later loads verify those
 checksums before trusting the directory: a corrupted or partial entry is removed and rebuilt from
 the GGUF, never loaded. Entries are written to a temporary directory and renamed into place, so a
 crash mid-write leaves no entry. DRAFTHORSE_CACHE_DIR=off disables the cache."""
@@ -37,6 +38,7 @@ CACHE_ENV = "DRAFTHORSE_CACHE_DIR"
 FORMAT = 1
 MANIFEST = "drafthorse.json"
 CODES, CODES_FILE = "int4-codes", "codes.safetensors"   # int4: the products packed from the GGUF's blocks
+TOKENIZER = "tokenizer"   # the tokenizer alone (tiny test models and tokenizer-only loads: ~10 s parsing a GGUF)
 
 
 def cache_root() -> Path | None:
@@ -74,6 +76,16 @@ def load(gguf_sha: str, dtype: str):
     tok = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").is_file() else None
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval()
     return hf, tok
+
+
+def load_tokenizer(gguf_sha: str):
+    """A GGUF's tokenizer from a verified entry, or None."""
+    d = _verified(gguf_sha, TOKENIZER, ("tokenizer_config.json",))
+    return None if d is None else AutoTokenizer.from_pretrained(d)
+
+
+def store_tokenizer(gguf_sha: str, tokenizer) -> Path | None:
+    return _write(gguf_sha, TOKENIZER, tokenizer.save_pretrained)
 
 
 def load_codes(gguf_sha: str) -> dict[str, Int4Weight] | None:

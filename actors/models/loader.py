@@ -151,8 +151,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     asked, dtype = dtype, resolve_dtype(dtype)
     if spec.startswith("tiny:"):
-        directory, gguf = resolve(DEFAULT_MODEL)
-        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+        tok = tokenizer_of(spec)
         lm = tiny_llama(int(spec[5:]), vocab_size=len(tok), max_len=max_len, eos_token_id=tok.eos_token_id,
                         dtype=torch.float32 if dtype in _QUANTIZED else torch.float64)
         lm.tokenizer, lm.name = tok, spec
@@ -209,9 +208,17 @@ def vocab_size_of(spec: str) -> int:
 
 
 def tokenizer_of(spec: str) -> PreTrainedTokenizerBase:
-    """A model's tokenizer without its weights (tiny models: SmolLM2's)."""
+    """A model's tokenizer without its weights (tiny models: SmolLM2's); a GGUF's from the cache."""
     directory, gguf = resolve(DEFAULT_MODEL if spec.startswith("tiny:") else spec)
-    return AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    if not gguf:
+        return AutoTokenizer.from_pretrained(directory)
+    sha = gguf_cache.file_sha256(Path(directory) / gguf) if gguf_cache.cache_root() else None
+    tok = gguf_cache.load_tokenizer(sha) if sha else None
+    if tok is None:
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+        if sha:
+            gguf_cache.store_tokenizer(sha, tok)
+    return tok
 
 
 def check_pair(target: str, draft: str) -> None:
