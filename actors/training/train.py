@@ -163,7 +163,7 @@ class Trainer:
     def _eagle_loss(self, ranges, train: bool):
         emb, inp, tgt, lab, mask, idx = self._eagle_batch(ranges, noise=train)
         m = mask.bool()
-        scored = m & self.answer[idx]
+        scored = self.answer[idx][m]   # of the real positions, the answers'
         pred1 = self.module(emb, inp, mask)
         # unrolled pass: each position gets the head's own prediction for the previous one
         inp2 = torch.cat([inp[:, :1], pred1[:, :-1]], dim=1)
@@ -174,7 +174,7 @@ class Trainer:
             logits = pred[m] @ self.lm_d.t()
             cls = F.cross_entropy(logits, lab[m], ignore_index=-100)
             losses.append(reg + W_CLS * cls)
-            accs.append(_top1(pred[scored] @ self.lm_d.t(), lab[scored]))
+            accs.append(_top1(logits[scored], lab[m][scored]))
         return losses[0] + losses[1], accs
 
     def eagle3_steps(self, ranges: list[tuple[int, int]]):
