@@ -396,7 +396,8 @@ def soak(
     session_clients: int = typer.Option(2, min=0, max=64, help="clients holding multi-turn sessions, each turn "
                                                                 "sent twice at once (one runs, one is refused)"),
     fault_every: float = typer.Option(30.0, min=0.0, help="seconds between faults (kill a draft worker, kill a "
-                                                          "target, drain a target, in turn); 0 = none"),
+                                                          "target, drain a target, in turn; the load goes on "
+                                                          "until each has hit once); 0 = none"),
     max_new_tokens: int = typer.Option(64, min=1, max=2048),
     model: str = typer.Option("smollm2", help="target model"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft workers (default: the target)"),

@@ -41,6 +41,7 @@ from drafthorse.runtime.rpc import auth_metadata
 from drafthorse.runtime.sessions import SessionStore
 
 FAULTS = ("kill-draft", "kill-target", "drain-target")
+EXTEND_S = 300.0   # the most a run goes past its minutes for each fault kind to hit once
 PROMPTS = ["Tell me about speculative decoding.", "Why is the sky blue?", "one two three one two three one two",
            "Write a haiku about trains.", "the cat sat on the mat, the cat sat on the", "List three prime numbers."]
 
@@ -70,8 +71,8 @@ class Tally:
             self.mismatches += self.answers.setdefault(key, ids) != ids
 
 
-def _client(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: random.Random, t0: float) -> None:
-    while time.monotonic() < stop_at:
+def _client(stub, metadata, max_new: int, stop: threading.Event, tally: Tally, rng: random.Random, t0: float) -> None:
+    while not stop.is_set():
         prompt, drafter = rng.choice(PROMPTS), rng.choice(("ngram", "draft-model", "none"))
         with tally.lock:
             tally.in_flight += 1
@@ -124,14 +125,14 @@ def conversation(s, sid: str) -> list[int]:
     return asyncio.run(read())
 
 
-def _sessions(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: random.Random, t0: float, s) -> None:
+def _sessions(stub, metadata, max_new: int, stop: threading.Event, tally: Tally, rng: random.Random, t0: float, s) -> None:
     """A session client: opens a session, then sends each follow-up turn twice at once and checks the
     stored conversation after it (see the module doc); a new session once the context is half full.
     A follow-up's prompt tokens depend on how the turn before it ended (a reply that stopped already
     holds the end-of-turn token the template would add): learnt for each finish reason, from the first
     turn that ran alone after one."""
     follow: dict[str, list[int]] = {}
-    while time.monotonic() < stop_at:
+    while not stop.is_set():
         prompt = rng.choice(PROMPTS)
         try:
             msgs = list(stub.Generate(request(prompt, SamplingParams(max_new_tokens=max_new), "ngram",
@@ -142,7 +143,7 @@ def _sessions(stub, metadata, max_new: int, stop_at: float, tally: Tally, rng: r
             continue
         tally.record((prompt, "spec"), msgs, time.monotonic() - t0)   # a first turn is a plain request
         sid, last = msgs[-1].session_id, msgs[-1].finish_reason
-        while time.monotonic() < stop_at and len(before := conversation(s, sid)) < s.max_len // 2:
+        while not stop.is_set() and len(before := conversation(s, sid)) < s.max_len // 2:
             with ThreadPoolExecutor(2) as twins:
                 pair = [f.result() for f in [twins.submit(_turn, stub, metadata, max_new, sid, tally, t0)
                                              for _ in range(2)]]
@@ -243,43 +244,51 @@ def run_soak(s, minutes: float, concurrency: int, fault_every_s: float, max_new_
              sample_s: float = 2.0, say: Callable[[str], None] = lambda _m: None, session_clients: int = 0) -> dict:
     """Start a cluster from settings `s`, load it for `minutes` with `concurrency` plain streams and
     `session_clients` session clients (two streams each at times) and a fault every `fault_every_s`
-    (0: none), then stop it; returns the results dict."""
+    (0: none), then stop it; returns the results dict. With faults, the load lasts until each fault kind
+    has hit once and the cluster is whole again, if that takes longer than `minutes` (a slow machine
+    restarts a worker in tens of seconds), at most EXTEND_S more."""
     say("starting the cluster ...")
     cluster = Cluster(s).start()
     s = cluster.s
     tally, samples = Tally(), []
     faults: list[dict] = []   # filled by the fault thread (_faults)
+    stop, covered = threading.Event(), threading.Event()   # load ends; each fault kind has hit once
     metadata = auth_metadata(s.token())   # as the cluster: API keys and per-key limits do not apply
     try:
         channel = grpc.insecure_channel(cluster.gateway)
         stub = pb_grpc.GeneratorStub(channel)
         t0 = time.monotonic()
         stop_at = t0 + minutes * 60
-        clients = [threading.Thread(target=_client, args=(stub, metadata, max_new_tokens, stop_at, tally,
+        clients = [threading.Thread(target=_client, args=(stub, metadata, max_new_tokens, stop, tally,
                                                           random.Random(i), t0), daemon=True)
                    for i in range(concurrency)]
-        clients += [threading.Thread(target=_sessions, args=(stub, metadata, max_new_tokens, stop_at, tally,
+        clients += [threading.Thread(target=_sessions, args=(stub, metadata, max_new_tokens, stop, tally,
                                                              random.Random(-1 - i), t0, s), daemon=True)
                     for i in range(session_clients)]
         for c in clients:
             c.start()
         if fault_every_s:
-            threading.Thread(target=_faults, args=(s, tally, faults, t0, stop_at, fault_every_s, say),
+            threading.Thread(target=_faults, args=(s, tally, faults, t0, stop_at, stop, covered, fault_every_s, say),
                              daemon=True).start()
-        while (now := time.monotonic()) < stop_at:   # memory, every sample_s
-            samples.append({"t": round(now - t0, 2), "rss_mb": memory_sample()})
+        else:
+            covered.set()
+        while (now := time.monotonic()) < stop_at or (not covered.is_set() and now < stop_at + EXTEND_S):
+            samples.append({"t": round(now - t0, 2), "rss_mb": memory_sample()})   # memory, every sample_s
             time.sleep(max(0.0, sample_s - (time.monotonic() - now)))
+        stop.set()
+        wall = time.monotonic() - t0
         for c in clients:
             c.join(330)
         channel.close()
         slots = free_slots(s)
     finally:
+        stop.set()
         cluster.stop()
-    wall = minutes * 60
     per_10s = collections.Counter(int(t // 10) for t, _ in tally.done)
     return {"env": {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "model": s.model,
                     "draft_model": s.draft_model, "minutes": minutes, "concurrency": concurrency,
                     "fault_every_s": fault_every_s, "max_new_tokens": max_new_tokens,
+                    "loaded_s": round(wall, 1),
                     "targets": s.num_targets, "drafts": s.num_drafts, "session_clients": session_clients,
                     "sessions_per_target": s.sessions_per_target},
             "requests_ok": tally.codes["OK"], "errors": {k: v for k, v in tally.codes.items() if k != "OK"},
@@ -315,28 +324,32 @@ def free_slots(s, settle_s: float = 120.0) -> dict[str, dict]:
         time.sleep(0.5)
 
 
-def _faults(s, tally: Tally, faults: list, t0: float, stop_at: float, every_s: float, say) -> None:
-    """The fault kinds in turn, one every `every_s` (later if the cluster has not recovered from the last)."""
+def _faults(s, tally: Tally, faults: list, t0: float, stop_at: float, stop: threading.Event,
+            covered: threading.Event, every_s: float, say) -> None:
+    """The fault kinds in turn, one every `every_s` (later if the cluster has not recovered from the last);
+    the first round runs whole even past `stop_at` (run_soak waits for `covered`), later ones stop there."""
     next_fault = t0 + every_s
-    for kind in itertools.cycle(FAULTS):
+    for i, kind in enumerate(itertools.cycle(FAULTS)):
         time.sleep(max(0.0, next_fault - time.monotonic()))
-        if time.monotonic() >= stop_at - 5:   # a fault needs streams left to hit
+        if stop.is_set() or (i >= len(FAULTS) and time.monotonic() >= stop_at - 5):   # a fault needs streams left
             return
         with tally.lock:
             in_flight = tally.in_flight
         f = {"t": round(time.monotonic() - t0, 2), "fault": kind, "streams_in_flight": in_flight,
              **inject(kind, s)}
-        f["recovered_s"] = _wait_whole(s, f["worker"], stop_at)
+        f["recovered_s"] = _wait_whole(s, f["worker"], stop)
         faults.append(f)
         say(f"fault {f}")
-        next_fault += every_s
+        if i == len(FAULTS) - 1:
+            covered.set()
+        next_fault = max(next_fault + every_s, time.monotonic())
 
 
-def _wait_whole(s, gone: str, stop_at: float) -> float | None:
+def _wait_whole(s, gone: str, stop: threading.Event) -> float | None:
     """Seconds until the worker hit is out of the registry and as many workers as configured are in it
     again (None: not before the run ends)."""
     t0 = time.monotonic()
-    while time.monotonic() < stop_at:
+    while not stop.is_set():
         alive = {kind: [w.worker_id for w, _ in workers]
                  for kind, workers in view(s.redis_url, s.key_prefix, 3 * s.heartbeat_s).items()}
         if gone not in alive["target"] + alive["draft"] and len(alive["target"]) >= s.num_targets \
