@@ -489,6 +489,9 @@ def train_drafter(
     train_tokens: Optional[int] = typer.Option(None, min=1, help="train on a fixed random subset of the training "
                                                                  "sequences with this many answer tokens"),
     ttt_steps: int = typer.Option(4, min=1, max=16, help="eagle3: draft depths unrolled in training"),
+    prompt_loss: bool = typer.Option(True, "--prompt-loss/--no-prompt-loss",
+                                     help="eagle, medusa, layerskip: learn at prompt positions too, not only "
+                                          "at answer positions (eagle3 learns at answers only)"),
     prompts: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl: training prompts (first turns)"),
     holdout_per_category: int = typer.Option(5, min=0, help="leave out the first N questions of each category "
                                                              "(what `bench --per-category N` measures on)"),
@@ -542,7 +545,8 @@ def train_drafter(
         typer.echo(f"corpus: {'wrote' if made else 'read'} {data} ({feats.meta['sequences']} sequences, "
                    f"{feats.meta['tokens']} tokens)", err=True)
         cfg = TrainConfig(kind, epochs=epochs, lr=lr, batch_tokens=batch_tokens, draft_vocab=draft_vocab,
-                          medusa_heads=medusa_heads, ttt_steps=ttt_steps, train_tokens=train_tokens, seed=seed)
+                          medusa_heads=medusa_heads, ttt_steps=ttt_steps, train_tokens=train_tokens, seed=seed,
+                          prompt_loss=prompt_loss)
         trainer = Trainer(cfg, lm.model, lm.name, feats, lm.eos_ids)
         final = trainer.fit()
     except (FileNotFoundError, ValueError) as e:
@@ -570,6 +574,9 @@ def learning_curve(
     epochs: int = typer.Option(4, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
     ttt_steps: int = typer.Option(4, min=1, max=16, help="eagle3: draft depths unrolled in training"),
+    prompt_loss: bool = typer.Option(True, "--prompt-loss/--no-prompt-loss",
+                                     help="eagle, medusa, layerskip: learn at prompt positions too, not only "
+                                          "at answer positions (eagle3 learns at answers only)"),
     draft_vocab: int = typer.Option(8192, min=16),
     exit_layer: int = typer.Option(10, min=1, help="the cached features' mid layer (as train-drafter's)"),
     data: Optional[Path] = typer.Option(None, help="the corpus's features (default: train-drafter's cache)"),
@@ -596,7 +603,8 @@ def learning_curve(
         if leaked := sorted(q["question_id"] for q in qs if q["question_id"] in set(feats.meta["question_ids"])):
             raise ValueError(f"questions {leaked} are in the corpus's training split: lower --per-category to "
                              "the corpus's held-out count")
-        cfg = TrainConfig("eagle", epochs=epochs, lr=lr, ttt_steps=ttt_steps, draft_vocab=draft_vocab)
+        cfg = TrainConfig("eagle", epochs=epochs, lr=lr, ttt_steps=ttt_steps, draft_vocab=draft_vocab,
+                          prompt_loss=prompt_loss)
         result = curve.run_curve(train_lm, loader.load(model, dtype), feats, wanted, budgets, qs, max_new_tokens,
                                  out, cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -167,6 +167,14 @@ def test_learning_curve_trains_and_benches_each_budget(corpus, tmp_path):
     assert sorted(f.name for f in (tmp_path / "curve" / "heads").iterdir()) == \
         ["eagle-10.safetensors", "eagle-30.safetensors", "eagle3-10.safetensors", "eagle3-30.safetensors"]
     assert "| eagle3 | 30 |" in r.output
+    # the same settings into the same directory: the budgets done are kept, not trained again
+    heads = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "curve" / "heads").iterdir()}
+    again = CliRunner().invoke(app, [*args, "--per-category", "1", "--tokens", "30,10"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "curve" / "curve.json").read_text())["points"] == result["points"]
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "curve" / "heads").iterdir()} == heads
+    other = CliRunner().invoke(app, [*args, "--per-category", "1", "--tokens", "10", "--lr", "0.5"])
+    assert other.exit_code == 2 and "differs in lr" in other.output
     held_in = CliRunner().invoke(app, [*args, "--per-category", "2", "--tokens", "10"])
     assert held_in.exit_code == 2 and "in the corpus's training split" in held_in.output
     too_many = CliRunner().invoke(app, [*args, "--per-category", "1", "--tokens", "10,100000"])

@@ -3,6 +3,8 @@
 plain decoding, and sampling that keeps the target's distribution."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,21 @@ def test_a_sequence_inside_another_takes_its_rows_from_that_ones_pass(target):
         for got, want in zip(folded, alone):
             assert got is not None and want is not None
             torch.testing.assert_close(got[starts[i]:starts[i + 1]], want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "layerskip"])
+def test_prompt_positions_are_learnt_from_only_when_asked(target, corpus, kind):
+    """prompt_loss=False: the loss reads the target's labels at answer positions alone (what a head drafts
+    when serving), so other labels at prompt positions leave it as it was; with prompt_loss they count."""
+    prompt = ~corpus.answers()
+    other = dataclasses.replace(corpus, label=torch.where(prompt, (corpus.label + 1) % V, corpus.label))
+    for prompt_loss in (False, True):
+        losses, first = [], None
+        for c in (corpus, other):
+            torch.manual_seed(0)   # the same initial head for both corpora
+            t = Trainer(TrainConfig(kind, draft_vocab=V, medusa_heads=3, prompt_loss=prompt_loss), target.model,
+                        target.name, c, target.eos_ids)
+            first = first or t
+            t.d2t, t.t2d, t.lm_d = first.d2t, first.t2d, first.lm_d   # (the vocabulary counts every label)
+            losses.append(float(t.loss(list(t._batches(t.train_seqs, False))[0], train=False)[0]))
+        assert (losses[0] == losses[1]) != prompt_loss, (kind, prompt_loss, losses)

@@ -13,6 +13,7 @@ the head's own weights learn, against the target's greedy next tokens (and, for 
     medusa:     f_i -> head k -> CE(LM_d(.), y_{i+k})  for k = 1..K
     layerskip:  residual after L layers at i -> adapter -> final norm -> CE(LM_d(.), y_i)
 
+Each kind learns at the answer positions, and (prompt_loss, not eagle3) at the prompt's too;
 y_i is the target's greedy next token after position i; LM_d the target's LM head restricted to the
 draft vocabulary (the most frequent y in the training split). Validation reports top-1 agreement with
 the target per draft depth at the answer positions of held-out sequences: the chance a chain draft is
@@ -59,6 +60,7 @@ class TrainConfig:
     ttt_steps: int = 4        # EAGLE-3: draft depths unrolled in training
     train_tokens: int | None = None   # train on a fixed random subset of the training split: this many answer tokens
     noise: float = 0.05       # EAGLE: gaussian noise on input features, times their std
+    prompt_loss: bool = True  # eagle, medusa, layerskip: learn at prompt positions too (eagle3: answers only)
     val_fraction: float = 0.05
     seed: int = 0
 
@@ -162,8 +164,8 @@ class Trainer:
 
     def _eagle_loss(self, ranges, train: bool):
         emb, inp, tgt, lab, mask, idx = self._eagle_batch(ranges, noise=train)
-        m = mask.bool()
-        scored = self.answer[idx][m]   # of the real positions, the answers'
+        m = mask.bool() & (self.answer[idx] | self.cfg.prompt_loss)   # the positions learnt from
+        scored = self.answer[idx][m]   # of those, the answers'
         pred1 = self.module(emb, inp, mask)
         # unrolled pass: each position gets the head's own prediction for the previous one
         inp2 = torch.cat([inp[:, :1], pred1[:, :-1]], dim=1)
@@ -234,7 +236,7 @@ class Trainer:
             labels.append(lab)
         f, lab, ans = torch.cat(feats), torch.cat(labels), torch.cat(scored)
         out = self.module(f) @ self.lm_d.t()          # [n, K, N]
-        ce_lab = torch.where(lab == -1, -100, lab)
+        ce_lab = torch.where((lab == -1) | ~(ans | self.cfg.prompt_loss)[:, None], -100, lab)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), ce_lab.reshape(-1), ignore_index=-100)
         return loss, [_top1(out[ok, k], lab[ok, k]) for k in range(K) for ok in [(lab[:, k] != -1) & ans]]
 
@@ -247,7 +249,8 @@ class Trainer:
         logits = h @ self.lm_d.t()
         lab = _to_draft(c.label[idx], self.t2d)
         ans = self.answer[idx]
-        return F.cross_entropy(logits, lab, ignore_index=-100), [_top1(logits[ans], lab[ans])]
+        learn = ans | self.cfg.prompt_loss
+        return F.cross_entropy(logits[learn], lab[learn], ignore_index=-100), [_top1(logits[ans], lab[ans])]
 
     def loss(self, ranges, train: bool):
         return {"eagle": self._eagle_loss, "eagle3": self._eagle3_loss, "medusa": self._medusa_loss,
@@ -257,7 +260,7 @@ class Trainer:
 
     def _batches(self, seqs: list[int], shuffle: bool, gen: torch.Generator | None = None):
         ranges = _windows(self.corpus, seqs)
-        if self.cfg.kind == "eagle3":   # its loss counts answer positions only: windows of prompt alone add none
+        if self.cfg.kind == "eagle3" or not self.cfg.prompt_loss:   # windows of prompt alone would add no loss
             ranges = [(a, b) for a, b in ranges if bool(self.answer[a + 1:b].any())]
         order = torch.randperm(len(ranges), generator=gen).tolist() if shuffle else range(len(ranges))
         batch, tokens = [], 0

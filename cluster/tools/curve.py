@@ -6,7 +6,9 @@ same features, then `bench` runs plain decoding beside every kind's head on the 
 point: tau (mean tokens per target forward), the speedup over plain decoding measured in that same bench
 run, the answers equal to plain decoding, and validation top-1 per draft depth (the chance a chain draft
 survives to that depth). Writes DIR/curve.json, DIR/curve.png (tau against training tokens, log scale,
-one line per kind), the heads in DIR/heads/ and each budget's bench in DIR/bench-N/."""
+one line per kind), the heads in DIR/heads/ and each budget's bench in DIR/bench-N/. curve.json is
+written after each budget: a run with the same settings into the same DIR keeps the budgets done (a
+1M-token point may take more than one session) and trains only the rest."""
 from __future__ import annotations
 
 import json
@@ -41,9 +43,16 @@ def run_curve(train_lm: LoadedModel, bench_lm: LoadedModel, feats: Corpus, kinds
         raise ValueError(f"budgets {too_big} exceed the {have} answer tokens of the corpus's training split")
     out = Path(out_dir)
     (out / "heads").mkdir(parents=True, exist_ok=True)
-    points: list[dict] = []
-    env: dict = {}
+    settings = dict(corpus=feats.meta.get("corpus"), sequences=feats.meta.get("sequences"), epochs=cfg.epochs,
+                    lr=cfg.lr, batch_tokens=cfg.batch_tokens, ttt_steps=cfg.ttt_steps, draft_vocab=cfg.draft_vocab,
+                    prompt_loss=cfg.prompt_loss, medusa_heads=cfg.medusa_heads, seed=cfg.seed,
+                    val_fraction=cfg.val_fraction, max_new_tokens=max_new_tokens,
+                    question_ids=[q["question_id"] for q in questions], dtype=bench_lm.dtype)
+    points, env = _done(out, settings)   # a run that stopped part way resumes after its last whole budget
     for budget in sorted(budgets):
+        if all(any(p["kind"] == k and p["train_tokens"] == budget for p in points) for k in kinds):
+            continue
+        points = [p for p in points if not (p["train_tokens"] == budget and p["kind"] in kinds)]
         heads = {}
         trained = {}
         for kind in kinds:
@@ -63,11 +72,33 @@ def run_curve(train_lm: LoadedModel, bench_lm: LoadedModel, feats: Corpus, kinds
                                equal_to_ar=s["equal_to_ar"],
                                val_top1_per_depth=trained[kind].get("val_top1_per_depth"),
                                train_seconds=trained[kind]["train_seconds"]))
-    result = {"env": dict(env, corpus=feats.meta.get("corpus"), epochs=cfg.epochs, lr=cfg.lr,
-                          ttt_steps=cfg.ttt_steps, draft_vocab=cfg.draft_vocab, available_tokens=have),
-              "points": points}
-    (out / "curve.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        _write(out, env, settings, have, points)   # what is done survives a run that stops
+    points.sort(key=lambda p: (p["train_tokens"], KINDS.index(p["kind"])))
+    result = _write(out, env, settings, have, points)
     plot(result, out / "curve.png")
+    return result
+
+
+def _done(out: Path, settings: dict) -> tuple[list[dict], dict]:
+    """(points, bench env) of OUT/curve.json when it was written with these settings and its heads are
+    there; ([], {}) when there is none; ValueError when it holds a curve of other settings."""
+    path = out / "curve.json"
+    if not path.is_file():
+        return [], {}
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old.get("settings") != settings:
+        diff = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
+        raise ValueError(f"{path} holds a curve of other settings (differs in {', '.join(diff)}): "
+                         "pass the same settings to resume it, or another --out")
+    kept = [p for p in old["points"] if (out / "heads" / f"{p['kind']}-{p['train_tokens']}.safetensors").is_file()]
+    return kept, old["env"]
+
+
+def _write(out: Path, env: dict, settings: dict, have: int, points: list[dict]) -> dict:
+    result = {"env": dict(env, corpus=settings["corpus"], epochs=settings["epochs"], lr=settings["lr"],
+                          ttt_steps=settings["ttt_steps"], draft_vocab=settings["draft_vocab"], available_tokens=have),
+              "settings": settings, "points": points}
+    (out / "curve.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 
