@@ -52,6 +52,8 @@ def test_trend_and_verdict_catch_growth_and_loss():
            "slots": {"t1": {"free": 3, "lent": 0, "configured": 4}}}
     problems = verdict(bad, 20)
     assert len(problems) == 4 and "KV slots" in problems[2] and "leak:2 grows" in problems[3]
+    unfaulted = verdict({**ok, "faults": [{"fault": "drain-target", "error": "RayActorError: gone"}]}, 20)
+    assert unfaulted == ["faults not injected: drain-target (RayActorError: gone)"]
     # a process keeps its name while Ray retitles it with the method it runs
     from drafthorse.cluster.tools.soak import actor_role
     assert {actor_role(t) for t in ("ray::drafthorse:DraftWorker", "ray::drafthorse:DraftWorker.check_health",

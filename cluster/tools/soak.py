@@ -329,20 +329,28 @@ def _faults(s, tally: Tally, faults: list, t0: float, stop_at: float, stop: thre
     """The fault kinds in turn, one every `every_s` (later if the cluster has not recovered from the last);
     the first round runs whole even past `stop_at` (run_soak waits for `covered`), later ones stop there."""
     next_fault = t0 + every_s
-    for i, kind in enumerate(itertools.cycle(FAULTS)):
-        time.sleep(max(0.0, next_fault - time.monotonic()))
-        if stop.is_set() or (i >= len(FAULTS) and time.monotonic() >= stop_at - 5):   # a fault needs streams left
-            return
-        with tally.lock:
-            in_flight = tally.in_flight
-        f = {"t": round(time.monotonic() - t0, 2), "fault": kind, "streams_in_flight": in_flight,
-             **inject(kind, s)}
-        f["recovered_s"] = _wait_whole(s, f["worker"], stop)
-        faults.append(f)
-        say(f"fault {f}")
-        if i == len(FAULTS) - 1:
-            covered.set()
-        next_fault = max(next_fault + every_s, time.monotonic())
+    try:
+        for i, kind in enumerate(itertools.cycle(FAULTS)):
+            time.sleep(max(0.0, next_fault - time.monotonic()))
+            if stop.is_set() or (i >= len(FAULTS) and time.monotonic() >= stop_at - 5):   # a fault needs streams
+                return
+            with tally.lock:
+                in_flight = tally.in_flight
+            f = {"t": round(time.monotonic() - t0, 2), "fault": kind, "streams_in_flight": in_flight}
+            try:
+                f.update(inject(kind, s))
+            except Exception as e:   # noqa: BLE001 (reported: the verdict fails a soak whose fault did not happen)
+                faults.append({**f, "error": f"{type(e).__name__}: {e}"})
+                say(f"fault {faults[-1]}")
+                return
+            f["recovered_s"] = _wait_whole(s, f["worker"], stop)
+            faults.append(f)
+            say(f"fault {f}")
+            if i == len(FAULTS) - 1:
+                covered.set()
+            next_fault = max(next_fault + every_s, time.monotonic())
+    finally:   # (the load need not wait for faults that will not come)
+        covered.set()
 
 
 def _wait_whole(s, gone: str, stop: threading.Event) -> float | None:
@@ -360,8 +368,11 @@ def _wait_whole(s, gone: str, stop: threading.Event) -> float | None:
 
 
 def verdict(result: dict, max_slope_mb_per_min: float) -> list[str]:
-    """What fails the soak: any error, any lost token, a process whose memory keeps growing."""
+    """What fails the soak: any error, any lost token, a process whose memory keeps growing, a fault
+    that could not be injected."""
     problems = []
+    if failed := [f"{f['fault']} ({f['error']})" for f in result.get("faults", []) if "error" in f]:
+        problems.append(f"faults not injected: {', '.join(failed)}")
     if result["errors"]:
         problems.append(f"client errors: {result['errors']}")
     if any(result["lost"].values()):
