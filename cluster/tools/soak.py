@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -125,7 +126,8 @@ def conversation(s, sid: str) -> list[int]:
     return asyncio.run(read())
 
 
-def _sessions(stub, metadata, max_new: int, stop: threading.Event, tally: Tally, rng: random.Random, t0: float, s) -> None:
+def _sessions(stub, metadata, max_new: int, stop: threading.Event, tally: Tally, rng: random.Random, t0: float,
+              s) -> None:
     """A session client: opens a session, then sends each follow-up turn twice at once and checks the
     stored conversation after it (see the module doc); a new session once the context is half full.
     A follow-up's prompt tokens depend on how the turn before it ended (a reply that stopped already
@@ -336,7 +338,7 @@ def _faults(s, tally: Tally, faults: list, t0: float, stop_at: float, stop: thre
                 return
             with tally.lock:
                 in_flight = tally.in_flight
-            f = {"t": round(time.monotonic() - t0, 2), "fault": kind, "streams_in_flight": in_flight}
+            f: dict[str, Any] = {"t": round(time.monotonic() - t0, 2), "fault": kind, "streams_in_flight": in_flight}
             try:
                 f.update(inject(kind, s))
             except Exception as e:   # noqa: BLE001 (reported: the verdict fails a soak whose fault did not happen)
