@@ -18,7 +18,7 @@ def test_short_soak_loses_nothing_and_does_not_grow(tmp_path):
     out = subprocess.run([sys.executable, "-m", "drafthorse.cluster.cli", "soak", "--minutes", "1.5", "--model", "tiny:0",
                           "--draft-model", "tiny:1", "--dtype", "float64", "--concurrency", "8",
                           "--fault-every", "15", "--max-new-tokens", "32", "--max-growth", "30",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads((tmp_path / "soak.json").read_text())
     assert (tmp_path / "soak_memory.png").stat().st_size > 0
