@@ -489,9 +489,9 @@ def train_drafter(
     train_tokens: Optional[int] = typer.Option(None, min=1, help="train on a fixed random subset of the training "
                                                                  "sequences with this many answer tokens"),
     ttt_steps: int = typer.Option(4, min=1, max=16, help="eagle3: draft depths unrolled in training"),
-    prompt_loss: bool = typer.Option(True, "--prompt-loss/--no-prompt-loss",
-                                     help="eagle, medusa, layerskip: learn at prompt positions too, not only "
-                                          "at answer positions (eagle3 learns at answers only)"),
+    prompt_loss: Optional[bool] = typer.Option(None, "--prompt-loss/--no-prompt-loss",
+                                               help="learn at prompt positions too, not only at answer positions "
+                                                    "(default: eagle, medusa, layerskip do; eagle3 does not)"),
     prompts: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl: training prompts (first turns)"),
     holdout_per_category: int = typer.Option(5, min=0, help="leave out the first N questions of each category "
                                                              "(what `bench --per-category N` measures on)"),
@@ -574,9 +574,9 @@ def learning_curve(
     epochs: int = typer.Option(4, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
     ttt_steps: int = typer.Option(4, min=1, max=16, help="eagle3: draft depths unrolled in training"),
-    prompt_loss: bool = typer.Option(True, "--prompt-loss/--no-prompt-loss",
-                                     help="eagle, medusa, layerskip: learn at prompt positions too, not only "
-                                          "at answer positions (eagle3 learns at answers only)"),
+    prompt_loss: Optional[bool] = typer.Option(None, "--prompt-loss/--no-prompt-loss",
+                                               help="learn at prompt positions too, not only at answer positions "
+                                                    "(default: eagle, medusa, layerskip do; eagle3 does not)"),
     draft_vocab: int = typer.Option(8192, min=16),
     exit_layer: int = typer.Option(10, min=1, help="the cached features' mid layer (as train-drafter's)"),
     data: Optional[Path] = typer.Option(None, help="the corpus's features (default: train-drafter's cache)"),

@@ -90,7 +90,7 @@ def test_eagle3_training_unrolls_the_head_as_it_drafts(trained, target, corpus):
                 corpus, target.eos_ids)
     t.module = load_checkpoint(path, target.model, target.name).module
     a, b = int(corpus.offsets[5]), int(corpus.offsets[6])
-    steps, _, _, _ = t.eagle3_steps([(a, b)])
+    steps, _, _, _, _ = t.eagle3_steps([(a, b)])
     model = load_head("eagle3", target, path)            # (taps the target: its rows carry the fused layers)
     tokens = corpus.tokens[a:b].tolist()
     for s, i in [(0, 7), (1, 20), (2, 31), (2, 44)]:
@@ -239,19 +239,25 @@ def test_a_sequence_inside_another_takes_its_rows_from_that_ones_pass(target):
             torch.testing.assert_close(got[starts[i]:starts[i + 1]], want, rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa", "layerskip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_prompt_positions_are_learnt_from_only_when_asked(target, corpus, kind):
-    """prompt_loss=False: the loss reads the target's labels at answer positions alone (what a head drafts
-    when serving), so other labels at prompt positions leave it as it was; with prompt_loss they count."""
+    """prompt_loss=False: the loss reads what the target did at answer positions alone (what a head drafts
+    when serving), so other targets at prompt positions leave it as it was; with prompt_loss they count.
+    (eagle3 learns the target's distribution, from its final features; the others its greedy labels.)"""
     prompt = ~corpus.answers()
-    other = dataclasses.replace(corpus, label=torch.where(prompt, (corpus.label + 1) % V, corpus.label))
+    if kind == "eagle3":
+        other = dataclasses.replace(corpus, feat=torch.where(prompt[:, None], corpus.feat.flip(-1), corpus.feat))
+    else:
+        other = dataclasses.replace(corpus, label=torch.where(prompt, (corpus.label + 1) % V, corpus.label))
     for prompt_loss in (False, True):
         losses, first = [], None
         for c in (corpus, other):
             torch.manual_seed(0)   # the same initial head for both corpora
-            t = Trainer(TrainConfig(kind, draft_vocab=V, medusa_heads=3, prompt_loss=prompt_loss), target.model,
-                        target.name, c, target.eos_ids)
+            t = Trainer(TrainConfig(kind, draft_vocab=V, medusa_heads=3, ttt_steps=2, prompt_loss=prompt_loss),
+                        target.model, target.name, c, target.eos_ids)
             first = first or t
             t.d2t, t.t2d, t.lm_d = first.d2t, first.t2d, first.lm_d   # (the vocabulary counts every label)
             losses.append(float(t.loss(list(t._batches(t.train_seqs, False))[0], train=False)[0]))
         assert (losses[0] == losses[1]) != prompt_loss, (kind, prompt_loss, losses)
+    assert Trainer(TrainConfig(kind), target.model, target.name, corpus, target.eos_ids).prompt_loss == \
+        (kind != "eagle3")   # the defaults (train.PROMPT_LOSS)

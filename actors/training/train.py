@@ -13,7 +13,8 @@ the head's own weights learn, against the target's greedy next tokens (and, for 
     medusa:     f_i -> head k -> CE(LM_d(.), y_{i+k})  for k = 1..K
     layerskip:  residual after L layers at i -> adapter -> final norm -> CE(LM_d(.), y_i)
 
-Each kind learns at the answer positions, and (prompt_loss, not eagle3) at the prompt's too;
+Each kind learns at the answer positions, and (prompt_loss) at the prompt's too: by default eagle, medusa
+and layer-skip do (measured: bench/2026-12-02-s11-avx512bf16), eagle3 does not (not measured yet);
 y_i is the target's greedy next token after position i; LM_d the target's LM head restricted to the
 draft vocabulary (the most frequent y in the training split). Validation reports top-1 agreement with
 the target per draft depth at the answer positions of held-out sequences: the chance a chain draft is
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 W_CLS = 0.2          # EAGLE: weight of the token loss next to the feature regression
 WINDOW = 384         # EAGLE trains on windows of this many positions (long prompts are cut in pieces)
 DEPTH_DECAY = 0.8    # EAGLE-3: weight of training-time-test step k (as EAGLE-3's paper)
+# learn at prompt positions too, by default: at 60k answer tokens they raised EAGLE's held-out top-1 from
+# 29% to 39% (bench/2026-12-02-s11-avx512bf16); eagle3 keeps answers only until it is measured
+PROMPT_LOSS = {"eagle": True, "medusa": True, "layerskip": True, "eagle3": False}
 
 
 @dataclass
@@ -60,7 +64,7 @@ class TrainConfig:
     ttt_steps: int = 4        # EAGLE-3: draft depths unrolled in training
     train_tokens: int | None = None   # train on a fixed random subset of the training split: this many answer tokens
     noise: float = 0.05       # EAGLE: gaussian noise on input features, times their std
-    prompt_loss: bool = True  # eagle, medusa, layerskip: learn at prompt positions too (eagle3: answers only)
+    prompt_loss: bool | None = None   # learn at prompt positions too (None: the kind's PROMPT_LOSS)
     val_fraction: float = 0.05
     seed: int = 0
 
@@ -117,6 +121,7 @@ class Trainer:
         self.norm = target.norm.float()
         self.target_name = target_name
         self.answer = corpus.answers()   # validation scores every kind on answer positions alone
+        self.prompt_loss = PROMPT_LOSS.get(cfg.kind, True) if cfg.prompt_loss is None else cfg.prompt_loss
         torch.manual_seed(cfg.seed)
         self.module: EagleHead | MedusaHeads | ExitAdapter
         if cfg.kind == "eagle":
@@ -164,7 +169,7 @@ class Trainer:
 
     def _eagle_loss(self, ranges, train: bool):
         emb, inp, tgt, lab, mask, idx = self._eagle_batch(ranges, noise=train)
-        m = mask.bool() & (self.answer[idx] | self.cfg.prompt_loss)   # the positions learnt from
+        m = mask.bool() & (self.answer[idx] | self.prompt_loss)   # the positions learnt from
         scored = self.answer[idx][m]   # of those, the answers'
         pred1 = self.module(emb, inp, mask)
         # unrolled pass: each position gets the head's own prediction for the previous one
@@ -181,12 +186,14 @@ class Trainer:
 
     def eagle3_steps(self, ranges: list[tuple[int, int]]):
         """Training-time test over windows `ranges`: (logits [B, T, N] of each step, the target's
-        distributions [B, T, N], scored positions [B, T] (answers), labels [B, T]). Step s at window
+        distributions [B, T, N], positions learnt from [B, T], scored positions [B, T] (answers), labels
+        [B, T]). Step s at window
         position i is the draft s levels below the committed pairs up to position i - s."""
         c, m = self.corpus, self.module
         assert isinstance(m, EagleHead) and m.fuse is not None and m.lm_head is not None and c.taps is not None
         emb, taps, tfeat, lab, real, idx = self._pairs(ranges, c.taps)
         scored = real & self.answer[idx]
+        learn = real & (self.answer[idx] | self.prompt_loss)
         B, T, H = emb.shape
         with torch.no_grad():   # the target's next-token distribution, on the draft vocabulary
             want = torch.softmax(tfeat @ self.lm_d.t(), dim=-1)
@@ -209,17 +216,17 @@ class Trainer:
             out = m.trunk.norm(x)
             steps.append(out @ m.lm_head.t())
             feats = torch.cat([torch.zeros(B, 1, H), out[:, :-1]], dim=1)   # position i drafts on from i - 1
-        return steps, want, scored, lab
+        return steps, want, learn, scored, lab
 
     def _eagle3_loss(self, ranges, train: bool):
-        steps, want, scored, lab = self.eagle3_steps(ranges)
+        steps, want, learn, scored, lab = self.eagle3_steps(ranges)
         losses, accs = [], []
         for s, logits in enumerate(steps):
-            ok = scored.clone()
-            ok[:, :s] = False   # (their chains would start before the window)
+            ok, hit = learn.clone(), scored.clone()
+            ok[:, :s] = hit[:, :s] = False   # (their chains would start before the window)
             n = max(int(ok.sum()), 1)   # (a window's answer may end before step s has a position)
             losses.append(DEPTH_DECAY ** s * -(want[ok] * F.log_softmax(logits[ok], dim=-1)).sum() / n)
-            accs.append(_top1(logits[ok], lab[ok]))
+            accs.append(_top1(logits[hit], lab[hit]))
         return sum(losses), accs
 
     def _medusa_loss(self, ranges, train: bool):
@@ -236,7 +243,7 @@ class Trainer:
             labels.append(lab)
         f, lab, ans = torch.cat(feats), torch.cat(labels), torch.cat(scored)
         out = self.module(f) @ self.lm_d.t()          # [n, K, N]
-        ce_lab = torch.where((lab == -1) | ~(ans | self.cfg.prompt_loss)[:, None], -100, lab)
+        ce_lab = torch.where((lab == -1) | ~(ans | self.prompt_loss)[:, None], -100, lab)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), ce_lab.reshape(-1), ignore_index=-100)
         return loss, [_top1(out[ok, k], lab[ok, k]) for k in range(K) for ok in [(lab[:, k] != -1) & ans]]
 
@@ -249,7 +256,7 @@ class Trainer:
         logits = h @ self.lm_d.t()
         lab = _to_draft(c.label[idx], self.t2d)
         ans = self.answer[idx]
-        learn = ans | self.cfg.prompt_loss
+        learn = ans | self.prompt_loss
         return F.cross_entropy(logits[learn], lab[learn], ignore_index=-100), [_top1(logits[ans], lab[ans])]
 
     def loss(self, ranges, train: bool):
@@ -260,7 +267,7 @@ class Trainer:
 
     def _batches(self, seqs: list[int], shuffle: bool, gen: torch.Generator | None = None):
         ranges = _windows(self.corpus, seqs)
-        if self.cfg.kind == "eagle3" or not self.cfg.prompt_loss:   # windows of prompt alone would add no loss
+        if not self.prompt_loss:   # windows of prompt alone would add no loss
             ranges = [(a, b) for a, b in ranges if bool(self.answer[a + 1:b].any())]
         order = torch.randperm(len(ranges), generator=gen).tolist() if shuffle else range(len(ranges))
         batch, tokens = [], 0
