@@ -187,8 +187,7 @@ class Trainer:
     def eagle3_steps(self, ranges: list[tuple[int, int]]):
         """Training-time test over windows `ranges`: (logits [B, T, N] of each step, the target's
         distributions [B, T, N], positions learnt from [B, T], scored positions [B, T] (answers), labels
-        [B, T]). Step s at window
-        position i is the draft s levels below the committed pairs up to position i - s."""
+        [B, T]). Step s at window position i is the draft s levels below the committed pairs up to i - s."""
         c, m = self.corpus, self.module
         assert isinstance(m, EagleHead) and m.fuse is not None and m.lm_head is not None and c.taps is not None
         emb, taps, tfeat, lab, real, idx = self._pairs(ranges, c.taps)
