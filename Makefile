@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve generate test lint bench protos clean
+.PHONY: install serve generate test lint bench protos device-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ bench: install
 
 protos: install
 	$(PY) -m drafthorse.protos.generate
+
+# the wheels scripts/device_check.sh installs on a GPU machine without network (gguf, llguidance: imported by
+# the model paths, absent from that machine's image), for CPython 3.12 on x86-64 Linux, into .whl/ (git-ignored)
+device-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_31_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+	    gguf==$$($(PY) -m pip show gguf | sed -n 's/^Version: //p') \
+	    llguidance==$$($(PY) -m pip show llguidance | sed -n 's/^Version: //p')
 
 clean:
 	rm -rf $(VENV) bench_out .pytest_cache

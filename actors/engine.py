@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafthorse.actors.drafters.base import Budget, Drafter, NoDrafter
+from drafthorse.actors.models.kvcache import HOST
 from drafthorse.actors.models.runner import ModelRunner, extend_batch, score_batch
 from drafthorse.actors.spec.adaptive import Acceptance, AdaptivePolicy
 from drafthorse.actors.spec.grammar import Grammars, GrammarState, compile_spec
@@ -167,7 +168,7 @@ class BatchEngine:
             seq.t0 = time.perf_counter()
             seqs.append(seq)
             todo.append(p.ids[keep:])
-        logits: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        logits: list[torch.Tensor] = [torch.empty(0, device=HOST)] * len(prompts)
         hidden: list[list[torch.Tensor]] = [[] for _ in prompts]
         done = [0] * len(prompts)
         step = self.prefill_chunk or max(map(len, todo))
@@ -180,6 +181,8 @@ class BatchEngine:
         out = []
         for p, seq, lg, hs in zip(prompts, seqs, logits, hidden):
             h = torch.cat(hs)
+            if seq.grammar is not None or not p.params.greedy:
+                lg = lg.to(HOST)   # drawn from on the host, by the request's seeded generator
             seq.root = self._pick(lg if seq.grammar is None else seq.grammar.constrain(lg), p.params,
                                   seq.noise.at(len(p.ids)))
             if seq.grammar is not None:
@@ -237,16 +240,25 @@ class BatchEngine:
                              [[seqs[i].root] + kept.tokens for i, (kept, _) in zip(live, pruned)],
                              [[ROOT] + [p + 1 for p in kept.parents] for kept, _ in pruned])
         forward_s = time.perf_counter() - t
-        for i, tree, (_, row), (logits, hidden) in zip(live, trees, pruned, scored):
+        # one read back from the device for the whole step: whether each sequence's logits are finite, and
+        # every row's argmax (what greedy verification walks); sampled and constrained sequences take
+        # their rows to the host, where their seeded generators draw
+        finite = torch.stack([torch.isfinite(lg).all() for lg, _ in scored]).tolist()
+        argmax = torch.cat([lg.argmax(-1) for lg, _ in scored]).tolist()
+        first = 0
+        for i, tree, (_, row), (logits, hidden), ok in zip(live, trees, pruned, scored, finite):
             seq = seqs[i]
             t1 = time.perf_counter()
+            choice, first = argmax[first:first + len(logits)], first + len(logits)
             try:   # a sequence whose numbers went bad fails alone, not the step's other sequences
-                if not bool(torch.isfinite(logits).all()):
+                if not ok:
                     raise FloatingPointError("the target's logits are not finite")
                 draw = seq.noise.from_position(seq.runner.length + 1)   # (the root sits at runner.length)
                 g, params = seq.grammar, seq.params
+                if g is not None or not params.greedy:
+                    logits = logits.to(HOST)
                 if g is None and params.greedy:
-                    path, bonus = verify_greedy(tree, logits)
+                    path, bonus = verify_greedy(tree, logits, choice=choice)
                 elif g is None:
                     path, bonus = verify_sampling(tree, probs_from_logits(logits, params), draw)
                 elif params.greedy:   # rows masked one by one as the walk reaches them

@@ -34,6 +34,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="drafthorse: lossless speculative decoding, in-process or as a cluster.")
 
 
+DEVICE_HELP = ("auto | cpu | cuda | cuda:N (default: DRAFTHORSE_DEVICE, else auto: CUDA where torch sees a GPU, "
+               "else the CPU)")
+
+
 def _fail(msg: str) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
@@ -54,6 +58,14 @@ def _check_models(target: str, draft: str | None = None) -> None:
             check_pair(target, draft)
         except ValueError as e:
             _fail(str(e))
+
+
+def _check_device(device: str) -> None:
+    from drafthorse.actors.models.loader import resolve_device  # deferred: heavy (see the module doc)
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _threads(n: int | None) -> None:
@@ -81,6 +93,7 @@ def generate(
                                            "bfloat16 where the CPU has it natively, else float32; int8 / int4: "
                                            "weight-only codes over float32, opt-in; int4 runs a GGUF's 4-bit "
                                            "blocks as stored)"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
     server: Optional[str] = typer.Option(None, help="HOST:PORT of a drafthorse gateway; in-process if unset"),
     session: Optional[str] = typer.Option(None, help="session id to continue (with --server)"),
@@ -118,8 +131,8 @@ def generate(
     if drafter == "draft-model" and not draft_model:
         _fail("--drafter draft-model needs --draft-model PATH")
     try:
-        lm = loader.load(model, dtype)
-        dlm = loader.load(draft_model, dtype) if drafter == "draft-model" and draft_model else None
+        lm = loader.load(model, dtype, device=device)
+        dlm = loader.load(draft_model, dtype, device=device) if drafter == "draft-model" and draft_model else None
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     tok = lm.tokenizer
@@ -144,7 +157,7 @@ def generate(
             if not json_out:
                 typer.echo(out.text)
                 return
-            stats = out.stats.to_dict() | {"drafter": drafter, "dtype": lm.dtype, "model": lm.name,
+            stats = out.stats.to_dict() | {"drafter": drafter, "dtype": lm.dtype, "device": lm.device, "model": lm.name,
                                            "exact_rows": lm.model.exact}
             typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids,
                                    "finish_reason": out.finish_reason, "stats": stats}))
@@ -172,6 +185,7 @@ def bench(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8 | int4, for drafthorse "
                                            "and the hf baselines alike (int8 / int4: hf runs the float32 "
                                            "weights)"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("bench_out"), help="writes OUT/results.json and OUT/speedup.png"),
     head: list[str] = typer.Option([], help="KIND=PATH: a trained head for method KIND (eagle, eagle3, "
@@ -198,12 +212,13 @@ def bench(
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         if cluster and not server:
             running = Cluster(Settings(model=model, draft_model=draft_model, dtype=dtype, num_targets=1,
+                                       **cast(dict[str, Any], {"device": device} if device else {}),
                                        num_drafts=1, gateway_port=free_port(), http_port=0,
                                        torch_threads=threads or torch.get_num_threads(),
                                        key_prefix=f"drafthorse-bench-{uuid.uuid4().hex[:8]}:")).start()
             server = running.gateway
-        lm = loader.load(model, dtype)
-        dlm = loader.load(draft_model, dtype) if draft_model else None
+        lm = loader.load(model, dtype, device=device)
+        dlm = loader.load(draft_model, dtype, device=device) if draft_model else None
         heads = {}
         for h in head:
             kind, sep, path = h.partition("=")
@@ -231,6 +246,7 @@ def throughput(
     model: str = typer.Option("smollm2"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8 | int4, ours and hf "
                                            "alike (int8 / int4: hf runs the float32 weights)"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("throughput_out"), help="writes OUT/throughput.json and OUT/throughput.png"),
     profile_batch: int = typer.Option(0, min=0, help="also profile plain decoding's steps at this batch size "
@@ -250,7 +266,7 @@ def throughput(
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         tp.check(wanted, sizes, max_new_tokens)
         qs = load_questions(questions)
-        lm = loader.load(model, dtype)
+        lm = loader.load(model, dtype, device=device)
         prompts = [chat_prompt(lm.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in qs]
         result = tp.run_throughput(lm, prompts, sizes, max_new_tokens, wanted, out, profile_batch, prefill_tokens)
     except (FileNotFoundError, ValueError) as e:
@@ -285,6 +301,8 @@ def serve(
     redis_url: Optional[str] = typer.Option(None, help="default: 127.0.0.1:6379 if up, else an embedded redis"),
     ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
     dtype: Optional[str] = typer.Option(None, help="auto (default) | float32 | bfloat16 | float16 | int8 | int4"),
+    device: Optional[str] = typer.Option(None, help="auto (default: CUDA where torch sees a GPU) | cpu | cuda | "
+                                                    "cuda:N, for every worker"),
 ):
     """Start the cluster (Ray, Redis, gateway, target and draft workers) and serve until Ctrl-C.
     Every option can also be set as an environment variable DRAFTHORSE_<NAME>."""
@@ -296,7 +314,7 @@ def serve(
                                  medusa_head=medusa_head, layerskip_head=layerskip_head, eagle3_head=eagle3_head,
                                  num_targets=num_targets,
                                  num_drafts=num_drafts, gateway_port=port, http_port=http_port, host=host,
-                                 redis_url=redis_url, ray_address=ray_address, dtype=dtype,
+                                 redis_url=redis_url, ray_address=ray_address, dtype=dtype, device=device,
                                  allow_anonymous=allow_anonymous or None)
     try:
         s = Settings(**{k: v for k, v in flags.items() if v is not None})
@@ -305,6 +323,8 @@ def serve(
     except (ValidationError, ValueError) as e:
         _fail(str(e))
     _check_models(s.model, s.draft_model)
+    if not s.ray_address:   # workers on this machine: a GPU it does not have stops the start here, named
+        _check_device(s.device)
     cluster = Cluster(s).start()
     first = cluster.first_token()
     st = cluster.startup
@@ -443,6 +463,7 @@ def distill(
     out: Path = typer.Option(..., help="corpus directory: written shard by shard; a second run resumes it"),
     model: str = typer.Option("smollm2", help="the target that writes the corpus"),
     dtype: str = typer.Option("auto", help="the target's dtype (its greedy answers are those at this dtype)"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     prompts: Path = typer.Option(DEV_QUESTIONS, help="Spec-Bench jsonl: the training questions (both turns)"),
     holdout_per_category: int = typer.Option(5, min=0, help="leave out the first N questions of each category "
                                                              "(what `bench --per-category N` measures on)"),
@@ -470,7 +491,7 @@ def distill(
         if not train_q:
             raise ValueError(f"{prompts}: no question left for training after holding out "
                              f"{holdout_per_category} per category")
-        lm = loader.load(model, dtype)
+        lm = loader.load(model, dtype, device=device)
         recipe = tokens.Recipe(lm.name, lm.dtype, train_q, question_shards, invented_shards, invented,
                                max_new_tokens, seed)
         result = tokens.build(lm, out, recipe, batch_size, shards)
@@ -510,6 +531,7 @@ def train_drafter(
     depth: int = typer.Option(6, min=1, help="tree default saved with the head: draft depth"),
     max_nodes: int = typer.Option(16, min=1, help="tree default saved with the head: nodes per tree"),
     seed: int = typer.Option(0),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + "; the target's features and the training run there"),
     threads: Optional[int] = typer.Option(None),
 ):
     """Train a draft head on the target's own answers (self-distillation) and save it."""
@@ -526,7 +548,7 @@ def train_drafter(
         _fail(f"--kind must be one of {', '.join(kinds.HEAD_KINDS)}, got {kind!r}")
     t0 = time.perf_counter()
     try:
-        lm = loader.load(model, "float32")
+        lm = loader.load(model, "float32", device=device)
         if corpus is not None:   # the corpus's recipe names its training questions: the rest were held out
             feats, data, made = selfdistill.corpus_features(lm, corpus, exit_layer, data)
             trained = set(feats.meta["question_ids"])
@@ -580,6 +602,7 @@ def learning_curve(
     draft_vocab: int = typer.Option(8192, min=16),
     exit_layer: int = typer.Option(10, min=1, help="the cached features' mid layer (as train-drafter's)"),
     data: Optional[Path] = typer.Option(None, help="the corpus's features (default: train-drafter's cache)"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + "; training and the bench alike"),
     threads: Optional[int] = typer.Option(None),
 ):
     """Train heads on growing subsets of a corpus and bench each on held-out questions: tau and speedup
@@ -597,7 +620,7 @@ def learning_curve(
         wanted = [k.strip() for k in kinds.split(",") if k.strip()]
         if not budgets or min(budgets) < 1:
             raise ValueError(f"--tokens {tokens!r}: expected a comma list of positive integers")
-        train_lm = loader.load(model, "float32")
+        train_lm = loader.load(model, "float32", device=device)
         feats, data, _ = selfdistill.corpus_features(train_lm, corpus, exit_layer, data)
         qs = load_questions(prompts, per_category)
         if leaked := sorted(q["question_id"] for q in qs if q["question_id"] in set(feats.meta["question_ids"])):
@@ -605,8 +628,8 @@ def learning_curve(
                              "the corpus's held-out count")
         cfg = TrainConfig("eagle", epochs=epochs, lr=lr, ttt_steps=ttt_steps, draft_vocab=draft_vocab,
                           prompt_loss=prompt_loss)
-        result = curve.run_curve(train_lm, loader.load(model, dtype), feats, wanted, budgets, qs, max_new_tokens,
-                                 out, cfg)
+        result = curve.run_curve(train_lm, loader.load(model, dtype, device=device), feats, wanted, budgets, qs,
+                                 max_new_tokens, out, cfg)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(curve.format_table(result))

@@ -4,6 +4,7 @@ Each field is an environment variable DRAFTHORSE_<FIELD> and, for `drafthorse se
 Settings hands each deployment its own group (`worker()`, `gateway()`), typed, not a dict to re-parse."""
 from __future__ import annotations
 
+import re
 import secrets
 from typing import TypeVar
 
@@ -14,6 +15,7 @@ from drafthorse.runtime.kinds import kind
 from drafthorse.runtime.rpc import MutualTls
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")   # what flags and settings offer
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 G = TypeVar("G", bound="Common")
 
 
@@ -31,6 +33,8 @@ class Common(BaseSettings):
                                            "float32 | bfloat16 | float16 | int8 | int4 (weight-only codes over "
                                            "float32, opt-in; int4 runs a GGUF's 4-bit blocks as stored); target "
                                            "and draft models alike")
+    device: str = Field("auto", description="auto (CUDA where torch sees a GPU, else the CPU) | cpu | cuda | "
+                                             "cuda:N: where target and draft models run")
     max_len: int = Field(4096, ge=16, description="context per session (prompt + generated)")
     session_ttl_s: int = Field(3600, ge=1)
     heartbeat_s: float = Field(2.0, gt=0)
@@ -65,6 +69,14 @@ class Common(BaseSettings):
         v = v.strip().lower()
         if v not in DTYPE_CHOICES + ("float64",):
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {v!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
 
     def with_token(self: G) -> G:
@@ -155,6 +167,10 @@ class Settings(WorkerSettings, GatewaySettings):
     worker_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per worker (fractional on small hosts)")
     target_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
     draft_resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources")
+    target_gpus: float = Field(1.0, ge=0, description="GPUs a target replica asks Ray for when models run on CUDA "
+                               "(device cuda, or auto in a Ray cluster that has GPUs)")
+    draft_gpus: float = Field(0.25, ge=0, description="GPUs a draft replica asks Ray for on CUDA: a share, so that "
+                              "several draft replicas fit one cheap GPU")
 
     def worker(self) -> WorkerSettings:
         return self.group(WorkerSettings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from drafthorse.actors.models.kvcache import HOST
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.spec.sampling import SamplingParams, probs_from_logits
 from drafthorse.actors.spec.tree import ROOT, DraftTree
@@ -50,7 +51,7 @@ class DraftModelDrafter(Drafter):
         if depth < 1:
             return DraftTree()
 
-        tree = DraftTree(probs=None if params.greedy else torch.empty(0, self.runner.vocab_size))
+        tree = DraftTree(probs=None if params.greedy else torch.empty(0, self.runner.vocab_size, device=HOST))
         first, first_q = self._choose(logits, branches, params, generator)
         frontier = self._add(tree, first, [ROOT] * len(first), first_q)
         scratch_of: dict[int, int] = {}  # draft node -> runner scratch node
@@ -84,7 +85,7 @@ class DraftModelDrafter(Drafter):
         """k distinct children and the distribution each was drawn from."""
         if params.greedy:
             return torch.topk(logits, k).indices.tolist(), [None] * k
-        q = probs_from_logits(logits, params).float()
+        q = probs_from_logits(logits.to(HOST), params).float()   # drawn on the host, by the seeded generator
         tokens, qs = [], []
         for _ in range(k):  # without replacement: each draw from q with earlier picks removed
             if q.sum() <= 0:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from drafthorse.actors.models.kvcache import HOST
 from drafthorse.actors.spec.sampling import SamplingParams, probs_from_logits
 from drafthorse.actors.spec.tree import ROOT, DraftTree
 
@@ -33,15 +34,16 @@ def grow(first: torch.Tensor, expand: Expand, budget: Budget, params: SamplingPa
     the draft logits of their children."""
     depth = min(depth, budget.max_depth)
     greedy = params.greedy
-    tree = DraftTree(probs=None if greedy else torch.empty(0, vocab_size))
+    tree = DraftTree(probs=None if greedy else torch.empty(0, vocab_size, device=HOST))
     if depth < 1 or budget.max_nodes < 1:
         return tree
     scores: list[float] = []
     qs: list[torch.Tensor] = []
     to_target = (lambda i: int(d2t[i])) if d2t is not None else int
-    level, logits = [ROOT], first[None]
+    # the tree grows on the host: a level's logits come off the device once, its choices are per node
+    level, logits = [ROOT], first[None].to(HOST)
     for d in range(1, depth + 1):
-        base = torch.tensor([0.0 if p == ROOT else scores[p] for p in level], dtype=torch.float64)
+        base = torch.tensor([0.0 if p == ROOT else scores[p] for p in level], dtype=torch.float64, device=HOST)
         start = len(tree.tokens)
         if greedy:
             lp = torch.log_softmax(logits.double(), dim=-1).clamp(max=0.0)
@@ -79,7 +81,7 @@ def grow(first: torch.Tensor, expand: Expand, budget: Budget, params: SamplingPa
             cut = sorted(scores, reverse=True)[budget.max_nodes - 1]
             if scores[level[0]] <= cut:
                 break
-        logits = expand(level, tree)
+        logits = expand(level, tree).to(HOST)
     if not greedy:
         tree.probs = torch.stack(qs).float() if qs else tree.probs
         return tree
@@ -90,7 +92,7 @@ def _full(q: torch.Tensor, d2t: torch.Tensor | None, vocab_size: int) -> torch.T
     """A draft-vocabulary distribution as one over the target's vocabulary (zero elsewhere)."""
     if d2t is None:
         return q
-    out = torch.zeros(vocab_size, dtype=q.dtype)
+    out = torch.zeros(vocab_size, dtype=q.dtype, device=HOST)
     out[d2t] = q
     return out
 

@@ -34,15 +34,16 @@ class EagleModel:
         self.target = target
         self.hidden = target.config.hidden_size
         self.taps: tuple[int, ...] = tuple(head.cfg.get("taps") or ())
-        self.fuse_t = None if head.fuse is None else head.fuse.weight.detach().to(target.dtype).t().contiguous()
-        self.tap_norms = [norm.weight.detach().to(target.dtype) for norm in head.tap_norms.children()
+        on = (target.device, target.dtype)
+        self.fuse_t = None if head.fuse is None else head.fuse.weight.detach().to(*on).t().contiguous()
+        self.tap_norms = [norm.weight.detach().to(*on) for norm in head.tap_norms.children()
                           if isinstance(norm, RMSNorm)]
         self.eps = float(head.cfg["rms_norm_eps"])
         if self.taps:
             target.tap(self.taps)
         self.d2t = ckpt.d2t
         self.head = head.as_llama(target, self.d2t, max_len or target.max_len)
-        self.fc_t = head.fc.weight.detach().to(target.dtype).t().contiguous()   # [2H, H]
+        self.fc_t = head.fc.weight.detach().to(*on).t().contiguous()   # [2H, H]
         self.embed = target.embed
         self.vocab_size = target.vocab_size
         self.defaults = dict(ckpt.info.get("defaults", {}))
@@ -64,7 +65,7 @@ class EagleModel:
                          dim=-1) @ self.fuse_t
 
     def inputs(self, tokens: list[int], feats: torch.Tensor) -> torch.Tensor:
-        emb = self.embed[torch.tensor(tokens, dtype=torch.long)]
+        emb = self.embed[torch.tensor(tokens, dtype=torch.long, device=self.embed.device)]
         return torch.cat([emb, feats.to(emb.dtype)], dim=-1) @ self.fc_t
 
 
@@ -89,7 +90,7 @@ class EagleDrafter(Drafter):
 
     def begin(self, prompt_ids: list[int], features: torch.Tensor | None = None) -> None:
         self.runner.reset()
-        self.tokens, self.feats = list(prompt_ids[1:]), [] if features is None else [features]
+        self.tokens, self.feats = list(prompt_ids[1:]), [] if features is None else [features.to(self.m.embed.device)]
 
     def close(self) -> None:
         self.runner.close()
@@ -98,7 +99,7 @@ class EagleDrafter(Drafter):
         if features is None or len(features) != len(token_ids):
             raise ValueError(f"{self.name} drafter needs one target feature per committed token")
         self.tokens += token_ids
-        self.feats.append(features)
+        self.feats.append(features.to(self.m.embed.device))   # (from a draft worker's wire: on the host)
 
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
         budget = Budget(min(budget.max_nodes, self.max_nodes), budget.max_depth)

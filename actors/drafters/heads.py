@@ -41,7 +41,7 @@ def fingerprint(model: Llama) -> str:
     h.update(json.dumps([model.n_layers, model.n_heads, model.n_kv, model.head_dim, model.vocab_size]).encode())
     for t in (model.embed[:1024], model.lm_head[-1024:], model.norm, model.dense(0, "qkv")[:, :256],
               model.dense(model.n_layers - 1, "down")[:256]):
-        h.update(t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:24]
 
 
@@ -116,9 +116,9 @@ class EagleHead(nn.Module):
     def as_llama(self, target: Llama, d2t: torch.Tensor, max_len: int) -> Llama:
         """The head as a 1-layer `Llama` for inference (KV cache, tree attention, ModelRunner), reading
         the target's embeddings and its LM head rows of the draft vocabulary; weights in target dtype."""
-        trunk = self.trunk.to(target.dtype)   # type: ignore[arg-type]  # transformers types .to unbound
+        trunk = self.trunk.to(target.device, target.dtype)   # type: ignore[arg-type]  # .to unbound in its types
         cfg = trunk.config
-        lm_head = target.lm_head[d2t] if self.lm_head is None else self.lm_head.detach().to(target.dtype)
+        lm_head = target.lm_head[d2t] if self.lm_head is None else self.lm_head.detach().to(target.device, target.dtype)
         shell = SimpleNamespace(
             config=SimpleNamespace(**{**cfg.to_dict(), "vocab_size": target.vocab_size}),
             model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=target.embed), layers=trunk.layers,
@@ -178,9 +178,9 @@ class Checkpoint:
     info: dict = field(default_factory=dict)  # training recipe and validation results
 
     def save(self, path: str | Path) -> None:
-        tensors = {f"module.{k}": v.detach().to(torch.float16).contiguous()
+        tensors = {f"module.{k}": v.detach().to("cpu", torch.float16).contiguous()
                    for k, v in self.module.state_dict().items()}
-        tensors["d2t"] = self.d2t.to(torch.int64).contiguous()
+        tensors["d2t"] = self.d2t.to("cpu", torch.int64).contiguous()
         meta = {"format": "drafthorse-head/1", "kind": self.kind, "config": json.dumps(self.module.cfg),
                 "target": json.dumps(self.target), "info": json.dumps(self.info)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)

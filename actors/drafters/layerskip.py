@@ -25,7 +25,7 @@ class LayerSkipModel:
         adapter = ckpt.module
         if not isinstance(adapter, ExitAdapter):
             raise ValueError(f"a {ckpt.kind} checkpoint is no layerskip adapter")
-        self.adapter = adapter.to(target.dtype)
+        self.adapter = adapter.to(target.device, target.dtype)
         self.layers = int(adapter.cfg["exit_layer"])
         self.target = target
         self.d2t = ckpt.d2t

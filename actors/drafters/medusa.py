@@ -22,7 +22,7 @@ class MedusaModel:
         heads = ckpt.module
         if not isinstance(heads, MedusaHeads):
             raise ValueError(f"a {ckpt.kind} checkpoint is no medusa head")
-        self.heads = heads.to(target.dtype)
+        self.heads = heads.to(target.device, target.dtype)
         self.d2t = ckpt.d2t
         self.lm_head_t = target.lm_head[self.d2t].t().contiguous()   # [H, N]
         self.vocab_size = target.vocab_size
@@ -53,7 +53,7 @@ class MedusaDrafter(Drafter):
     def extend(self, token_ids: list[int], features: torch.Tensor | None = None) -> None:
         if features is None or len(features) != len(token_ids):
             raise ValueError("medusa drafter needs one target feature per committed token")
-        self.last = features[-1]
+        self.last = features[-1].to(self.m.lm_head_t.device)   # (from the wire: on the host)
 
     def propose(self, budget: Budget, params: SamplingParams, generator: torch.Generator) -> DraftTree:
         budget = Budget(min(budget.max_nodes, self.max_nodes), budget.max_depth)

@@ -10,7 +10,9 @@ its slots where that range is not much wider than the bucket, else an indexed co
 `scaled_dot_product_attention` with the tree/causal mask and the context lengths as one additive mask,
 one indexed copy of the real rows back.
 
-Padded rows attend to their sequence's first key (a softmax over nothing is NaN) and are dropped."""
+Padded rows attend to their sequence's first key (a softmax over nothing is NaN) and are dropped.
+A layout is built on the host (small index arithmetic on Python lists) and moved to the pool's device in
+one go per forward: a GPU step then reads its indices and masks from device memory in every layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kvcache import KVPool
+from .kvcache import HOST, KVPool
 
 SLACK = 0.5   # a bucket's padded work may exceed its real work by this fraction
 SPAN = 2.0    # a bucket reads a view of its slots' whole range when that is at most this many times its size
@@ -75,10 +77,10 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
     heads per K/V head (the masks are laid out for them once here, not per layer); alone: every sequence
     in a bucket of its own (the one it has in a forward by itself: prefill chunks, whose K/V must not
     depend on what shares the pass)."""
-    n_t, start_t = torch.tensor(ns), torch.tensor(starts)
-    row_slot = torch.repeat_interleave(torch.tensor(slots), n_t)
+    n_t, start_t = torch.tensor(ns, device=HOST), torch.tensor(starts, device=HOST)
+    row_slot = torch.repeat_interleave(torch.tensor(slots, device=HOST), n_t)
     first = torch.cumsum(n_t, 0) - n_t                   # each sequence's first row in the batch
-    row_pos = torch.arange(int(n_t.sum())) - torch.repeat_interleave(first - start_t, n_t)
+    row_pos = torch.arange(int(n_t.sum()), device=HOST) - torch.repeat_interleave(first - start_t, n_t)
     ctxs = [s + n for s, n in zip(starts, ns)]
     groups = ([[j] for j in range(len(ns))] if alone else cut(ns, ctxs)) if buckets else []
     out = []
@@ -95,14 +97,14 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
             for j in g:
                 members[slots[j] - lo] = j
         b = len(members)
-        n = torch.tensor([ns[j] if j is not None else 0 for j in members])[:, None]
-        st = torch.tensor([starts[j] if j is not None else 0 for j in members])[:, None]
-        fst = torch.tensor([int(first[j]) if j is not None else 0 for j in members])[:, None]
-        r = torch.arange(n_max)[None]                    # [1, n_max]
+        n = torch.tensor([ns[j] if j is not None else 0 for j in members], device=HOST)[:, None]
+        st = torch.tensor([starts[j] if j is not None else 0 for j in members], device=HOST)[:, None]
+        fst = torch.tensor([int(first[j]) if j is not None else 0 for j in members], device=HOST)[:, None]
+        r = torch.arange(n_max, device=HOST)[None]       # [1, n_max]
         live = r < n                                     # [b, n_max]: real rows
         q_index = fst + torch.where(live, r, 0)          # a padded row repeats its sequence's first
         # causal by default: row r sees positions 0 .. start + r; a padded row sees position 0 alone
-        key = torch.arange(length)[None, None]
+        key = torch.arange(length, device=HOST)[None, None]
         mask = torch.where(live[..., None], key <= (st + r)[..., None], key == 0)
         for i, seq in enumerate(members):
             if seq is None or (tree := masks[seq]) is None:
@@ -114,14 +116,17 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
                 if seq is not None:
                     mask[i, :ns[seq]] &= key[0] > (positions[seq] - window)[:, None]
         # additive, in the pool's dtype, one row per (query group, row): see `attend`
-        bias = torch.zeros(b, 1, n_max, length, dtype=pool.k.dtype).masked_fill_(~mask[:, None], float("-inf"))
+        bias = torch.zeros(b, 1, n_max, length, dtype=pool.k.dtype, device=HOST).masked_fill_(~mask[:, None],
+                                                                                            float("-inf"))
         bias = bias.expand(b, per_kv, n_max, length).reshape(b, 1, per_kv * n_max, length)
         view = b == span
         in_order = len(groups) == 1 and members == list(range(len(ns)))
         rows = None if in_order else (q_index[live])
-        out.append(Bucket(slice(lo, lo + b) if view else torch.tensor([slots[j] for j in g]),
-                          length, q_index.view(-1), n_max, bias, live.view(-1).nonzero().view(-1), rows))
-    return Layout(pool, row_slot, row_pos, out)
+        dev = pool.k.device
+        out.append(Bucket(slice(lo, lo + b) if view else torch.tensor([slots[j] for j in g], device=dev),
+                          length, q_index.view(-1).to(dev), n_max, bias.to(dev),
+                          live.view(-1).nonzero().view(-1).to(dev), None if rows is None else rows.to(dev)))
+    return Layout(pool, row_slot.to(pool.k.device), row_pos.to(pool.k.device), out)
 
 
 def write(lay: Layout, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import cut as _cut
+from .kvcache import HOST
 from .products import OutIn, Weight
 from .quant import Int4Weight, Int8Weight
 
@@ -134,7 +135,7 @@ def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None, window:
     n = positions.numel()
     ctx = start + n
     if mask is None:
-        mask = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start)
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=HOST).tril(diagonal=start)
     seen = mask.cumsum(-1)                     # [n, ctx]: visible slots up to here
     if not torch.equal(seen[:, -1], positions + 1):
         raise ValueError("exact forward: each row must see exactly its position + 1 slots")
@@ -149,19 +150,20 @@ def plan(positions: torch.Tensor, start: int, mask: torch.Tensor | None, window:
     sel = mask & (logical >= split[:, None])
     r_i, s_i = sel.nonzero(as_tuple=True)
     t_i = logical[r_i, s_i] - split[r_i]
-    idx = torch.zeros(n, WINDOW, dtype=torch.long)   # invisible entries read slot 0 (finite, masked)
+    idx = torch.zeros(n, WINDOW, dtype=torch.long, device=HOST)   # invisible entries: slot 0 (finite, masked)
     idx[r_i, t_i] = s_i
-    valid = torch.zeros(n, WINDOW, dtype=torch.bool)
+    valid = torch.zeros(n, WINDOW, dtype=torch.bool, device=HOST)
     valid[r_i, t_i] = True
-    lo = torch.zeros(n, dtype=torch.long)
+    lo = torch.zeros(n, dtype=torch.long, device=HOST)
     if window is not None:
         lo = (positions - window + 1).clamp_min(0)
-        valid &= split[:, None] + torch.arange(WINDOW)[None] >= lo[:, None]   # logical position of window key t
+        key_pos = split[:, None] + torch.arange(WINDOW, device=HOST)[None]   # window key t's logical position
+        valid &= key_pos >= lo[:, None]
     values = split.unique().tolist()
     groups = []
     for s in values:
         rows = None if len(values) == 1 else (split == s).nonzero(as_tuple=True)[0]
-        r = torch.arange(n) if rows is None else rows
+        r = torch.arange(n, device=HOST) if rows is None else rows
         shared = idx[r].amax(0)   # (where rows agree on every key both see: a chain's rows always do)
         if bool(((idx[r] == shared) | ~valid[r]).all()):
             groups.append(Group(rows, int(s), shared, valid[r], lo[r]))
@@ -185,7 +187,7 @@ def _consistent(idx: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
                 break
         else:
             sets.append(([i], idx[i].clone(), valid[i].clone()))
-    return [torch.tensor(rows) for rows, _, _ in sets]
+    return [torch.tensor(rows, device=HOST) for rows, _, _ in sets]
 
 
 @dataclass
@@ -207,17 +209,18 @@ class Bucket:
 
 def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int],
             pool: tuple[int, int], dtype: torch.dtype, counts: tuple[int, ...] = (1,),
-            batched: bool = True) -> list[Bucket]:
+            batched: bool = True, device: torch.device = HOST) -> list[Bucket]:
     """Per forward: sequence j (pool slot slots[j], batch rows offsets[j] ..) with its groups plans[j],
     in a pool of (kv_heads, length); a group's rows padded to a row count in `counts` (`ExactRows.attn`);
     the groups cut into buckets by split (attention.cut: padding costs at most SLACK over the real work),
-    or one group a bucket when batching would change rows here (`ExactRows.batched`)."""
+    or one group a bucket when batching would change rows here (`ExactRows.batched`). Built on the host,
+    then moved to `device` (the pool's)."""
     units = _units(slots, offsets, plans, sizes, max(counts))
     if batched:
         cuts = _cut([len(rows) for _, rows, _ in units], [g.split + WINDOW for _, _, g in units])
     else:
         cuts = [[u] for u in range(len(units))]
-    return [_bucket([units[u] for u in c], pool, dtype, counts) for c in cuts]
+    return [_bucket([units[u] for u in c], pool, dtype, counts, device) for c in cuts]
 
 
 def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int], top: int,
@@ -227,7 +230,7 @@ def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes
     out: list[tuple[int, torch.Tensor, Group]] = []
     for slot, first, groups, n in zip(slots, offsets, plans, sizes):
         for g in groups:
-            rs = torch.arange(n) if g.rows is None else g.rows
+            rs = torch.arange(n, device=HOST) if g.rows is None else g.rows
             for a in range(0, len(rs), top):
                 out.append((slot, first + rs[a:a + top], Group(rs[a:a + top], g.split, g.idx, g.valid[a:a + top],
                                                                g.lo[a:a + top])))
@@ -235,7 +238,7 @@ def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes
 
 
 def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dtype: torch.dtype,
-            counts: tuple[int, ...]) -> Bucket:
+            counts: tuple[int, ...], device: torch.device = HOST) -> Bucket:
     """One bucket of groups: (pool slot, batch rows, group) each."""
     m = rows(max(len(r) for _, r, _ in us), counts)
     heads = _up(max(g.split for _, _, g in us), VBLOCK)   # (the pool's length is a multiple of VBLOCK)
@@ -243,18 +246,20 @@ def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dt
     q_index = torch.stack([pad(r, len(r)) for _, r, _ in us])
     win_pos = torch.stack([g.idx for _, _, g in us])                                     # [U, W]
     valid = torch.stack([pad(g.valid, len(r)) for _, r, g in us])                         # [U, m, W]
-    key = torch.arange(heads)[None, None]
+    key = torch.arange(heads, device=HOST)[None, None]
     lo = torch.stack([pad(g.lo, len(r)) for _, r, g in us])                               # [U, m]
-    committed = (key < torch.tensor([g.split for _, _, g in us])[:, None, None]) & (key >= lo[..., None])   # [U, m, S]
+    split = torch.tensor([g.split for _, _, g in us], device=HOST)
+    committed = (key < split[:, None, None]) & (key >= lo[..., None])                     # [U, m, S]
     see = torch.cat([valid, committed], -1)
-    bias = torch.zeros(see.shape, dtype=dtype).masked_fill_(~see, float("-inf"))
-    slot_t = torch.tensor([s for s, _, _ in us])
+    bias = torch.zeros(see.shape, dtype=dtype, device=HOST).masked_fill_(~see, float("-inf"))
+    slot_t = torch.tensor([s for s, _, _ in us], device=HOST)
     kv, max_len = pool
-    window = ((slot_t[:, None, None] * kv + torch.arange(kv)) * max_len + win_pos[..., None]).view(-1)
-    real = torch.cat([u * m + torch.arange(len(r)) for u, (_, r, _) in enumerate(us)])
-    return Bucket(slot_t, heads, m, q_index.view(-1), window, bias[:, None, :, None],
-                  torch.tensor([_up(g.split, VBLOCK) // VBLOCK - 1 for _, _, g in us]), real,
-                  torch.cat([r for _, r, _ in us]))
+    window = ((slot_t[:, None, None] * kv + torch.arange(kv, device=HOST)) * max_len + win_pos[..., None]).view(-1)
+    real = torch.cat([u * m + torch.arange(len(r), device=HOST) for u, (_, r, _) in enumerate(us)])
+    last = torch.tensor([_up(g.split, VBLOCK) // VBLOCK - 1 for _, _, g in us], device=HOST)
+    to = lambda t: t.to(device, non_blocking=True)
+    return Bucket(to(slot_t), heads, m, to(q_index.view(-1)), to(window), to(bias[:, None, :, None]), to(last),
+                  to(real), to(torch.cat([r for _, r, _ in us])))
 
 
 def _up(n: int, k: int) -> int:
@@ -317,19 +322,20 @@ def _into_scores(a: torch.Tensor, b: torch.Tensor, first: int, width: int) -> to
     return torch.matmul(a, b, out=out)
 
 
-def _cancelling(rows: int, k: int, hot: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+def _cancelling(rows: int, k: int, hot: list[int], dtype: torch.dtype, gen: torch.Generator,
+               device: torch.device = HOST) -> torch.Tensor:
     """[rows, k] random values, each row with +B and -B at two of the positions `hot` (where the other
     operand is all ones): the huge terms cancel, so a row's result is the sum of the small ones less
     what the partial sums holding B lost, which depends on how the kernel groups the terms. Any change
     of summation order then shows in nearly every row (with plain random data, in a few percent)."""
     big = 2.0 ** min(20, math.frexp(torch.finfo(dtype).max)[1] - 4)
-    x = torch.randn(rows, k, generator=gen)
-    hot_t = torch.tensor(hot)
-    pick = hot_t[torch.rand(rows, len(hot), generator=gen).argsort(-1)[:, :2]]
-    r = torch.arange(rows)
+    x = torch.randn(rows, k, generator=gen, device=HOST)
+    hot_t = torch.tensor(hot, device=HOST)
+    pick = hot_t[torch.rand(rows, len(hot), generator=gen, device=HOST).argsort(-1)[:, :2]]
+    r = torch.arange(rows, device=HOST)
     x[r, pick[:, 0]] = big
     x[r, pick[:, 1]] = -big
-    return x.to(dtype)
+    return x.to(dtype).to(device)
 
 
 def _hot(k: int) -> list[int]:
@@ -388,7 +394,10 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
     calls keep to the counts of one class. Measured once per model, at the current thread count, which
     the result holds for (about a second for SmolLM2); warns when no such counts exist on this machine."""
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)   # (probe data is drawn on the host, then moved: the same everywhere)
+    dense = [w.dense() if isinstance(w, OutIn) else w for w in weights.values()
+             if not isinstance(w, Int8Weight | Int4Weight)]
+    dev = dense[0].device if dense else HOST   # the kernels probed are the weights' device's
     counts = list(range(1, PROBE_ROWS + 1))
     top = 3 * PROBE_ROWS
     # products with weights, as `Llama._linear` runs them: x [M, in] @ w [in, out], w contiguous
@@ -405,12 +414,12 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
             continue
         hot = _hot(w.shape[0])
         if key == "lm_head":
-            wp = torch.empty(*w.shape, dtype=dtype)[:, :4096]
+            wp = torch.empty(*w.shape, dtype=dtype, device=dev)[:, :4096]
             wp.copy_(w[:, :4096])
         else:
             wp = w.clone()
         wp[hot] = 1                                   # (a copy: the model's weights stay as they are)
-        x = _cancelling(top, w.shape[0], hot, dtype, gen)
+        x = _cancelling(top, w.shape[0], hot, dtype, gen, dev)
         linear[shape] = _pick([_classes(lambda x, w=wp: x @ w, x, counts)])
     # attention (`attend`), in rows of queries m * grp: the products of a group's window keys, written
     # into the first columns of its scores, [kv, m * grp, d] @ [kv, d, W], and of the committed keys after
@@ -419,11 +428,11 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
     grp = heads // kv
     t = max(3 * CHUNK, VBLOCK)
     hot_d, hot_t = _hot(d), _hot(t)
-    keys = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
+    keys = torch.randn(kv, 2 * t, d, generator=gen, device=HOST).to(dtype).to(dev)[:, :t]
     keys[:, :, hot_d] = 1
-    vals = torch.randn(kv, 2 * t, d, generator=gen).to(dtype)[:, :t]
+    vals = torch.randn(kv, 2 * t, d, generator=gen, device=HOST).to(dtype).to(dev)[:, :t]
     vals[:, hot_t] = 1
-    q_rows = _cancelling(top * grp, d, hot_d, dtype, gen)          # one query head per row of the probe
+    q_rows = _cancelling(top * grp, d, hot_d, dtype, gen, dev)     # one query head per row of the probe
     by_head = lambda x: x.expand(kv, -1, -1).contiguous()
     win_k = lambda x: _into_scores(by_head(x), keys[:, :WINDOW].transpose(-1, -2), 0, WINDOW + t).transpose(0, 1)
     head_k = lambda x: _into_scores(by_head(x), keys.transpose(-1, -2), WINDOW, WINDOW + t).transpose(0, 1)
@@ -432,17 +441,18 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
         block = vals[:, :k].clone()
         block[:, _hot(k)] = 1
         per_op.append(_classes(lambda x, v=block: (by_head(x) @ v).transpose(0, 1),
-                               _cancelling(top * grp, k, _hot(k), dtype, gen), counts, grp))
+                               _cancelling(top * grp, k, _hot(k), dtype, gen, dev), counts, grp))
     attn = _pick(per_op)
-    batched = attn is not None and _batches_alike(dtype, heads, kv, d, attn, gen)
+    batched = attn is not None and _batches_alike(dtype, heads, kv, d, attn, gen, dev)
     if attn is None or any(c is None for c in linear.values()):
         log.warning("exact decoding: this machine's %s matrix kernels round rows differently at every "
                     "row count probed; speculative output may differ from plain decoding", dtype)
         every = tuple(counts)   # (rows may differ anyway: calls as they come, PROBE_ROWS at most)
         return ExactRows(False, {shape: every for shape in linear}, every)
     products = {shape: c for shape, c in linear.items() if c is not None}
-    log.info("exact decoding (%s, %d threads): each product's calls on %s, attention groups on %s rows, "
-             "%s (probed in %.2f s)", str(dtype).removeprefix("torch."), torch.get_num_threads(),
+    log.info("exact decoding (%s, %s): each product's calls on %s, attention groups on %s rows, "
+             "%s (probed in %.2f s)", str(dtype).removeprefix("torch."),
+             f"{torch.get_num_threads()} threads" if dev.type == "cpu" else str(dev),
              "; ".join(_spans(c) for c in products.values()) + " rows" if products else "any number of rows (codes)",
              _spans(attn),
              "sequences batched" if batched else "one group of rows a call (batched calls round differently here)",
@@ -462,28 +472,28 @@ def _spans(counts: tuple[int, ...]) -> str:
 
 
 def _batches_alike(dtype: torch.dtype, heads: int, kv: int, d: int, counts: tuple[int, ...],
-                   gen: torch.Generator) -> bool:
+                   gen: torch.Generator, device: torch.device = HOST) -> bool:
     """Whether `attend` gives every row the same bits in one bucket of many groups (other slots,
     splits, row counts: padded in rows and committed keys) as in a bucket of its group alone."""
     late = VBLOCK + 2 * CHUNK + 7    # a decode row whose committed keys take two value blocks
     n_pos = _up(late + WINDOW, VBLOCK)
-    k_pool = torch.randn(4, kv, n_pos, d, generator=gen).to(dtype)
-    v_pool = torch.randn(4, kv, n_pos, d, generator=gen).to(dtype)
+    k_pool = torch.randn(4, kv, n_pos, d, generator=gen, device=HOST).to(dtype).to(device)
+    v_pool = torch.randn(4, kv, n_pos, d, generator=gen, device=HOST).to(dtype).to(device)
     k_pool[..., _hot(d)] = 2.0 ** 8      # large products: an ordering change shows in most rows
     # a decode row early and late, a tree of five rows, a 40-row chain (a prefill chunk: three splits)
     tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 0, 0, 1]],
-                        dtype=torch.bool)
-    seqs = [(torch.tensor([20]), 20, None), (torch.tensor([late]), late, None),
-            (torch.tensor([0, 1, 1, 2, 2]) + 2 * CHUNK + 3, 2 * CHUNK + 3,
-             torch.cat([torch.ones(5, 2 * CHUNK + 3, dtype=torch.bool), tree], 1)),
-            (torch.arange(CHUNK + 5, 2 * CHUNK + 45), CHUNK + 5, None)]
+                        dtype=torch.bool, device=HOST)
+    seqs = [(torch.tensor([20], device=HOST), 20, None), (torch.tensor([late], device=HOST), late, None),
+            (torch.tensor([0, 1, 1, 2, 2], device=HOST) + 2 * CHUNK + 3, 2 * CHUNK + 3,
+             torch.cat([torch.ones(5, 2 * CHUNK + 3, dtype=torch.bool, device=HOST), tree], 1)),
+            (torch.arange(CHUNK + 5, 2 * CHUNK + 45, device=HOST), CHUNK + 5, None)]
     plans = [plan(pos, start, mask) for pos, start, mask in seqs]
     sizes = [pos.numel() for pos, _, _ in seqs]
     offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-    q = torch.randn(sum(sizes), heads, d, generator=gen).to(dtype)
+    q = torch.randn(sum(sizes), heads, d, generator=gen, device=HOST).to(dtype).to(device)
     slots = list(range(len(seqs)))
-    alone = attend(buckets(slots, offsets, plans, sizes, (kv, n_pos), dtype, counts, batched=False),
+    alone = attend(buckets(slots, offsets, plans, sizes, (kv, n_pos), dtype, counts, batched=False, device=device),
                    k_pool, v_pool, q, d ** -0.5)
-    together = attend([_bucket(_units(slots, offsets, plans, sizes, max(counts)), (kv, n_pos), dtype, counts)],
+    together = attend([_bucket(_units(slots, offsets, plans, sizes, max(counts)), (kv, n_pos), dtype, counts, device)],
                       k_pool, v_pool, q, d ** -0.5)
     return torch.equal(alone, together)

@@ -12,7 +12,8 @@ sequence's context (attention.py) reads finite values, never the garbage (possib
 weight does not cancel) of reused heap memory. Pages are committed when first written, so a long
 max_len costs only what sequences fill; or all at once (`commit`), as a target worker does: its pool is
 its memory budget, and a worker that cannot hold it fails at start, not under load, and then keeps a
-flat footprint (slots x max_len, reported at start-up)."""
+flat footprint (slots x max_len, reported at start-up). On a GPU the pool is one zeroed allocation of the
+device's memory (all of it committed: a GPU has no lazily committed pages)."""
 from __future__ import annotations
 
 import math
@@ -21,16 +22,22 @@ import threading
 
 import torch
 
+HOST = torch.device("cpu")   # where a forward's bookkeeping (positions, masks, layouts) is built, whatever the device
+
 
 class KVPool:
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 align: int = 1, commit: bool = False):
+                 align: int = 1, commit: bool = False, device: torch.device | str = HOST):
         if slots < 1 or max_len < 1:
             raise ValueError(f"a KV pool needs at least one slot and one position, got {slots} x {max_len}")
         # align: exact attention reads committed keys in whole blocks (exact.VBLOCK), up to past max_len
         shape = (layers, slots, kv_heads, -(-max_len // align) * align, head_dim)
-        self.k, self.v = _zero_pages(shape, dtype), _zero_pages(shape, dtype)
-        if commit:   # write every page now (zeros: what they read as anyway)
+        device = torch.device(device)
+        if device.type != "cpu":
+            self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
+        else:
+            self.k, self.v = _zero_pages(shape, dtype), _zero_pages(shape, dtype)
+        if commit and device.type == "cpu":   # write every page now (zeros: what they read as anyway)
             self.k.zero_()
             self.v.zero_()
         self.slots, self.max_len = slots, max_len
@@ -67,7 +74,7 @@ def _zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor on fresh anonymous pages (the tensor keeps the mapping alive)."""
     count = math.prod(shape)
     mem = mmap.mmap(-1, max(1, count * dtype.itemsize))
-    return torch.frombuffer(mem, dtype=dtype, count=count).view(shape)
+    return torch.frombuffer(mem, dtype=dtype, count=count).view(shape)   # (frombuffer: always on the host)
 
 
 class KVCache:
@@ -88,5 +95,6 @@ class KVCache:
         """Copy the slots `src` (ascending, src[i] >= dst_start + i) to dst_start.. : keeps an accepted
         branch and drops its rejected siblings without touching the rest of the cache."""
         n = src.numel()
+        src = src.to(self.k.device, non_blocking=True)
         self.k[:, :, dst_start:dst_start + n] = self.k[:, :, src]
         self.v[:, :, dst_start:dst_start + n] = self.v[:, :, src]

@@ -21,7 +21,7 @@ from . import attention
 from . import exact as _exact
 from . import family as _family
 from . import products as _products
-from .kvcache import KVCache, KVPool
+from .kvcache import HOST, KVCache, KVPool
 from .products import OutIn, Weight
 from .quant import Int4Weight, Int8Weight
 
@@ -143,8 +143,13 @@ class Llama(nn.Module):
         self.exact_prefill = _exact.prefill_on()  # prompts' rows exact too (where exact): see exact.prefill_on
         self._hf_layers = m.layers               # dense weights, for `dense` once quantised
         self.exact = self.exact_by_default
-        if tune and not self.exact:
+        if tune and not self.exact and self.device.type == "cpu":   # (layouts timed for CPU BLAS)
             self.tune()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights, the KV cache and every forward's work live (loader.resolve_device)."""
+        return self.embed.device
 
     def tap(self, layers: tuple[int, ...]) -> None:
         """Return the residual streams after `layers` too, from the next forward on: each row of
@@ -156,10 +161,12 @@ class Llama(nn.Module):
         self.taps = tuple(sorted(set(self.taps) | set(layers)))
 
     def _rope_table(self, theta: float, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
-        freqs = torch.arange(self.max_len).float()[:, None] * (inv_freq / factor)[None, :]
+        # on the CPU, then moved: the same table bits on every device
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=HOST).float()
+                                    / self.head_dim))
+        freqs = torch.arange(self.max_len, device=HOST).float()[:, None] * (inv_freq / factor)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return emb.cos().to(self.dtype).to(self.device), emb.sin().to(self.dtype).to(self.device)
 
     def tune(self) -> None:
         """Each product in the layouts its non-exact forwards run fastest with here (products.py): where
@@ -294,7 +301,7 @@ class Llama(nn.Module):
         """K/V for `slots` sequences of up to max_len tokens (the model's context at most); `commit`: all
         its memory now (kvcache.py)."""
         return KVPool(self.n_layers, slots, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim,
-                      self.dtype, align=_exact.VBLOCK, commit=commit)
+                      self.dtype, align=_exact.VBLOCK, commit=commit, device=self.device)
 
     @property
     def prefixes_travel(self) -> bool:
@@ -336,18 +343,20 @@ class Llama(nn.Module):
         whatever shares the pass."""
         sizes = [it.ids.numel() for it in items]
         fam = self.family
+        dev = self.device
         if embeds is None:
-            x = F.embedding(torch.cat([it.ids for it in items]), self.embed)
+            x = F.embedding(torch.cat([it.ids for it in items]).to(dev, non_blocking=True), self.embed)
             if fam.embed_scale is not None:   # as Gemma: the scale cast to the model dtype, then multiplied
-                x = x * torch.tensor(fam.embed_scale, dtype=x.dtype)
+                x = x * torch.tensor(fam.embed_scale, dtype=x.dtype, device=dev)
         else:
             x = embeds
-        pos = torch.cat([it.positions for it in items])
+        pos = torch.cat([it.positions for it in items])   # (on the host: the layouts are built there)
+        pos_d = pos.to(dev, non_blocking=True)
         if prefill:   # products as the model's exact setting has them; attention too, unless opted out
             exact, mm_exact = self.exact and self.exact_prefill, self.exact
         else:
             exact = mm_exact = self.exact if exact is None else exact
-        rope = {kind: (cos[pos][:, None], sin[pos][:, None]) for kind, (cos, sin) in self.rope.items()}   # [N, 1, d]
+        rope = {kind: (cos[pos_d][:, None], sin[pos_d][:, None]) for kind, (cos, sin) in self.rope.items()}  # [N, 1, d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         # where each row reads its keys, per kind of layer: once per forward, not per layer (a sliding
         # layer's own only where some row sees past its window)
@@ -399,7 +408,8 @@ class Llama(nn.Module):
             by_pool.setdefault(id(it.cache.pool), []).append(j)
         groups = []
         for js in by_pool.values():
-            rows = None if len(by_pool) == 1 else torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in js])
+            rows = None if len(by_pool) == 1 else torch.cat(
+                [torch.arange(offsets[j], offsets[j + 1], device=self.device) for j in js])
             lay = attention.layout(items[js[0]].cache.pool, [items[j].cache.slot for j in js],
                                    [items[j].start for j in js], [sizes[j] for j in js],
                                    [items[j].mask for j in js], buckets=not exact,
@@ -411,7 +421,7 @@ class Llama(nn.Module):
                 pool = items[js[0]].cache.pool
                 lay.exact = _exact.buckets([items[j].cache.slot for j in js], firsts, [plans[j] for j in js],
                                            [sizes[j] for j in js], (self.n_kv, pool.k.shape[3]), self.dtype,
-                                           rs.attn, rs.batched)
+                                           rs.attn, rs.batched, self.device)
             groups.append((rows, lay))
         return groups
 

@@ -32,6 +32,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 # opt-in weight formats: name -> the dtype the model computes in (quant.py)
 _QUANTIZED = {"int8": "float32", "int4": "float32"}
 NATIVE_BF16_ENV = "DRAFTHORSE_NATIVE_BF16"   # "0": behave as if the CPU had no bfloat16 (tests), "1": as if it had
+DEVICE_ENV = "DRAFTHORSE_DEVICE"
 
 
 @dataclass
@@ -49,6 +50,10 @@ class LoadedModel:
     @property
     def dtype(self) -> str:
         return self.model.quantized or str(self.model.dtype).removeprefix("torch.")
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
 
 
 def smollm2_path() -> Path:
@@ -129,6 +134,26 @@ def native_bf16(device: str = "cpu", env: bool = True) -> bool:
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())
 
 
+def resolve_device(name: str | None = None) -> str:
+    """'auto' (or None: DRAFTHORSE_DEVICE, else auto) -> 'cuda' where torch sees a GPU, else 'cpu'; 'cpu',
+    'cuda' and 'cuda:N' are checked: ValueError, saying what is visible, for a GPU torch does not see."""
+    name = (name or os.environ.get(DEVICE_ENV, "") or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not seen:
+        raise ValueError(f"device {name!r}: no CUDA device is visible to torch {torch.__version__} "
+                         f"(CUDA build: {torch.version.cuda or 'no'}); use --device cpu or auto")
+    if m.group(1) is not None and int(m.group(1)) >= seen:
+        raise ValueError(f"device {name!r}: torch sees {seen} CUDA device(s), cuda:0 .. cuda:{seen - 1}")
+    return name
+
+
 def resolve_dtype(name: str | None, device: str = "cpu", native: bool | None = None) -> str:
     """'auto' (or None) -> 'bfloat16' where `device` has native bfloat16, else 'float32'; any other
     name is checked and returned (int8 and int4 are never chosen by auto: they change the model's outputs).
@@ -138,22 +163,28 @@ def resolve_dtype(name: str | None, device: str = "cpu", native: bool | None = N
         native = native_bf16(device) if native is None else native
         return "bfloat16" if native else "float32"
     dtype_of(name)
+    if name in _QUANTIZED and device != "cpu":
+        raise ValueError(f"dtype {name}: its products run on CPU kernels only; on {device} use auto "
+                         "(bfloat16), bfloat16, float16 or float32")
     return name
 
 
-def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192) -> LoadedModel:
+def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192, device: str | None = None,
+         ) -> LoadedModel:
     """spec: 'smollm2', a .gguf file, an HF directory, or 'tiny:SEED' (a tiny random Llama in float64
     with SmolLM2's tokenizer, whatever dtype says but int8 / int4: what cluster tests serve, fast and exactly
     reproducible). dtype: 'auto' (bfloat16 where the CPU has it natively, else float32), a name, or
     'int8' / 'int4' (weight-only codes over float32, quant.py; int4 runs a GGUF's 4-bit blocks as
-    stored, gguf_blocks.py). The weights are cast once here; a GGUF's converted weights are cached
-    (gguf_cache.py)."""
+    stored, gguf_blocks.py; CPU only). device: 'auto' (None: DRAFTHORSE_DEVICE, else auto), 'cpu',
+    'cuda[:N]' (resolve_device). The weights are cast once here, then moved to the device; a GGUF's
+    converted weights are cached (gguf_cache.py)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
-    asked, dtype = dtype, resolve_dtype(dtype)
+    device = resolve_device(device)
+    asked, dtype = dtype, resolve_dtype(dtype, device)
     if spec.startswith("tiny:"):
         tok = tokenizer_of(spec)
         lm = tiny_llama(int(spec[5:]), vocab_size=len(tok), max_len=max_len, eos_token_id=tok.eos_token_id,
-                        dtype=torch.float32 if dtype in _QUANTIZED else torch.float64)
+                        dtype=torch.float32 if dtype in _QUANTIZED else torch.float64, device=device)
         lm.tokenizer, lm.name = tok, spec
         _quantize(lm, dtype)
         return lm
@@ -173,6 +204,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
         hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(dense), **kw).eval()
         if gguf and sha:
             gguf_cache.store(sha, dense, hf, tok)
+    hf = hf.to(device)
     lm = wrap(hf, tok, name=spec if spec in (DEFAULT_MODEL, GEMMA3) else str(Path(spec).resolve()), max_len=max_len,
               tune=dtype not in _QUANTIZED)
     _quantize(lm, dtype, Path(directory) / gguf if gguf else None, sha if gguf else None)
@@ -181,9 +213,10 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32", max_len: int = 8192)
     if lm.model.exact and not lm.model.exact_rows.ok and (asked or "auto").strip().lower() == "auto":
         log.warning("%s: this machine's %s kernels defeat exact decoding; auto takes float32 instead",
                     spec, dtype)
-        return load(spec, "float32", max_len)
-    log.info("loaded %s as %s%s from the %s in %.1f s%s", spec, dtype, f" (asked: {asked})" if asked != dtype else "",
-             source, time.perf_counter() - t0, "; exact decode/verify rows" if lm.model.exact else "")
+        return load(spec, "float32", max_len, device)
+    log.info("loaded %s as %s%s on %s from the %s in %.1f s%s", spec, dtype,
+             f" (asked: {asked})" if asked != dtype else "", device, source, time.perf_counter() - t0,
+             "; exact decode/verify rows" if lm.model.exact else "")
     return lm
 
 
@@ -245,7 +278,8 @@ def wrap(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
                heads: int = 4, kv_heads: int = 2, dtype: torch.dtype = torch.float64,
-               max_len: int = 512, eos_token_id: int | None = None, family: str = "llama", **config) -> LoadedModel:
+               max_len: int = 512, eos_token_id: int | None = None, family: str = "llama", device: str = "cpu",
+               **config) -> LoadedModel:
     """A randomly initialised model of `family` (family.py) from a config (`config`: more of its fields):
     fast, deterministic per seed, no download. Biases and norm weights are random too (their inits are
     zeros or ones), so a forward that dropped one would show."""
@@ -264,6 +298,7 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, laye
                 if name.endswith("bias") or "norm" in name:
                     p.copy_(torch.randn_like(p) * 0.1 + (0.0 if family == "gemma3_text" or name.endswith("bias")
                                                           else 1.0))
+    hf = hf.to(device)   # (made on the CPU: the same weights per seed on any device)
     return wrap(hf, None, name=f"tiny-{family}-{seed}", max_len=max_len)
 
 

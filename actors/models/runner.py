@@ -18,7 +18,7 @@ import torch
 from drafthorse.actors.spec.tree import ROOT, ancestor_mask
 
 from .combiner import Combiner
-from .kvcache import KVCache
+from .kvcache import HOST, KVCache
 from .llama import BatchItem, Llama
 
 
@@ -72,7 +72,7 @@ class ModelRunner:
         self._scratch_tokens: list[int] = []
         self._parents: list[int] = []    # scratch node -> scratch parent or ROOT (= the prefix end)
         self._depths: list[int] = []
-        self._anc = torch.zeros(0, 0, dtype=torch.bool)
+        self._anc = torch.zeros(0, 0, dtype=torch.bool, device=HOST)
 
     @property
     def scratch_size(self) -> int:
@@ -99,8 +99,8 @@ class ModelRunner:
         if self.length + len(tokens) > self.max_len:
             raise ContextFull(f"{self.length + len(tokens)} tokens exceed the context of {self.max_len}")
         self._clear_scratch()
-        pos = torch.arange(self.length, self.length + len(tokens))
-        return BatchItem(torch.tensor(tokens, dtype=torch.long), pos, self.cache, self.length, None)
+        pos = torch.arange(self.length, self.length + len(tokens), device=HOST)
+        return BatchItem(torch.tensor(tokens, dtype=torch.long, device=HOST), pos, self.cache, self.length, None)
 
     def _keep_chain(self, tokens: list[int]) -> None:
         self.length += len(tokens)
@@ -143,13 +143,13 @@ class ModelRunner:
         self._parents, self._depths, self._anc = all_parents, depths, anc
         self._scratch_tokens += tokens
         start = self.length + base
-        pos = torch.tensor(depths[base:], dtype=torch.long) + self.length
+        pos = torch.tensor(depths[base:], dtype=torch.long, device=HOST) + self.length
         if all(p == i - 1 for i, p in enumerate(all_parents)):
             mask = None  # a chain: plain causal attention
         else:
-            mask = torch.ones(n, start + n, dtype=torch.bool)
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=HOST)
             mask[:, self.length:] = anc[base:]
-        return BatchItem(torch.tensor(tokens, dtype=torch.long), pos, self.cache, start, mask)
+        return BatchItem(torch.tensor(tokens, dtype=torch.long, device=HOST), pos, self.cache, start, mask)
 
     def commit(self, path: list[int]) -> None:
         """Keep scratch nodes `path` (a chain from a depth-0 node down) after the prefix."""
@@ -158,7 +158,7 @@ class ModelRunner:
                 if not 0 <= node < len(self._parents) or self._parents[node] != prev:
                     raise ValueError(f"commit path {path} is not a chain of scratch nodes from the root")
             if path != list(range(len(path))):
-                self.cache.move(torch.tensor(path) + self.length, self.length)
+                self.cache.move(torch.tensor(path, device=HOST) + self.length, self.length)
             self.length += len(path)
             self.tokens += [self._scratch_tokens[i] for i in path]
         self._clear_scratch()
@@ -200,7 +200,8 @@ def pass_cost(model: Llama, context: int = 64, rows: int = 9, reps: int = 3) -> 
         t = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            runner.score([i % model.vocab_size for i in range(n)], [ROOT] + list(range(n - 1)))
+            logits, _ = runner.score([i % model.vocab_size for i in range(n)], [ROOT] + list(range(n - 1)))
+            logits.argmax(-1).tolist()   # (a device's work is done once its result is read)
             t = min(t, time.perf_counter() - t0)
             runner.discard()
         return t

@@ -86,7 +86,7 @@ class GrammarState:
         t = time.perf_counter()
         llguidance.torch.fill_next_token_bitmask(self.m, self._bits, 0)
         bits = self._bits[0]
-        shifts = torch.arange(32, dtype=torch.int32)
+        shifts = torch.arange(32, dtype=torch.int32, device="cpu")   # (the matcher's bitmask is on the host)
         allowed = ((bits[:, None] >> shifts) & 1).bool().flatten()[:self.vocab_size]
         self.seconds += time.perf_counter() - t
         return allowed

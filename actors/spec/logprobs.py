@@ -23,7 +23,7 @@ class TokenLogprob:
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
     """Row i of logits [n, V] chose tokens[i]."""
     lp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    chosen = lp[torch.arange(len(tokens), device=lp.device), torch.tensor(tokens, device=lp.device)].tolist()
     if not top:
         return [TokenLogprob(t, c) for t, c in zip(tokens, chosen)]
     values, ids = lp.topk(top, dim=-1)

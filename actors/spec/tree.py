@@ -54,7 +54,7 @@ class DraftTree:
         bad = ((q.sum(-1, dtype=torch.float64) - 1).abs() > tolerance).nonzero()
         if len(bad):
             raise ValueError(f"tree node {int(bad[0])}: its distribution sums to {float(q[bad[0]].sum()):.6g}, not 1")
-        own = q[torch.arange(len(q)), torch.tensor(self.tokens)]
+        own = q[torch.arange(len(q), device=q.device), torch.tensor(self.tokens, device=q.device)]
         if bool((own <= 0).any()):
             i = int((own <= 0).nonzero()[0])
             raise ValueError(f"tree node {i}: token {self.tokens[i]} has probability 0 in its own distribution")
@@ -78,7 +78,7 @@ def ancestor_mask(parents: list[int]) -> torch.Tensor:
     """[n, n] bool: mask[i, j] is True when node j is node i or one of its ancestors (parents[i] < i,
     ROOT for none). Row i is its parent's row plus itself: tree attention."""
     n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask = torch.zeros(n, n, dtype=torch.bool, device="cpu")   # (a forward's bookkeeping: on the host)
     for i, p in enumerate(parents):
         if p != ROOT:
             mask[i, :p + 1] = mask[p, :p + 1]

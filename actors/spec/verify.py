@@ -29,11 +29,14 @@ from .tree import DraftTree
 
 
 def verify_greedy(tree: DraftTree, target_logits: torch.Tensor,
-                  at: Callable[[int], torch.Tensor] | None = None) -> tuple[list[int], int]:
-    """target_logits: [1 + n, V], row 0 at the root, row i + 1 at draft node i."""
+                  at: Callable[[int], torch.Tensor] | None = None, choice: list[int] | None = None,
+                  ) -> tuple[list[int], int]:
+    """target_logits: [1 + n, V], row 0 at the root, row i + 1 at draft node i; choice: their argmaxes,
+    read already (a batch reads all of a step's at once)."""
     children = tree.children()
     # one device->host transfer for the whole tree, unless rows must be read one by one
-    choice = target_logits.argmax(dim=-1).tolist() if at is None else None
+    if choice is None and at is None:
+        choice = target_logits.argmax(dim=-1).tolist()
     path: list[int] = []
     row = 0
     while True:
@@ -70,7 +73,7 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor | Callable[[int]
             q = None if tree.probs is None else tree.probs[c]
             qx = 1.0 if q is None else float(q[x])
             # accept x with probability min(1, p(x) / q(x))
-            if float(torch.rand((), generator=generator)) * qx < float(p[x]):
+            if float(torch.rand((), generator=generator, device=generator.device)) * qx < float(p[x]):
                 path.append(c)
                 row = c + 1
                 break

@@ -55,7 +55,7 @@ class Corpus:
 
     def answers(self) -> torch.Tensor:
         """[N] bool: the positions whose next token is an answer token (the last prompt token's on)."""
-        out = torch.zeros(len(self.tokens), dtype=torch.bool)
+        out = torch.zeros(len(self.tokens), dtype=torch.bool, device="cpu")
         for s, plen in enumerate(self.prompt_lens.tolist()):
             out[int(self.offsets[s]) + plen - 1:int(self.offsets[s + 1])] = True
         return out
@@ -76,7 +76,7 @@ class Corpus:
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
         """Sequence indices for training and validation (validation: whole sequences, never mixed)."""
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
         n_val = max(1, int(len(order) * val_fraction)) if len(order) > 1 else 0
         return order[n_val:], order[:n_val]
 
@@ -111,7 +111,7 @@ def teacher_pass(lm: LoadedModel, seqs: list[list[int]], mid_layer: int, taps: t
         for r, i in enumerate(idx):   # right padding: positions start at 0 in every row
             ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
             mask[r, :len(seqs[i])] = 1
-        out = lm.hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        out = lm.hf(input_ids=ids.to(lm.hf.device), attention_mask=mask.to(lm.hf.device), output_hidden_states=True)
         hs = out.hidden_states   # [0]: the embeddings, [j]: after layer j - 1, [-1]: the final (normed) one
         lab = out.logits.argmax(-1)
         for r, i in enumerate(idx):

@@ -40,6 +40,7 @@ from drafthorse.actors.drafters.heads import (
     fingerprint,
     head_config,
 )
+from drafthorse.actors.models.kvcache import HOST
 from drafthorse.actors.models.llama import Llama
 from drafthorse.actors.training.selfdistill import Corpus
 
@@ -98,7 +99,9 @@ def _windows(corpus: Corpus, seqs: list[int]) -> list[tuple[int, int]]:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, target: Llama, target_name: str, corpus: Corpus, eos_ids: set[int]):
+        """Trains on the target's device: the corpus stays on the host, each batch goes to the device."""
         self.cfg, self.target, self.corpus = cfg, target, corpus
+        self.dev = target.device
         self.train_seqs, self.val_seqs = corpus.split(cfg.val_fraction, cfg.seed)
         if cfg.train_tokens is not None:   # the split's own random order: a smaller subset is a prefix of a larger
             answers = (corpus.offsets[1:] - corpus.offsets[:-1] - corpus.prompt_lens).tolist()
@@ -113,8 +116,8 @@ class Trainer:
                 n += answers[s]
             self.train_seqs = keep
         self.d2t = draft_vocab(corpus, self.train_seqs, cfg.draft_vocab, eos_ids)
-        self.t2d = torch.full((target.vocab_size,), -100, dtype=torch.long)
-        self.t2d[self.d2t] = torch.arange(len(self.d2t))
+        self.t2d = torch.full((target.vocab_size,), -100, dtype=torch.long, device=HOST)
+        self.t2d[self.d2t] = torch.arange(len(self.d2t), device=HOST)
         # frozen target parts, float32 for training
         self.lm_d = target.lm_head[self.d2t].float()          # [N, H]
         self.embed = target.embed
@@ -123,26 +126,32 @@ class Trainer:
         self.answer = corpus.answers()   # validation scores every kind on answer positions alone
         self.prompt_loss = PROMPT_LOSS.get(cfg.kind, True) if cfg.prompt_loss is None else cfg.prompt_loss
         torch.manual_seed(cfg.seed)
-        self.module: EagleHead | MedusaHeads | ExitAdapter
+        with torch.device(HOST):   # built on the host and then moved: the same initial weights on any device
+            self.module = self._new_module(cfg, target, corpus)
+        self.module.to(self.dev)
+        covered = float((self.t2d[corpus.labels(self.val_seqs)] >= 0).float().mean()) if self.val_seqs else 1.0
+        self.info: dict[str, object] = dict(draft_vocab=len(self.d2t), val_label_coverage=round(covered, 4))
+
+    def _new_module(self, cfg: TrainConfig, target: Llama, corpus: Corpus) -> EagleHead | MedusaHeads | ExitAdapter:
+        module: EagleHead | MedusaHeads | ExitAdapter
         if cfg.kind == "eagle":
-            self.module = EagleHead(head_config("eagle", target))
+            module = EagleHead(head_config("eagle", target))
         elif cfg.kind == "eagle3":
             taps = list(eagle3_layers(target.n_layers))
             if corpus.taps is None or corpus.meta.get("taps") != taps:
                 raise ValueError(f"an eagle3 head reads the target's layers {taps}: the corpus has "
                                  f"{corpus.meta.get('taps') or 'none'} (build it with taps={taps})")
-            self.module = EagleHead(head_config("eagle3", target, taps=taps, draft_vocab=len(self.d2t)))
-            assert self.module.lm_head is not None
+            module = EagleHead(head_config("eagle3", target, taps=taps, draft_vocab=len(self.d2t)))
+            assert module.lm_head is not None
             with torch.no_grad():
-                self.module.lm_head.copy_(self.lm_d)   # starts as the target's rows
+                module.lm_head.copy_(self.lm_d)   # starts as the target's rows
         elif cfg.kind == "medusa":
-            self.module = MedusaHeads(head_config("medusa", target, heads=cfg.medusa_heads))
+            module = MedusaHeads(head_config("medusa", target, heads=cfg.medusa_heads))
         elif cfg.kind == "layerskip":
-            self.module = ExitAdapter(head_config("layerskip", target, exit_layer=int(corpus.meta["mid_layer"])))
+            module = ExitAdapter(head_config("layerskip", target, exit_layer=int(corpus.meta["mid_layer"])))
         else:
             raise ValueError(f"unknown head kind {cfg.kind!r}: choose eagle, medusa or layerskip")
-        covered = float((self.t2d[corpus.labels(self.val_seqs)] >= 0).float().mean()) if self.val_seqs else 1.0
-        self.info: dict[str, object] = dict(draft_vocab=len(self.d2t), val_label_coverage=round(covered, 4))
+        return module
 
     # ------------------------------------------------------------------ losses
 
@@ -152,14 +161,16 @@ class Trainer:
         tapped streams), the target's final hidden state at t_i, its greedy next token as a draft index
         (-100: none), whether the position is real, and its corpus index."""
         c = self.corpus
-        at = torch.full((len(ranges), max(b - a for a, b in ranges) - 1), -1, dtype=torch.long)
+        at = torch.full((len(ranges), max(b - a for a, b in ranges) - 1), -1, dtype=torch.long, device=HOST)
         for r, (a, b) in enumerate(ranges):
-            at[r, :b - a - 1] = torch.arange(a + 1, b)
+            at[r, :b - a - 1] = torch.arange(a + 1, b, device=HOST)
         real = at >= 0
         i = at.clamp_min(1)
-        zeroed = lambda t: t.float() * real[..., None]
-        return (zeroed(self.embed[c.tokens[i]]), zeroed(prev[i - 1]), zeroed(c.feat[i]),
-                torch.where(real, _to_draft(c.label[i], self.t2d), -100), real, i)
+        dev = self.dev
+        real_d = real.to(dev)
+        zeroed = lambda t: t.to(dev).float() * real_d[..., None]
+        return (zeroed(self.embed[c.tokens[i].to(dev)]), zeroed(prev[i - 1]), zeroed(c.feat[i]),
+                torch.where(real, _to_draft(c.label[i], self.t2d), -100).to(dev), real_d, i)
 
     def _eagle_batch(self, ranges: list[tuple[int, int]], noise: bool):
         emb, inp, tgt, lab, real, idx = self._pairs(ranges, self.corpus.feat)
@@ -169,8 +180,9 @@ class Trainer:
 
     def _eagle_loss(self, ranges, train: bool):
         emb, inp, tgt, lab, mask, idx = self._eagle_batch(ranges, noise=train)
-        m = mask.bool() & (self.answer[idx] | self.prompt_loss)   # the positions learnt from
-        scored = self.answer[idx][m]   # of those, the answers'
+        ans = self.answer[idx].to(self.dev)
+        m = mask.bool() & (ans | self.prompt_loss)   # the positions learnt from
+        scored = ans[m]   # of those, the answers'
         pred1 = self.module(emb, inp, mask)
         # unrolled pass: each position gets the head's own prediction for the previous one
         inp2 = torch.cat([inp[:, :1], pred1[:, :-1]], dim=1)
@@ -191,15 +203,16 @@ class Trainer:
         c, m = self.corpus, self.module
         assert isinstance(m, EagleHead) and m.fuse is not None and m.lm_head is not None and c.taps is not None
         emb, taps, tfeat, lab, real, idx = self._pairs(ranges, c.taps)
-        scored = real & self.answer[idx]
-        learn = real & (self.answer[idx] | self.prompt_loss)
+        ans = self.answer[idx].to(self.dev)
+        scored = real & ans
+        learn = real & (ans | self.prompt_loss)
         B, T, H = emb.shape
         with torch.no_grad():   # the target's next-token distribution, on the draft vocabulary
             want = torch.softmax(tfeat @ self.lm_d.t(), dim=-1)
         layer: Any = m.trunk.layers[0]   # (an HF LlamaDecoderLayer; nn.Module indexing types it loosely)
         cfg, attn = m.cfg, layer.self_attn
         nh, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-        cos, sin = _rope(T, d, cfg["rope_theta"])
+        cos, sin = (t.to(self.dev) for t in _rope(T, d, cfg["rope_theta"]))
         feats = m.fused(taps)
         keys: list[tuple[torch.Tensor, torch.Tensor]] = []
         steps = []
@@ -214,7 +227,7 @@ class Trainer:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             out = m.trunk.norm(x)
             steps.append(out @ m.lm_head.t())
-            feats = torch.cat([torch.zeros(B, 1, H), out[:, :-1]], dim=1)   # position i drafts on from i - 1
+            feats = torch.cat([out.new_zeros(B, 1, H), out[:, :-1]], dim=1)   # position i drafts on from i - 1
         return steps, want, learn, scored, lab
 
     def _eagle3_loss(self, ranges, train: bool):
@@ -235,12 +248,12 @@ class Trainer:
         for a, b in ranges:
             feats.append(c.feat[a:b].float())
             scored.append(self.answer[a:b])
-            lab = torch.full((b - a, K), -1, dtype=torch.long)   # -1: past the sequence's end
+            lab = torch.full((b - a, K), -1, dtype=torch.long, device=HOST)   # -1: past the sequence's end
             for k in range(1, K + 1):
                 if b - a > k:
                     lab[:b - a - k, k - 1] = _to_draft(c.label[a + k:b], self.t2d)
             labels.append(lab)
-        f, lab, ans = torch.cat(feats), torch.cat(labels), torch.cat(scored)
+        f, lab, ans = (torch.cat(t).to(self.dev) for t in (feats, labels, scored))
         out = self.module(f) @ self.lm_d.t()          # [n, K, N]
         ce_lab = torch.where((lab == -1) | ~(ans | self.prompt_loss)[:, None], -100, lab)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), ce_lab.reshape(-1), ignore_index=-100)
@@ -248,13 +261,13 @@ class Trainer:
 
     def _layerskip_loss(self, ranges, train: bool):
         c = self.corpus
-        idx = torch.cat([torch.arange(a, b) for a, b in ranges])
-        h = self.module(c.mid[idx].float())
+        idx = torch.cat([torch.arange(a, b, device=HOST) for a, b in ranges])
+        h = self.module(c.mid[idx].to(self.dev).float())
         h = h.float()
         h = self.norm * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.target.eps))
         logits = h @ self.lm_d.t()
-        lab = _to_draft(c.label[idx], self.t2d)
-        ans = self.answer[idx]
+        lab = _to_draft(c.label[idx], self.t2d).to(self.dev)
+        ans = self.answer[idx].to(self.dev)
         learn = ans | self.prompt_loss
         return F.cross_entropy(logits[learn], lab[learn], ignore_index=-100), [_top1(logits[ans], lab[ans])]
 
@@ -268,7 +281,7 @@ class Trainer:
         ranges = _windows(self.corpus, seqs)
         if not self.prompt_loss:   # windows of prompt alone would add no loss
             ranges = [(a, b) for a, b in ranges if bool(self.answer[a + 1:b].any())]
-        order = torch.randperm(len(ranges), generator=gen).tolist() if shuffle else range(len(ranges))
+        order = torch.randperm(len(ranges), generator=gen, device=HOST).tolist() if shuffle else range(len(ranges))
         batch, tokens = [], 0
         for i in order:
             a, b = ranges[i]
@@ -342,8 +355,8 @@ class Trainer:
 
 def _rope(T: int, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, d] of positions 0..T-1 (relative positions are all attention sees)."""
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
-    f = torch.arange(T).float()[:, None] * inv[None]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=HOST).float() / d))
+    f = torch.arange(T, device=HOST).float()[:, None] * inv[None]
     emb = torch.cat([f, f], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -363,7 +376,7 @@ def _ttt_attention(q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor]
     T = q.shape[2]
     grp = q.shape[1] // keys[0][0].shape[1]
     wide = lambda t: t.repeat_interleave(grp, dim=1)
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=q.device)
     k0, v0 = wide(keys[0][0]), wide(keys[0][1])
     parts = [(q @ k0.transpose(-1, -2) * scale).masked_fill(~(pos[None] <= pos[:, None] - s), float("-inf"))]
     chain = []

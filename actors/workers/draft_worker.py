@@ -37,11 +37,11 @@ class DraftWorker(GrpcWorker[DraftService]):
     def __init__(self, s: WorkerSettings, membership: Membership, metrics: Metrics | None = None):
         torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
-        dlm = loader.load(s.draft_model, s.dtype, s.max_len) if s.draft_model else None
+        dlm = loader.load(s.draft_model, s.dtype, s.max_len, s.device) if s.draft_model else None
         vocab = dlm.vocab_size if dlm else loader.vocab_size_of(s.model)
         heads, hidden = {}, 0
         if s.eagle_head or s.drafter == "eagle":
-            tlm = loader.load(s.model, s.dtype, s.max_len)
+            tlm = loader.load(s.model, s.dtype, s.max_len, s.device)
             try:
                 heads["eagle"] = load_head("eagle", tlm, s.eagle_head, s.max_len)
             except (FileNotFoundError, ValueError) as e:

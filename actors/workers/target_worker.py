@@ -203,7 +203,7 @@ class TargetWorker(GrpcWorker[TargetService]):
         # loaded (and probed, at the thread count it serves with) on a thread that then ends: the
         # scheduler's thread is the only one left running torch work (in_passing_thread)
         def load() -> tuple[LoadedModel, dict]:
-            lm = loader.load(s.model, s.dtype, s.max_len)
+            lm = loader.load(s.model, s.dtype, s.max_len, s.device)
             return lm, load_local_heads(s, lm)
         lm, heads = in_passing_thread(load)
         service = TargetService(lm, membership.worker_id, s.sessions_per_target, s.max_len, s.token(),

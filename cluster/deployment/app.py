@@ -22,20 +22,32 @@ APP_NAME = "drafthorse"
 REDIS_KEEPER = "drafthorse-redis"
 
 
+def gpus(s: Settings) -> tuple[float, float]:
+    """GPUs a target and a draft replica ask Ray for: none on the CPU; on CUDA (device cuda, or auto where
+    the Ray cluster has GPUs) `target_gpus` and `draft_gpus` (a share: several drafts on one cheap GPU). Ray
+    then places each replica on a node with room and shows it only its own GPUs (CUDA_VISIBLE_DEVICES)."""
+    if s.device == "cpu" or (s.device == "auto" and not ray.cluster_resources().get("GPU")):
+        return 0.0, 0.0
+    return s.target_gpus, s.draft_gpus
+
+
 def build_app(s: Settings):
     worker_settings, gateway_settings = s.worker(), s.gateway()
+    target_gpus, draft_gpus = gpus(s)
     # health checked every 2 s: Serve replaces a replica after 3 failed checks, so a drained or wedged
     # worker is back within seconds
     # serve.deployment(**options)(cls): the decorator form, the one Ray's annotations describe
     target = serve.deployment(name="TargetWorker", num_replicas=s.num_targets,
-                              ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.target_resources},
+                              ray_actor_options={"num_cpus": s.worker_num_cpus, "num_gpus": target_gpus,
+                                                 "resources": s.target_resources},
                               health_check_period_s=2, health_check_timeout_s=30,
                               graceful_shutdown_timeout_s=s.grace_s + 5)(TargetReplica).bind(worker_settings)
     workers = [target]
     if s.num_drafts:
         workers.append(serve.deployment(
             name="DraftWorker", num_replicas=s.num_drafts,
-            ray_actor_options={"num_cpus": s.worker_num_cpus, "resources": s.draft_resources},
+            ray_actor_options={"num_cpus": s.worker_num_cpus, "num_gpus": draft_gpus,
+                               "resources": s.draft_resources},
             health_check_period_s=2, health_check_timeout_s=30,
             graceful_shutdown_timeout_s=s.grace_s + 5)(DraftReplica).bind(worker_settings))
     gateway = serve.deployment(name="Gateway", num_replicas=1,

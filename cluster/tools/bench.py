@@ -204,12 +204,13 @@ class _Runner:
         if method == "llama-cpp":
             return self._llama_cpp(prompt_ids, n)
         kw = {"prompt_lookup_num_tokens": PLD_TOKENS} if method == "hf-pld" else {}
-        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.lm.hf.device)
         mask = torch.ones_like(ids)
         t0 = time.perf_counter()
         with torch.inference_mode():
             # (ignore: transformers' PreTrainedModel declares no generate; a causal LM mixes it in)
             out = self.lm.hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)  # type: ignore[operator]
+            out = out.cpu()   # (a GPU's work is done once its result is on the host)
         dt = time.perf_counter() - t0
         tokens = _cut_after_eos(out[0, len(prompt_ids):].tolist(), self.lm.eos_ids)
         return tokens, dt, len(tokens), None
@@ -452,6 +453,7 @@ def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: 
         "draft_depth": draft_depth,
         "draft_branches": draft_branches,
         "dtype": lm.dtype,       # ours (int8: weight-only int8, quant.py)
+        "device": lm.device,
         "hf_dtype": str(next(lm.hf.parameters()).dtype).removeprefix("torch."),
         "draft_dtype": draft_lm.dtype if draft_lm is not None else None,
         "exact_rows": bool(lm.model.exact),    # decode and verify rows computed alike (models/exact.py)

@@ -123,7 +123,7 @@ def prefill(lm: LoadedModel, prompt: list[int], runs: int = 3) -> dict:
     engine = BatchEngine(set(), None)
     params = SamplingParams(max_new_tokens=1)
     kv = lm.model.new_pool(1, len(prompt) + 1)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=lm.hf.device)
     ours, hf, firsts = [], [], set()
     for _ in range(runs):
         runner = ModelRunner(lm.model, cache=kv.cache(0))
@@ -155,15 +155,15 @@ def _hf(lm: LoadedModel, batch: list[list[int]], n: int, method: str) -> tuple[f
     width = max(map(len, batch))
     pad = lm.hf.generation_config.pad_token_id
     pad = next(iter(lm.eos_ids)) if pad is None else pad
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], dtype=torch.long)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], dtype=torch.long, device=lm.hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], dtype=torch.long, device=lm.hf.device)
     clock = _StepClock()
     t0 = time.perf_counter()
     with torch.inference_mode():
         # (ignore: transformers' PreTrainedModel declares no generate; a causal LM mixes it in)
         out = lm.hf.generate(  # type: ignore[operator]
             ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad,
-            logits_processor=LogitsProcessorList([clock]))
+            logits_processor=LogitsProcessorList([clock])).cpu()   # (a GPU's work is done once it is read)
     seconds = time.perf_counter() - t0
     steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])] or [seconds]   # the first mark ends the prefill
     return seconds, steps, (out.shape[1] - width) * len(batch)
@@ -175,6 +175,7 @@ def environment(lm: LoadedModel, max_new_tokens: int, batch_sizes: list[int]) ->
         "model": lm.name,
         "dtype": lm.dtype,
         "hf_dtype": str(next(lm.hf.parameters()).dtype).removeprefix("torch."),
+        "device": lm.device,
         "exact_rows": bool(lm.model.exact),   # decode and verify rows computed alike (models/exact.py)
         "max_new_tokens": max_new_tokens,
         "batch_sizes": batch_sizes,

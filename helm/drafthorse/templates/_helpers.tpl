@@ -98,7 +98,7 @@ matchExpressions:
 {{/* Settings passed to the app builder (Serve config args): no secrets here */}}
 {{- define "drafthorse.serveArgs" -}}
 {{- $v := .Values }}
-{{- $args := dict "model" $v.model.target "drafter" $v.model.drafter "dtype" $v.model.dtype
+{{- $args := dict "model" $v.model.target "drafter" $v.model.drafter "dtype" $v.model.dtype "device" $v.model.device
     "host" "0.0.0.0" "gateway_port" (int $v.serve.gatewayPort) "metrics_port" (int $v.serve.metricsPort)
     "num_targets" (int $v.target.autoscaling.min_replicas)
     "num_drafts" (ternary (int $v.draft.autoscaling.min_replicas) 0 $v.draft.enabled) }}
