@@ -46,6 +46,16 @@ def test_auto_device_is_cuda_only_where_torch_sees_one(monkeypatch):
         loader.resolve_dtype("int4", "cuda")
 
 
+def test_replicas_ask_ray_for_gpus_only_on_cuda():
+    from drafthorse.cluster.deployment.app import gpus   # (imports Ray)
+    from drafthorse.runtime.settings import Settings
+    assert gpus(Settings(device="cpu")) == (0.0, 0.0)
+    assert gpus(Settings(device="cuda")) == (1.0, 0.25)
+    assert gpus(Settings(device="cuda:1", target_gpus=2, draft_gpus=0.5)) == (2.0, 0.5)
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+        Settings(device="gpu")
+
+
 @pytest.mark.skipif(CUDA, reason="checks the error on a machine without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="no CUDA device is visible"):

@@ -183,9 +183,11 @@ def test_serve_config_is_valid_for_ray_serve_and_drafthorse(values_file):
         module, func = policy.split(":")
         assert (module, func) == ("drafthorse.cluster.deployment.autoscaling", active_requests_policy.__name__)
     if values_file:
-        assert (s.model, s.draft_model, s.drafter, s.dtype) == ("/models/target", "/models/draft",
-                                                                "draft-model", "bfloat16")
+        assert (s.model, s.draft_model, s.drafter, s.dtype, s.device) == ("/models/target", "/models/draft",
+                                                                          "draft-model", "bfloat16", "cuda")
         assert deployments["TargetWorker"].ray_actor_options.num_gpus == 1
+    else:
+        assert s.device == "cpu"
 
 
 @pytest.mark.parametrize("values_file", [None, "values-gpu.yaml"])
@@ -435,6 +437,7 @@ def test_external_redis_without_password_draft_workers_off_and_a_group_image():
     ({"target": {"rayResources": {"drafthorse_target": -1}}}, "/target/rayResources/drafthorse_target"),
     ({"serve": {"gatewayPort": 70000}}, "/serve/gatewayPort"),
     ({"model": {"drafter": "lookahead"}}, "/model/drafter"),
+    ({"model": {"device": "gpu"}}, "/model/device"),
     ({"settings": {"Bad-Key": 1}}, "invalid propertyName 'Bad-Key'"),
     ({"target": {"replicas": 3}}, "/target"),  # a typo'd key: groups take minReplicas/maxReplicas
     ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),

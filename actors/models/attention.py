@@ -122,11 +122,12 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
         view = b == span
         in_order = len(groups) == 1 and members == list(range(len(ns)))
         rows = None if in_order else (q_index[live])
-        dev = pool.k.device
-        out.append(Bucket(slice(lo, lo + b) if view else torch.tensor([slots[j] for j in g], device=dev),
-                          length, q_index.view(-1).to(dev), n_max, bias.to(dev),
-                          live.view(-1).nonzero().view(-1).to(dev), None if rows is None else rows.to(dev)))
-    return Layout(pool, row_slot.to(pool.k.device), row_pos.to(pool.k.device), out)
+        to = lambda t: t.to(pool.k.device, non_blocking=True)   # (no wait for the device's queue)
+        out.append(Bucket(slice(lo, lo + b) if view else to(torch.tensor([slots[j] for j in g], device=HOST)),
+                          length, to(q_index.view(-1)), n_max, to(bias), to(live.view(-1).nonzero().view(-1)),
+                          None if rows is None else to(rows)))
+    return Layout(pool, row_slot.to(pool.k.device, non_blocking=True), row_pos.to(pool.k.device, non_blocking=True),
+                  out)
 
 
 def write(lay: Layout, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -221,9 +221,9 @@ class TargetWorker(GrpcWorker[TargetService]):
             metrics.watch_target(service)
             self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
         kv = service.pool.kv
-        log.info("%s serving %s on port %d with local heads %s; KV pool %d slots x %d tokens (%.2f GiB, "
-                 "committed); loaded in %.1fs", self.worker_id, lm.name, port, sorted(heads), kv.slots,
-                 kv.max_len, kv.nbytes / 2 ** 30, time.perf_counter() - t0)
+        log.info("%s serving %s (%s on %s) on port %d with local heads %s; KV pool %d slots x %d tokens "
+                 "(%.2f GiB, committed); loaded in %.1fs", self.worker_id, lm.name, lm.dtype, lm.device, port,
+                 sorted(heads), kv.slots, kv.max_len, kv.nbytes / 2 ** 30, time.perf_counter() - t0)
 
     def info(self) -> dict:
         sched = self.service.scheduler
