@@ -60,7 +60,7 @@ def _check_models(target: str, draft: str | None = None) -> None:
             _fail(str(e))
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str | None) -> None:
     from drafthorse.actors.models.loader import resolve_device  # deferred: heavy (see the module doc)
     try:
         resolve_device(device)
@@ -211,6 +211,7 @@ def bench(
         qs = b.load_questions(questions, per_category)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         if cluster and not server:
+            _check_device(device)   # (its workers load on this machine)
             running = Cluster(Settings(model=model, draft_model=draft_model, dtype=dtype, num_targets=1,
                                        **cast(dict[str, Any], {"device": device} if device else {}),
                                        num_drafts=1, gateway_port=free_port(), http_port=0,
