@@ -243,8 +243,9 @@ class BatchEngine:
         # one read back from the device for the whole step: whether each sequence's logits are finite, and
         # every row's argmax (what greedy verification walks); sampled and constrained sequences take
         # their rows to the host, where their seeded generators draw
-        finite = torch.stack([torch.isfinite(lg).all() for lg, _ in scored]).tolist()
-        argmax = torch.cat([lg.argmax(-1) for lg, _ in scored]).tolist()
+        read = torch.cat([torch.stack([torch.isfinite(lg).all() for lg, _ in scored]).long(),
+                          *(lg.argmax(-1) for lg, _ in scored)]).tolist()
+        finite, argmax = read[:len(scored)], read[len(scored):]
         first = 0
         for i, tree, (_, row), (logits, hidden), ok in zip(live, trees, pruned, scored, finite):
             seq = seqs[i]
@@ -351,7 +352,8 @@ class BatchEngine:
         seq.stats.total_s = time.perf_counter() - seq.t0
         if seq.grammar is not None:
             seq.stats.grammar_s = seq.grammar.seconds
-        lp = None if seq.params.logprobs is None else token_logprobs(rows[:len(kept)], kept, seq.params.logprobs)
+        lp = None if seq.params.logprobs is None else token_logprobs(rows[:len(kept)].to(HOST), kept,
+                                                                        seq.params.logprobs)
         return Step(kept, seq.stopper.finish_reason, drafted, accepted, logprobs=lp)
 
 

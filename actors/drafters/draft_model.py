@@ -41,7 +41,7 @@ class DraftModelDrafter(Drafter):
         if self.pending:
             if self.runner.length + len(self.pending) > self.runner.max_len:
                 return DraftTree()  # the draft model's context is full: let the target decode alone
-            logits, _ = self.runner.extend(self.pending)
+            logits = self.runner.extend(self.pending)[0].to(HOST)   # choices are made on the host
             self.pending = []
         else:
             return DraftTree()
@@ -58,7 +58,7 @@ class DraftModelDrafter(Drafter):
         for _ in range(depth - 1):
             parents = [scratch_of[tree.parents[n]] if tree.parents[n] != ROOT else ROOT for n in frontier]
             base = self.runner.scratch_size
-            logits, _ = self.runner.score([tree.tokens[n] for n in frontier], parents)
+            logits = self.runner.score([tree.tokens[n] for n in frontier], parents)[0].to(HOST)   # a level at once
             for j, n in enumerate(frontier):
                 scratch_of[n] = base + j
             nxt, nxt_q = [], []

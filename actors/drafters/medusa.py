@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from drafthorse.actors.models.kvcache import HOST
 from drafthorse.actors.models.llama import Llama
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.actors.spec.tree import DraftTree
@@ -59,7 +60,7 @@ class MedusaDrafter(Drafter):
         budget = Budget(min(budget.max_nodes, self.max_nodes), budget.max_depth)
         if self.last is None:
             return DraftTree()
-        per_head = self.m.logits(self.last)
+        per_head = self.m.logits(self.last).to(HOST)   # every level's rows in one read
         depth_of: dict[int, int] = {}
 
         def expand(nodes: list[int], tree: DraftTree) -> torch.Tensor:

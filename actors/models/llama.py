@@ -347,7 +347,7 @@ class Llama(nn.Module):
         if embeds is None:
             x = F.embedding(torch.cat([it.ids for it in items]).to(dev, non_blocking=True), self.embed)
             if fam.embed_scale is not None:   # as Gemma: the scale cast to the model dtype, then multiplied
-                x = x * torch.tensor(fam.embed_scale, dtype=x.dtype, device=dev)
+                x = x * torch.tensor(fam.embed_scale, dtype=x.dtype, device=HOST)   # (a scalar: no copy to dev)
         else:
             x = embeds
         pos = torch.cat([it.positions for it in items])   # (on the host: the layouts are built there)

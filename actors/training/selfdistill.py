@@ -113,13 +113,15 @@ def teacher_pass(lm: LoadedModel, seqs: list[list[int]], mid_layer: int, taps: t
             mask[r, :len(seqs[i])] = 1
         out = lm.hf(input_ids=ids.to(lm.hf.device), attention_mask=mask.to(lm.hf.device), output_hidden_states=True)
         hs = out.hidden_states   # [0]: the embeddings, [j]: after layer j - 1, [-1]: the final (normed) one
-        lab = out.logits.argmax(-1)
+        # to the host once per batch (in float16, as kept)
+        last, middle, lab = hs[-1].half().cpu(), hs[mid_layer].half().cpu(), out.logits.argmax(-1).cpu()
+        taps_h = torch.cat([hs[t + 1] for t in taps], dim=-1).half().cpu() if taps else None
         for r, i in enumerate(idx):
             at = slice(starts[i], starts[i + 1])
             n = len(seqs[i])
-            feat[at], mid[at], label[at] = hs[-1][r, :n], hs[mid_layer][r, :n], lab[r, :n]
-            if tapped is not None:
-                tapped[at] = torch.cat([hs[t + 1][r, :n] for t in taps], dim=-1)
+            feat[at], mid[at], label[at] = last[r, :n], middle[r, :n], lab[r, :n]
+            if tapped is not None and taps_h is not None:
+                tapped[at] = taps_h[r, :n]
         bar.update(sum(len(seqs[i]) for i in idx))
         b = e
     bar.close()

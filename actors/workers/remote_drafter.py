@@ -82,7 +82,9 @@ class RemoteDrafter(Drafter):
     def _add_features(self, features: torch.Tensor | None, rows: int) -> None:
         if features is None or len(features) != rows:
             raise ValueError(f"drafter {self.kind!r} needs one target feature per committed token")
-        self.feats.append(features.detach()[:, :self.hidden_size])
+        # to the host as they arrive (once a step): the wire takes them from there, and a session's features
+        # do not hold device memory
+        self.feats.append(features.detach()[:, :self.hidden_size].to("cpu"))
 
     def _features(self, start: int, end: int) -> pb.Features:
         """The features of context[start:end] (context[0] has none)."""

@@ -437,11 +437,11 @@ def weight_bytes(lm: LoadedModel, methods: list[str]) -> dict[str, int]:
     return out
 
 
-def memory_read_gb_per_s(mib: int = 512) -> float:
-    """This machine's memory read bandwidth at torch's thread count: the best of three sums of a tensor
-    far larger than the caches (what a forward's weight reads could reach at most)."""
-    x = torch.ones(mib * 2 ** 18)          # float32
-    return round(x.nbytes / best_time(x.sum, 3) / 1e9, 2)
+def memory_read_gb_per_s(mib: int = 512, device: str = "cpu") -> float:
+    """The memory read bandwidth of `device` (the CPU's at torch's thread count): the best of three sums of
+    a tensor far larger than the caches (what a forward's weight reads could reach at most)."""
+    x = torch.ones(mib * 2 ** 18, device=device)          # float32
+    return round(x.nbytes / best_time(lambda: float(x.sum()), 3) / 1e9, 2)   # (read back: the device's work done)
 
 
 def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: int,
@@ -467,7 +467,7 @@ def _environment(lm: LoadedModel, draft_lm: LoadedModel | None, max_new_tokens: 
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "llama_cpp_python": _version("llama_cpp_python"),
-        "memory_read_gb_per_s": memory_read_gb_per_s(),
+        "memory_read_gb_per_s": memory_read_gb_per_s(device=lm.device),
         "cpu_flags": simd_flags(),
         "question_ids": question_ids,
     }
@@ -541,7 +541,8 @@ def format_table(results: dict) -> str:
     sep = "|" + "|".join(("-" * (w + 2)) if i < 1 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     caption = (f"{env['model']} ({env['dtype']}), greedy, max_new_tokens={env['max_new_tokens']}, "
                f"{env['threads']} threads, {len(env['question_ids'])} prompts, {env['date']}; CPU "
-               f"{' '.join(env.get('cpu_flags', []))}, memory read {env.get('memory_read_gb_per_s')} GB/s "
+               f"{' '.join(env.get('cpu_flags', []))}, {env.get('device', 'cpu')} memory read "
+               f"{env.get('memory_read_gb_per_s')} GB/s "
                "(GB/s: the target's weights read per second)")
     if env.get("draft_model"):
         caption += f"; draft {env['draft_model']} depth={env['draft_depth']} branches={env['draft_branches']}"

@@ -7,8 +7,9 @@ Per shape and exactness (exact decode/verify rows on and off):
   - step: the best of a few timed passes after a 256-token prefix at batch 1: a 1-token decode, an 8-token
     verify (a chain of scratch nodes), their ratio, and the weight-read time (the bytes a forward reads over
     the device's measured copy bandwidth) with the decode's multiple of it;
-  - methods: plain decoding, n-gram and EAGLE (a random head: its acceptance means nothing, its cost does)
-    at batch 1 on a repetitive prompt, tokens/s and tokens per target forward;
+  - methods: plain decoding, n-gram, EAGLE (a random head: its acceptance means nothing, its cost does) and
+    the target drafting for itself, at batch 1 on a repetitive prompt, greedy, and EAGLE sampled: tokens/s,
+    tokens per target forward;
   - throughput: `drafthorse throughput`'s ar and hf at the batch sizes asked.
 Each section is written to the JSON as it ends (a run cut short keeps what it measured); one that fails
 records its error and the next runs. Random weights run the same kernels as trained ones: speed only."""
@@ -30,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from drafthorse.actors.drafters import HEADS
 from drafthorse.actors.drafters.base import Drafter
+from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.heads import Checkpoint, EagleHead, fingerprint, head_config
 from drafthorse.actors.drafters.ngram import NgramDrafter
 from drafthorse.actors.engine import SpecEngine
@@ -116,26 +118,34 @@ def random_eagle(lm: LoadedModel):
 
 
 def methods(lm: LoadedModel, n: int = 64) -> dict:
-    """Plain decoding, n-gram and a random EAGLE head at batch 1: tokens/s, tokens per target forward."""
+    """Plain decoding, n-gram, a random EAGLE head and the target as its own draft model at batch 1:
+    tokens/s, tokens per target forward, tokens drafted; greedy (identical to plain decoding: checked)
+    and sampled with EAGLE (host-side draws from the device's logits). A drafter that drafts nothing
+    failed (the engine drops a failing drafter and decodes on): an error here, not a quiet 1.0."""
     prompt = [(i * 7) % 97 + 2 for i in range(48)] * 3   # repeats: n-gram finds matches
     head = random_eagle(lm)
     make: dict[str, Callable[[], Drafter | None]] = {
         "ar": lambda: None, "ngram": NgramDrafter,
-        "eagle": lambda: HEADS["eagle"][1](head, topk=4, depth=4, max_nodes=16)}
-    out = {}
+        "eagle": lambda: HEADS["eagle"][1](head, topk=4, depth=4, max_nodes=16),
+        "self-draft": lambda: DraftModelDrafter(ModelRunner(lm.model, MAX_LEN), depth=4, branches=2)}
+    out: dict = {}
     engine = SpecEngine(ModelRunner(lm.model, MAX_LEN), set())
-    params = SamplingParams(max_new_tokens=n)
-    for name, drafter in make.items():
+    runs = [(name, SamplingParams(max_new_tokens=n)) for name in make]
+    runs.append(("eagle-sampled", SamplingParams(max_new_tokens=n, temperature=1.0, seed=1)))
+    tokens = {}
+    for name, params in runs:
+        drafter = make[name.removesuffix("-sampled")]
         engine.generate(prompt, SamplingParams(max_new_tokens=4), drafter())   # warm-up
         t = time.perf_counter()
         g = engine.generate(prompt, params, drafter())
         dt = time.perf_counter() - t
-        out[name] = {"tokens_per_s": round(len(g.token_ids) / dt, 2),
-                     "tokens_per_forward": round(g.stats.mean_accepted_tokens, 3), "tokens": g.token_ids}
-    same = all(out[m]["tokens"] == out["ar"]["tokens"] for m in out)
-    for m in out.values():
-        del m["tokens"]
-    return {**out, "identical_to_plain": same}
+        if name != "ar" and not g.stats.drafted_tokens:
+            raise RuntimeError(f"{name}: nothing drafted (the drafter failed: see the log)")
+        out[name] = {"tokens_per_s": round(len(g.token_ids) / dt, 2), "drafted": g.stats.drafted_tokens,
+                     "tokens_per_forward": round(g.stats.mean_accepted_tokens, 3)}
+        tokens[name] = g.token_ids
+    out["identical_to_plain"] = all(tokens[m] == tokens["ar"] for m in make)
+    return out
 
 
 def environment(device: torch.device) -> dict:
