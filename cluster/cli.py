@@ -332,7 +332,8 @@ def serve(
     # from the process's start: interpreter, imports, Redis, Ray, workers (model load), first token
     since_exec = time.time() - psutil.Process().create_time()
     typer.echo(f"drafthorse serving {s.model} ({s.num_targets} target, {s.num_drafts} draft workers, "
-               f"drafter {s.drafter}, device {s.device})\n  gRPC gateway: {cluster.gateway}  (drafthorse.v1.Generator)\n"
+               f"drafter {s.drafter}, device {s.device})\n"
+               f"  gRPC gateway: {cluster.gateway}  (drafthorse.v1.Generator)\n"
                f"  OpenAI HTTP:  {cluster.http}/v1\n"
                f"  started in {since_exec:.1f} s: first token {first:.2f} s after the workers were ready in "
                f"{st['ready_s']:.1f} s (Redis {st['redis_s']:.1f}, Ray {st['ray_s']:.1f}, Serve and workers "

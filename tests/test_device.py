@@ -47,7 +47,8 @@ def test_auto_device_is_cuda_only_where_torch_sees_one(monkeypatch):
 
 
 def test_replicas_ask_ray_for_gpus_only_on_cuda():
-    from drafthorse.cluster.deployment.app import gpus   # (imports Ray)
+    # imported here: it imports Ray, which the other tests of this module do not need
+    from drafthorse.cluster.deployment.app import gpus
     from drafthorse.runtime.settings import Settings
     assert gpus(Settings(device="cpu")) == (0.0, 0.0)
     assert gpus(Settings(device="cuda")) == (1.0, 0.25)
