@@ -34,6 +34,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="drafthorse: lossless speculative decoding, in-process or as a cluster.")
 
 
+TEACHER_DTYPE_HELP = ("the target's dtype in the teacher-forced pass that computes the training features: auto = "
+                      "what serving picks here (bfloat16 where native, about twice float32's speed; else float32), "
+                      "float32 or bfloat16")
+AMP_HELP = ("training products in bfloat16 under autocast, weights and losses in float32 (default: where the device "
+            "has native bfloat16)")
 DEVICE_HELP = ("auto | cpu | cuda | cuda:N (default: DRAFTHORSE_DEVICE, else auto: CUDA where torch sees a GPU, "
                "else the CPU)")
 
@@ -66,6 +71,13 @@ def _check_device(device: str | None) -> None:
         resolve_device(device)
     except ValueError as e:
         _fail(str(e))
+
+
+def _teacher_dtype(name: str) -> str:
+    """A teacher pass runs the dense target (features of a quantised one would train a head for it alone)."""
+    if name.strip().lower() not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--teacher-dtype {name!r}: choose auto, float32, bfloat16 or float16")
+    return name
 
 
 def _threads(n: int | None) -> None:
@@ -533,6 +545,8 @@ def train_drafter(
     depth: int = typer.Option(6, min=1, help="tree default saved with the head: draft depth"),
     max_nodes: int = typer.Option(16, min=1, help="tree default saved with the head: nodes per tree"),
     seed: int = typer.Option(0),
+    teacher_dtype: str = typer.Option("auto", help=TEACHER_DTYPE_HELP),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + "; the target's features and the training run there"),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -550,7 +564,7 @@ def train_drafter(
         _fail(f"--kind must be one of {', '.join(kinds.HEAD_KINDS)}, got {kind!r}")
     t0 = time.perf_counter()
     try:
-        lm = loader.load(model, "float32", device=device)
+        lm = loader.load(model, _teacher_dtype(teacher_dtype), device=device)
         if corpus is not None:   # the corpus's recipe names its training questions: the rest were held out
             feats, data, made = selfdistill.corpus_features(lm, corpus, exit_layer, data)
             trained = set(feats.meta["question_ids"])
@@ -561,7 +575,7 @@ def train_drafter(
                 raise ValueError(f"{prompts}: no question left for training after holding out "
                                  f"{holdout_per_category} per category")
             tag = (f"{Path(lm.name).stem}-q{len(train_q)}-i{invented}-s{samples}-n{max_new_tokens}-L{exit_layer}"
-                   f"-seed{seed}")
+                   f"-seed{seed}-{lm.dtype}")
             data = data or selfdistill.CACHE / f"{tag}.safetensors"
             feats, made = selfdistill.cached(lm, data, exit_layer, lambda: selfdistill.build(
                 lm, train_q, invented=invented, samples=samples, max_new_tokens=max_new_tokens, mid_layer=exit_layer,
@@ -570,7 +584,7 @@ def train_drafter(
                    f"{feats.meta['tokens']} tokens)", err=True)
         cfg = TrainConfig(kind, epochs=epochs, lr=lr, batch_tokens=batch_tokens, draft_vocab=draft_vocab,
                           medusa_heads=medusa_heads, ttt_steps=ttt_steps, train_tokens=train_tokens, seed=seed,
-                          prompt_loss=prompt_loss)
+                          prompt_loss=prompt_loss, amp=amp)
         trainer = Trainer(cfg, lm.model, lm.name, feats, lm.eos_ids)
         final = trainer.fit()
     except (FileNotFoundError, ValueError) as e:
@@ -604,6 +618,8 @@ def learning_curve(
     draft_vocab: int = typer.Option(8192, min=16),
     exit_layer: int = typer.Option(10, min=1, help="the cached features' mid layer (as train-drafter's)"),
     data: Optional[Path] = typer.Option(None, help="the corpus's features (default: train-drafter's cache)"),
+    teacher_dtype: str = typer.Option("auto", help=TEACHER_DTYPE_HELP),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + "; training and the bench alike"),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -622,14 +638,14 @@ def learning_curve(
         wanted = [k.strip() for k in kinds.split(",") if k.strip()]
         if not budgets or min(budgets) < 1:
             raise ValueError(f"--tokens {tokens!r}: expected a comma list of positive integers")
-        train_lm = loader.load(model, "float32", device=device)
+        train_lm = loader.load(model, _teacher_dtype(teacher_dtype), device=device)
         feats, data, _ = selfdistill.corpus_features(train_lm, corpus, exit_layer, data)
         qs = load_questions(prompts, per_category)
         if leaked := sorted(q["question_id"] for q in qs if q["question_id"] in set(feats.meta["question_ids"])):
             raise ValueError(f"questions {leaked} are in the corpus's training split: lower --per-category to "
                              "the corpus's held-out count")
         cfg = TrainConfig("eagle", epochs=epochs, lr=lr, ttt_steps=ttt_steps, draft_vocab=draft_vocab,
-                          prompt_loss=prompt_loss)
+                          prompt_loss=prompt_loss, amp=amp)
         result = curve.run_curve(train_lm, loader.load(model, dtype, device=device), feats, wanted, budgets, qs,
                                  max_new_tokens, out, cfg)
     except (FileNotFoundError, ValueError) as e:

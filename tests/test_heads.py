@@ -261,3 +261,36 @@ def test_prompt_positions_are_learnt_from_only_when_asked(target, corpus, kind):
         assert (losses[0] == losses[1]) != prompt_loss, (kind, prompt_loss, losses)
     assert Trainer(TrainConfig(kind), target.model, target.name, corpus, target.eos_ids).prompt_loss == \
         (kind != "eagle3")   # the defaults (train.PROMPT_LOSS)
+
+
+def test_amp_computes_products_in_bfloat16_and_keeps_float32_weights(target):
+    """amp: a float32 target's training products run in bfloat16 under autocast (the loss differs from
+    float32's a little, not much), the head's weights stay float32 and still learn."""
+    t32 = tiny_llama(0, vocab_size=V, hidden_size=64, dtype=torch.float32)
+    corpus = _corpus(t32, 48, seed=3)
+    losses = {}
+    for amp in (False, True):
+        torch.manual_seed(0)
+        t = Trainer(TrainConfig("eagle3", epochs=2, lr=3e-3, batch_tokens=512, draft_vocab=48, ttt_steps=2,
+                                val_fraction=0.2, amp=amp), t32.model, t32.name, corpus, t32.eos_ids)
+        before = t.validate()
+        batch = list(t._batches(t.train_seqs, False))[0]
+        losses[amp] = float(t.loss(batch, train=False)[0])
+        after = t.fit(progress=False)
+        assert after["val_loss"] < before["val_loss"] and t.info["amp"] is amp
+        assert {p.dtype for p in t.module.parameters()} == {torch.float32}
+    assert losses[False] != losses[True] and losses[True] == pytest.approx(losses[False], rel=0.05)
+    # unasked, a float64 target (the tests' tiny ones, exactly reproducible) trains without autocast
+    assert Trainer(TrainConfig("eagle3"), target.model, target.name, corpus, target.eos_ids).amp is False
+
+
+def test_features_of_another_teacher_dtype_are_refused(target, tmp_path):
+    """The feature cache is keyed by the teacher's dtype: features a float32 pass wrote are not read as a
+    bfloat16 teacher's (they would differ from what that target serves)."""
+    seqs = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(2)).tolist()
+    feats = from_sequences(target, seqs, [4] * 4, 1, taps=eagle3_layers(target.model.n_layers))
+    assert feats.meta["teacher_dtype"] == "float64"
+    feats.meta["teacher_dtype"] = "float32"
+    feats.save(tmp_path / "f.safetensors")
+    with pytest.raises(ValueError, match="at float32 .* not for .* at float64"):
+        selfdistill.cached(target, tmp_path / "f.safetensors", 1, lambda: feats)

@@ -180,7 +180,8 @@ def from_sequences(lm: LoadedModel, seqs: list[list[int]], prompt_lens: list[int
     the streams after the `taps` layers, for EAGLE-3 heads)."""
     feat, mid, label, tapped = teacher_pass(lm, seqs, mid_layer, taps)
     offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
-    meta = dict(meta or {}, target=lm.name, mid_layer=mid_layer, taps=list(taps), sequences=len(seqs),
+    meta = dict(meta or {}, target=lm.name, teacher_dtype=lm.dtype, mid_layer=mid_layer, taps=list(taps),
+                sequences=len(seqs),
                 tokens=int(offsets[-1]), answer_tokens=int(offsets[-1]) - sum(prompt_lens))
     return Corpus(torch.tensor([t for s in seqs for t in s]), offsets, torch.tensor(prompt_lens), feat, mid,
                   label, meta, tapped)
@@ -190,17 +191,19 @@ CACHE = Path(".cache/drafthorse/selfdistill")
 
 
 def cached(lm: LoadedModel, data: Path, mid_layer: int, make, sequences: int | None = None) -> tuple[Corpus, bool]:
-    """(features, computed now): read from `data` where they were computed before for this target, exit
-    layer, EAGLE-3 taps (and number of sequences), else `make()` and written there."""
+    """(features, computed now): read from `data` where they were computed before for this target at
+    this dtype, exit layer, EAGLE-3 taps (and number of sequences), else `make()` and written there."""
     taps = list(eagle3_layers(lm.model.n_layers))
     if data.is_file():
         feats = Corpus.load(data)
         m = feats.meta
         if (m.get("target") != lm.name or int(m.get("mid_layer", -1)) != mid_layer or m.get("taps") != taps
+                or m.get("teacher_dtype", "float32") != lm.dtype
                 or (sequences is not None and m.get("sequences") != sequences)):
-            raise ValueError(f"features {data} were computed for {m.get('target')!r} with mid_layer "
-                             f"{m.get('mid_layer')}, taps {m.get('taps')} and {m.get('sequences')} sequences: "
-                             "pass another --data")
+            raise ValueError(f"features {data} were computed for {m.get('target')!r} at "
+                             f"{m.get('teacher_dtype', 'float32')} with mid_layer {m.get('mid_layer')}, taps "
+                             f"{m.get('taps')} and {m.get('sequences')} sequences, not for {lm.name!r} at "
+                             f"{lm.dtype} with mid_layer {mid_layer}: pass another --data")
         return feats, False
     feats = make()
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +216,7 @@ def corpus_features(lm: LoadedModel, corpus: Path, mid_layer: int, data: Path | 
     """(features, where they are kept, computed now) of a token corpus's shards so far (tokens.py), with
     the streams every head kind reads (the EAGLE-3 taps included): one file serves them all."""
     seqs, plens, meta = tokens.load(corpus)
-    data = data or CACHE / f"{corpus.name}-{meta['sequences']}-L{mid_layer}.safetensors"
+    data = data or CACHE / f"{corpus.name}-{meta['sequences']}-L{mid_layer}-{lm.dtype}.safetensors"
     taps = eagle3_layers(lm.model.n_layers)
     feats, made = cached(lm, data, mid_layer, lambda: from_sequences(lm, seqs, plens, mid_layer, meta, taps),
                          meta["sequences"])

@@ -45,7 +45,8 @@ def run_curve(train_lm: LoadedModel, bench_lm: LoadedModel, feats: Corpus, kinds
     (out / "heads").mkdir(parents=True, exist_ok=True)
     settings = dict(corpus=feats.meta.get("corpus"), sequences=feats.meta.get("sequences"), epochs=cfg.epochs,
                     lr=cfg.lr, batch_tokens=cfg.batch_tokens, ttt_steps=cfg.ttt_steps, draft_vocab=cfg.draft_vocab,
-                    prompt_loss=cfg.prompt_loss, medusa_heads=cfg.medusa_heads, seed=cfg.seed,
+                    prompt_loss=cfg.prompt_loss, amp=cfg.amp, teacher_dtype=feats.meta.get("teacher_dtype"),
+                    medusa_heads=cfg.medusa_heads, seed=cfg.seed,
                     val_fraction=cfg.val_fraction, max_new_tokens=max_new_tokens,
                     question_ids=[q["question_id"] for q in questions], dtype=bench_lm.dtype)
     points, env = _done(out, settings)   # a run that stopped part way resumes after its last whole budget
