@@ -68,7 +68,7 @@ class TrainConfig:
     noise: float = 0.05       # EAGLE: gaussian noise on input features, times their std
     prompt_loss: bool | None = None   # learn at prompt positions too (None: the kind's PROMPT_LOSS)
     amp: bool | None = None   # products in bfloat16 under autocast, weights and losses in float32 (None: where
-    #                           the device has native bfloat16, about 1.8x float32's speed for eagle3 there, and
+    #                           the device has native bfloat16, about 1.6x float32's speed for eagle3 there, and
     #                           the target is not float64)
     val_fraction: float = 0.05
     seed: int = 0
@@ -279,7 +279,8 @@ class Trainer:
         return F.cross_entropy(logits[learn], lab[learn], ignore_index=-100), [_top1(logits[ans], lab[ans])]
 
     def loss(self, ranges, train: bool):
-        # autocast leaves float64 (the tiny test targets) alone: only float32 products run in bfloat16
+        # under amp the float32 products (the head's, the draft LM head's) run in bfloat16; each kind's
+        # loss is computed in float32 (its logits are cast back)
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
             return {"eagle": self._eagle_loss, "eagle3": self._eagle3_loss, "medusa": self._medusa_loss,
                     "layerskip": self._layerskip_loss}[self.cfg.kind](ranges, train)
