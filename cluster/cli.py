@@ -545,6 +545,8 @@ def train_drafter(
     depth: int = typer.Option(6, min=1, help="tree default saved with the head: draft depth"),
     max_nodes: int = typer.Option(16, min=1, help="tree default saved with the head: nodes per tree"),
     seed: int = typer.Option(0),
+    init: Optional[Path] = typer.Option(None, help="start from this head's weights (more epochs on a trained head: "
+                                                   "same kind, corpus, --train-tokens and --seed)"),
     teacher_dtype: str = typer.Option("auto", help=TEACHER_DTYPE_HELP),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + "; the target's features and the training run there"),
@@ -584,7 +586,7 @@ def train_drafter(
                    f"{feats.meta['tokens']} tokens)", err=True)
         cfg = TrainConfig(kind, epochs=epochs, lr=lr, batch_tokens=batch_tokens, draft_vocab=draft_vocab,
                           medusa_heads=medusa_heads, ttt_steps=ttt_steps, train_tokens=train_tokens, seed=seed,
-                          prompt_loss=prompt_loss, amp=amp)
+                          prompt_loss=prompt_loss, amp=amp, init=None if init is None else str(init))
         trainer = Trainer(cfg, lm.model, lm.name, feats, lm.eos_ids)
         final = trainer.fit()
     except (FileNotFoundError, ValueError) as e:

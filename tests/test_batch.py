@@ -181,6 +181,20 @@ def test_a_heads_chain_depth_follows_what_rows_cost_here():
     assert chain_depth(1.0, 0.05, 0.05, [0.9, 0.1]) == 1   # the second depth is rarely right
 
 
+def test_a_verify_cost_line_ignores_a_slow_round():
+    """pass_cost's line through each row count's median: a round the machine was busy for (here 3x slower,
+    once per count, or at one count twice) does not bend it, where the fastest or the mean of a few
+    passes would; a cost that does not grow with rows gives b = 0, never a negative row."""
+    from drafthorse.actors.models.runner import cost_line
+    line = {n: [0.060 + 0.005 * n] * 5 for n in (1, 2, 3, 5, 9)}
+    line[9][2] *= 3
+    line[1][0] *= 3
+    line[5][1:3] = [0.5, 0.5]
+    a, b = cost_line(line)
+    assert abs(a - 0.060) < 1e-9 and abs(b - 0.005) < 1e-9
+    assert cost_line({1: [0.08, 0.07, 0.09], 9: [0.07, 0.08, 0.07]}) == pytest.approx((0.075, 0.0))
+
+
 def test_policy_inputs_in_stats_and_fixed_tree_sequences(models):
     """Each request's stats carry what the policy saw and chose (acceptance estimate, row cost, nodes,
     batch size); a sequence with adaptive off keeps the full tree budget under the same load, and both

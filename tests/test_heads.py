@@ -294,3 +294,25 @@ def test_features_of_another_teacher_dtype_are_refused(target, tmp_path):
     feats.save(tmp_path / "f.safetensors")
     with pytest.raises(ValueError, match="at float32 .* not for .* at float64"):
         selfdistill.cached(target, tmp_path / "f.safetensors", 1, lambda: feats)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_a_head_trains_on_from_its_checkpoint(trained, target, corpus, kind):
+    """init: more epochs on a saved head start from its weights (the held-out figures it was saved with,
+    up to float16 storage), not from a fresh head; the checkpoint remembers the epochs before. A head of
+    another kind or another draft vocabulary is refused with what to change."""
+    path, before, after = trained[kind]
+    cfg = TrainConfig(kind, epochs=1, lr=3e-3, batch_tokens=512, draft_vocab=48, medusa_heads=3, val_fraction=0.2)
+    warm = Trainer(dataclasses.replace(cfg, init=str(path)), target.model, target.name, corpus, target.eos_ids)
+    start = warm.validate()
+    assert start["val_loss"] == pytest.approx(after["val_loss"], rel=1e-3)
+    assert abs(start["val_loss"] - before["val_loss"]) > 0.05 * before["val_loss"]
+    warm.fit(progress=False)
+    assert warm.info["init"] == str(path) and warm.info["init_epochs"] == 3
+    other = "eagle3" if kind == "eagle" else "eagle"
+    with pytest.raises(ValueError, match=f"is a {kind} head, not {other}"):
+        Trainer(dataclasses.replace(cfg, kind=other, init=str(path)), target.model, target.name, corpus,
+                target.eos_ids)
+    with pytest.raises(ValueError, match="another vocabulary .* same corpus"):
+        Trainer(dataclasses.replace(cfg, draft_vocab=40, init=str(path)), target.model, target.name, corpus,
+                target.eos_ids)

@@ -25,6 +25,7 @@ TRAINED = Path(__file__).parent / "trained"
 # per head kind (runtime.kinds): the model a checkpoint loads into, and the drafter that proposes with it
 CHEAP_ROW = 0.02   # a verify row below this fraction of a pass's fixed cost: trees keep their branches
 MAX_DEPTH = 8
+COST_CONTEXT = 256   # tokens before the rows of the verify whose cost sizes a tree: a chat turn's context
 
 HEADS = {"eagle": (EagleModel, EagleDrafter), "eagle3": (EagleModel, EagleDrafter),
          "medusa": (MedusaModel, MedusaDrafter), "layerskip": (LayerSkipModel, LayerSkipDrafter)}
@@ -56,13 +57,14 @@ def load_head(kind: str, lm, path: str | Path | None = None, max_len: int | None
 def sized_tree(kind: str, head, target, info: dict) -> dict:
     """A head's tree for this machine: the chain depth that peaks in expected tokens per second, from the
     head's held-out acceptance per depth (its checkpoint's validation) and what a target pass, a verify
-    row and a draft level cost here (measured now); the branches of its saved tree only where a verify
-    row is cheap (CHEAP_ROW), else a chain. Without validation figures, the saved tree as it is."""
+    row and a draft level cost here (measured now by runner.pass_cost: several row counts, medians, after
+    a chat turn's context); the branches of its saved tree only where a verify row is cheap (CHEAP_ROW),
+    else a chain. Without validation figures, the saved tree as it is."""
     saved = dict(info.get("defaults", {}))
     accept = ((info.get("history") or [{}])[-1]).get("val_top1_per_depth") or []
     if not accept:
         return saved
-    a, b = pass_cost(target)
+    a, b = pass_cost(target, COST_CONTEXT)
     if isinstance(head, EagleModel):
         draft_s = pass_cost(head.head)[0]
     elif isinstance(head, LayerSkipModel):
@@ -74,8 +76,8 @@ def sized_tree(kind: str, head, target, info: dict) -> dict:
     topk = saved.get("topk", 1) if b < CHEAP_ROW * a else 1
     sized = dict(saved, depth=depth, topk=topk, max_nodes=depth * topk)
     log.info("%s head: trees of depth %d, %d children a node, %d nodes on this machine (a pass %.1f ms + %.2f "
-             "ms a row, a draft level %.1f ms; held-out acceptance per depth %s)", kind, depth, topk,
-             depth * topk, 1e3 * a, 1e3 * b, 1e3 * draft_s, accept)
+             "ms a row after %d tokens, a draft level %.1f ms; held-out acceptance per depth %s)", kind, depth, topk,
+             depth * topk, 1e3 * a, 1e3 * b, COST_CONTEXT, 1e3 * draft_s, accept)
     return sized
 
 

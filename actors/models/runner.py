@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -189,23 +190,31 @@ def extend_batch(runners: list[ModelRunner], tokens: list[list[int]]) -> list[tu
     return list(zip(logits, hidden))
 
 
-def pass_cost(model: Llama, context: int = 64, rows: int = 9, reps: int = 3) -> tuple[float, float]:
-    """(a, b): a pass over n rows costs about a + b*n seconds on this machine, from the fastest of `reps`
-    one-row and `rows`-row passes (a chain of scratch nodes after a `context`-token prefix, as a verify
-    runs them)."""
-    runner = ModelRunner(model, context + rows + 1)
+def pass_cost(model: Llama, context: int = 256, rows: tuple[int, ...] = (1, 2, 3, 5, 9), reps: int = 5,
+              ) -> tuple[float, float]:
+    """(a, b): a verify pass over n rows costs about a + b*n seconds on this machine: the least-squares
+    line through the median time of each row count (a chain of scratch nodes after a `context`-token
+    prefix, as a verify runs them). The counts take turns, `reps` rounds, so a passing slowdown of the
+    machine lands on all of them alike instead of bending the line; the context is a chat turn's, since
+    a row's attention (exact rows above all) grows with it."""
+    runner = ModelRunner(model, context + max(rows) + 1)
     runner.extend([i % model.vocab_size for i in range(context)])
-
-    def best(n: int) -> float:
-        t = float("inf")
-        for _ in range(reps):
+    times: dict[int, list[float]] = {n: [] for n in rows}
+    for _ in range(reps):
+        for n in rows:
             t0 = time.perf_counter()
             logits, _ = runner.score([i % model.vocab_size for i in range(n)], [ROOT] + list(range(n - 1)))
             logits.argmax(-1).tolist()   # (a device's work is done once its result is read)
-            t = min(t, time.perf_counter() - t0)
+            times[n].append(time.perf_counter() - t0)
             runner.discard()
-        return t
+    return cost_line(times)
 
-    one, many = best(1), best(rows)
-    b = max(many - one, 0.0) / (rows - 1)
-    return max(one - b, 1e-9), b
+
+def cost_line(times: dict[int, list[float]]) -> tuple[float, float]:
+    """(a, b) of the least-squares line a + b*n through the median of each row count n's times (b >= 0,
+    a > 0): one slow round per count does not move it."""
+    x, y = list(times), [statistics.median(t) for t in times.values()]
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    spread = sum((xi - mx) ** 2 for xi in x)
+    b = max(sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / spread, 0.0) if spread else 0.0
+    return max(my - b * mx, 1e-9), b

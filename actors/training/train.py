@@ -39,6 +39,7 @@ from drafthorse.actors.drafters.heads import (
     eagle3_layers,
     fingerprint,
     head_config,
+    load_checkpoint,
 )
 from drafthorse.actors.models.kvcache import HOST
 from drafthorse.actors.models.llama import Llama
@@ -70,6 +71,7 @@ class TrainConfig:
     amp: bool | None = None   # products in bfloat16 under autocast, weights and losses in float32 (None: where
     #                           the device has native bfloat16, about 1.6x float32's speed for eagle3 there, and
     #                           the target is not float64)
+    init: str | None = None   # start from this head's weights (same kind and draft vocabulary): more epochs
     val_fraction: float = 0.05
     seed: int = 0
 
@@ -134,10 +136,29 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         with torch.device(HOST):   # built on the host and then moved: the same initial weights on any device
             self.module = self._new_module(cfg, target, corpus)
+        earlier: dict = {}
+        if cfg.init is not None:
+            earlier = self._warm_start(cfg.init, target, target_name)
         self.module.to(self.dev)
         covered = float((self.t2d[corpus.labels(self.val_seqs)] >= 0).float().mean()) if self.val_seqs else 1.0
         self.info: dict[str, object] = dict(draft_vocab=len(self.d2t), val_label_coverage=round(covered, 4),
-                                            amp=self.amp)
+                                            amp=self.amp, **earlier)
+
+    def _warm_start(self, path: str, target: Llama, target_name: str) -> dict:
+        """Load a head saved by an earlier run into the new module (its float16 weights, widened); the
+        draft vocabulary must be the one this run would choose (same corpus, budget and seed), else its
+        rows would name other tokens. Returns what the checkpoint's info should remember of it."""
+        ckpt = load_checkpoint(path, target, target_name)
+        if ckpt.kind != self.cfg.kind:
+            raise ValueError(f"--init {path} is a {ckpt.kind} head, not {self.cfg.kind}")
+        if not torch.equal(ckpt.d2t, self.d2t):
+            raise ValueError(f"--init {path} drafts another vocabulary ({len(ckpt.d2t)} tokens) than this run's "
+                             f"({len(self.d2t)}): train it on the same corpus with the same --train-tokens, "
+                             "--draft-vocab and --seed")
+        self.module.load_state_dict(ckpt.module.state_dict())
+        before = ckpt.info.get("history") or []
+        return dict(init=str(path), init_epochs=int(ckpt.info.get("init_epochs", 0)) + len(before),
+                    init_seconds=float(ckpt.info.get("init_seconds", 0.0)) + float(ckpt.info.get("train_seconds", 0.0)))
 
     def _new_module(self, cfg: TrainConfig, target: Llama, corpus: Corpus) -> EagleHead | MedusaHeads | ExitAdapter:
         module: EagleHead | MedusaHeads | ExitAdapter
