@@ -58,8 +58,8 @@ def sized_tree(kind: str, head, target, info: dict) -> dict:
     """A head's tree for this machine: the chain depth that peaks in expected tokens per second, from the
     head's held-out acceptance per depth (its checkpoint's validation) and what a target pass, a verify
     row and a draft level cost here (measured now by runner.pass_cost: several row counts, medians, after
-    a chat turn's context); the branches of its saved tree only where a verify row is cheap (CHEAP_ROW),
-    else a chain. Without validation figures, the saved tree as it is."""
+    a chat turn's context); the branches of its saved tree only where a row of such a tree is cheap
+    (CHEAP_ROW), else a chain. Without validation figures, the saved tree as it is."""
     saved = dict(info.get("defaults", {}))
     accept = ((info.get("history") or [{}])[-1]).get("val_top1_per_depth") or []
     if not accept:
@@ -73,11 +73,15 @@ def sized_tree(kind: str, head, target, info: dict) -> dict:
         draft_s = 0.0
     top = MAX_DEPTH if not isinstance(head, MedusaModel) else head.n_heads
     depth = max(1, chain_depth(a, b, draft_s, accept, top))
-    topk = saved.get("topk", 1) if b < CHEAP_ROW * a else 1
+    topk = saved.get("topk", 1)
+    tree_b = pass_cost(target, COST_CONTEXT, branches=topk)[1] if topk > 1 else b   # a tree's rows, as drafted
+    if tree_b >= CHEAP_ROW * a:
+        topk = 1
     sized = dict(saved, depth=depth, topk=topk, max_nodes=depth * topk)
     log.info("%s head: trees of depth %d, %d children a node, %d nodes on this machine (a pass %.1f ms + %.2f "
-             "ms a row after %d tokens, a draft level %.1f ms; held-out acceptance per depth %s)", kind, depth, topk,
-             depth * topk, 1e3 * a, 1e3 * b, COST_CONTEXT, 1e3 * draft_s, accept)
+             "ms a chain row, %.2f ms a tree row after %d tokens, a draft level %.1f ms; held-out acceptance per "
+             "depth %s)", kind, depth, topk, depth * topk, 1e3 * a, 1e3 * b, 1e3 * tree_b, COST_CONTEXT,
+             1e3 * draft_s, accept)
     return sized
 
 

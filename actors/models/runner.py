@@ -191,19 +191,22 @@ def extend_batch(runners: list[ModelRunner], tokens: list[list[int]]) -> list[tu
 
 
 def pass_cost(model: Llama, context: int = 256, rows: tuple[int, ...] = (1, 2, 3, 5, 9), reps: int = 5,
-              ) -> tuple[float, float]:
+              branches: int = 1) -> tuple[float, float]:
     """(a, b): a verify pass over n rows costs about a + b*n seconds on this machine: the least-squares
-    line through the median time of each row count (a chain of scratch nodes after a `context`-token
-    prefix, as a verify runs them). The counts take turns, `reps` rounds, so a passing slowdown of the
-    machine lands on all of them alike instead of bending the line; the context is a chat turn's, since
-    a row's attention (exact rows above all) grows with it."""
+    line through the median time of each row count, the rows being scratch nodes after a `context`-token
+    prefix as a verify runs them: a chain, or with `branches` > 1 a tree whose nodes have that many
+    children each (a tree's rows pay for their mask and, on the exact path, for one attention group per
+    branch). The counts take turns, `reps` rounds, so a passing slowdown of the machine lands on all of
+    them alike instead of bending the line; the context is a chat turn's, since a row's attention grows
+    with it."""
     runner = ModelRunner(model, context + max(rows) + 1)
     runner.extend([i % model.vocab_size for i in range(context)])
     times: dict[int, list[float]] = {n: [] for n in rows}
     for _ in range(reps):
         for n in rows:
+            parents = [ROOT if i < branches else (i - branches) // branches for i in range(n)]
             t0 = time.perf_counter()
-            logits, _ = runner.score([i % model.vocab_size for i in range(n)], [ROOT] + list(range(n - 1)))
+            logits, _ = runner.score([i % model.vocab_size for i in range(n)], parents)
             logits.argmax(-1).tolist()   # (a device's work is done once its result is read)
             times[n].append(time.perf_counter() - t0)
             runner.discard()
