@@ -5,6 +5,7 @@ every sequence's drafter; the heads shipped for the default SmolLM2 live in `tra
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ TRAINED = Path(__file__).parent / "trained"
 CHEAP_ROW = 0.02   # a verify row below this fraction of a pass's fixed cost: trees keep their branches
 MAX_DEPTH = 8
 COST_CONTEXT = 256   # tokens before the rows of the verify whose cost sizes a tree: a chat turn's context
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # target -> {branches: (a, b)}
 
 HEADS = {"eagle": (EagleModel, EagleDrafter), "eagle3": (EagleModel, EagleDrafter),
          "medusa": (MedusaModel, MedusaDrafter), "layerskip": (LayerSkipModel, LayerSkipDrafter)}
@@ -64,7 +66,7 @@ def sized_tree(kind: str, head, target, info: dict) -> dict:
     accept = ((info.get("history") or [{}])[-1]).get("val_top1_per_depth") or []
     if not accept:
         return saved
-    a, b = pass_cost(target, COST_CONTEXT)
+    a, b = _verify_cost(target, 1)
     if isinstance(head, EagleModel):
         draft_s = pass_cost(head.head)[0]
     elif isinstance(head, LayerSkipModel):
@@ -74,7 +76,7 @@ def sized_tree(kind: str, head, target, info: dict) -> dict:
     top = MAX_DEPTH if not isinstance(head, MedusaModel) else head.n_heads
     depth = max(1, chain_depth(a, b, draft_s, accept, top))
     topk = saved.get("topk", 1)
-    tree_b = pass_cost(target, COST_CONTEXT, branches=topk)[1] if topk > 1 else b   # a tree's rows, as drafted
+    tree_b = _verify_cost(target, topk)[1] if topk > 1 else b   # a tree's rows, as drafted
     if tree_b >= CHEAP_ROW * a:
         topk = 1
     sized = dict(saved, depth=depth, topk=topk, max_nodes=depth * topk)
@@ -83,6 +85,15 @@ def sized_tree(kind: str, head, target, info: dict) -> dict:
              "depth %s)", kind, depth, topk, depth * topk, 1e3 * a, 1e3 * b, 1e3 * tree_b, COST_CONTEXT,
              1e3 * draft_s, accept)
     return sized
+
+
+def _verify_cost(target, branches: int) -> tuple[float, float]:
+    """pass_cost of `target`'s verify rows (chains: branches 1), measured once per target and process: a
+    worker loading several heads probes its target once."""
+    per = _COSTS.setdefault(target, {})
+    if branches not in per:
+        per[branches] = pass_cost(target, COST_CONTEXT, branches=branches)
+    return per[branches]
 
 
 def make_drafter(name: str, new_draft_runner: Callable | None = None, head=None, **options) -> Drafter:
