@@ -122,7 +122,7 @@ def heads(smollm2):
     return {kind: load_head(kind, smollm2, max_len=1024) for kind in SHIPPED}
 
 
-SHIPPED = ("eagle", "medusa", "layerskip")   # (no eagle3 head is shipped yet)
+SHIPPED = ("eagle", "eagle3", "medusa", "layerskip")
 
 
 @pytest.mark.parametrize("kind", SHIPPED)
