@@ -68,15 +68,15 @@ def sized_tree(kind: str, head, target, info: dict) -> dict:
         return saved
     a, b = _verify_cost(target, 1)
     if isinstance(head, EagleModel):
-        draft_s = pass_cost(head.head)[0]
+        draft_s = pass_cost(head.head, COST_CONTEXT)[0]
     elif isinstance(head, LayerSkipModel):
         draft_s = a * head.layers / target.n_layers
     else:   # medusa: its blocks on one feature, a small fraction of a pass
         draft_s = 0.0
     top = MAX_DEPTH if not isinstance(head, MedusaModel) else head.n_heads
     depth = max(1, chain_depth(a, b, draft_s, accept, top))
-    topk = saved.get("topk", 1)
-    tree_b = _verify_cost(target, topk)[1] if topk > 1 else b   # a tree's rows, as drafted
+    topk = saved.get("topk", 1) if b < CHEAP_ROW * a else 1   # (a tree's row costs more than a chain's)
+    tree_b = _verify_cost(target, topk)[1] if topk > 1 else b   # a tree's rows, as drafted: probed only then
     if tree_b >= CHEAP_ROW * a:
         topk = 1
     sized = dict(saved, depth=depth, topk=topk, max_nodes=depth * topk)

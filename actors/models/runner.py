@@ -190,7 +190,7 @@ def extend_batch(runners: list[ModelRunner], tokens: list[list[int]]) -> list[tu
     return list(zip(logits, hidden))
 
 
-def pass_cost(model: Llama, context: int = 256, rows: tuple[int, ...] = (1, 2, 3, 5, 9), reps: int = 5,
+def pass_cost(model: Llama, context: int, rows: tuple[int, ...] = (1, 2, 3, 5, 9), reps: int = 5,
               branches: int = 1) -> tuple[float, float]:
     """(a, b): a verify pass over n rows costs about a + b*n seconds on this machine: the least-squares
     line through the median time of each row count, the rows being scratch nodes after a `context`-token
