@@ -545,8 +545,9 @@ def train_drafter(
     depth: int = typer.Option(6, min=1, help="tree default saved with the head: draft depth"),
     max_nodes: int = typer.Option(16, min=1, help="tree default saved with the head: nodes per tree"),
     seed: int = typer.Option(0),
-    init: Optional[Path] = typer.Option(None, help="start from this head's weights (more epochs on a trained head: "
-                                                   "same kind, corpus, --train-tokens and --seed)"),
+    init: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,   # (checked before the teacher pass)
+                                        help="start from this head's weights (more epochs on a trained head: "
+                                             "same kind, corpus, --train-tokens and --seed)"),
     teacher_dtype: str = typer.Option("auto", help=TEACHER_DTYPE_HELP),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + "; the target's features and the training run there"),
