@@ -198,7 +198,8 @@ def pass_cost(model: Llama, context: int, rows: tuple[int, ...] = (1, 2, 3, 5, 9
     children each (a tree's rows pay for their mask and, on the exact path, for one attention group per
     branch). The counts take turns, `reps` rounds, so a passing slowdown of the machine lands on all of
     them alike instead of bending the line; the context is a chat turn's, since a row's attention grows
-    with it."""
+    with it; a model of a shorter context is probed after as many tokens as fit."""
+    context = max(1, min(context, model.max_len - max(rows) - 1))
     runner = ModelRunner(model, context + max(rows) + 1)
     runner.extend([i % model.vocab_size for i in range(context)])
     times: dict[int, list[float]] = {n: [] for n in rows}
