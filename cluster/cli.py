@@ -235,8 +235,8 @@ def bench(
         heads = {}
         for h in head:
             kind, sep, path = h.partition("=")
-            if not sep or kind not in b.HEAD_METHODS:
-                raise ValueError(f"--head {h!r}: expected KIND=PATH with KIND one of {', '.join(b.HEAD_METHODS)}")
+            if not sep or kind not in kinds.HEAD_KINDS:
+                raise ValueError(f"--head {h!r}: expected KIND=PATH with KIND one of {', '.join(kinds.HEAD_KINDS)}")
             heads[kind] = path
         schema = json_schema.read_text(encoding="utf-8") if json_schema is not None else None
         results = b.run_bench(qs, wanted, max_new_tokens, out, lm, dlm, server=server, heads=heads,

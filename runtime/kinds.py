@@ -2,7 +2,7 @@
 reads it, so adding a kind is one line here plus its drafter class."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from drafthorse.runtime.errors import BadField, shown
@@ -15,9 +15,16 @@ class DrafterKind:
     wants_features: bool = False   # reads the target's final hidden states (sent with each Draft RPC)
     head: bool = False             # needs a trained head (`drafthorse train-drafter --kind NAME`)
     needs_draft_model: bool = False
+    copies: bool = False           # drafts by n-gram lookup where the text repeats, by its head elsewhere
+
+    @property
+    def head_kind(self) -> str:
+        """The trained head it loads ('eagle' for eagle and eagle+ngram)."""
+        return self.name.removesuffix(COPY_SUFFIX)
 
 
-KINDS: dict[str, DrafterKind] = {k.name: k for k in (
+COPY_SUFFIX = "+ngram"
+_KINDS = (
     DrafterKind("none", "none"),
     DrafterKind("ngram", "draft"),
     DrafterKind("draft-model", "draft", needs_draft_model=True),
@@ -25,10 +32,13 @@ KINDS: dict[str, DrafterKind] = {k.name: k for k in (
     DrafterKind("eagle3", "target", wants_features=True, head=True),   # fuses the target's tapped streams
     DrafterKind("medusa", "target", head=True),      # shares the target's weights, features and KV cache
     DrafterKind("layerskip", "target", head=True),
-)}
+)
+# each head also with copying: `eagle+ngram` drafts where eagle does, with eagle's head
+KINDS: dict[str, DrafterKind] = {k.name: k for k in _KINDS + tuple(
+    replace(k, name=k.name + COPY_SUFFIX, copies=True) for k in _KINDS if k.head)}
 NAMES = tuple(KINDS)
-HEAD_KINDS = tuple(k.name for k in KINDS.values() if k.head)
-LOCAL_KINDS = tuple(k.name for k in KINDS.values() if k.runs_on == "target")   # drafted in the target worker
+HEAD_KINDS = tuple(k.name for k in _KINDS if k.head)   # the heads themselves (train-drafter --kind)
+LOCAL_KINDS = tuple(k for k in HEAD_KINDS if KINDS[k].runs_on == "target")   # heads drafted in the target worker
 
 
 def kind(name: str) -> DrafterKind:
@@ -39,6 +49,7 @@ def kind(name: str) -> DrafterKind:
 
 
 def check_head_kind(name: str) -> str:
-    if not kind(name).head:
-        raise ValueError(f"{name!r} is not a trained-head drafter ({', '.join(HEAD_KINDS)})")
-    return name
+    """The head a trained-head drafter loads (eagle for eagle and eagle+ngram); ValueError for the others."""
+    if name not in KINDS or not KINDS[name].head:
+        raise ValueError(f"{name!r} is not a trained-head drafter ({', '.join(HEAD_KINDS)}, or one of them +ngram)")
+    return KINDS[name].head_kind

@@ -83,7 +83,8 @@ class RemoteEagle(Recording, Hook):
 
 def service(head, **kw) -> DraftService:
     make = lambda kind: NgramDrafter() if kind == "ngram" else make_drafter(kind, head=head)
-    return DraftService(make, V, kinds=("ngram", "eagle"), feature_dims={"eagle": H}, **kw)
+    return DraftService(make, V, kinds=("ngram", "eagle", "eagle+ngram"), feature_dims={"eagle": H, "eagle+ngram": H},
+                        **kw)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,25 @@ def test_remote_eagle_proposes_the_in_process_trees(target, head, worker, params
         accepted += out.stats.accepted_tokens
     assert accepted > 0, "the trained head never had a token accepted"
     assert svc.session_count == 0
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.3, seed=11, max_new_tokens=40)],
+                         ids=["greedy", "sampled"])
+def test_remote_copying_eagle_equals_the_in_process_one(target, head, worker, params):
+    """eagle+ngram on the draft worker: the features keep arriving on the steps it copies, so the head
+    drafts the in-process drafter's trees on the others; greedy output is plain decoding's. (A low
+    temperature: the tiny target's text then repeats, so both draft.)"""
+    _, port = worker
+    prompt = PROMPTS[1] * 3
+    r = RemoteEagle(f"127.0.0.1:{port}", "eagle+ngram", V, at=0, hook=None)
+    out = engine(target).generate(prompt, params, r)
+    r.shutdown()
+    local = make_drafter("eagle+ngram", head=head)
+    assert engine(target).generate(prompt, params, local).token_ids == out.token_ids
+    assert local.copied > 0 and local.headed > 0, (local.copied, local.headed)
+    if params.greedy:
+        assert out.token_ids == engine(target).generate(prompt, params).token_ids
+    assert r.failures == 0
 
 
 def test_long_context_goes_in_pieces(target, head, worker):

@@ -159,6 +159,24 @@ def test_greedy_equals_plain_decoding(trained, make_engine, kind, at, request):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_copying_twin_equals_plain_decoding(trained, target, make_engine, kind):
+    """KIND+ngram copies where the last two tokens recur and drafts with KIND's head elsewhere: both draft
+    in these generations (a prompt that repeats itself, and ones that do not), and the output is plain
+    decoding's."""
+    head = load_head(kind + "+ngram", target, trained[kind][0])
+    engine = make_engine(target)
+    params = SamplingParams(max_new_tokens=48)
+    copied = headed = 0
+    for prompt in PROMPTS + [[9, 10, 11, 12, 13] * 4]:
+        d = make_drafter(kind + "+ngram", head=head)
+        assert d.name == kind + "+ngram"
+        spec = engine.generate(prompt, params, d)
+        assert spec.token_ids == engine.generate(prompt, params).token_ids, (kind, prompt)
+        copied, headed = copied + d.copied, headed + d.headed
+    assert copied > 0 and headed > 0, (copied, headed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_trees_respect_the_budget(trained, target, make_engine, kind):
     """Whatever the head proposes stays within max_nodes / max_depth and in the vocabulary."""
     head = load_head(kind, target, trained[kind][0])
@@ -199,24 +217,29 @@ def _corpus_small(lm):
     return from_sequences(lm, out.tolist(), [6] * 48, mid_layer=1, taps=eagle3_layers(lm.model.n_layers))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ("eagle+ngram",))
 def test_sampling_is_lossless(small, make_engine, tmp_path, kind):
     """The joint distribution of the first 3 sampled tokens equals the target's, by a G-test over
     3000 generations; the draft vocabulary (6 of 8 tokens) leaves two tokens undraftable, and top-p
-    trims the tail on both sides."""
+    trims the tail on both sides. eagle+ngram: steps drafted by copying (point masses) and by the head
+    (its distributions) in the same generations."""
     lm, heads = small
     path = tmp_path / f"{kind}.safetensors"
-    heads[kind].save(path)
+    heads[kind.removesuffix("+ngram")].save(path)
     head = load_head(kind, lm, path)
     engine = make_engine(lm, 64)
     kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=E2E_TOKENS + 1)
-    outcomes, drafted, accepted = [], 0, 0
+    outcomes, drafted, accepted, by = [], 0, 0, set()
     for i in range(E2E_N):
-        g = engine.generate(PROMPT, SamplingParams(seed=7919 * i + 13, **kw), make_drafter(kind, head=head))
+        d = make_drafter(kind, head=head)
+        g = engine.generate(PROMPT, SamplingParams(seed=7919 * i + 13, **kw), d)
         outcomes.append(int(np.ravel_multi_index(g.token_ids[:E2E_TOKENS], (E2E_VOCAB,) * E2E_TOKENS)))
         drafted += g.stats.drafted_tokens
         accepted += g.stats.accepted_tokens
+        by |= {"copy"} if getattr(d, "copied", 0) else set()
+        by |= {"head"} if getattr(d, "headed", 0) else set()
     assert 0 < accepted < drafted, (accepted, drafted)
+    assert not kind.endswith("+ngram") or by == {"copy", "head"}, by
     params = SamplingParams(temperature=1.0, top_p=0.95)
     pval = gof_pvalue(outcomes, exact_joint(lm, params))
     assert pval > PASS_P, f"{kind}: output is not distributed as the target (p={pval:.2e})"

@@ -13,6 +13,7 @@ from drafthorse.actors.drafters.base import Budget, Drafter, NoDrafter
 from drafthorse.actors.drafters.draft_model import DraftModelDrafter
 from drafthorse.actors.drafters.eagle import EagleDrafter, EagleModel
 from drafthorse.actors.drafters.heads import load_checkpoint
+from drafthorse.actors.drafters.hybrid import CopyOrHeadDrafter
 from drafthorse.actors.drafters.layerskip import LayerSkipDrafter, LayerSkipModel
 from drafthorse.actors.drafters.medusa import MedusaDrafter, MedusaModel
 from drafthorse.actors.drafters.ngram import NgramDrafter
@@ -42,7 +43,7 @@ def shipped_head(kind: str, target_name: str) -> Path | None:
 def load_head(kind: str, lm, path: str | Path | None = None, max_len: int | None = None):
     """The model object of a trained head for the loaded target `lm` (a LoadedModel): from `path`, or
     the head shipped for it. FileNotFoundError / ValueError say what to do."""
-    check_head_kind(kind)
+    kind = check_head_kind(kind)
     path = path or shipped_head(kind, lm.name)
     if path is None:
         raise FileNotFoundError(f"no {kind} head shipped for target {lm.name!r}: train one with "
@@ -99,8 +100,8 @@ def _verify_cost(target, branches: int) -> tuple[float, float]:
 def make_drafter(name: str, new_draft_runner: Callable | None = None, head=None, **options) -> Drafter:
     """A fresh drafter for one sequence. `new_draft_runner()` gives a ModelRunner over the draft model
     (each sequence needs its own KV cache; weights are shared); `head` is a trained head's model
-    (load_head) for eagle / eagle3 / medusa / layerskip; options override the head's tree defaults
-    (topk, depth)."""
+    (load_head) for eagle / eagle3 / medusa / layerskip and their +ngram twins; options override the
+    head's tree defaults (topk, depth)."""
     k = kind(name)
     if k.name == "none":
         return NoDrafter()
@@ -110,7 +111,8 @@ def make_drafter(name: str, new_draft_runner: Callable | None = None, head=None,
         if head is None:
             raise ValueError(f"drafter {k.name!r} needs a trained head: pass --head PATH")
         opts = {**head.defaults, **{o: v for o, v in options.items() if v is not None}}
-        return HEADS[k.name][1](head, **opts)
+        drafter = HEADS[k.head_kind][1](head, **opts)
+        return CopyOrHeadDrafter(drafter) if k.copies else drafter
     if new_draft_runner is None:
         raise ValueError("drafter 'draft-model' needs a draft model: pass --draft-model PATH")
     return DraftModelDrafter(new_draft_runner())

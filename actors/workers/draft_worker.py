@@ -40,7 +40,7 @@ class DraftWorker(GrpcWorker[DraftService]):
         dlm = loader.load(s.draft_model, s.dtype, s.max_len, s.device) if s.draft_model else None
         vocab = dlm.vocab_size if dlm else loader.vocab_size_of(s.model)
         heads, hidden = {}, 0
-        if s.eagle_head or s.drafter == "eagle":
+        if s.eagle_head or KINDS[s.drafter].head_kind == "eagle":
             tlm = loader.load(s.model, s.dtype, s.max_len, s.device)
             try:
                 heads["eagle"] = load_head("eagle", tlm, s.eagle_head, s.max_len)
@@ -49,7 +49,7 @@ class DraftWorker(GrpcWorker[DraftService]):
             vocab, hidden = tlm.vocab_size, tlm.model.embed.shape[1]
         # what this worker can draft: the draft-side kinds whose draft model / head it has loaded
         kinds = [k.name for k in KINDS.values() if k.runs_on == "draft"
-                 and (dlm is not None or not k.needs_draft_model) and (k.name in heads or not k.head)]
+                 and (dlm is not None or not k.needs_draft_model) and (k.head_kind in heads or not k.head)]
         dims = {name: hidden for name in kinds if KINDS[name].wants_features}   # they get the target's features
         # concurrent sessions' draft forwards share passes (one combiner per model), their K/V one pool
         # of draft_sessions slots (a session's drafter gives its slot back when it is closed)
@@ -61,8 +61,8 @@ class DraftWorker(GrpcWorker[DraftService]):
             new_runner = lambda: ModelRunner(draft_passes.model, s.max_len, draft_passes)
         if heads:
             self.combiners.append(heads["eagle"].share_passes(s.draft_sessions))
-        service = DraftService(lambda kind: make_drafter(kind, new_runner, head=heads.get(kind)), vocab,
-                               max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds,
+        make = lambda kind: make_drafter(kind, new_runner, head=heads.get(KINDS[kind].head_kind))
+        service = DraftService(make, vocab, max_sessions=s.draft_sessions, max_nodes=s.max_tree_nodes, kinds=kinds,
                                feature_dims=dims, max_context=s.max_len)
         server, port, health = start_server(
             lambda srv: pb_grpc.add_DrafterServicer_to_server(service, srv), [SERVICE_NAME],

@@ -105,10 +105,10 @@ class TargetService(pb_grpc.TargetServicer):
             abort(context, e)
         drafter: Drafter = NoDrafter()
         if kind.runs_on == "target":
-            if kind.name not in self.heads:
+            if kind.head_kind not in self.heads:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"target worker {self.worker_id} has no "
-                              f"{kind.name} head: set DRAFTHORSE_{kind.name.upper()}_HEAD")
-            drafter = make_drafter(kind.name, head=self.heads[kind.name])
+                              f"{kind.head_kind} head: set DRAFTHORSE_{kind.head_kind.upper()}_HEAD")
+            drafter = make_drafter(kind.name, head=self.heads[kind.head_kind])
         elif kind.runs_on == "draft" and treq.draft_address:
             drafter = RemoteDrafter(self._channel(treq.draft_address), kind.name, self.lm.vocab_size,
                                     session_id=treq.session_id or uuid.uuid4().hex, auth_token=self.token,
@@ -179,7 +179,7 @@ def load_local_heads(s: WorkerSettings, lm: LoadedModel) -> dict:
     heads = {}
     for kind in kinds.LOCAL_KINDS:
         path = getattr(s, f"{kind}_head")
-        wanted = bool(path) or s.drafter == kind
+        wanted = bool(path) or kinds.kind(s.drafter).head_kind == kind
         if not wanted and shipped_head(kind, lm.name) is None:
             continue
         try:

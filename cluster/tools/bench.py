@@ -10,6 +10,7 @@ Methods:
     ngram-adaptive  the same drafter, tree size chosen each step by actors/spec/adaptive.py
     draft-model  our engine + DraftModelDrafter over a second, smaller model (needs draft_lm)
     eagle, eagle3, medusa, layerskip  our engine + a trained head (the one shipped for the model, or `heads`)
+    eagle+ngram, ...  the same head, n-gram copying where the text repeats (runtime.kinds)
     METHOD/N     an engine method with a tree budget of N nodes (e.g. eagle/8): tree size sweeps
     hf           transformers `generate`, greedy
     hf-pld       transformers `generate` with prompt lookup decoding (prompt_lookup_num_tokens=10)
@@ -56,11 +57,12 @@ from drafthorse.actors.spec.grammar import Grammars, compile_spec
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
+from drafthorse.runtime.kinds import KINDS, check_head_kind
 
 log = logging.getLogger(__name__)
 
 CLUSTER_METHODS = ("cluster-ar", "cluster-ngram", "cluster-draft-model", "cluster-eagle")  # through a gateway
-HEAD_METHODS = ("eagle", "eagle3", "medusa", "layerskip")   # trained heads (actors/drafters/trained or --head)
+HEAD_METHODS = tuple(k.name for k in KINDS.values() if k.head)   # trained heads (trained/ or --head)
 METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS + ("hf", "hf-pld", "llama-cpp") + \
     CLUSTER_METHODS
 ENGINE_METHODS = ("ar", "ngram", "ngram-adaptive", "draft-model") + HEAD_METHODS
@@ -175,10 +177,11 @@ class _Runner:
                 assert draft_lm is not None   # resolve_methods asks for one
                 self.drafters[m] = DraftModelDrafter(ModelRunner(draft_lm.model, max_len), draft_depth, draft_branches)
             elif kind in HEAD_METHODS:
-                if kind not in loaded:
-                    loaded[kind] = load_head(kind, lm, (heads or {}).get(kind), max_len)
+                trained = check_head_kind(kind)   # (eagle+ngram: eagle's head)
+                if trained not in loaded:
+                    loaded[trained] = load_head(trained, lm, (heads or {}).get(trained), max_len)
                 budget = int(m.partition("/")[2]) if m != kind else None   # else the head's default
-                self.drafters[m] = make_drafter(kind, head=loaded[kind], max_nodes=budget)
+                self.drafters[m] = make_drafter(kind, head=loaded[trained], max_nodes=budget)
             elif kind in ("ngram", "ar") and m != kind:
                 self.drafters[m] = NgramDrafter() if kind == "ngram" else None
             if m != kind:   # a tree budget of its own
