@@ -89,7 +89,8 @@ def _threads(n: int | None) -> None:
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="user message (the chat template is applied unless --raw)"),
-    drafter: str = typer.Option("ngram", help="none | ngram | draft-model | eagle | eagle3 | medusa | layerskip"),
+    drafter: str = typer.Option("ngram", help="none | ngram | draft-model | eagle | eagle3 | medusa | layerskip | "
+                                "HEAD+ngram (n-gram copying where the text repeats, the head elsewhere)"),
     head: Optional[Path] = typer.Option(None, help="trained head for eagle / eagle3 / medusa / layerskip (default: the "
                                                     "one shipped for the model)"),
     model: str = typer.Option("smollm2", help="target: 'smollm2' (default), a .gguf file or an HF dir"),
@@ -190,8 +191,8 @@ def bench(
     max_new_tokens: int = typer.Option(128, min=1),
     methods: str = typer.Option("ar,ngram,ngram-adaptive,hf,hf-pld",
                                 help="comma list: ar,ngram,ngram-adaptive,draft-model,eagle,eagle3,medusa,layerskip,"
-                                     "hf,hf-pld,cluster-ar,cluster-ngram,cluster-draft-model,cluster-eagle; an engine "
-                                     "method with /N (eagle/8) uses a tree budget of N nodes"),
+                                     "eagle+ngram,hf,hf-pld,cluster-ar,cluster-ngram,cluster-draft-model,"
+                                     "cluster-eagle; an engine method with /N (eagle/8) uses a tree budget of N nodes"),
     model: str = typer.Option("smollm2"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM for the draft-model method"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 | int8 | int4, for drafthorse "
@@ -299,7 +300,7 @@ def serve(
     model: Optional[str] = typer.Option(None, help="target model (default smollm2)"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM served by the draft workers"),
     drafter: Optional[str] = typer.Option(None, help="default drafter: none | ngram | draft-model | eagle | "
-                                                     "eagle3 | medusa | layerskip"),
+                                                     "eagle3 | medusa | layerskip | HEAD+ngram"),
     eagle_head: Optional[str] = typer.Option(None, help="EAGLE head for the draft workers (default: shipped)"),
     medusa_head: Optional[str] = typer.Option(None, help="Medusa head for the target workers (default: shipped)"),
     layerskip_head: Optional[str] = typer.Option(None, help="layer-skip adapter (default: shipped)"),
@@ -372,8 +373,8 @@ def loadtest(
     max_seconds: float = typer.Option(120.0, min=0.1, help="time bound per level (in-flight requests are cut)"),
     max_new_tokens: int = typer.Option(128, min=1),
     drafters: str = typer.Option("none,ngram,ngram-fixed", help="comma list, one series each: none, ngram, "
-                                 "draft-model, eagle, eagle3, medusa, layerskip; NAME-fixed = that drafter without "
-                                 "the adaptive policy (full tree every step)"),
+                                 "draft-model, eagle, eagle3, medusa, layerskip, HEAD+ngram; NAME-fixed = that drafter "
+                                 "without the adaptive policy (full tree every step)"),
     long_context: bool = typer.Option(False, help="~4k-token prompts built from the rag/summarization questions"),
     context_tokens: int = typer.Option(3700, min=16, help="prompt size for --long-context (tokens)"),
     tokenizer: str = typer.Option("smollm2", help="model whose tokenizer sizes --long-context prompts"),

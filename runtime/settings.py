@@ -104,9 +104,9 @@ class WorkerSettings(Common):
     draft_model: str | None = None
     # trained heads (`drafthorse train-drafter`); unset = the one shipped for `model` (actors/drafters/trained)
     eagle_head: str | None = Field(None, description="EAGLE head, served by the draft workers (which then load the "
-                                   "target model too) when set or when drafter=eagle; missing = start-up error")
+                                   "target model too) when set or when drafter=eagle(+ngram); missing = start-up error")
     medusa_head: str | None = Field(None, description="Medusa head, run inside the target workers; loaded when set "
-                                    "or drafter=medusa (missing = start-up error), else the shipped one if any")
+                                    "or drafter=medusa(+ngram) (missing = start-up error), else the shipped one if any")
     layerskip_head: str | None = Field(None, description="layer-skip exit adapter, run inside the target workers; "
                                        "loaded like medusa_head")
     eagle3_head: str | None = Field(None, description="EAGLE-3 head, run inside the target workers (its target "
