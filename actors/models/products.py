@@ -5,10 +5,10 @@ weight. Stored [in, out], `x @ w` is what exact forwards run (exact.py probes th
 fastest for one row. But BLAS picks very different kernels by shape: on an AVX2 CPU at float32 (2
 threads, SmolLM2) the transposed product `w_t @ x.T` with w_t [out, in] ran 2-3x faster for 4-48 rows
 of the wide products (gate/up 576 x 3072 at 4 rows: 1.5 -> 0.45 ms; the 49,152-wide LM head at 32
-rows: 65 -> 33 ms), and at 2-3 rows, a short chain's verify, too (the whole 2-row verify 90-97 -> 52-70 ms
-after 300 tokens, where `x @ w` costs twice a row's). Other CPUs and dtypes differ, so `cut` times both on the model's own weights, and
-forwards that need not be exact take the transposed product from the row count where it clearly wins,
-at the price of a second copy of those weights."""
+rows: 65 -> 33 ms), and at 2-3 rows, a short chain's verify, too (the whole 2-row verify 90-97 -> 52-70
+ms after 300 tokens, where `x @ w` costs twice a row's). Other CPUs and dtypes differ, so `cut` times
+both on the model's own weights, and forwards that need not be exact take the transposed product from
+the row count where it clearly wins, at the price of a second copy of those weights."""
 from __future__ import annotations
 
 import time
