@@ -128,17 +128,17 @@ def test_greedy_through_cluster_equals_target_alone_8_concurrent(cluster, stub, 
     assert len(workers) == 2, f"8 concurrent requests should spread over both targets, got {workers}"
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "eagle3", "eagle+ngram", "eagle3+ngram"])
 def test_trained_heads_through_cluster_equal_target_alone(cluster, stub, local, kind):
-    """eagle: gateway -> target -> draft worker, the target's features riding on every Draft request;
-    medusa, eagle3: inside the target worker."""
+    """eagle (and eagle+ngram): gateway -> target -> draft worker, the target's features riding on every
+    Draft request; medusa, eagle3 (and eagle3+ngram): inside the target worker."""
     accepted = 0
     for p in PROMPTS[:4]:
         ids, msgs = run(stub, request(p, SamplingParams(max_new_tokens=N), kind))
         assert ids == reference(local, chat_ids(local, p), "none"), p
         st = msgs[-1].stats
         assert st.drafter == kind and st.drafted_tokens > 0
-        if kind == "eagle":
+        if kind.startswith("eagle+") or kind == "eagle":
             assert st.draft_worker and st.draft_rpcs >= st.target_forwards - 2
         else:
             assert not st.draft_worker and st.draft_rpcs == 0
@@ -170,9 +170,10 @@ def test_n_choices_go_to_one_target_share_its_prefill_and_each_equal_its_seed_al
                                             zip(got, (t for m in single_msgs for t in m.logprobs))), i
 
 
-def test_head_not_loaded_is_failed_precondition(stub):
+@pytest.mark.parametrize("kind", ["layerskip", "layerskip+ngram"])
+def test_head_not_loaded_is_failed_precondition(stub, kind):
     with pytest.raises(grpc.RpcError) as e:
-        run(stub, request("hi", SamplingParams(max_new_tokens=4), "layerskip"))
+        run(stub, request("hi", SamplingParams(max_new_tokens=4), kind))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "DRAFTHORSE_LAYERSKIP_HEAD" in e.value.details()
 
