@@ -37,8 +37,8 @@ sequences must not add a third:
 3. Batching. The groups of rows of all sequences in a forward (a group: a sequence's rows that share a
    split point) are attended in a few calls (`buckets`), each group padded to its bucket's row count and
    longest split. The padding adds masked keys at the end (zero terms in the same softmax lanes) and
-   unread blocks after a group's last (the running sum is read at that block), so it leaves every sum
-   as it was; `probe` checks on this machine that the products do not change with the batch, and
+   value blocks of zero weight after a group's last (a sequential running sum adds exact zeros), so it
+   leaves every sum as it was; `probe` checks on this machine that the products do not change with the batch, and
    falls back to one group a call where they do.
 
 Everything else (embedding, RMSNorm, RoPE, SiLU, residuals) works row by row already. The prefill
@@ -196,15 +196,16 @@ class Bucket:
     its first row) and to `heads` committed keys (masked), which leave every real row's sums as they
     are (see `attend`)."""
     slots: torch.Tensor       # [U] each group's pool slot
+    first: int | None         # the groups sit at slots first, first + 1, .. (one each): their committed keys
+                              # are a view of the pool; None: gathered by `slots`
     heads: int                # committed keys read per group: the longest split among them
     m: int                    # rows per group
-    q_index: torch.Tensor     # [U * m] batch row of each padded row
-    window: torch.Tensor      # [U * WINDOW * kv_heads] row of each group's window key and head in a layer's
+    q_index: torch.Tensor | None  # [U * m] batch row of each padded row (None: the batch's rows as they are)
+    window: torch.Tensor      # [U * kv_heads * WINDOW] row of each group's window key per head in a layer's
                               # K/V viewed as [slots * kv_heads * max_len, d] (index_select: contiguous rows)
     bias: torch.Tensor        # [U, 1, m, 1, WINDOW + heads] additive: 0 = may attend, -inf = not
-    last: torch.Tensor        # [U] each group's last committed block (ceil(split / VBLOCK) - 1; -1: none)
-    real: torch.Tensor        # [rows] padded rows (of U * m) that are real
-    rows: torch.Tensor        # [rows] their rows in the batch
+    real: torch.Tensor | None  # [rows] padded rows (of U * m) that are real (None: all of them)
+    rows: torch.Tensor | None  # [rows] their rows in the batch (None: the batch's rows, in order)
 
 
 def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int],
@@ -220,7 +221,7 @@ def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], size
         cuts = _cut([len(rows) for _, rows, _ in units], [g.split + WINDOW for _, _, g in units])
     else:
         cuts = [[u] for u in range(len(units))]
-    return [_bucket([units[u] for u in c], pool, dtype, counts, device) for c in cuts]
+    return [_bucket([units[u] for u in c], pool, dtype, counts, sum(sizes), device) for c in cuts]
 
 
 def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int], top: int,
@@ -238,8 +239,8 @@ def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes
 
 
 def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dtype: torch.dtype,
-            counts: tuple[int, ...], device: torch.device = HOST) -> Bucket:
-    """One bucket of groups: (pool slot, batch rows, group) each."""
+            counts: tuple[int, ...], total: int, device: torch.device = HOST) -> Bucket:
+    """One bucket of groups: (pool slot, batch rows, group) each, of a batch of `total` rows."""
     m = rows(max(len(r) for _, r, _ in us), counts)
     heads = _up(max(g.split for _, _, g in us), VBLOCK)   # (the pool's length is a multiple of VBLOCK)
     pad = lambda t, k: torch.cat([t, t[[0] * (m - k)]]) if k < m else t   # repeat the first row
@@ -252,14 +253,19 @@ def _bucket(us: list[tuple[int, torch.Tensor, Group]], pool: tuple[int, int], dt
     committed = (key < split[:, None, None]) & (key >= lo[..., None])                     # [U, m, S]
     see = torch.cat([valid, committed], -1)
     bias = torch.zeros(see.shape, dtype=dtype, device=HOST).masked_fill_(~see, float("-inf"))
-    slot_t = torch.tensor([s for s, _, _ in us], device=HOST)
+    slots = [s for s, _, _ in us]
+    slot_t = torch.tensor(slots, device=HOST)
     kv, max_len = pool
-    window = ((slot_t[:, None, None] * kv + torch.arange(kv, device=HOST)) * max_len + win_pos[..., None]).view(-1)
+    window = ((slot_t[:, None, None] * kv + torch.arange(kv, device=HOST)[:, None]) * max_len
+              + win_pos[:, None]).view(-1)
     real = torch.cat([u * m + torch.arange(len(r), device=HOST) for u, (_, r, _) in enumerate(us)])
-    last = torch.tensor([_up(g.split, VBLOCK) // VBLOCK - 1 for _, _, g in us], device=HOST)
+    rows_t = torch.cat([r for _, r, _ in us])
+    first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+    padded = real.numel() < len(us) * m
+    in_order = not padded and torch.equal(rows_t, torch.arange(total, device=HOST))   # the whole batch, in order
     to = lambda t: t.to(device, non_blocking=True)
-    return Bucket(to(slot_t), heads, m, to(q_index.view(-1)), to(window), to(bias[:, None, :, None]), to(last),
-                  to(real), to(torch.cat([r for _, r, _ in us])))
+    return Bucket(to(slot_t), first, heads, m, None if in_order else to(q_index.view(-1)), to(window),
+                  to(bias[:, None, :, None]), to(real) if padded else None, None if in_order else to(rows_t))
 
 
 def _up(n: int, k: int) -> int:
@@ -271,56 +277,58 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
     """q: [N, heads, d] (RoPE applied); k_pool, v_pool: [slots, kv_heads, max_len, d] of one layer, the
     rows' own keys already written. Returns [N, heads, d].
 
-    Per bucket: a row's scores over its window (its own WINDOW keys) and over the committed keys
-    [0, heads) of its slot, masked past its split; softmax in float32 over [window, committed] (masked
-    keys past the real ones add exp(-inf) = 0 to the same lanes: the sums do not change); values: the
-    window's in one product, the committed ones in blocks of VBLOCK keys, summed block after block (in
-    float32) by a running sum read at the group's last block, so that a row's sum has the same terms in
-    the same order whatever the padding. Every product's shape depends on the padding only through its
-    row and batch counts, which `probe` checks."""
+    Per bucket, each group's query rows of one K/V head as a batch entry of [U * kv, m * grp, d]: the
+    scores over its window (its own WINDOW keys) and over the committed keys [0, heads) of its slot,
+    masked past its split, side by side; softmax in float32 over [window, committed] (masked keys past
+    the real ones add exp(-inf) = 0 to the same lanes: the sums do not change); values: the window's in
+    one product, the committed ones in blocks of VBLOCK keys, summed block after block by a running sum
+    (cumsum: one sequential scan per element) read at the last block (a group's blocks past its own
+    carry zero weights, which add nothing). Every product's shape depends on the padding only through
+    its row and batch counts, which `probe` checks; committed keys are read in place where the groups
+    sit at consecutive slots and gathered where not, which `probe` checks gives the same bits."""
     n, nh, d = q.shape
     kv = k_pool.shape[1]
     grp = nh // kv
     acc = torch.promote_types(q.dtype, torch.float32)
-    out = torch.empty_like(q)
+    k_rows, v_rows = k_pool.view(-1, d), v_pool.view(-1, d)
+    out = None if len(bks) == 1 and bks[0].rows is None and bks[0].real is None else torch.empty_like(q)
     for b in bks:
         u, m, s = b.slots.numel(), b.m, b.heads
-        qb = q[b.q_index].view(u, m, kv, grp, d).transpose(1, 2).reshape(u, kv, m * grp, d)
-        kw = k_pool.view(-1, d).index_select(0, b.window).view(u, WINDOW, kv, d).transpose(1, 2)  # [U, kv, W, d]
-        vw = v_pool.view(-1, d).index_select(0, b.window).view(u, WINDOW, kv, d).transpose(1, 2)
-        # both parts' scores written in place into one [window, committed] row (no concatenation)
-        scores = q.new_empty(u, kv, m * grp, WINDOW + s)
-        torch.matmul(qb, kw.transpose(-1, -2), out=scores[..., :WINDOW])
+        g = m * grp
+        qb = (q if b.q_index is None else q[b.q_index]).view(u, m, kv, grp, d).transpose(1, 2).reshape(u * kv, g, d)
+        kw = k_rows.index_select(0, b.window).view(u * kv, WINDOW, d)
+        vw = v_rows.index_select(0, b.window).view(u * kv, WINDOW, d)
+        scores = torch.bmm(qb, kw.mT)
         if s:
-            kh = k_pool[:, :, :s].index_select(0, b.slots)                          # [U, kv, S, d]
-            torch.matmul(qb, kh.transpose(-1, -2), out=scores[..., WINDOW:])
+            kh, vh = (_committed(p, b, s).flatten(0, 1) for p in (k_pool, v_pool))   # [U * kv, S, d]
+            scores = torch.cat([scores, torch.bmm(qb, kh.mT)], -1)
         # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale);
         # the softmax computes in float32 and rounds its weights to the model's dtype, which the value
         # products take (one pass less than a float32 result cast afterwards)
-        w = torch.softmax(scores.mul_(scale).view(u, kv, m, grp, -1).add_(b.bias), dim=-1).view(u, kv, m * grp, -1)
-        o = w[..., :WINDOW] @ vw                                                    # [U, kv, m*grp, d]
+        w = torch.softmax(scores.mul_(scale).view(u, kv, m, grp, -1).add_(b.bias), dim=-1).view(u * kv, g, -1)
+        o = torch.bmm(w[..., :WINDOW], vw)                                                   # [U * kv, g, d]
         if s:
             blocks = s // VBLOCK
-            vh = v_pool[:, :, :s].index_select(0, b.slots).view(u, kv, blocks, VBLOCK, d)
-            wh = w[..., WINDOW:].reshape(u, kv, m * grp, blocks, VBLOCK).transpose(2, 3)
-            parts = wh @ vh                                                          # [U, kv, blocks, m*grp, d]
-            # summed block after block in float32; a group's sum stops at its own last block
-            head = parts[:, :, 0].to(acc).masked_fill_((b.last < 0)[:, None, None, None], 0)
-            for j in range(1, blocks):
-                head = torch.where((b.last >= j)[:, None, None, None], head + parts[:, :, j], head)
-            o = (o.to(acc) + head).to(q.dtype)
-        out[b.rows] = o.view(u, kv, m, grp, d).transpose(1, 2).reshape(u * m, nh, d)[b.real]
+            wh = w[..., WINDOW:].unflatten(-1, (blocks, VBLOCK)).transpose(1, 2)    # [U * kv, blocks, g, V]
+            parts = wh @ vh.unflatten(1, (blocks, VBLOCK))                          # [U * kv, blocks, g, d]
+            o = (o.to(acc) + parts.to(acc).cumsum(1)[:, -1]).to(q.dtype)
+        o = o.view(u, kv, m, grp, d).transpose(1, 2).reshape(u * m, nh, d)
+        if out is None:
+            return o
+        out[b.rows if b.rows is not None else slice(None)] = o if b.real is None else o[b.real]
+    assert out is not None
     return out
 
 
+def _committed(pool: torch.Tensor, b: Bucket, s: int) -> torch.Tensor:
+    """The first s keys (or values) of each group's slot, [U, kv, s, d]: a view of the pool where the
+    groups sit at consecutive slots, else gathered."""
+    if b.first is not None:
+        return pool[b.first:b.first + b.slots.numel(), :, :s]
+    return pool[:, :, :s].index_select(0, b.slots)
+
+
 # ---------------------------------------------------------------- probing the machine's kernels
-
-def _into_scores(a: torch.Tensor, b: torch.Tensor, first: int, width: int) -> torch.Tensor:
-    """a @ b written into columns first.. of a result `width` columns wide, as `attend` writes a window's
-    scores (first 0) and the committed keys' after them (first WINDOW)."""
-    out = a.new_empty(*a.shape[:-1], width)[..., first:first + b.shape[-1]]
-    return torch.matmul(a, b, out=out)
-
 
 def _cancelling(rows: int, k: int, hot: list[int], dtype: torch.dtype, gen: torch.Generator,
                device: torch.device = HOST) -> torch.Tensor:
@@ -421,27 +429,31 @@ def probe(weights: dict[str, Weight], dtype: torch.dtype, heads: int, kv: int, d
         wp[hot] = 1                                   # (a copy: the model's weights stay as they are)
         x = _cancelling(top, w.shape[0], hot, dtype, gen, dev)
         linear[shape] = _pick([_classes(lambda x, w=wp: x @ w, x, counts)])
-    # attention (`attend`), in rows of queries m * grp: the products of a group's window keys, written
-    # into the first columns of its scores, [kv, m * grp, d] @ [kv, d, W], and of the committed keys after
-    # them, [kv, m * grp, d] @ [kv, d, T]; of the window's weights [kv, m * grp, W] @ [kv, W, d], and per
-    # block of VBLOCK committed keys [kv, m * grp, VBLOCK] @ [kv, VBLOCK, d]
+    # attention (`attend`), in rows of queries m * grp: the products of a group's window keys (gathered,
+    # contiguous) [kv, m * grp, d] @ [kv, d, W] and of the committed keys [kv, m * grp, d] @ [kv, d, T] (read
+    # in place from the pool, or gathered); of the window's weights, the first W columns of a wider row,
+    # [kv, m * grp, W] @ [kv, W, d], and per block of VBLOCK committed keys [kv, m * grp, VBLOCK] @ [kv, VBLOCK, d]
     grp = heads // kv
     t = max(3 * CHUNK, VBLOCK)
     hot_d, hot_t = _hot(d), _hot(t)
-    keys = torch.randn(kv, 2 * t, d, generator=gen, device=HOST).to(dtype).to(dev)[:, :t]
+    keys = torch.randn(kv, 2 * t, d, generator=gen, device=HOST).to(dtype).to(dev)[:, :t]   # (strided, as the pool)
     keys[:, :, hot_d] = 1
     vals = torch.randn(kv, 2 * t, d, generator=gen, device=HOST).to(dtype).to(dev)[:, :t]
     vals[:, hot_t] = 1
     q_rows = _cancelling(top * grp, d, hot_d, dtype, gen, dev)     # one query head per row of the probe
     by_head = lambda x: x.expand(kv, -1, -1).contiguous()
-    win_k = lambda x: _into_scores(by_head(x), keys[:, :WINDOW].transpose(-1, -2), 0, WINDOW + t).transpose(0, 1)
-    head_k = lambda x: _into_scores(by_head(x), keys.transpose(-1, -2), WINDOW, WINDOW + t).transpose(0, 1)
-    per_op = [_classes(op, q_rows, counts, grp) for op in (win_k, head_k)]
-    for k in (WINDOW, VBLOCK):
-        block = vals[:, :k].clone()
-        block[:, _hot(k)] = 1
-        per_op.append(_classes(lambda x, v=block: (by_head(x) @ v).transpose(0, 1),
-                               _cancelling(top * grp, k, _hot(k), dtype, gen, dev), counts, grp))
+    score_ops = [lambda x, k=k: torch.bmm(by_head(x), k.mT).transpose(0, 1)
+                 for k in (keys[:, :WINDOW].contiguous(), keys, keys.contiguous())]
+    per_op = [_classes(op, q_rows, counts, grp) for op in score_ops]
+    window = vals[:, :WINDOW].contiguous()
+    window[:, _hot(WINDOW)] = 1
+    wide = lambda x: torch.cat([by_head(x), by_head(x)], -1)[..., :WINDOW]
+    per_op.append(_classes(lambda x: torch.bmm(wide(x), window).transpose(0, 1),
+                           _cancelling(top * grp, WINDOW, _hot(WINDOW), dtype, gen, dev), counts, grp))
+    block = vals[:, :VBLOCK].clone()
+    block[:, _hot(VBLOCK)] = 1
+    per_op.append(_classes(lambda x: (by_head(x) @ block).transpose(0, 1),
+                           _cancelling(top * grp, VBLOCK, _hot(VBLOCK), dtype, gen, dev), counts, grp))
     attn = _pick(per_op)
     batched = attn is not None and _batches_alike(dtype, heads, kv, d, attn, gen, dev)
     if attn is None or any(c is None for c in linear.values()):
@@ -494,6 +506,7 @@ def _batches_alike(dtype: torch.dtype, heads: int, kv: int, d: int, counts: tupl
     slots = list(range(len(seqs)))
     alone = attend(buckets(slots, offsets, plans, sizes, (kv, n_pos), dtype, counts, batched=False, device=device),
                    k_pool, v_pool, q, d ** -0.5)
-    together = attend([_bucket(_units(slots, offsets, plans, sizes, max(counts)), (kv, n_pos), dtype, counts, device)],
+    together = attend([_bucket(_units(slots, offsets, plans, sizes, max(counts)), (kv, n_pos), dtype, counts,
+                               sum(sizes), device)],
                       k_pool, v_pool, q, d ** -0.5)
     return torch.equal(alone, together)
