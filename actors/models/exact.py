@@ -221,7 +221,9 @@ def buckets(slots: list[int], offsets: list[int], plans: list[list[Group]], size
         cuts = _cut([len(rows) for _, rows, _ in units], [g.split + WINDOW for _, _, g in units])
     else:
         cuts = [[u] for u in range(len(units))]
-    return [_bucket([units[u] for u in c], pool, dtype, counts, sum(sizes), device) for c in cuts]
+    # within a bucket by slot (the order is free): groups at consecutive slots read their keys in place
+    return [_bucket(sorted((units[u] for u in c), key=lambda unit: unit[0]), pool, dtype, counts, sum(sizes), device)
+            for c in cuts]
 
 
 def _units(slots: list[int], offsets: list[int], plans: list[list[Group]], sizes: list[int], top: int,
@@ -300,7 +302,9 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
         vw = v_rows.index_select(0, b.window).view(u * kv, WINDOW, d)
         scores = torch.bmm(qb, kw.mT)
         if s:
-            kh, vh = (_committed(p, b, s).flatten(0, 1) for p in (k_pool, v_pool))   # [U * kv, S, d]
+            # [U * kv, S, d]; (measured: bfloat16's bmm copies strided keys slowly to transpose them)
+            kh = _committed(k_pool, b, s, in_place=q.dtype in (torch.float32, torch.float64)).flatten(0, 1)
+            vh = _committed(v_pool, b, s, in_place=True).flatten(0, 1)
             scores = torch.cat([scores, torch.bmm(qb, kh.mT)], -1)
         # scaled in the model's dtype as HF's eager attention does (exact for a power-of-two scale);
         # the softmax computes in float32 and rounds its weights to the model's dtype, which the value
@@ -320,10 +324,10 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
     return out
 
 
-def _committed(pool: torch.Tensor, b: Bucket, s: int) -> torch.Tensor:
-    """The first s keys (or values) of each group's slot, [U, kv, s, d]: a view of the pool where the
-    groups sit at consecutive slots, else gathered."""
-    if b.first is not None:
+def _committed(pool: torch.Tensor, b: Bucket, s: int, in_place: bool) -> torch.Tensor:
+    """The first s keys (or values) of each group's slot, [U, kv, s, d]: with in_place, a view of the pool
+    where the groups sit at consecutive slots; else gathered."""
+    if in_place and b.first is not None:
         return pool[b.first:b.first + b.slots.numel(), :, :s]
     return pool[:, :, :s].index_select(0, b.slots)
 
