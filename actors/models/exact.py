@@ -283,11 +283,11 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
     scores over its window (its own WINDOW keys) and over the committed keys [0, heads) of its slot,
     masked past its split, side by side; softmax in float32 over [window, committed] (masked keys past
     the real ones add exp(-inf) = 0 to the same lanes: the sums do not change); values: the window's in
-    one product, the committed ones in blocks of VBLOCK keys, summed block after block by a running sum
-    (cumsum: one sequential scan per element) read at the last block (a group's blocks past its own
-    carry zero weights, which add nothing). Every product's shape depends on the padding only through
-    its row and batch counts, which `probe` checks; committed keys are read in place where the groups
-    sit at consecutive slots and gathered where not, which `probe` checks gives the same bits."""
+    one product, the committed ones in blocks of VBLOCK keys, summed block after block in float32 (a
+    group's blocks past its own carry zero weights, which add nothing). Every product's shape depends on
+    the padding only through its row and batch counts, which `probe` checks; committed keys are read in
+    place where the groups sit at consecutive slots (at float32) and gathered where not, which `probe`
+    checks gives the same bits."""
     n, nh, d = q.shape
     kv = k_pool.shape[1]
     grp = nh // kv
@@ -315,7 +315,10 @@ def attend(bks: list[Bucket], k_pool: torch.Tensor, v_pool: torch.Tensor, q: tor
             blocks = s // VBLOCK
             wh = w[..., WINDOW:].unflatten(-1, (blocks, VBLOCK)).transpose(1, 2)    # [U * kv, blocks, g, V]
             parts = wh @ vh.unflatten(1, (blocks, VBLOCK))                          # [U * kv, blocks, g, d]
-            o = (o.to(acc) + parts.to(acc).cumsum(1)[:, -1]).to(q.dtype)
+            head = parts[:, 0].to(acc)          # summed block after block (blocks past a group's own add 0)
+            for j in range(1, blocks):
+                head.add_(parts[:, j])
+            o = (o.to(acc) + head).to(q.dtype)
         o = o.view(u, kv, m, grp, d).transpose(1, 2).reshape(u * m, nh, d)
         if out is None:
             return o
