@@ -291,6 +291,29 @@ def test_exact_attention_scores_like_plain_attention(batched):
         assert torch.allclose(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_attention_reads_committed_keys_in_place_or_gathered_alike(dtype):
+    """A bucket of groups at consecutive slots reads their committed keys and values as a view of the
+    pool; the same bucket gathered (as one with slots out of order would be) gives every row the same
+    bits, and so does each group in a bucket of its own."""
+    gen = torch.Generator().manual_seed(0)
+    kv, heads, d, n_pos = 2, 4, 16, 512
+    k_pool = torch.randn(6, kv, n_pos, d, generator=gen).to(dtype)
+    v_pool = torch.randn(6, kv, n_pos, d, generator=gen).to(dtype)
+    ctxs = [300, 140, 41, 260]                       # decode rows at slots 2..5, two to three value blocks
+    plans = [exact.plan(torch.tensor([c]), c, None) for c in ctxs]
+    slots, offsets, sizes = [2, 3, 4, 5], [0, 1, 2, 3], [1, 1, 1, 1]
+    q = torch.randn(4, heads, d, generator=gen).to(dtype)
+    counts = tuple(range(1, 9))
+    in_place = exact._bucket(exact._units(slots, offsets, plans, sizes, max(counts)), (kv, n_pos), dtype, counts, 4)
+    assert in_place.first == 2
+    gathered = exact.Bucket(**{**in_place.__dict__, "first": None})
+    alone = exact.buckets(slots, offsets, plans, sizes, (kv, n_pos), dtype, counts, batched=False)
+    a = exact.attend([in_place], k_pool, v_pool, q, d ** -0.5)
+    assert torch.equal(a, exact.attend([gathered], k_pool, v_pool, q, d ** -0.5))
+    assert torch.equal(a, exact.attend(alone, k_pool, v_pool, q, d ** -0.5))
+
+
 def test_the_batch_probe_notices_rows_that_change_with_padding(monkeypatch):
     """`probe` batches groups only where a bucket gives each row the bits of its group alone: a bucket
     whose rows depended on its padding (here, on its longest split) is caught."""
