@@ -45,7 +45,6 @@ class Layout:
     row_pos: torch.Tensor         # [N] cache position each row's K/V are written to
     buckets: list[Bucket]
     exact: list | None = None     # exact forwards: exact.py's buckets instead
-    span: tuple[int, int] | None = None   # one sequence: (slot, start), its rows to positions start.. in order
 
 
 def cut(ns: list[int], ctxs: list[int]) -> list[list[int]]:
@@ -128,17 +127,11 @@ def layout(pool: KVPool, slots: list[int], starts: list[int], ns: list[int],
                           length, to(q_index.view(-1)), n_max, to(bias), to(live.view(-1).nonzero().view(-1)),
                           None if rows is None else to(rows)))
     return Layout(pool, row_slot.to(pool.k.device, non_blocking=True), row_pos.to(pool.k.device, non_blocking=True),
-                  out, span=(slots[0], starts[0]) if len(ns) == 1 else None)
+                  out)
 
 
 def write(lay: Layout, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """The rows' K/V ([N, kv_heads, d]) into their slots and positions: one indexed copy each (one
-    sequence: a copy into its positions' slice)."""
-    if lay.span is not None:
-        slot, start = lay.span
-        lay.pool.k[layer, slot, :, start:start + k.shape[0]] = k.transpose(0, 1)
-        lay.pool.v[layer, slot, :, start:start + v.shape[0]] = v.transpose(0, 1)
-        return
+    """The rows' K/V ([N, kv_heads, d]) into their slots and positions: one indexed copy each."""
     lay.pool.k[layer][lay.row_slot, :, lay.row_pos] = k
     lay.pool.v[layer][lay.row_slot, :, lay.row_pos] = v
 
