@@ -4,6 +4,7 @@ same dtype), weight-only int8 and int4 (a GGUF's blocks as stored), and the GGUF
 (hit, corrupted entry)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -300,14 +301,14 @@ def test_exact_attention_reads_committed_keys_in_place_or_gathered_alike(dtype):
     kv, heads, d, n_pos = 2, 4, 16, 512
     k_pool = torch.randn(6, kv, n_pos, d, generator=gen).to(dtype)
     v_pool = torch.randn(6, kv, n_pos, d, generator=gen).to(dtype)
-    ctxs = [300, 140, 41, 260]                       # decode rows at slots 2..5, two to three value blocks
+    ctxs = [300, 140, 41, 260]   # decode rows at slots 2..5, splits 256, 96, 0, 224: two value blocks
     plans = [exact.plan(torch.tensor([c]), c, None) for c in ctxs]
     slots, offsets, sizes = [2, 3, 4, 5], [0, 1, 2, 3], [1, 1, 1, 1]
     q = torch.randn(4, heads, d, generator=gen).to(dtype)
     counts = tuple(range(1, 9))
     in_place = exact._bucket(exact._units(slots, offsets, plans, sizes, max(counts)), (kv, n_pos), dtype, counts, 4)
     assert in_place.first == 2
-    gathered = exact.Bucket(**{**in_place.__dict__, "first": None})
+    gathered = dataclasses.replace(in_place, first=None)
     alone = exact.buckets(slots, offsets, plans, sizes, (kv, n_pos), dtype, counts, batched=False)
     a = exact.attend([in_place], k_pool, v_pool, q, d ** -0.5)
     assert torch.equal(a, exact.attend([gathered], k_pool, v_pool, q, d ** -0.5))

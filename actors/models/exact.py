@@ -38,8 +38,8 @@ sequences must not add a third:
    split point) are attended in a few calls (`buckets`), each group padded to its bucket's row count and
    longest split. The padding adds masked keys at the end (zero terms in the same softmax lanes) and
    value blocks of zero weight after a group's last (a sequential running sum adds exact zeros), so it
-   leaves every sum as it was; `probe` checks on this machine that the products do not change with the batch, and
-   falls back to one group a call where they do.
+   leaves every sum as it was; `probe` checks on this machine that the products do not change with the
+   batch, and falls back to one group a call where they do.
 
 Everything else (embedding, RMSNorm, RoPE, SiLU, residuals) works row by row already. The prefill
 is shared by plain and speculative decoding, so it keeps the fast path."""
