@@ -14,4 +14,3 @@ print(type(w).__name__, getattr(w, "halves", None), w.shape, w.nbytes / 1e6, "MB
 print("lm_head ms", t(lambda: m.logits(h)))
 for key, p in m.layers[0].products.items():
     x = torch.randn(1, p.shape[0]); print(key, p.shape, "%.3f ms" % t(lambda: p.mm(x), 100))
-print("embed dense ms (ref matmul f32)", t(lambda: h @ m.embed.t()))

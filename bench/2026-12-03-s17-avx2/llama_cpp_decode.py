@@ -10,4 +10,3 @@ for _ in range(2):
     out = llm(p, max_tokens=128, temperature=0)
     el = time.perf_counter() - t
     print(out["usage"], "%.1f s" % el)
-t = time.perf_counter(); llm.eval(llm.tokenize(b"x")); 
