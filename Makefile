@@ -24,8 +24,13 @@ serve: install
 generate: install
 	$(VENV)/bin/drafthorse generate "Write a haiku about speculative decoding."
 
+# the tests in $(JOBS) processes (at most 4: each holds its own models), then those that start a Ray
+# cluster one at a time; both halves always run, and either failing (or collecting nothing) fails
+JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS) --dist loadfile -m "not cluster"; a=$$?; \
+	$(PY) -m pytest -m cluster; b=$$?; \
+	test $$a -eq 0 -a $$b -eq 0
 
 # the layers, ruff and mypy alone (make test runs them too, in tests/test_layers.py)
 lint: install

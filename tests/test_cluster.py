@@ -28,6 +28,8 @@ from drafthorse.runtime.redis_store import free_port
 from drafthorse.runtime.rpc import auth_metadata, field_of
 from drafthorse.runtime.settings import Settings
 
+pytestmark = pytest.mark.cluster
+
 PROMPTS = ["the cat sat on the mat, the cat sat on the", "one two three one two three one two",
            "Tell me about speculative decoding.", "a b c d a b c d a b", "hello hello hello",
            "Why is the sky blue?", "1, 2, 3, 4, 1, 2, 3, 4", "x y z x y z x y"]

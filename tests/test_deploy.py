@@ -21,6 +21,8 @@ from drafthorse.cluster.deployment.local import start_local_ray
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.redis_store import free_port
 
+pytestmark = pytest.mark.cluster
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "serve_config.yaml"
 N = 12

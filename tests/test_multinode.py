@@ -24,6 +24,8 @@ from drafthorse.runtime.settings import Settings
 # fixtures (`stub` over this module's `cluster`); none of them runs unless requested, so no second cluster
 from tests.test_cluster import PROMPTS, N, _alive, _storm, chat_ids, local, reference, run, stub  # noqa: F401
 
+pytestmark = pytest.mark.cluster
+
 LARGE = {"num_cpus": 2, "resources": {"large_accel": 1}}
 CHEAP = {"num_cpus": 2, "resources": {"cheap_accel": 2}}
 

@@ -24,6 +24,8 @@ from drafthorse.runtime.redis_store import free_port
 from drafthorse.runtime.rpc import abort, field_of
 from drafthorse.runtime.settings import Settings
 
+pytestmark = pytest.mark.cluster
+
 MODEL = "tiny:0"
 N = 16
 

@@ -12,11 +12,14 @@ import time
 import uuid
 
 import grpc
+import pytest
 
 from drafthorse.actors.spec.sampling import SamplingParams
 from drafthorse.cluster.client import request
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.redis_store import free_port
+
+pytestmark = pytest.mark.cluster
 
 STARTED = re.compile(r"started in ([\d.]+) s: first token ([\d.]+) s after the workers were ready in ([\d.]+) s")
 

@@ -8,7 +8,11 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from drafthorse.cluster.tools.soak import FAULTS, trends, verdict
+
+pytestmark = pytest.mark.cluster
 
 
 def test_short_soak_loses_nothing_and_does_not_grow(tmp_path):
