@@ -50,6 +50,7 @@ MAX_PROMPT_CHARS = 1_000_000
 TURN_LEASE_S = 60.0        # a session's turn lease, renewed while the turn streams (sessions.begin_turn)
 TOKENIZE_THREADS = 2
 MAX_CHAT_MESSAGES = 1024   # (the template renders each: hundreds of thousands of empty ones cost seconds)
+MAX_CACHE_SALT = 256       # characters of a request's cache_salt
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
@@ -88,6 +89,12 @@ class ApiKeyAuth(grpc.aio.ServerInterceptor):
             return await continuation(details)
         handler = await continuation(details)
         return self._deny_stream if handler is not None and handler.response_streaming else self._deny_unary
+
+
+def prefix_scope(owner: str, salt: str) -> str:
+    """The scope within which a request's prompt may reuse K/V cached for another's: its API key's,
+    narrowed by its cache_salt (length-prefixed: no owner and salt pair spells another's)."""
+    return f"{len(owner)}:{owner}{salt}"
 
 
 async def _refuse(context, e: LimitExceeded) -> None:
@@ -157,6 +164,8 @@ class Gateway(pb_grpc.GeneratorServicer):
             compile_spec(*constraint)   # BadField("constraint") for one that does not compile
         if r.drafter:
             kinds.kind(r.drafter)   # BadField("drafter") when unknown
+        if len(r.cache_salt) > MAX_CACHE_SALT:
+            raise BadField("cache_salt", f"cache_salt is {len(r.cache_salt)} characters, at most {MAX_CACHE_SALT}")
         if r.session_id and r.new_session:
             raise BadField("session_id", "give session_id to continue a session or new_session to open one, not both")
         if r.n > self.s.max_n:
@@ -388,7 +397,8 @@ class Gateway(pb_grpc.GeneratorServicer):
                 target, draft = await self._claim_or_wait(session, tried, kind, leases, context, pin)
                 treq = pb.TargetRequest(request=r, prompt_ids=prompt_ids + generated, session_id=sid,
                                         draft_address=draft.address if draft else "",
-                                        max_new_tokens=max_new - len(generated), prefix_scope=owner)
+                                        max_new_tokens=max_new - len(generated),
+                                        prefix_scope=prefix_scope(owner, r.cache_salt))
                 treq.request.drafter = kind
                 left = ends - time.monotonic()
                 call = self._stub(target.address).Generate(treq, metadata=self.metadata,

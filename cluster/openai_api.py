@@ -16,7 +16,8 @@ a token that is part of a character is written with backslash escapes (its `byte
 response_format (json_object, json_schema: a structured output); tools / tool_choice / tool messages
 (chat; toolcalls.py: a call is a structured output, answered as tool_calls). Extensions:
 drafter (none | ngram | draft-model), session_id (continue a session), new_session (open one; its
-id comes back in x_drafthorse.session_id), top_k. Non-streaming responses (and the last streamed
+id comes back in x_drafthorse.session_id), top_k, cache_salt (as vLLM's: cached prompt prefixes are
+reused only among requests of one API key and salt). Non-streaming responses (and the last streamed
 chunk) carry `x_drafthorse`: the generation's stats (mean_accepted_tokens, tokens_per_s, ...).
 Errors come back as {"error": {"message", "type", "param", "code"}}."""
 from __future__ import annotations
@@ -70,7 +71,7 @@ STATUS = {
 FIELD_PARAMS = {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
                 "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.logprobs": "logprobs", "stop": "stop",
                 "n": "n", "drafter": "drafter", "constraint": "response_format",
-                "session_id": "session_id"}
+                "session_id": "session_id", "cache_salt": "cache_salt"}
 # OpenAI parameters this server does not implement: rejected unless absent, null or their no-op value
 UNSUPPORTED = {"echo": (None, False),
                "best_of": (None, 1), "suffix": (None, ""), "functions": (None, []),
@@ -189,6 +190,7 @@ class _Body(BaseModel):
     drafter: Optional[str] = None
     session_id: Optional[str] = None
     new_session: Optional[bool] = False
+    cache_salt: Optional[str] = None   # requests share cached prompt prefixes only with the same salt
     response_format: Optional[ResponseFormat] = None   # structured outputs: JSON, or JSON of a schema
 
 
@@ -308,6 +310,7 @@ def _common(body: _Body, r: pb.GenerateRequest) -> None:
     r.drafter = _text(body.drafter or "", "drafter")
     r.session_id = _text(body.session_id or "", "session_id")
     r.new_session = bool(body.new_session)
+    r.cache_salt = _text(body.cache_salt or "", "cache_salt")
 
 
 def completion_request(body: CompletionBody) -> pb.GenerateRequest:

@@ -284,6 +284,7 @@ def test_a_second_turn_of_a_session_while_one_runs_is_aborted(stub):
     (lambda r: setattr(r, "drafter", "nope"), "drafter"),
     (lambda r: setattr(r, "prompt", "word " * 2000), "prompt"),
     (lambda r: setattr(r, "drafter", "x" * 100_000), "drafter"),      # named, not echoed back whole
+    (lambda r: setattr(r, "cache_salt", "s" * 257), "cache_salt"),
     (lambda r: r.chat.messages.extend([pb.ChatMessage(role="user", content="")] * 5000), "at most 1024"),
 ])
 def test_invalid_argument(stub, mutate, needle):

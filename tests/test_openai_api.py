@@ -318,6 +318,7 @@ def _chat(client, **kw):
     (dict(seed=-5), "seed"),
     (dict(stop=[""]), "stop"),
     (dict(extra_body={"drafter": "nope"}), "drafter"),
+    (dict(extra_body={"cache_salt": "s" * 257}), "cache_salt"),
     (dict(extra_body={"temperature": "hot"}), "temperature"),
     (dict(messages=[{"role": "function", "content": "x"}]), "messages[0].role"),
     (dict(messages=[]), "messages"),

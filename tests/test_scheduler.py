@@ -16,6 +16,7 @@ from drafthorse.actors.models.loader import tiny_llama
 from drafthorse.actors.models.runner import ModelRunner
 from drafthorse.actors.scheduler import Request, Scheduler, SlotPool
 from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.gateway import prefix_scope
 
 CHUNK = 16
 LONG = [(7 * i + 3) % 120 for i in range(150)]      # 150 tokens: 9 chunks of 16, the rest at start
@@ -241,22 +242,25 @@ def test_choices_of_one_prompt_prefill_it_once_and_each_equals_its_run_alone(dty
         s.stop()
 
 
-def test_prefixes_are_shared_within_a_scope_only(sched):
-    """Another API key's request with the same prompt prefills it itself (its first token's time must not
-    tell it the prompt was seen); the same key's copies it, from a running slot or a finished one."""
+@pytest.mark.parametrize("key,salt", [("mallory", ""), ("alice", "run-2"), ("", "alice")])
+def test_prefixes_are_shared_within_a_scope_only(sched, key, salt):
+    """Another API key's request with the same prompt (or the same key's with another cache_salt) prefills
+    it itself (its first token's time must not tell it the prompt was seen); the same key's copies it,
+    from a running slot or a finished one. Scopes as the gateway makes them."""
     lm, s = sched
     prompt = LONG[:40]
-    first = Request(list(prompt), SamplingParams(max_new_tokens=300), NoDrafter(), prefix_scope="alice")
+    alice = prefix_scope("alice", "")
+    first = Request(list(prompt), SamplingParams(max_new_tokens=300), NoDrafter(), prefix_scope=alice)
     s.submit(first)
     while first.out.empty():
         time.sleep(0.001)
-    mallory = Request(list(prompt), SamplingParams(max_new_tokens=4), NoDrafter(), prefix_scope="mallory")
-    s.submit(mallory)
-    assert drain(mallory) == alone(lm, prompt, SamplingParams(max_new_tokens=4))
-    assert s.shared_tokens == 0 and mallory.stats.reused_prefix_tokens < 39   # (its own chunks count as reused)
+    other = Request(list(prompt), SamplingParams(max_new_tokens=4), NoDrafter(), prefix_scope=prefix_scope(key, salt))
+    s.submit(other)
+    assert drain(other) == alone(lm, prompt, SamplingParams(max_new_tokens=4))
+    assert s.shared_tokens == 0 and other.stats.reused_prefix_tokens < 39   # (its own chunks count as reused)
     first.cancelled.set()
     drain(first)
-    again = Request(list(prompt), SamplingParams(max_new_tokens=4), NoDrafter(), prefix_scope="alice")
+    again = Request(list(prompt), SamplingParams(max_new_tokens=4), NoDrafter(), prefix_scope=alice)
     s.submit(again)   # alice's slot is free now, its context still there
     assert drain(again) == alone(lm, prompt, SamplingParams(max_new_tokens=4))
     assert again.stats.reused_prefix_tokens == 39

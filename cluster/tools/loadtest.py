@@ -15,8 +15,10 @@ One grpc.aio channel, one asyncio task per request. Per concurrency level and dr
 A level ends after `requests` requests or `max_seconds`, whichever comes first; requests still in
 flight at `max_seconds` are cancelled and reported as `truncated` (their tokens count in throughput,
 not in latencies). Every level of every drafter sends the same prompts in the same order (greedy), so
-series differ only in how the tokens were produced. Levels run concurrency-major, the drafters
-alternating, so that machine drift hits every series alike.
+series differ only in how the tokens were produced; each level has a cache_salt of its own, so no level
+starts from prompts an earlier one left in the targets' prefix caches (drafters that never reuse a
+cached prefix, as feature heads, would otherwise pay for prefills the others were spared). Levels run
+concurrency-major, the drafters alternating, so that machine drift hits every series alike.
 
 A series is a drafter name as requests give it (`none`, `ngram`, ...), sized per step by the server's
 adaptive policy, or NAME-fixed (`ngram-fixed`): the same drafter with the full tree budget every step.
@@ -36,6 +38,7 @@ import os
 import random
 import statistics
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -166,18 +169,20 @@ def _dist(xs: list[float]) -> dict:
 FIXED = "-fixed"   # series suffix: no adaptive policy
 
 
-def _request(prompt: str, drafter: str, max_new_tokens: int) -> pb.GenerateRequest:
+def _request(prompt: str, drafter: str, max_new_tokens: int, salt: str) -> pb.GenerateRequest:
     fixed = drafter.endswith(FIXED)
-    r = pb.GenerateRequest(max_new_tokens=max_new_tokens, drafter=drafter.removesuffix(FIXED), fixed_tree=fixed)
+    r = pb.GenerateRequest(max_new_tokens=max_new_tokens, drafter=drafter.removesuffix(FIXED), fixed_tree=fixed,
+                           cache_salt=salt)
     r.chat.messages.add(role="user", content=prompt)
     return r
 
 
-async def _one(stub, prompt: str, drafter: str, max_new_tokens: int, sent: float, timeout_s: float) -> dict:
+async def _one(stub, prompt: str, drafter: str, max_new_tokens: int, sent: float, timeout_s: float,
+               salt: str = "") -> dict:
     """One streamed generation; times are perf_counter seconds."""
     rec: dict[str, Any] = {"sent": sent, "first": None, "last": None, "end": None, "tokens": 0, "code": "OK",
                            "stats": None, "finish_reason": None}
-    call = stub.Generate(_request(prompt, drafter, max_new_tokens), timeout=timeout_s)
+    call = stub.Generate(_request(prompt, drafter, max_new_tokens, salt), timeout=timeout_s)
     try:
         async for msg in call:
             now = time.perf_counter()
@@ -200,8 +205,9 @@ async def _one(stub, prompt: str, drafter: str, max_new_tokens: int, sent: float
 
 async def run_level(stub, prompts: list[str], drafter: str, concurrency: int, requests: int,
                     max_seconds: float, max_new_tokens: int, rate: float | None = None,
-                    rng: random.Random | None = None, timeout_s: float = 600.0) -> dict:
-    """One drafter at one concurrency: `requests` requests (prompts in order) or `max_seconds`."""
+                    rng: random.Random | None = None, timeout_s: float = 600.0, salt: str = "") -> dict:
+    """One drafter at one concurrency: `requests` requests (prompts in order) or `max_seconds`; salt: the
+    requests' cache_salt."""
     rng = rng or random.Random(0)
     records: list[dict] = []
     t0 = time.perf_counter()
@@ -216,7 +222,7 @@ async def run_level(stub, prompts: list[str], drafter: str, concurrency: int, re
                 if time.perf_counter() >= deadline:
                     return
                 records.append(await _one(stub, prompts[k % len(prompts)], drafter, max_new_tokens,
-                                          time.perf_counter(), budget()))
+                                          time.perf_counter(), budget(), salt))
         tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
     else:  # open loop: Poisson arrivals, at most `concurrency` in flight
         slots = asyncio.Semaphore(concurrency)
@@ -224,7 +230,7 @@ async def run_level(stub, prompts: list[str], drafter: str, concurrency: int, re
         async def arrival(k: int, sent: float):
             async with slots:
                 records.append(await _one(stub, prompts[k % len(prompts)], drafter, max_new_tokens,
-                                          sent, budget()))
+                                          sent, budget(), salt))
         tasks = []
         at = t0
         for k in range(requests):
@@ -306,11 +312,13 @@ async def run_loadtest(server: str, prompts: list[str], drafters: list[str], con
     validate_args(prompts, drafters, concurrency, requests, max_seconds, max_new_tokens, rate)
     say = progress or (lambda _msg: None)
     levels: list[dict] = []
+    run = uuid.uuid4().hex[:12]   # salts of this run's levels: nothing cached by an earlier run is reused
     async with grpc.aio.insecure_channel(server, options=OPTIONS) as channel:
         stub = _Keyed(pb_grpc.GeneratorStub(channel), api_key)
         if warmup:  # first-call costs out of the numbers; a bad drafter fails here, once, clearly
             for d in drafters:
-                rec = await _one(stub, prompts[0], d, min(max_new_tokens, WARMUP_TOKENS), time.perf_counter(), 300)
+                rec = await _one(stub, prompts[0], d, min(max_new_tokens, WARMUP_TOKENS), time.perf_counter(), 300,
+                                 f"{run}:warm-up")
                 if rec["code"] != "OK":
                     raise ValueError(f"warm-up request with drafter {d!r} failed: {rec['code']}: "
                                      f"{rec.get('details', '')}")
@@ -318,7 +326,7 @@ async def run_loadtest(server: str, prompts: list[str], drafters: list[str], con
             for d in drafters:
                 say(f"drafter {d}, concurrency {c}" + (f", {rate} req/s" if rate else "") + " ...")
                 level = await run_level(stub, prompts, d, c, requests, max_seconds, max_new_tokens, rate,
-                                        random.Random(seed))
+                                        random.Random(seed), salt=f"{run}:{d}:{c}")
                 levels.append(level)
                 say(_line(level))
     return {"env": {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/drafthorse/v1/drafthorse.proto\x12\rdrafthorse.v1\"}\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.drafthorse.v1.ChatMessage\"c\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xaa\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12#\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x13.drafthorse.v1.ChatH\x00\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.drafthorse.v1.Sampling\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0f\n\x07\x64rafter\x18\x07 \x01(\t\x12\x13\n\x0bnew_session\x18\x08 \x01(\x08\x12\x12\n\nfixed_tree\x18\t \x01(\x08\x12\t\n\x01n\x18\n \x01(\r\x12-\n\nconstraint\x18\x0b \x01(\x0b\x32\x19.drafthorse.v1.ConstraintB\x07\n\x05input\"\x86\x04\n\rGenerateStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x17\n\x0ftarget_forwards\x18\x03 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x1a\n\x12\x61\x63\x63\x65pted_per_depth\x18\x06 \x03(\r\x12\x1c\n\x14mean_accepted_tokens\x18\x07 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\t \x01(\x01\x12\x10\n\x08verify_s\x18\n \x01(\x01\x12\x13\n\x0b\x64raft_rpc_s\x18\x0b \x01(\x01\x12\x0f\n\x07total_s\x18\x0c \x01(\x01\x12\x0f\n\x07\x64rafter\x18\r \x01(\t\x12\x15\n\rtarget_worker\x18\x0e \x01(\t\x12\x14\n\x0c\x64raft_worker\x18\x0f \x01(\t\x12\x12\n\ndraft_rpcs\x18\x10 \x01(\r\x12\x14\n\x0c\x62udget_nodes\x18\x11 \x01(\r\x12\x17\n\x0fmean_batch_size\x18\x12 \x01(\x01\x12\x1b\n\x13\x61\x63\x63\x65ptance_estimate\x18\x13 \x01(\x01\x12\x16\n\x0erow_cost_ratio\x18\x14 \x01(\x01\x12\r\n\x05\x64type\x18\x15 \x01(\t\x12\x1c\n\x14reused_prefix_tokens\x18\x16 \x01(\r\";\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\x0c\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\x0c\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.drafthorse.v1.Logprob\"\xdc\x01\n\x10GenerateResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.drafthorse.v1.GenerateStats\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.drafthorse.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\"\xad\x01\n\rTargetRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.drafthorse.v1.GenerateRequest\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x15\n\rdraft_address\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x14\n\x0cprefix_scope\x18\x06 \x01(\t\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"Y\n\tTokenTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12(\n\x05probs\x18\x03 \x03(\x0b\x32\x19.drafthorse.v1.SparseDist\"B\n\x08\x46\x65\x61tures\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\"\xed\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05reset\x18\x02 \x01(\x08\x12\x15\n\rnew_token_ids\x18\x03 \x03(\x05\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x04\x12\x11\n\tmax_nodes\x18\x05 \x01(\x05\x12\x11\n\tmax_depth\x18\x06 \x01(\x05\x12)\n\x08sampling\x18\x07 \x01(\x0b\x32\x17.drafthorse.v1.Sampling\x12\x0f\n\x07\x64rafter\x18\x08 \x01(\t\x12)\n\x08\x66\x65\x61tures\x18\t \x01(\x0b\x32\x17.drafthorse.v1.Features\"H\n\rDraftResponse\x12&\n\x04tree\x18\x01 \x01(\x0b\x32\x18.drafthorse.v1.TokenTree\x12\x0f\n\x07\x64raft_s\x18\x02 \x01(\x01\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12\x45ndSessionResponse2Z\n\tGenerator\x12M\n\x08Generate\x12\x1e.drafthorse.v1.GenerateRequest\x1a\x1f.drafthorse.v1.GenerateResponse0\x01\x32\xa8\x01\n\x06Target\x12K\n\x08Generate\x12\x1c.drafthorse.v1.TargetRequest\x1a\x1f.drafthorse.v1.GenerateResponse0\x01\x12Q\n\nEndSession\x12 .drafthorse.v1.EndSessionRequest\x1a!.drafthorse.v1.EndSessionResponse2\xa0\x01\n\x07\x44rafter\x12\x42\n\x05\x44raft\x12\x1b.drafthorse.v1.DraftRequest\x1a\x1c.drafthorse.v1.DraftResponse\x12Q\n\nEndSession\x12 .drafthorse.v1.EndSessionRequest\x1a!.drafthorse.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/drafthorse/v1/drafthorse.proto\x12\rdrafthorse.v1\"}\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.drafthorse.v1.ChatMessage\"c\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xbe\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12#\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x13.drafthorse.v1.ChatH\x00\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.drafthorse.v1.Sampling\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0f\n\x07\x64rafter\x18\x07 \x01(\t\x12\x13\n\x0bnew_session\x18\x08 \x01(\x08\x12\x12\n\nfixed_tree\x18\t \x01(\x08\x12\t\n\x01n\x18\n \x01(\r\x12-\n\nconstraint\x18\x0b \x01(\x0b\x32\x19.drafthorse.v1.Constraint\x12\x12\n\ncache_salt\x18\x0c \x01(\tB\x07\n\x05input\"\x86\x04\n\rGenerateStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x17\n\x0ftarget_forwards\x18\x03 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x1a\n\x12\x61\x63\x63\x65pted_per_depth\x18\x06 \x03(\r\x12\x1c\n\x14mean_accepted_tokens\x18\x07 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\t \x01(\x01\x12\x10\n\x08verify_s\x18\n \x01(\x01\x12\x13\n\x0b\x64raft_rpc_s\x18\x0b \x01(\x01\x12\x0f\n\x07total_s\x18\x0c \x01(\x01\x12\x0f\n\x07\x64rafter\x18\r \x01(\t\x12\x15\n\rtarget_worker\x18\x0e \x01(\t\x12\x14\n\x0c\x64raft_worker\x18\x0f \x01(\t\x12\x12\n\ndraft_rpcs\x18\x10 \x01(\r\x12\x14\n\x0c\x62udget_nodes\x18\x11 \x01(\r\x12\x17\n\x0fmean_batch_size\x18\x12 \x01(\x01\x12\x1b\n\x13\x61\x63\x63\x65ptance_estimate\x18\x13 \x01(\x01\x12\x16\n\x0erow_cost_ratio\x18\x14 \x01(\x01\x12\r\n\x05\x64type\x18\x15 \x01(\t\x12\x1c\n\x14reused_prefix_tokens\x18\x16 \x01(\r\";\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\x0c\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\x0c\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.drafthorse.v1.Logprob\"\xdc\x01\n\x10GenerateResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.drafthorse.v1.GenerateStats\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.drafthorse.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\"\xad\x01\n\rTargetRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.drafthorse.v1.GenerateRequest\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x15\n\rdraft_address\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x14\n\x0cprefix_scope\x18\x06 \x01(\t\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"Y\n\tTokenTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12(\n\x05probs\x18\x03 \x03(\x0b\x32\x19.drafthorse.v1.SparseDist\"B\n\x08\x46\x65\x61tures\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\"\xed\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05reset\x18\x02 \x01(\x08\x12\x15\n\rnew_token_ids\x18\x03 \x03(\x05\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x04\x12\x11\n\tmax_nodes\x18\x05 \x01(\x05\x12\x11\n\tmax_depth\x18\x06 \x01(\x05\x12)\n\x08sampling\x18\x07 \x01(\x0b\x32\x17.drafthorse.v1.Sampling\x12\x0f\n\x07\x64rafter\x18\x08 \x01(\t\x12)\n\x08\x66\x65\x61tures\x18\t \x01(\x0b\x32\x17.drafthorse.v1.Features\"H\n\rDraftResponse\x12&\n\x04tree\x18\x01 \x01(\x0b\x32\x18.drafthorse.v1.TokenTree\x12\x0f\n\x07\x64raft_s\x18\x02 \x01(\x01\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12\x45ndSessionResponse2Z\n\tGenerator\x12M\n\x08Generate\x12\x1e.drafthorse.v1.GenerateRequest\x1a\x1f.drafthorse.v1.GenerateResponse0\x01\x32\xa8\x01\n\x06Target\x12K\n\x08Generate\x12\x1c.drafthorse.v1.TargetRequest\x1a\x1f.drafthorse.v1.GenerateResponse0\x01\x12Q\n\nEndSession\x12 .drafthorse.v1.EndSessionRequest\x1a!.drafthorse.v1.EndSessionResponse2\xa0\x01\n\x07\x44rafter\x12\x42\n\x05\x44raft\x12\x1b.drafthorse.v1.DraftRequest\x1a\x1c.drafthorse.v1.DraftResponse\x12Q\n\nEndSession\x12 .drafthorse.v1.EndSessionRequest\x1a!.drafthorse.v1.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONSTRAINT']._serialized_start=283
   _globals['_CONSTRAINT']._serialized_end=382
   _globals['_GENERATEREQUEST']._serialized_start=385
-  _globals['_GENERATEREQUEST']._serialized_end=683
-  _globals['_GENERATESTATS']._serialized_start=686
-  _globals['_GENERATESTATS']._serialized_end=1204
-  _globals['_LOGPROB']._serialized_start=1206
-  _globals['_LOGPROB']._serialized_end=1265
-  _globals['_TOKENLOGPROB']._serialized_start=1267
-  _globals['_TOKENLOGPROB']._serialized_end=1368
-  _globals['_GENERATERESPONSE']._serialized_start=1371
-  _globals['_GENERATERESPONSE']._serialized_end=1591
-  _globals['_TARGETREQUEST']._serialized_start=1594
-  _globals['_TARGETREQUEST']._serialized_end=1767
-  _globals['_SPARSEDIST']._serialized_start=1769
-  _globals['_SPARSEDIST']._serialized_end=1809
-  _globals['_TOKENTREE']._serialized_start=1811
-  _globals['_TOKENTREE']._serialized_end=1900
-  _globals['_FEATURES']._serialized_start=1902
-  _globals['_FEATURES']._serialized_end=1968
-  _globals['_DRAFTREQUEST']._serialized_start=1971
-  _globals['_DRAFTREQUEST']._serialized_end=2208
-  _globals['_DRAFTRESPONSE']._serialized_start=2210
-  _globals['_DRAFTRESPONSE']._serialized_end=2282
-  _globals['_ENDSESSIONREQUEST']._serialized_start=2284
-  _globals['_ENDSESSIONREQUEST']._serialized_end=2323
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=2325
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=2345
-  _globals['_GENERATOR']._serialized_start=2347
-  _globals['_GENERATOR']._serialized_end=2437
-  _globals['_TARGET']._serialized_start=2440
-  _globals['_TARGET']._serialized_end=2608
-  _globals['_DRAFTER']._serialized_start=2611
-  _globals['_DRAFTER']._serialized_end=2771
+  _globals['_GENERATEREQUEST']._serialized_end=703
+  _globals['_GENERATESTATS']._serialized_start=706
+  _globals['_GENERATESTATS']._serialized_end=1224
+  _globals['_LOGPROB']._serialized_start=1226
+  _globals['_LOGPROB']._serialized_end=1285
+  _globals['_TOKENLOGPROB']._serialized_start=1287
+  _globals['_TOKENLOGPROB']._serialized_end=1388
+  _globals['_GENERATERESPONSE']._serialized_start=1391
+  _globals['_GENERATERESPONSE']._serialized_end=1611
+  _globals['_TARGETREQUEST']._serialized_start=1614
+  _globals['_TARGETREQUEST']._serialized_end=1787
+  _globals['_SPARSEDIST']._serialized_start=1789
+  _globals['_SPARSEDIST']._serialized_end=1829
+  _globals['_TOKENTREE']._serialized_start=1831
+  _globals['_TOKENTREE']._serialized_end=1920
+  _globals['_FEATURES']._serialized_start=1922
+  _globals['_FEATURES']._serialized_end=1988
+  _globals['_DRAFTREQUEST']._serialized_start=1991
+  _globals['_DRAFTREQUEST']._serialized_end=2228
+  _globals['_DRAFTRESPONSE']._serialized_start=2230
+  _globals['_DRAFTRESPONSE']._serialized_end=2302
+  _globals['_ENDSESSIONREQUEST']._serialized_start=2304
+  _globals['_ENDSESSIONREQUEST']._serialized_end=2343
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=2345
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=2365
+  _globals['_GENERATOR']._serialized_start=2367
+  _globals['_GENERATOR']._serialized_end=2457
+  _globals['_TARGET']._serialized_start=2460
+  _globals['_TARGET']._serialized_end=2628
+  _globals['_DRAFTER']._serialized_start=2631
+  _globals['_DRAFTER']._serialized_end=2791
 # @@protoc_insertion_point(module_scope)

@@ -47,7 +47,7 @@ class Constraint(_message.Message):
     def __init__(self, json_schema: _Optional[str] = ..., json_object: _Optional[bool] = ..., regex: _Optional[str] = ..., lark: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "chat", "session_id", "sampling", "max_new_tokens", "stop", "drafter", "new_session", "fixed_tree", "n", "constraint")
+    __slots__ = ("prompt", "chat", "session_id", "sampling", "max_new_tokens", "stop", "drafter", "new_session", "fixed_tree", "n", "constraint", "cache_salt")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class GenerateRequest(_message.Message):
     FIXED_TREE_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chat: Chat
     session_id: str
@@ -70,7 +71,8 @@ class GenerateRequest(_message.Message):
     fixed_tree: bool
     n: int
     constraint: Constraint
-    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ..., new_session: _Optional[bool] = ..., fixed_tree: _Optional[bool] = ..., n: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ..., new_session: _Optional[bool] = ..., fixed_tree: _Optional[bool] = ..., n: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
     __slots__ = ("prompt_tokens", "generated_tokens", "target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_depth", "mean_accepted_tokens", "tokens_per_s", "draft_s", "verify_s", "draft_rpc_s", "total_s", "drafter", "target_worker", "draft_worker", "draft_rpcs", "budget_nodes", "mean_batch_size", "acceptance_estimate", "row_cost_ratio", "dtype", "reused_prefix_tokens")
