@@ -93,8 +93,8 @@ class Sequence:
 def reusable_prefix(runner: ModelRunner, prompt_ids: list[int], drafter: Drafter) -> int:
     """How many leading prompt tokens the runner's cache already holds and may keep: the common
     prefix, less at least one prompt token (scored again: its logits start the answer); none for a
-    feature drafter, which needs the states of the whole prompt."""
-    if drafter.wants_features:
+    feature drafter, which needs the states of the whole prompt, unless the cache keeps them."""
+    if drafter.wants_features and not runner.keeps_features:
         return 0
     keep, limit = 0, min(len(runner.tokens), len(prompt_ids) - 1)
     while keep < limit and runner.tokens[keep] == prompt_ids[keep]:
@@ -170,17 +170,20 @@ class BatchEngine:
             todo.append(p.ids[keep:])
         logits: list[torch.Tensor] = [torch.empty(0, device=HOST)] * len(prompts)
         hidden: list[list[torch.Tensor]] = [[] for _ in prompts]
+        # a feature drafter starts from every prompt state: read back from the cache where it keeps them
+        # (a reused prefix's too), else gathered from these passes
+        gather = [s.drafter.wants_features and not p.runner.keeps_features for s, p in zip(seqs, prompts)]
         done = [0] * len(prompts)
         step = self.prefill_chunk or max(map(len, todo))
         while live := [i for i in range(len(prompts)) if done[i] < len(todo[i])]:
             pieces = [todo[i][done[i]:done[i] + step] for i in live]
             for i, piece, (lg, h) in zip(live, pieces, extend_batch([prompts[i].runner for i in live], pieces)):
                 logits[i] = lg
-                hidden[i].append(h if seqs[i].drafter.wants_features else h[-1:])
+                hidden[i].append(h if gather[i] else h[-1:])
                 done[i] += len(piece)
         out = []
-        for p, seq, lg, hs in zip(prompts, seqs, logits, hidden):
-            h = torch.cat(hs)
+        for p, seq, lg, hs, whole in zip(prompts, seqs, logits, hidden, gather):
+            h = torch.cat(hs) if whole or not seq.drafter.wants_features else p.runner.features(len(p.ids))
             if seq.grammar is not None or not p.params.greedy:
                 lg = lg.to(HOST)   # drawn from on the host, by the request's seeded generator
             seq.root = self._pick(lg if seq.grammar is None else seq.grammar.constrain(lg), p.params,

@@ -14,8 +14,9 @@ cancelled request leaves at the next step boundary and frees its slot.
 Shared prefixes: a request whose prompt starts like the context a slot holds (a running request's, or
 a finished one's not yet reused) copies those K/V into its slot instead of prefilling them (the n
 choices of one prompt; one system prompt), and one with the very prompt of a request still prefilling
-waits for it rather than computing it twice. Only within one prefix scope (an API key): the time to a
-first token must not tell one tenant what another asked."""
+waits for it rather than computing it twice. Only within one prefix scope (an API key and cache salt):
+the time to a first token must not tell one tenant what another asked. A feature head's request shares
+and chunks too where the slots keep every position's output row (KVPool.f, the states it drafts from)."""
 from __future__ import annotations
 
 import logging
@@ -209,8 +210,9 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """One round of prefill for the admitted requests, in at most two passes: those whose uncached
-        prompt fits in one chunk start together (`engine.start_many`; so does a feature drafter's,
-        which needs every prompt state from one engine call), every longer one gets its next chunk
+        prompt fits in one chunk start together (`engine.start_many`; so does a feature drafter's
+        where the slots keep no output rows: it needs every prompt state from one engine call), every
+        longer one gets its next chunk
         (`extend_batch`); up to `prefill_tokens` a round (at least one request), the rest wait for the
         next. Chunks are the engine's own (`prefill_chunk`, aligned from the reused prefix), and a
         prefill pass computes each prompt as alone, so its K/V never depend on what shares the pass."""
@@ -226,7 +228,10 @@ class Scheduler:
                 self._finish(req, r)
                 continue
             prompt = (req.prefix_scope, tuple(req.prompt_ids))
-            if not a.checked and self.share and prompt in underway and not req.drafter.wants_features:
+            # a feature drafter's prompt enters in one engine call, from nothing cached, unless the slot
+            # keeps its states (KVPool.f: then its prompt is like any other)
+            whole = req.drafter.wants_features and not r.keeps_features
+            if not a.checked and self.share and prompt in underway and not whole:
                 later.append(a)   # the same prompt is being prefilled: copy it once that one runs
                 continue
             if not a.checked:   # checked once; the slot's cache cut to what start() would keep
@@ -240,11 +245,11 @@ class Scheduler:
                 own = a.cached or (self.share and self._scope.get(id(r)) == req.prefix_scope)
                 r.truncate(reusable_prefix(r, req.prompt_ids, req.drafter) if own else 0)
                 self._scope[id(r)] = req.prefix_scope
-                if self.share and not req.drafter.wants_features:
+                if self.share and not whole:
                     self._borrow(r, req)
             underway.add(prompt)
             todo = len(req.prompt_ids) - r.length
-            final = not chunk or todo <= chunk or req.drafter.wants_features
+            final = not chunk or todo <= chunk or whole
             cost = todo if final else chunk
             if (starts or pieces) and cost > budget:
                 later.append(a)

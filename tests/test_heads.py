@@ -12,11 +12,17 @@ import torch
 from drafthorse.actors.drafters import load_head, make_drafter
 from drafthorse.actors.drafters.base import Budget
 from drafthorse.actors.drafters.heads import eagle3_layers, load_checkpoint
+from drafthorse.actors.engine import BatchEngine, SpecEngine
 from drafthorse.actors.models.loader import LoadedModel, tiny_llama
+from drafthorse.actors.models.runner import ModelRunner
+from drafthorse.actors.scheduler import Request, Scheduler, SlotPool
 from drafthorse.actors.spec.sampling import SamplingParams, make_generator
+from drafthorse.actors.spec.stats import GenerationStats
+from drafthorse.actors.spec.tree import ROOT
 from drafthorse.actors.training import selfdistill
 from drafthorse.actors.training.selfdistill import from_sequences
 from drafthorse.actors.training.train import TrainConfig, Trainer
+from tests.test_scheduler import drain
 from tests.test_verify_sampling import E2E_N, E2E_TOKENS, E2E_VOCAB, PASS_P, PROMPT, exact_joint, gof_pvalue
 
 KINDS = ("eagle", "eagle3", "medusa", "layerskip")
@@ -191,6 +197,84 @@ def test_trees_respect_the_budget(trained, target, make_engine, kind):
     tree = d.propose(Budget(max_nodes=7, max_depth=3), SamplingParams(), make_generator(0))
     assert 0 < len(tree) <= 7 and max(tree.depths()) <= 3
     tree.validate(V, 7, 3)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_the_cache_keeps_the_state_of_every_position_it_holds(trained, target, make_engine, kind):
+    """Once a feature head is bound, a target's caches keep every cached position's output row (the
+    features, with EAGLE-3's tapped streams): after speculative steps (rows scored as tree nodes, the
+    accepted ones moved into place) and in a slot that copied a prefix, they are the rows of one
+    forward over the tokens."""
+    head = load_head(kind, target, trained[kind][0])
+    engine = make_engine(target)
+    assert engine.runner.keeps_features
+    g = engine.generate(PROMPTS[2], SamplingParams(max_new_tokens=30), make_drafter(kind, head=head))
+    assert g.stats.accepted_tokens > 0
+    runner = engine.runner
+    runner.score([4, 5, 6, 7], [ROOT, ROOT, 1, 2])   # two branches, 4 and 5 -> 6 -> 7: the second is kept
+    runner.commit([1, 2, 3])
+    fresh = ModelRunner(target.model, 64)
+    _, rows = fresh.extend(runner.tokens, all_hidden=True)
+    assert rows.shape[-1] == target.model.config.hidden_size * (1 + len(target.model.taps))
+    torch.testing.assert_close(runner.features(runner.length), rows, rtol=0, atol=1e-10)
+    pool = target.model.new_pool(2, 64)
+    a, b = ModelRunner(target.model, cache=pool.cache(0)), ModelRunner(target.model, cache=pool.cache(1))
+    a.extend(runner.tokens)
+    b.copy_prefix(a, 20)
+    torch.testing.assert_close(b.features(20), rows[:20], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle+ngram"])
+def test_a_feature_head_drafts_a_next_turn_from_its_cached_prefix(trained, target, make_engine, kind):
+    """A session's next turn keeps the K/V of the conversation so far (the target scores only the new
+    tokens) with a feature head too: the head starts from the states the cache kept, so it drafts as
+    after a prefill of the whole prompt, and the answer is plain decoding's."""
+    head = load_head(kind, target, trained[kind.removesuffix("+ngram")][0])
+    engine = make_engine(target)
+    params = SamplingParams(max_new_tokens=24)
+    first = engine.generate(PROMPTS[2], params, make_drafter(kind, head=head))
+    turn = PROMPTS[2] + first.token_ids + [3, 9, 27, 17]
+
+    def answer(reuse: bool):
+        if not reuse:
+            engine.runner.reset()
+        out = GenerationStats()
+        ids = [t for step in engine.stream(turn, params, make_drafter(kind, head=head), out, reuse_prefix=reuse)
+               for t in step.token_ids]
+        return ids, out
+
+    reused, stats = answer(True)
+    assert stats.reused_prefix_tokens == len(PROMPTS[2]) + len(first.token_ids) - 1
+    fresh, fresh_stats = answer(False)
+    assert fresh_stats.reused_prefix_tokens == 0
+    assert reused == fresh == engine.generate(turn, params).token_ids
+    assert stats.accepted_tokens > 0
+    assert (stats.drafted_tokens, stats.accepted_tokens) == (fresh_stats.drafted_tokens, fresh_stats.accepted_tokens)
+
+
+def test_a_feature_heads_prompt_enters_in_chunks_and_is_shared(trained, target):
+    """In a target worker's scheduler an EAGLE-3 request's long prompt enters the cache in chunks between
+    other requests' steps, and a second request of the same scope copies the first's prompt instead of
+    prefilling it: both answer as plain decoding alone."""
+    head = load_head("eagle3", target, trained["eagle3"][0])
+    engine = BatchEngine(target.eos_ids, prefill_chunk=16)
+    s = Scheduler(engine, SlotPool(target.model, 2, 256), max_waiting=4)
+    try:
+        prompt = [(7 * i + 3) % V for i in range(70)]
+        params = SamplingParams(max_new_tokens=16)
+        plain = SpecEngine(ModelRunner(target.model, 256), target.eos_ids, prefill_chunk=16).generate(
+            prompt, params).token_ids
+        for expect_copy in (False, True):
+            r = Request(list(prompt), params, make_drafter("eagle3", head=head), prefix_scope="k")
+            s.submit(r)
+            assert drain(r) == plain
+            assert r.stats.accepted_tokens > 0
+            if expect_copy:
+                assert r.stats.reused_prefix_tokens == len(prompt) - 1 and s.shared_tokens == len(prompt) - 1
+            else:   # its own earlier chunks count as reused: 4 of 16 before the last piece
+                assert r.stats.reused_prefix_tokens == 64 and s.shared_tokens == 0
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")

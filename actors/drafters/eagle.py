@@ -24,7 +24,8 @@ from .heads import Checkpoint, EagleHead, RMSNorm
 
 class EagleModel:
     """A trained head bound to its target, shared by every sequence's drafter. An EAGLE-3 head has the
-    target return the residual streams it fuses (Llama.tap) from now on."""
+    target return the residual streams it fuses (Llama.tap) from now on, and every head has the target's
+    caches made from now on keep them per position (Llama.keep_features)."""
 
     def __init__(self, ckpt: Checkpoint, target: Llama, max_len: int | None = None):
         head = ckpt.module
@@ -41,6 +42,7 @@ class EagleModel:
         self.eps = float(head.cfg["rms_norm_eps"])
         if self.taps:
             target.tap(self.taps)
+        target.keep_features = True   # its new pools keep the states this head drafts from (KVPool.f)
         self.d2t = ckpt.d2t
         self.head = head.as_llama(target, self.d2t, max_len or target.max_len)
         self.fc_t = head.fc.weight.detach().to(*on).t().contiguous()   # [2H, H]

@@ -2,6 +2,9 @@
 
     pool.k, pool.v: [layers, slots, kv_heads, length, head_dim]   (length: max_len rounded up to `align`)
     KVCache(pool, slot): one sequence's view, [layers, kv_heads, max_len, head_dim]
+    pool.f: [slots, length, features], or None: the target's output rows (the states feature heads draft
+    from) at every cached position, kept where a feature head is served, so that a cached prefix
+    carries its states too (the head catches up over a reused prompt without the target scoring it again)
 
 A batched forward (llama.py) writes every new K/V row of a step with one indexed copy per layer and
 reads each sequence's keys from its slot, so a token's K/V sit in the same place and are read the same
@@ -27,19 +30,22 @@ HOST = torch.device("cpu")   # where a forward's bookkeeping (positions, masks, 
 
 class KVPool:
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 align: int = 1, commit: bool = False, device: torch.device | str = HOST):
+                 align: int = 1, commit: bool = False, device: torch.device | str = HOST, features: int = 0):
         if slots < 1 or max_len < 1:
             raise ValueError(f"a KV pool needs at least one slot and one position, got {slots} x {max_len}")
         # align: exact attention reads committed keys in whole blocks (exact.VBLOCK), up to past max_len
         shape = (layers, slots, kv_heads, -(-max_len // align) * align, head_dim)
         device = torch.device(device)
+        shapes = [shape, shape] + ([(slots, shape[3], features)] if features else [])
         if device.type != "cpu":
-            self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
+            held = [torch.zeros(sh, dtype=dtype, device=device) for sh in shapes]
         else:
-            self.k, self.v = _zero_pages(shape, dtype), _zero_pages(shape, dtype)
+            held = [_zero_pages(sh, dtype) for sh in shapes]
         if commit and device.type == "cpu":   # write every page now (zeros: what they read as anyway)
-            self.k.zero_()
-            self.v.zero_()
+            for t in held:
+                t.zero_()
+        self.k, self.v = held[:2]
+        self.f: torch.Tensor | None = held[2] if features else None
         self.slots, self.max_len = slots, max_len
         self._free = list(range(slots - 1, -1, -1))   # for take(): lowest slot first
         self._lock = threading.Lock()
@@ -47,7 +53,7 @@ class KVPool:
     @property
     def nbytes(self) -> int:
         """The most memory the pool can hold (every slot full)."""
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.f) if t is not None)
 
     def cache(self, slot: int) -> KVCache:
         """Slot `slot`, managed by the caller (a target worker's SlotPool hands out all of them)."""
@@ -78,11 +84,13 @@ def _zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class KVCache:
-    """One sequence's slot of a pool: k, v are views [layers, kv_heads, length, head_dim]."""
+    """One sequence's slot of a pool: k, v are views [layers, kv_heads, length, head_dim]; f [length,
+    features] or None."""
 
     def __init__(self, pool: KVPool, slot: int, taken: bool = False):
         self.pool, self.slot, self._taken = pool, slot, taken
         self.k, self.v = pool.k[:, slot], pool.v[:, slot]
+        self.f = None if pool.f is None else pool.f[slot]
         self.max_len = pool.max_len
 
     def release(self) -> None:
@@ -98,3 +106,5 @@ class KVCache:
         src = src.to(self.k.device, non_blocking=True)
         self.k[:, :, dst_start:dst_start + n] = self.k[:, :, src]
         self.v[:, :, dst_start:dst_start + n] = self.v[:, :, src]
+        if self.f is not None:
+            self.f[dst_start:dst_start + n] = self.f[src]

@@ -134,6 +134,9 @@ class Llama(nn.Module):
         # layers whose output residual streams every full forward also returns, after the final hidden
         # states (EAGLE-3 heads draft from them: `tap`)
         self.taps: tuple[int, ...] = ()
+        # new pools keep every cached position's output row (KVPool.f): set where a feature head drafts
+        # from this target, whose prompts may then reuse cached prefixes and enter the cache in chunks
+        self.keep_features = False
         # RoPE tables computed as HF does (float32 outer product, then cast), one per layer type
         self.rope = {kind: self._rope_table(theta, factor) for kind, (theta, factor) in fam.rope.items()}
         # row-invariant decode/verify (exact.py): on by default below float32
@@ -298,10 +301,11 @@ class Llama(nn.Module):
                 + sum(t.numel() * t.element_size() for t in [*norms, self.norm]))
 
     def new_pool(self, slots: int, max_len: int | None = None, commit: bool = False) -> KVPool:
-        """K/V for `slots` sequences of up to max_len tokens (the model's context at most); `commit`: all
-        its memory now (kvcache.py)."""
+        """K/V for `slots` sequences of up to max_len tokens (the model's context at most), and their output
+        rows where `keep_features`; `commit`: all its memory now (kvcache.py)."""
+        features = self.config.hidden_size * (1 + len(self.taps)) if self.keep_features else 0
         return KVPool(self.n_layers, slots, self.n_kv, min(max_len or self.max_len, self.max_len), self.head_dim,
-                      self.dtype, align=_exact.VBLOCK, commit=commit, device=self.device)
+                      self.dtype, align=_exact.VBLOCK, commit=commit, device=self.device, features=features)
 
     @property
     def prefixes_travel(self) -> bool:

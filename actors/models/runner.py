@@ -61,6 +61,8 @@ class ModelRunner:
         self.reset()
         self.cache.k[:, :, :length] = donor.cache.k[:, :, :length]
         self.cache.v[:, :, :length] = donor.cache.v[:, :, :length]
+        if self.cache.f is not None and donor.cache.f is not None:
+            self.cache.f[:length] = donor.cache.f[:length]
         self.length, self.tokens = length, donor.tokens[:length]
 
     def truncate(self, length: int) -> None:
@@ -80,6 +82,24 @@ class ModelRunner:
         return len(self._parents)
 
     @property
+    def keeps_features(self) -> bool:
+        """Whether the cache keeps every position's output row (KVPool.f): `features` then reads a
+        cached prefix's too."""
+        return self.cache.f is not None
+
+    def features(self, n: int) -> torch.Tensor:
+        """The output rows of the first n committed positions (a copy), where the cache keeps them."""
+        if self.cache.f is None or n > self.length:
+            raise ValueError(f"the cache keeps no output rows for {n} positions (holds {self.length})")
+        return self.cache.f[:n].clone()
+
+    def _keep_rows(self, start: int, hidden: torch.Tensor) -> None:
+        """Output rows of positions start.. into the cache, where it keeps them (a scratch node's move
+        with its K/V when committed)."""
+        if self.cache.f is not None:
+            self.cache.f[start:start + hidden.shape[0]] = hidden
+
+    @property
     def room(self) -> int:
         """Free slots after the committed prefix."""
         return self.max_len - self.length
@@ -90,6 +110,7 @@ class ModelRunner:
         at every token with all_hidden). embeds: input rows instead of the tokens' embeddings."""
         hidden, logits = self._forward(self._add_chain(tokens), None, embeds, logit_rows=slice(-1, None))
         assert logits is not None
+        self._keep_rows(self.length, hidden)
         self._keep_chain(tokens)
         return logits[0], hidden if all_hidden else hidden[-1]
 
@@ -121,9 +142,10 @@ class ModelRunner:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add nodes to the scratch tree (parents index earlier scratch nodes, ROOT = the prefix end)
         and return their (logits [n, V], hidden [n, H]). embeds: input rows instead of embeddings."""
-        hidden, logits = self._forward(self._add_scratch(tokens, parents), self.model.exact, embeds,
-                                       logit_rows=slice(None))
+        item = self._add_scratch(tokens, parents)
+        hidden, logits = self._forward(item, self.model.exact, embeds, logit_rows=slice(None))
         assert logits is not None
+        self._keep_rows(item.start, hidden)
         return logits, hidden
 
     def partial(self, tokens: list[int], parents: list[int], layers: int) -> torch.Tensor:
@@ -174,6 +196,8 @@ def score_batch(runners: list[ModelRunner], tokens: list[list[int]], parents: li
     model = runners[0].model
     items = [r._add_scratch(t, p) for r, t, p in zip(runners, tokens, parents)]
     hidden = model.forward_batch(items, embeds=embeds)
+    for r, item, h in zip(runners, items, hidden):
+        r._keep_rows(item.start, h)
     logits = model.logits(torch.cat(hidden)).split([h.shape[0] for h in hidden])
     return list(zip(logits, hidden))
 
@@ -185,7 +209,8 @@ def extend_batch(runners: list[ModelRunner], tokens: list[list[int]]) -> list[tu
     items = [r._add_chain(t) for r, t in zip(runners, tokens)]
     hidden = model.forward_batch(items, prefill=True)
     logits = model.logits(torch.stack([h[-1] for h in hidden]))
-    for r, t in zip(runners, tokens):
+    for r, t, h in zip(runners, tokens, hidden):
+        r._keep_rows(r.length, h)
         r._keep_chain(t)
     return list(zip(logits, hidden))
 

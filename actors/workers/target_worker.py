@@ -204,6 +204,8 @@ class TargetWorker(GrpcWorker[TargetService]):
         # scheduler's thread is the only one left running torch work (in_passing_thread)
         def load() -> tuple[LoadedModel, dict]:
             lm = loader.load(s.model, s.dtype, s.max_len, s.device)
+            # an EAGLE head on the draft workers drafts from this target's states: its slots keep them
+            lm.model.keep_features = bool(s.eagle_head) or kinds.kind(s.drafter).head_kind == "eagle"
             return lm, load_local_heads(s, lm)
         lm, heads = in_passing_thread(load)
         service = TargetService(lm, membership.worker_id, s.sessions_per_target, s.max_len, s.token(),
@@ -221,9 +223,10 @@ class TargetWorker(GrpcWorker[TargetService]):
             metrics.watch_target(service)
             self.metrics_port = metrics.serve(s.host, s.metrics_port, self.worker_id)
         kv = service.pool.kv
-        log.info("%s serving %s (%s on %s) on port %d with local heads %s; KV pool %d slots x %d tokens "
+        log.info("%s serving %s (%s on %s) on port %d with local heads %s; KV pool %d slots x %d tokens%s "
                  "(%.2f GiB, committed); loaded in %.1fs", self.worker_id, lm.name, lm.dtype, lm.device, port,
-                 sorted(heads), kv.slots, kv.max_len, kv.nbytes / 2 ** 30, time.perf_counter() - t0)
+                 sorted(heads), kv.slots, kv.max_len, "" if kv.f is None else f" and their {kv.f.shape[-1]}-wide "
+                 "output rows (feature heads)", kv.nbytes / 2 ** 30, time.perf_counter() - t0)
 
     def info(self) -> dict:
         sched = self.service.scheduler
