@@ -89,8 +89,9 @@ def _threads(n: int | None) -> None:
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="user message (the chat template is applied unless --raw)"),
-    drafter: str = typer.Option("ngram", help="none | ngram | draft-model | eagle | eagle3 | medusa | layerskip | "
-                                "HEAD+ngram (n-gram copying where the text repeats, the head elsewhere)"),
+    drafter: Optional[str] = typer.Option(None, help="none | ngram | draft-model | eagle | eagle3 | medusa | "
+                                          "layerskip | HEAD+ngram (n-gram copying where the text repeats, the head "
+                                          "elsewhere); default: ngram, or with --server the server's default"),
     head: Optional[Path] = typer.Option(None, help="trained head for eagle / eagle3 / medusa / layerskip (default: the "
                                                     "one shipped for the model)"),
     model: str = typer.Option("smollm2", help="target: 'smollm2' (default), a .gguf file or an HF dir"),
@@ -128,7 +129,8 @@ def generate(
     from drafthorse.cluster.tools.profiling import profile as run_profiled  # deferred: heavy (see the module doc)
 
     try:
-        kinds.kind(drafter)
+        if drafter is not None:
+            kinds.kind(drafter)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 max_new_tokens=max_new_tokens, stop=tuple(stop)).validate()
         if not prompt.strip():
@@ -136,8 +138,9 @@ def generate(
     except ValueError as e:
         _fail(str(e))
     if server:
-        generate_remote(server, prompt, params, drafter, raw, session, json_out, api_key=api_key)
+        generate_remote(server, prompt, params, drafter or "", raw, session, json_out, api_key=api_key)
         return
+    drafter = drafter or "ngram"
 
     _threads(threads)
 
@@ -295,12 +298,28 @@ def throughput(
     typer.echo(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")
 
 
+def default_drafter(model: str, dtype: str, device: str) -> str:
+    """`serve`'s drafter where none is set, for workers on this machine: EAGLE-3 beside n-gram copying
+    where the model ships an EAGLE-3 head and runs at bfloat16 on a CPU that computes it natively (there
+    it led n-gram copying alone at one stream and stayed within a few percent of it under load:
+    bench/2026-12-03-s18-amx), else n-gram copying (on float32 CPUs the two tie; GPUs: not measured)."""
+    from drafthorse.actors.drafters import shipped_head  # deferred: heavy (see the module doc)
+    from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
+    on = loader.resolve_device(device)
+    native = on == "cpu" and loader.native_bf16(on)
+    if shipped_head("eagle3", model) is not None and native and loader.resolve_dtype(dtype, on) == "bfloat16":
+        return "eagle3+ngram"
+    return "ngram"
+
+
 @app.command()
 def serve(
     model: Optional[str] = typer.Option(None, help="target model (default smollm2)"),
     draft_model: Optional[str] = typer.Option(None, help="draft LM served by the draft workers"),
     drafter: Optional[str] = typer.Option(None, help="default drafter: none | ngram | draft-model | eagle | "
-                                                     "eagle3 | medusa | layerskip | HEAD+ngram"),
+                                                     "eagle3 | medusa | layerskip | HEAD+ngram (unset: "
+                                                     "eagle3+ngram where the model ships an EAGLE-3 head and "
+                                                     "the CPU has native bfloat16, else ngram)"),
     eagle_head: Optional[str] = typer.Option(None, help="EAGLE head for the draft workers (default: shipped)"),
     medusa_head: Optional[str] = typer.Option(None, help="Medusa head for the target workers (default: shipped)"),
     layerskip_head: Optional[str] = typer.Option(None, help="layer-skip adapter (default: shipped)"),
@@ -339,6 +358,8 @@ def serve(
     _check_models(s.model, s.draft_model)
     if not s.ray_address:   # workers on this machine: a GPU it does not have stops the start here, named
         _check_device(s.device)
+        if "drafter" not in s.model_fields_set:   # neither --drafter nor DRAFTHORSE_DRAFTER
+            s = s.model_copy(update={"drafter": default_drafter(s.model, s.dtype, s.device)})
     cluster = Cluster(s).start()
     first = cluster.first_token()
     st = cluster.startup

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from drafthorse.actors.spec.sampling import SamplingParams
+from drafthorse.cluster.cli import default_drafter
 from drafthorse.cluster.client import request
 from drafthorse.protos.drafthorse.v1 import drafthorse_pb2_grpc as pb_grpc
 from drafthorse.runtime.redis_store import free_port
@@ -57,3 +58,16 @@ def test_serve_reports_start_up_and_answers(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert rc == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("native,model,dtype,want", [
+    ("1", "smollm2", "auto", "eagle3+ngram"),    # an EAGLE-3 head ships for it, bfloat16 computes natively
+    ("1", "smollm2", "bfloat16", "eagle3+ngram"),
+    ("0", "smollm2", "auto", "ngram"),           # float32 CPU: the two tie
+    ("1", "smollm2", "float32", "ngram"),
+    ("1", "smollm2", "int4", "ngram"),
+    ("1", "tiny:0", "auto", "ngram"),            # no head ships for it
+])
+def test_serve_picks_its_default_drafter_for_the_machine(monkeypatch, native, model, dtype, want):
+    monkeypatch.setenv("DRAFTHORSE_NATIVE_BF16", native)
+    assert default_drafter(model, dtype, "cpu") == want
