@@ -26,7 +26,7 @@ generate: install
 
 # the tests in $(JOBS) processes (at most 4: each holds its own models), then those that start a Ray
 # cluster one at a time; both halves always run, and either failing (or collecting nothing) fails
-JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+JOBS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 test: install
 	$(PY) -m pytest -n $(JOBS) --dist loadfile -m "not cluster"; a=$$?; \
 	$(PY) -m pytest -m cluster; b=$$?; \
