@@ -90,11 +90,17 @@ class Sequence:
         return self.stopper.finish_reason
 
 
+def whole_prompt(runner: ModelRunner, drafter: Drafter) -> bool:
+    """Whether `drafter` needs every prompt state from the passes that start it: a feature drafter on a
+    cache that keeps no output rows (KVPool.f). Its prompt then reuses nothing cached and is not chunked."""
+    return drafter.wants_features and not runner.keeps_features
+
+
 def reusable_prefix(runner: ModelRunner, prompt_ids: list[int], drafter: Drafter) -> int:
     """How many leading prompt tokens the runner's cache already holds and may keep: the common
-    prefix, less at least one prompt token (scored again: its logits start the answer); none for a
-    feature drafter, which needs the states of the whole prompt, unless the cache keeps them."""
-    if drafter.wants_features and not runner.keeps_features:
+    prefix, less at least one prompt token (scored again: its logits start the answer); none where the
+    drafter needs the whole prompt's states (`whole_prompt`)."""
+    if whole_prompt(runner, drafter):
         return 0
     keep, limit = 0, min(len(runner.tokens), len(prompt_ids) - 1)
     while keep < limit and runner.tokens[keep] == prompt_ids[keep]:
@@ -172,7 +178,7 @@ class BatchEngine:
         hidden: list[list[torch.Tensor]] = [[] for _ in prompts]
         # a feature drafter starts from every prompt state: read back from the cache where it keeps them
         # (a reused prefix's too), else gathered from these passes
-        gather = [s.drafter.wants_features and not p.runner.keeps_features for s, p in zip(seqs, prompts)]
+        gather = [whole_prompt(p.runner, s.drafter) for s, p in zip(seqs, prompts)]
         done = [0] * len(prompts)
         step = self.prefill_chunk or max(map(len, todo))
         while live := [i for i in range(len(prompts)) if done[i] < len(todo[i])]:
@@ -182,8 +188,9 @@ class BatchEngine:
                 hidden[i].append(h if gather[i] else h[-1:])
                 done[i] += len(piece)
         out = []
-        for p, seq, lg, hs, whole in zip(prompts, seqs, logits, hidden, gather):
-            h = torch.cat(hs) if whole or not seq.drafter.wants_features else p.runner.features(len(p.ids))
+        for p, seq, lg, hs, gathered in zip(prompts, seqs, logits, hidden, gather):
+            kept = seq.drafter.wants_features and not gathered
+            h = p.runner.features(len(p.ids)) if kept else torch.cat(hs)
             if seq.grammar is not None or not p.params.greedy:
                 lg = lg.to(HOST)   # drawn from on the host, by the request's seeded generator
             seq.root = self._pick(lg if seq.grammar is None else seq.grammar.constrain(lg), p.params,

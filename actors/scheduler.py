@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from drafthorse.actors.drafters.base import Drafter
-from drafthorse.actors.engine import BatchEngine, Prompt, Sequence, reusable_prefix
+from drafthorse.actors.engine import BatchEngine, Prompt, Sequence, reusable_prefix, whole_prompt
 from drafthorse.actors.models.llama import Llama
 from drafthorse.actors.models.runner import ModelRunner, extend_batch
 from drafthorse.actors.spec.sampling import SamplingParams
@@ -228,9 +228,7 @@ class Scheduler:
                 self._finish(req, r)
                 continue
             prompt = (req.prefix_scope, tuple(req.prompt_ids))
-            # a feature drafter's prompt enters in one engine call, from nothing cached, unless the slot
-            # keeps its states (KVPool.f: then its prompt is like any other)
-            whole = req.drafter.wants_features and not r.keeps_features
+            whole = whole_prompt(r, req.drafter)   # one engine call, from nothing cached
             if not a.checked and self.share and prompt in underway and not whole:
                 later.append(a)   # the same prompt is being prefilled: copy it once that one runs
                 continue

@@ -307,7 +307,7 @@ def default_drafter(model: str, dtype: str, device: str) -> str:
     from drafthorse.actors.models import loader  # deferred: heavy (see the module doc)
     on = loader.resolve_device(device)
     native = on == "cpu" and loader.native_bf16(on)
-    if shipped_head("eagle3", model) is not None and native and loader.resolve_dtype(dtype, on) == "bfloat16":
+    if shipped_head("eagle3", model) is not None and native and loader.resolve_dtype(dtype, on, native) == "bfloat16":
         return "eagle3+ngram"
     return "ngram"
 

@@ -122,6 +122,11 @@ class WorkerSettings(Common):
     draft_timeout_s: float = Field(2.0, gt=0, description="per-step deadline for a Draft RPC")
     torch_threads: int = Field(1, ge=1, description="torch threads per worker process")
 
+    def head_asked(self, head: str) -> bool:
+        """Whether head kind `head` (eagle, eagle3, medusa, layerskip) was asked for: its path set, or it
+        drafts the default drafter; a worker that cannot load such a head fails at start."""
+        return bool(getattr(self, f"{head}_head")) or kind(self.drafter).head_kind == head
+
 
 class GatewaySettings(Common):
     """The public gateway: its port, request bounds, API keys and their limits."""

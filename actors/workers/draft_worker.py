@@ -40,7 +40,7 @@ class DraftWorker(GrpcWorker[DraftService]):
         dlm = loader.load(s.draft_model, s.dtype, s.max_len, s.device) if s.draft_model else None
         vocab = dlm.vocab_size if dlm else loader.vocab_size_of(s.model)
         heads, hidden = {}, 0
-        if s.eagle_head or KINDS[s.drafter].head_kind == "eagle":
+        if s.head_asked("eagle"):
             tlm = loader.load(s.model, s.dtype, s.max_len, s.device)
             try:
                 heads["eagle"] = load_head("eagle", tlm, s.eagle_head, s.max_len)

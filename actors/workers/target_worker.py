@@ -179,7 +179,7 @@ def load_local_heads(s: WorkerSettings, lm: LoadedModel) -> dict:
     heads = {}
     for kind in kinds.LOCAL_KINDS:
         path = getattr(s, f"{kind}_head")
-        wanted = bool(path) or kinds.kind(s.drafter).head_kind == kind
+        wanted = s.head_asked(kind)
         if not wanted and shipped_head(kind, lm.name) is None:
             continue
         try:
@@ -205,7 +205,7 @@ class TargetWorker(GrpcWorker[TargetService]):
         def load() -> tuple[LoadedModel, dict]:
             lm = loader.load(s.model, s.dtype, s.max_len, s.device)
             # an EAGLE head on the draft workers drafts from this target's states: its slots keep them
-            lm.model.keep_features = bool(s.eagle_head) or kinds.kind(s.drafter).head_kind == "eagle"
+            lm.model.keep_features = s.head_asked("eagle")
             return lm, load_local_heads(s, lm)
         lm, heads = in_passing_thread(load)
         service = TargetService(lm, membership.worker_id, s.sessions_per_target, s.max_len, s.token(),
